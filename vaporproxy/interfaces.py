@@ -1,0 +1,296 @@
+"""
+The contracts between vaporproxy's pieces: value types and zope interfaces.
+
+Every external system (token storage, libvirt, admission limits) sits
+behind one of these interfaces, with an in-memory implementation, so the
+bridge and the HTTP API never know whether Redis or libvirt is real.
+
+All methods that may wait return a L{Deferred}.  Failures that a client may
+see are L{vaporproxy.errors.ConsoleError}s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+from zope.interface import Attribute, Interface
+
+# ---------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------
+
+CONSOLE_TYPES = ("vnc", "spice")
+
+
+@dataclass(frozen=True)
+class Graphics:
+    """
+    One graphics device of a domain, as parsed from its XML.
+
+    @ivar type: C{"vnc"} or C{"spice"}.
+    @ivar index: position among the domain's graphics devices of the same
+        type (0, 1, ...): the C{?display=N} of the API.
+    @ivar port: the plain-text port, or C{None} when there is none or it is
+        not assigned yet (autoport on a stopped domain, C{-1}).
+    @ivar tls_port: SPICE C{tlsPort}, or C{None}.
+    @ivar listen: the listen address (attribute or C{<listen>} child), or
+        C{None} when none is given.
+    @ivar password: the C{passwd} attribute, or C{None}.  Only present when
+        the XML was fetched with C{VIR_DOMAIN_XML_SECURE}.
+    @ivar autoport: whether C{autoport='yes'}.
+    """
+
+    type: str
+    index: int
+    port: Optional[int]
+    tls_port: Optional[int] = None
+    listen: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+    autoport: bool = False
+
+    @property
+    def has_password(self) -> bool:
+        return self.password is not None and self.password != ""
+
+
+@dataclass(frozen=True)
+class VMConsoles:
+    """
+    What a locator knows of one domain.
+
+    @ivar uuid: the domain UUID (canonical lower-case string).
+    @ivar name: the domain name.
+    @ivar running: whether the domain is active (a console can be dialled).
+    @ivar graphics: every graphics device, in document order.
+    @ivar hypervisor: the hypervisor URI the domain was found on.
+    @ivar console_host: the configured address to dial for consoles that
+        listen on a wildcard address (0.0.0.0 / ::), or C{None}.
+    """
+
+    uuid: str
+    name: str
+    running: bool
+    graphics: Tuple[Graphics, ...]
+    hypervisor: str = ""
+    console_host: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """
+    What a token grants: one console of one VM to one user.
+
+    @ivar vm_ref: the id the client used in the URL (UUID or name).
+    @ivar vm_uuid: the domain UUID.
+    @ivar console_type: C{"vnc"} or C{"spice"}.
+    @ivar display: index among the graphics devices of that type.
+    @ivar user: the user the token was issued to.
+    @ivar client_ip: the client address the token is bound to, or C{None}
+        (C{console.bind_client_ip} off).
+    @ivar issued_at: POSIX time of issue (from the injected clock).
+    @ivar expires_at: POSIX time of expiry.
+    """
+
+    vm_ref: str
+    vm_uuid: str
+    console_type: str
+    display: int
+    user: str
+    client_ip: Optional[str] = None
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+
+    def matches_vm(self, vm_ref: str) -> bool:
+        return vm_ref in (self.vm_ref, self.vm_uuid)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """
+    A freshly issued token.  C{token} is the only copy of the secret: the
+    store keeps only its SHA-256.
+    """
+
+    token: str
+    grant: Grant
+
+    @property
+    def expires_at(self) -> float:
+        return self.grant.expires_at
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """
+    The result of presenting a token on a WebSocket.
+
+    @ivar grant: what the token grants.
+    @ivar first: C{True} for the one presentation that consumed the token.
+    @ivar spice_session_id: for a token that was already consumed by the
+        main channel of a live SPICE console whose session id is known: that
+        session id.  The bridge admits such a WebSocket only if its SPICE
+        link message carries this id (DESIGN.md rule 7).  C{None} otherwise.
+    """
+
+    grant: Grant
+    first: bool
+    spice_session_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    The one outcome recorded for a console when it ends.
+
+    @ivar error: the L{ErrorCode} name that ended it, or C{None} for a
+        normal close.
+    @ivar reason: a short, log-safe description (e.g. "client closed",
+        "backend closed", "idle timeout").
+    """
+
+    console_id: str
+    vm_uuid: Optional[str]
+    console_type: Optional[str]
+    user: Optional[str]
+    bytes_sent: int  # proxy -> browser
+    bytes_received: int  # browser -> proxy
+    started_at: float
+    duration_s: float
+    error: Optional[str]
+    reason: str
+
+
+# ---------------------------------------------------------------------------
+# Interfaces
+# ---------------------------------------------------------------------------
+
+
+class ITokenStore(Interface):
+    """
+    Issues and redeems one-time console tokens.
+
+    Tokens are 256-bit values from L{secrets}, written as 64 lower-case hex
+    characters.  Only their SHA-256 is stored.  Expiry comes from the
+    store's injected clock and its C{token_ttl}.
+    """
+
+    def issue(grant: Grant) -> "Deferred[IssuedToken]":
+        """
+        Mint a token for C{grant}.  The store fills in C{issued_at} and
+        C{expires_at} (the given values are ignored).
+        """
+
+    def redeem(token: str, vm_ref: str, client_ip: Optional[str]) -> "Deferred[Redemption]":
+        """
+        Present C{token} for the VM named C{vm_ref} from C{client_ip}.
+
+        Atomic: of many racing presentations of a fresh token exactly one
+        gets C{Redemption(first=True)}.  Fails with C{ConsoleError} of
+        INVALID_TOKEN (malformed, never issued, other VM, other client
+        address), TOKEN_EXPIRED or TOKEN_ALREADY_USED.  A consumed token
+        with a live SPICE session attached (see L{attach_spice_session})
+        does not fail: it gives C{Redemption(first=False,
+        spice_session_id=...)}.  Store unreachable: SERVICE_UNAVAILABLE.
+        """
+
+    def attach_spice_session(token: str, session_id: int) -> "Deferred[None]":
+        """
+        Record that the console opened with C{token} (its main channel) was
+        given SPICE session C{session_id} by the VM.  The record lives until
+        L{detach_spice_session}, even past the token's expiry.
+        """
+
+    def detach_spice_session(token: str) -> "Deferred[None]":
+        """
+        The SPICE console opened with C{token} has ended: no further
+        channel may join it.  Idempotent.
+        """
+
+    def count() -> "Deferred[int]":
+        """
+        The number of outstanding tokens (issued, not yet used, not expired).
+        """
+
+    def purge() -> "Deferred[int]":
+        """
+        Remove expired tokens (used or not); answer how many were removed.
+        Used tokens are kept until their expiry so that replays say
+        TOKEN_ALREADY_USED.
+        """
+
+    def check() -> "Deferred[None]":
+        """
+        Succeed if the store is usable (for /readyz); fail otherwise.
+        """
+
+
+class ILease(Interface):
+    """
+    One admitted console's slot.
+    """
+
+    console_id = Attribute("The console id the lease was acquired for.")
+    vm_uuid = Attribute("The VM the lease counts against.")
+
+    def release() -> None:
+        """
+        Give the slot back.  Idempotent: only the first call has effect.
+        """
+
+
+class ILimiter(Interface):
+    """
+    Per-VM and total admission of consoles.
+    """
+
+    def acquire(vm_uuid: str, console_id: str) -> "Deferred[ILease]":
+        """
+        Admit one console of C{vm_uuid} or fail with
+        C{ConsoleError(MAX_CONNECTIONS_REACHED)}.
+        """
+
+    def set_limits(max_per_vm: int, max_total: int) -> None:
+        """
+        Change the limits (SIGHUP reload).  Live leases are kept.
+        """
+
+    def stats() -> "Deferred[Mapping]":
+        """
+        C{{"total_connections": int, "connections_per_vm": {uuid: int}}}.
+        """
+
+
+class IConsoleLocator(Interface):
+    """
+    Finds a VM's graphics consoles.
+    """
+
+    def locate(vm_ref: str) -> "Deferred[VMConsoles]":
+        """
+        Look up C{vm_ref} (a UUID or a name) on the configured hypervisors,
+        in order.  Fails with C{ConsoleError(VM_NOT_FOUND)} when no
+        hypervisor knows it, or C{ConsoleError(INTERNAL_ERROR)} (client-safe
+        message, detail only in the log) when a hypervisor cannot be
+        reached.
+        """
+
+    def check() -> "Deferred[Mapping[str, str]]":
+        """
+        For /readyz: C{{uri: "ok" | short error}} for every hypervisor.
+        """
+
+
+class IOutcomeObserver(Interface):
+    """
+    Told about console lifecycle events (metrics, logging).
+    """
+
+    def console_opened(console_type: str) -> None:
+        """A console started relaying."""
+
+    def console_closed(outcome: Outcome) -> None:
+        """A console ended; called exactly once per console."""
+
+    def token_issued() -> None:
+        """A token was issued."""
