@@ -1,4 +1,12 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def requirements(name):
+    lines = (Path(__file__).parent / name).read_text().splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
+
 
 setup(
     name="vaporproxy",
@@ -8,19 +16,9 @@ setup(
     package_data={"vaporproxy": ["static/*", "static/**/*"]},
     include_package_data=True,
     python_requires=">=3.11",
-    install_requires=[
-        "twisted[tls]>=24.7",
-        "autobahn>=24.4",
-        "klein>=24.8",
-        "txredisapi>=1.4.10",
-        "libvirt-python>=9.0",
-        "lxml>=5",
-        "pyyaml>=6",
-        "cryptography>=42",
-        "prometheus_client>=0.20",
-    ],
+    install_requires=requirements("requirements.txt"),
     extras_require={
-        "test": ["treq", "websocket-client", "vncdotool"],
+        "test": requirements("requirements-test.txt"),
         "bench": ["websockify==0.13.0", "numpy"],
     },
 )

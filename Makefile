@@ -1,0 +1,66 @@
+# vaporproxy — the two commands a newcomer needs:
+#   make run    install what is missing, start a demo VM and the proxy, print the console URL
+#   make test   install what is missing, run the whole suite with trial
+# Both work on a fresh Debian 12 machine as root (apt-get and pip are used).
+
+PYTHON      ?= python3
+TRIAL       ?= $(PYTHON) -m twisted.trial
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+APT_PACKAGES = libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu \
+               libvirt-clients qemu-system-x86 redis-server chromium spice-html5 \
+               socat openssl procps util-linux
+STAMPS       = .stamps
+
+.PHONY: run test test-unit test-integration test-e2e bench bench-quick deps clean
+
+run: deps
+	$(PYTHON) -m vaporproxy.demo
+
+test: deps
+	bash scripts/run-tests.sh $(TESTS)
+
+test-unit: deps
+	$(TRIAL) $$(ls tests/test_*.py | sed 's,/,.,;s,\.py$$,,')
+
+test-integration: deps
+	$(TRIAL) tests.integration
+
+test-e2e: deps
+	$(TRIAL) tests.e2e
+
+bench: deps $(STAMPS)/bench
+	$(PYTHON) bench/run.py
+
+bench-quick: deps $(STAMPS)/bench
+	$(PYTHON) bench/run.py --quick
+
+deps: $(STAMPS)/apt $(STAMPS)/pip $(STAMPS)/npm
+
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@if dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	    echo "apt: all packages present"; \
+	else \
+	    echo "apt: installing $(APT_PACKAGES)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	        --no-install-recommends $(APT_PACKAGES); \
+	fi
+	@touch $@
+
+$(STAMPS)/pip: requirements.txt requirements-test.txt $(STAMPS)/apt
+	@mkdir -p $(STAMPS)
+	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	@touch $@
+
+$(STAMPS)/npm: package.json $(STAMPS)/apt
+	@mkdir -p $(STAMPS)
+	npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(STAMPS)/bench: $(STAMPS)/pip
+	$(PYTHON) -m pip install -q --disable-pip-version-check websockify==0.13.0 numpy
+	@touch $@
+
+clean:
+	rm -rf $(STAMPS) _trial_temp* node_modules build *.egg-info
