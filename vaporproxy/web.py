@@ -1,0 +1,563 @@
+"""
+The HTTP API of vaporproxy: L{ConsoleAPI}.
+
+A class holding its collaborators, with C{app = Klein()} on the class (Klein's
+"non-global state" shape).  Routes:
+
+    - C{GET /api/v1/virtualization/virtualmachines/{id}/console}: console
+      info and a fresh one-time token (Bearer key).
+    - C{GET …/{id}/console/ws?token=T}: the console WebSocket (the bridge).
+    - C{GET /api/v1/console/stats}: live consoles (admin).
+    - C{DELETE …/{id}/console/sessions}: close every live console of a VM
+      (admin).
+    - C{GET /metrics}: Prometheus text (admin key, or loopback without key).
+    - C{GET /healthz}, C{GET /readyz}: liveness and readiness.
+    - C{GET /console/{id}}: the bundled console page;
+      C{/static/novnc/…}, C{/static/spice-html5/…}: the client libraries.
+
+Every error answer is C{{"type": "error", "code": CODE, "error": message}}
+with a fitting status; tracebacks go to the log only, and no token is ever
+logged (only the first 12 hex digits of its SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+from datetime import datetime, timezone
+from fnmatch import fnmatchcase
+from typing import Any, Dict, Mapping, Optional, Sequence
+from urllib.parse import quote
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.static import File
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from vaporproxy.config import ApiKey, Config
+from vaporproxy.errors import ConsoleError, ErrorCode, error_body
+from vaporproxy.interfaces import CONSOLE_TYPES, Grant
+
+VM_PATH = "/api/v1/virtualization/virtualmachines"
+PASSWORD_MASK = "********"
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+JSON_CONTENT_TYPE = b"application/json"
+
+#: The Content-Security-Policy of the bundled console page: scripts and
+#: styles from this origin only, WebSockets to any host (the page may sit
+#: behind a proxy that rewrites the host), nothing else.
+CONSOLE_PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self'; connect-src 'self' ws: wss:; "
+    "base-uri 'none'; form-action 'none'; object-src 'none'"
+)
+
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+)
+_DISPLAY_RE = re.compile(r"^[0-9]{1,4}$")
+_READY_CHECK_TIMEOUT = 5.0
+_CHECK_DETAIL_MAX = 120
+
+_STATIC_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "console.html")
+
+
+def token_hash(token: str) -> str:
+    """
+    The log-safe short hash of a token: the first 12 hex digits of its
+    SHA-256.
+    """
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
+
+
+def iso_utc(posix: float) -> str:
+    """
+    A POSIX time as ISO 8601 UTC with a C{Z}, whole seconds:
+    C{2024-01-15T10:30:00Z}.
+    """
+    return datetime.fromtimestamp(posix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _client_ip(request: IRequest, trusted_proxies: Sequence[str]) -> str:
+    """
+    The client's address: the peer, or the X-Forwarded-For address given
+    by a trusted proxy (the bridge's rule, shared when it is available).
+    """
+    peer = request.getClientAddress()
+    peer_host = getattr(peer, "host", None) or ""
+    forwarded = request.getHeader(b"x-forwarded-for")
+    forwarded_text = forwarded.decode("latin-1") if forwarded is not None else None
+    try:
+        from vaporproxy.bridge import client_ip_from
+    except ImportError:  # the bridge module has not landed yet
+        return peer_host
+    return client_ip_from(peer_host, forwarded_text, trusted_proxies)
+
+
+class _JSONError(Resource):
+    """
+    A leaf resource answering one JSON error (used inside static trees).
+    """
+
+    isLeaf = True
+
+    def __init__(self, code: ErrorCode, status: int, message: Optional[str] = None):
+        super().__init__()
+        self._status = status
+        self._body = json.dumps(error_body(code, message)).encode("utf-8")
+
+    def render(self, request: IRequest) -> bytes:
+        request.setResponseCode(self._status)
+        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+        return self._body
+
+    def getChild(self, path: bytes, request: IRequest) -> Resource:
+        return self
+
+
+_NOT_FOUND = _JSONError(ErrorCode.VM_NOT_FOUND, 404, "Not found")
+
+
+class _StaticFiles(File):
+    """
+    A L{File} that never lists directories and answers JSON 404s.
+    """
+
+    childNotFound = _NOT_FOUND
+    forbidden = _JSONError(ErrorCode.UNAUTHORIZED, 403, "Forbidden")
+    contentTypes = dict(File.contentTypes)
+    contentTypes.update({".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json"})
+
+    def directoryListing(self) -> Resource:
+        return _NOT_FOUND
+
+    def render_GET(self, request: IRequest) -> Any:
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return super().render_GET(request)
+
+
+class ConsoleAPI:
+    """
+    The HTTP API.
+
+    @ivar app: the L{Klein} app; C{api.app.resource()} or
+        L{ConsoleAPI.resource} give the root resource.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        token_store: Any,
+        locator: Any,
+        limiter: Any,
+        host_policy: Any,
+        registry: Any,
+        bridge_factory: Any,
+        metrics: Any,
+        reactor: IReactorTime,
+        static_dirs: Mapping[str, str],
+    ):
+        self._token_store = token_store
+        self._locator = locator
+        self._limiter = limiter
+        self._host_policy = host_policy
+        self._registry = registry
+        self._bridge_factory = bridge_factory
+        self._metrics = metrics
+        self._reactor = reactor
+        self._static_dirs = dict(static_dirs)
+        self.reload(config)
+
+    # -- composition -------------------------------------------------------
+
+    def resource(self) -> IResource:
+        """
+        The root resource to serve.
+        """
+        return self.app.resource()
+
+    def reload(self, config: Config) -> None:
+        """
+        Take a new configuration: API keys, trusted proxies, the TLS flag,
+        client-IP binding.  Live consoles are not touched.  (The bridge
+        factory is reloaded by its owner.)
+        """
+        self._config = config
+        self._api_keys: Sequence[ApiKey] = tuple(config.auth.api_keys)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _json(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return json.dumps(body).encode("utf-8")
+
+    def _error(self, request: IRequest, error: ConsoleError) -> bytes:
+        if error.code is ErrorCode.UNAUTHORIZED and error.http_status == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="vaporproxy"')
+        return self._json(request, error.to_dict(), error.http_status)
+
+    def _presented_key(self, request: IRequest) -> Optional[bytes]:
+        """
+        The Bearer credential of C{request}, C{None} when it has no
+        Authorization header, C{b""} when the header is not a Bearer one.
+        """
+        header = request.getHeader(b"authorization")
+        if header is None:
+            return None
+        scheme, _, credential = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return b""
+        return credential.strip()
+
+    def _match_key(self, credential: bytes) -> Optional[ApiKey]:
+        """
+        The configured key whose SHA-256 matches C{credential}.  Compares
+        against every key in constant time per key.
+        """
+        if not credential:
+            return None
+        digest = hashlib.sha256(credential).hexdigest()
+        found: Optional[ApiKey] = None
+        for key in self._api_keys:
+            if hmac.compare_digest(digest, key.sha256.lower()) and found is None:
+                found = key
+        return found
+
+    def _authenticate(self, request: IRequest) -> ApiKey:
+        credential = self._presented_key(request)
+        key = self._match_key(credential) if credential else None
+        if key is None:
+            self.log.info(
+                "rejected API request: {why}",
+                why="no credential" if credential is None else "unknown credential",
+            )
+            raise ConsoleError(ErrorCode.UNAUTHORIZED)
+        return key
+
+    def _require_admin(self, request: IRequest) -> ApiKey:
+        key = self._authenticate(request)
+        if not key.admin:
+            raise ConsoleError(ErrorCode.UNAUTHORIZED, "Administrator access required", http_status=403)
+        return key
+
+    @staticmethod
+    def _key_allows(key: ApiKey, *names: str) -> bool:
+        return any(fnmatchcase(name, pattern) for pattern in key.vms for name in names if name)
+
+    @staticmethod
+    def _arg(request: IRequest, name: bytes) -> Optional[str]:
+        values = request.args.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise ConsoleError(ErrorCode.BAD_REQUEST, f"Parameter {name.decode()} given more than once")
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConsoleError(ErrorCode.BAD_REQUEST, f"Parameter {name.decode()} is not UTF-8")
+
+    def _console_params(self, request: IRequest) -> tuple[Optional[str], Optional[int]]:
+        console_type = self._arg(request, b"type")
+        if console_type is not None and console_type not in CONSOLE_TYPES:
+            raise ConsoleError(ErrorCode.BAD_REQUEST, "Parameter type must be vnc or spice")
+        display_text = self._arg(request, b"display")
+        display: Optional[int] = None
+        if display_text is not None:
+            if not _DISPLAY_RE.match(display_text):
+                raise ConsoleError(ErrorCode.BAD_REQUEST, "Parameter display must be a non-negative integer")
+            display = int(display_text)
+        return console_type, display
+
+    # -- console info ------------------------------------------------------
+
+    @app.route(VM_PATH + "/<string:vm_id>/console", methods=["GET"])
+    def console_info(self, request: IRequest, vm_id: str) -> Deferred:
+        """
+        Console info and a fresh token for one console of C{vm_id}.
+        """
+        return Deferred.fromCoroutine(self._console_info(request, vm_id))
+
+    async def _console_info(self, request: IRequest, vm_id: str) -> bytes:
+        from vaporproxy.consoles import dial_host, select_console
+
+        key = self._authenticate(request)
+        console_type, display = self._console_params(request)
+        try:
+            vm = await self._locator.locate(vm_id)
+        except ConsoleError as e:
+            if e.code is ErrorCode.VM_NOT_FOUND and not self._key_allows(key, vm_id):
+                # Do not tell a key which VMs exist outside its reach.
+                raise ConsoleError(ErrorCode.UNAUTHORIZED, http_status=403)
+            raise
+        if not self._key_allows(key, vm.uuid, vm.name):
+            self.log.info("user {user} denied console of {vm_uuid}", user=key.user, vm_uuid=vm.uuid)
+            raise ConsoleError(ErrorCode.UNAUTHORIZED, http_status=403)
+        graphics = select_console(vm, console_type, display)
+        try:
+            address = await self._host_policy.resolve(dial_host(vm, graphics))
+        except ConsoleError as e:
+            if e.code is ErrorCode.UNAUTHORIZED:
+                self.log.warn("console host of {vm_uuid} is not in allowed_hosts", vm_uuid=vm.uuid)
+                raise ConsoleError(ErrorCode.UNAUTHORIZED, "Console host not allowed", http_status=403)
+            raise
+        port = graphics.port if graphics.port is not None else graphics.tls_port
+        config = self._config
+        client_ip = (
+            _client_ip(request, config.server.trusted_proxies) if config.console.bind_client_ip else None
+        )
+        issued = await self._token_store.issue(
+            Grant(
+                vm_ref=vm_id,
+                vm_uuid=vm.uuid,
+                console_type=graphics.type,
+                display=graphics.index,
+                user=key.user,
+                client_ip=client_ip,
+            )
+        )
+        self._metrics.token_issued()
+        self.log.info(
+            "issued {console_type} console token {token_hash} for {vm_uuid} to {user}",
+            console_type=graphics.type,
+            token_hash=token_hash(issued.token),
+            vm_uuid=vm.uuid,
+            user=key.user,
+        )
+        return self._json(
+            request,
+            {
+                "type": graphics.type,
+                "host": address,
+                "port": port,
+                "token": issued.token,
+                "ws_path": f"{VM_PATH}/{quote(vm_id, safe='')}/console/ws",
+                "expires_at": iso_utc(issued.expires_at),
+                "tls_enabled": config.console.enable_tls,
+                "password": PASSWORD_MASK if graphics.has_password else None,
+            },
+        )
+
+    # -- WebSocket ---------------------------------------------------------
+
+    @app.route(VM_PATH + "/<string:vm_id>/console/ws", methods=["GET"])
+    def console_ws(self, request: IRequest, vm_id: str) -> IResource:
+        """
+        The console WebSocket: the bridge factory reads the token, the VM
+        id and the client address from the request itself.
+        """
+        from autobahn.twisted.resource import WebSocketResource
+
+        return WebSocketResource(self._bridge_factory)
+
+    # -- admin -------------------------------------------------------------
+
+    @app.route("/api/v1/console/stats", methods=["GET"])
+    def stats(self, request: IRequest) -> Deferred:
+        """
+        Live consoles of this process (admin).
+        """
+        return Deferred.fromCoroutine(self._stats(request))
+
+    async def _stats(self, request: IRequest) -> bytes:
+        self._require_admin(request)
+        limits = await self._limiter.stats()
+        total_tokens = await self._token_store.count()
+        now = self._reactor.seconds()
+        return self._json(
+            request,
+            {
+                "total_connections": limits["total_connections"],
+                "total_tokens": total_tokens,
+                "connections_per_vm": dict(limits["connections_per_vm"]),
+                "connections": [record.as_dict(now) for record in self._registry.consoles()],
+            },
+        )
+
+    @app.route(VM_PATH + "/<string:vm_id>/console/sessions", methods=["DELETE"])
+    def delete_sessions(self, request: IRequest, vm_id: str) -> Deferred:
+        """
+        Close every live console of C{vm_id} (admin).
+        """
+        return Deferred.fromCoroutine(self._delete_sessions(request, vm_id))
+
+    async def _delete_sessions(self, request: IRequest, vm_id: str) -> bytes:
+        key = self._require_admin(request)
+        try:
+            vm = await self._locator.locate(vm_id)
+            vm_uuid = vm.uuid
+        except ConsoleError as e:
+            # A VM that is gone (or whose hypervisor is down) may still have
+            # live consoles: accept its UUID as given.
+            if e.code not in (ErrorCode.VM_NOT_FOUND, ErrorCode.INTERNAL_ERROR) or not _UUID_RE.match(vm_id):
+                raise
+            vm_uuid = vm_id.lower()
+        terminated = await self.terminate_vm(vm_uuid)
+        self.log.info(
+            "{user} terminated {count} console(s) of {vm_uuid}", user=key.user, count=terminated, vm_uuid=vm_uuid
+        )
+        return self._json(request, {"terminated": terminated})
+
+    async def terminate_vm(self, vm_uuid: str) -> int:
+        """
+        Close every live console of C{vm_uuid} known to this process;
+        answer how many.  (The one place to hook cluster-wide termination.)
+        """
+        return int(self._registry.terminate_vm(vm_uuid))
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> Deferred:
+        """
+        Prometheus text: for an admin key, or from loopback without a key.
+        """
+        return Deferred.fromCoroutine(self._metrics_text(request))
+
+    async def _metrics_text(self, request: IRequest) -> bytes:
+        if self._presented_key(request) is not None or not _is_loopback(
+            _client_ip(request, self._config.server.trusted_proxies)
+        ):
+            self._require_admin(request)
+        body = await self._metrics.render()
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    # -- health --------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        """
+        Liveness: the process answers.
+        """
+        return self._json(request, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    def readyz(self, request: IRequest) -> Deferred:
+        """
+        Readiness: the token store and every hypervisor are reachable.
+        """
+        return Deferred.fromCoroutine(self._readyz(request))
+
+    async def _check(self, call: Any) -> tuple[Optional[str], Any]:
+        """
+        Run one readiness check with a timeout; answer C{(error, result)}
+        where C{error} is a short, client-safe string or C{None}.
+        """
+        try:
+            d = call()
+            d.addTimeout(_READY_CHECK_TIMEOUT, self._reactor)
+            return None, await d
+        except ConsoleError as e:
+            return e.message, None
+        except Exception as e:  # noqa: BLE001 (reported, never raised)
+            self.log.failure("readiness check failed", Failure(e))
+            from twisted.internet.defer import TimeoutError as DeferTimeout
+
+            return ("timeout" if isinstance(e, DeferTimeout) else "unavailable"), None
+
+    async def _readyz(self, request: IRequest) -> bytes:
+        store_error, _ = await self._check(self._token_store.check)
+        locator_error, hypervisors = await self._check(self._locator.check)
+        if locator_error is not None:
+            hypervisors = {h.uri: locator_error for h in self._config.hypervisors} or {"*": locator_error}
+        hv_detail = {str(uri): str(state)[:_CHECK_DETAIL_MAX] for uri, state in dict(hypervisors).items()}
+        ready = store_error is None and all(state == "ok" for state in hv_detail.values())
+        return self._json(
+            request,
+            {
+                "ready": ready,
+                "checks": {"token_store": store_error or "ok", "hypervisors": hv_detail},
+            },
+            200 if ready else 503,
+        )
+
+    # -- pages and static files -------------------------------------------
+
+    @app.route("/console/<string:vm_id>", methods=["GET"])
+    def console_page(self, request: IRequest, vm_id: str) -> bytes:
+        """
+        The bundled console page; it picks noVNC or spice-html5 from the
+        console info it fetches.
+        """
+        try:
+            with open(_STATIC_PAGE, "rb") as f:
+                page = f.read()
+        except OSError:
+            raise ConsoleError(ErrorCode.VM_NOT_FOUND, "Console page not installed", http_status=404)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", CONSOLE_PAGE_CSP.encode("ascii"))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-cache")
+        return page
+
+    def _static(self, name: str) -> IResource:
+        directory = self._static_dirs.get(name)
+        if not directory or not os.path.isdir(directory):
+            return _JSONError(ErrorCode.VM_NOT_FOUND, 404, "Not found")
+        return _StaticFiles(directory)
+
+    @app.route("/static/novnc/", branch=True, methods=["GET", "HEAD"])
+    def static_novnc(self, request: IRequest) -> IResource:
+        """
+        The noVNC files.
+        """
+        return self._static("novnc")
+
+    @app.route("/static/spice-html5/", branch=True, methods=["GET", "HEAD"])
+    def static_spice(self, request: IRequest) -> IResource:
+        """
+        The spice-html5 files.
+        """
+        return self._static("spice-html5")
+
+    # -- errors ------------------------------------------------------------
+
+    @app.handle_errors(ConsoleError)
+    def _console_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        self.log.debug("answered {code}: {message}", code=error.code.name, message=error.message)
+        return self._error(request, error)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return self._json(request, error_body(ErrorCode.VM_NOT_FOUND, "Not found"), 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = failure.value.valid_methods or ()
+        if allowed:
+            request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
+        return self._json(request, error_body(ErrorCode.BAD_REQUEST, "Method not allowed"), 405)
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> Any:
+        from werkzeug.exceptions import HTTPException
+
+        if failure.check(HTTPException):
+            return failure  # werkzeug's own answer (e.g. a redirect)
+        self.log.failure("unexpected error answering {method} {path}", failure,
+                         method=request.method, path=request.path)
+        return self._error(request, ConsoleError(ErrorCode.INTERNAL_ERROR))
