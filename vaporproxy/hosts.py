@@ -1,0 +1,200 @@
+"""
+The C{allowed_hosts} policy: which console servers the proxy may dial.
+
+Entries are host names, IPv4 or IPv6 addresses, or CIDRs.  A target is
+resolved first; every address it resolves to is checked against the allowed
+set (allowed names are themselves resolved, at check time, to addresses);
+the first allowed address is the answer, and that address -- not the name --
+is what the bridge dials, so a DNS answer cannot change between the check
+and the connect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from vaporproxy.errors import ConsoleError, ErrorCode
+
+log = Logger(namespace="vaporproxy.hosts")
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: The message a client sees for a refused host: it never names the host.
+NOT_ALLOWED_MESSAGE = "Console host is not allowed"
+
+
+def parse_address(text: str) -> Optional[IPAddress]:
+    """
+    An IP address literal (brackets around IPv6 allowed), normalised: an
+    IPv4-mapped IPv6 address becomes its IPv4 address.  C{None} when
+    C{text} is not an address.
+    """
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return normalise(address)
+
+
+def normalise(address: IPAddress) -> IPAddress:
+    """
+    C{::ffff:a.b.c.d} is C{a.b.c.d}; other addresses are unchanged.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_allowed(allowed: Iterable[str]) -> Tuple[Tuple[IPNetwork, ...], Tuple[str, ...]]:
+    """
+    Split C{allowed_hosts} entries into networks (addresses are /32 or /128
+    networks) and lower-case host names.
+
+    @raise ValueError: an entry that is neither an address, a CIDR nor a
+        plausible host name.
+    """
+    networks: List[IPNetwork] = []
+    names: List[str] = []
+    for entry in allowed:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"allowed_hosts: {entry!r} is not a host name, address or CIDR")
+        text = entry.strip()
+        address = parse_address(text)
+        if address is not None:
+            networks.append(ipaddress.ip_network(address))
+            continue
+        if "/" in text:
+            try:
+                network = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"allowed_hosts: {entry!r} is not a valid CIDR"
+                ) from None
+            if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+                mapped = network.network_address.ipv4_mapped
+                if mapped is not None:
+                    network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            networks.append(network)
+            continue
+        name = text.lower().rstrip(".")
+        if not name or any(c.isspace() or c in "/\\@:" for c in name):
+            raise ValueError(f"allowed_hosts: {entry!r} is not a host name, address or CIDR")
+        names.append(name)
+    return tuple(networks), tuple(names)
+
+
+@implementer(IResolutionReceiver)
+class _Collector:
+    """
+    Collects the addresses of one resolution into a Deferred.
+    """
+
+    def __init__(self) -> None:
+        self.addresses: List[IPAddress] = []
+        self.deferred: Deferred = Deferred()
+
+    def resolutionBegan(self, resolutionInProgress: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        parsed = parse_address(getattr(address, "host", ""))
+        if parsed is not None and parsed not in self.addresses:
+            self.addresses.append(parsed)
+
+    def resolutionComplete(self) -> None:
+        self.deferred.callback(self.addresses)
+
+
+class HostPolicy:
+    """
+    Checks console hosts against C{allowed_hosts} and answers the address
+    to dial.
+
+    @param allowed: the C{allowed_hosts} entries.
+    @param resolver: an L{IHostnameResolver}, normally C{reactor.nameResolver}.
+    """
+
+    def __init__(self, allowed: Sequence[str], resolver: IHostnameResolver):
+        self._resolver = resolver
+        self._networks: Tuple[IPNetwork, ...] = ()
+        self._names: Tuple[str, ...] = ()
+        self.set_allowed(allowed)
+
+    def set_allowed(self, allowed: Sequence[str]) -> None:
+        """
+        Replace the allowed entries (SIGHUP reload).  A bad entry raises
+        C{ValueError} and leaves the old policy in force.
+        """
+        self._networks, self._names = parse_allowed(allowed)
+
+    def _lookup(self, name: str) -> "Deferred[List[IPAddress]]":
+        collector = _Collector()
+        try:
+            self._resolver.resolveHostName(collector, name, 0)
+        except Exception as e:
+            log.warn("cannot resolve {name}: {error}", name=name, error=str(e))
+            return succeed([])
+        return collector.deferred
+
+    def _in_networks(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._networks)
+
+    def resolve(self, host: str) -> "Deferred[str]":
+        """
+        The checked address to dial for C{host}.
+
+        Fails with C{ConsoleError(UNAUTHORIZED)} when no address of C{host}
+        is allowed, C{ConsoleError(CONNECTION_FAILED)} when C{host} does
+        not resolve.
+        """
+        return Deferred.fromCoroutine(self._resolve(host))
+
+    async def _resolve(self, host: str) -> str:
+        networks, names = self._networks, self._names
+        if not isinstance(host, str) or not host.strip():
+            log.warn("refusing an empty console host")
+            raise _not_allowed()
+        literal = parse_address(host)
+        if literal is not None:
+            candidates = [literal]
+            host_name = None
+        else:
+            host_name = host.strip().lower().rstrip(".")
+            candidates = await self._lookup(host_name)
+            if not candidates:
+                log.warn("console host {host} does not resolve", host=host)
+                raise ConsoleError(ErrorCode.CONNECTION_FAILED)
+        for address in candidates:
+            if any(address in network for network in networks):
+                return str(address)
+        if host_name is not None and host_name in names:
+            # The very name is allowed: whatever it resolves to now is what
+            # the name stands for.  Dial the address we resolved.
+            return str(candidates[0])
+        allowed_addresses: Set[IPAddress] = set()
+        for name in names:
+            allowed_addresses.update(await self._lookup(name))
+        for address in candidates:
+            if address in allowed_addresses:
+                return str(address)
+        log.warn(
+            "console host {host} ({addresses}) is not in allowed_hosts",
+            host=host,
+            addresses=", ".join(str(a) for a in candidates),
+        )
+        raise _not_allowed()
+
+
+def _not_allowed() -> ConsoleError:
+    # 403: the caller is authenticated; the console server is what is refused.
+    return ConsoleError(ErrorCode.UNAUTHORIZED, NOT_ALLOWED_MESSAGE, http_status=403)
