@@ -1,0 +1,373 @@
+'use strict';
+// The benchmark's client: plays the browser.  One workload per invocation;
+// the job is a JSON object in argv[2]; the result is one JSON line on stdout.
+//
+// target: {kind: "tcp"|"ws"|"vapor", host, port, vm?, apiKey?}
+//   tcp    raw TCP (the backend directly, or socat)
+//   ws     WebSocket to ws://host:port/ (websockify, the direct WS server)
+//   vapor  the browser's way: GET /api/v1/virtualization/virtualmachines/{vm}/console
+//          with a Bearer key, then the WebSocket at ws_path?token=...
+// Every connection then does the client side of an RFB 3.8 handshake
+// (version, security None, SecurityResult, ClientInit, ServerInit) and sends
+// an 8-byte workload command (see backend.js).
+
+const net = require('net');
+const http = require('http');
+const fs = require('fs');
+const WebSocket = require('ws');
+
+const ACK_UNIT = 64 * 1024;
+const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+
+function getConsole(t) {
+  return new Promise((resolve, reject) => {
+    const req = http.request({
+      host: t.host, port: t.port, agent, method: 'GET',
+      path: `/api/v1/virtualization/virtualmachines/${encodeURIComponent(t.vm)}/console`,
+      headers: { Authorization: `Bearer ${t.apiKey}` },
+    }, (res) => {
+      const parts = [];
+      res.on('data', (d) => parts.push(d));
+      res.on('end', () => {
+        const body = Buffer.concat(parts).toString();
+        if (res.statusCode !== 200) return reject(new Error(`console info ${res.statusCode} ${body.slice(0, 200)}`));
+        try { resolve(JSON.parse(body)); } catch (e) { reject(e); }
+      });
+    });
+    req.on('error', reject);
+    req.setTimeout(30000, () => req.destroy(new Error('console info timeout')));
+    req.end();
+  });
+}
+
+/** A byte-stream connection with a uniform face over TCP and WebSocket. */
+class Conn {
+  constructor() {
+    this.buf = [];
+    this.buffered = 0;
+    this.want = null; // {n, resolve}
+    this.ondata = null; // raw mode after the handshake
+    this.closed = false;
+    this.onclose = null;
+    this.error = null;
+  }
+
+  feed(d) {
+    if (this.ondata) { this.ondata(d); return; }
+    this.buf.push(d);
+    this.buffered += d.length;
+    this.satisfy();
+  }
+
+  satisfy() {
+    if (!this.want || this.buffered < this.want.n) return;
+    const all = Buffer.concat(this.buf);
+    const { n, resolve } = this.want;
+    this.want = null;
+    const rest = all.subarray(n);
+    this.buf = rest.length ? [rest] : [];
+    this.buffered = rest.length;
+    resolve(all.subarray(0, n));
+  }
+
+  read(n) {
+    if (this.closed && this.buffered < n) return Promise.reject(this.error || new Error('closed'));
+    return new Promise((resolve, reject) => { this.want = { n, resolve, reject }; this.satisfy(); });
+  }
+
+  died(err) {
+    if (this.closed) return;
+    this.closed = true;
+    this.error = err || new Error('closed by peer');
+    if (this.want) { const w = this.want; this.want = null; w.reject(this.error); }
+    if (this.onclose) this.onclose(this.error);
+  }
+
+  /** Switch to raw mode: fn(buf) gets every later chunk (and what is buffered). */
+  raw(fn) {
+    this.ondata = fn;
+    if (this.buffered) { const b = Buffer.concat(this.buf); this.buf = []; this.buffered = 0; fn(b); }
+  }
+}
+
+class TcpConn extends Conn {
+  open(t) {
+    return new Promise((resolve, reject) => {
+      const s = net.connect({ host: t.host, port: t.port, noDelay: true });
+      this.sock = s;
+      s.on('connect', () => resolve(this));
+      s.on('data', (d) => this.feed(d));
+      s.on('error', (e) => { reject(e); this.died(e); });
+      s.on('close', () => this.died());
+    });
+  }
+  write(b) { return this.sock.write(b); }
+  get pending() { return this.sock.writableLength; }
+  onDrain(fn) { this.sock.once('drain', fn); }
+  pauseReading() { this.sock.pause(); }
+  close() { this.closed = true; this.sock.destroy(); }
+}
+
+class WsConn extends Conn {
+  async open(t) {
+    let url = `ws://${t.host}:${t.port}/`;
+    if (t.kind === 'vapor') {
+      const info = await getConsole(t);
+      url = `ws://${t.host}:${t.port}${info.ws_path}?token=${info.token}`;
+    }
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(url, t.protocols || [], { perMessageDeflate: false, maxPayload: 64 << 20, handshakeTimeout: 30000 });
+      this.ws = ws;
+      ws.binaryType = 'nodebuffer';
+      ws.on('open', () => { ws._socket.setNoDelay(true); resolve(this); });
+      ws.on('message', (d, isBinary) => {
+        if (!isBinary) { this.text = String(d); return; }
+        this.feed(d);
+      });
+      ws.on('unexpected-response', (req, res) => { const e = new Error(`ws upgrade ${res.statusCode}`); reject(e); this.died(e); });
+      ws.on('error', (e) => { reject(e); this.died(e); });
+      ws.on('close', (code, reason) => this.died(new Error(`ws closed ${code} ${reason} ${this.text || ''}`.trim())));
+    });
+  }
+  write(b) { this.ws.send(b, { binary: true }); return this.ws.bufferedAmount < (1 << 20); }
+  get pending() { return this.ws.bufferedAmount; }
+  onDrain(fn) { this.ws._socket.once('drain', fn); }
+  pauseReading() { this.ws.pause(); }
+  close() { this.closed = true; try { this.ws.terminate(); } catch (e) { /* gone */ } }
+}
+
+/** Open one console up to the end of the RFB handshake (ServerInit read). */
+async function openConsole(t) {
+  const c = t.kind === 'tcp' ? new TcpConn() : new WsConn();
+  await c.open(t);
+  const ver = await c.read(12);
+  if (!ver.toString().startsWith('RFB 003.')) throw new Error(`bad RFB version ${JSON.stringify(ver.toString())}`);
+  c.write(Buffer.from('RFB 003.008\n'));
+  const [n] = await c.read(1);
+  if (n === 0) { const [len] = [(await c.read(4)).readUInt32BE(0)]; throw new Error(`RFB refused: ${(await c.read(len)).toString()}`); }
+  const types = await c.read(n);
+  if (!types.includes(1)) throw new Error(`no security None offered: ${[...types]}`);
+  c.write(Buffer.from([1]));
+  const res = (await c.read(4)).readUInt32BE(0);
+  if (res !== 0) throw new Error(`SecurityResult ${res}`);
+  c.write(Buffer.from([1])); // ClientInit, shared
+  const si = await c.read(24);
+  await c.read(si.readUInt32BE(20));
+  return c;
+}
+
+function command(mode, arg = 0) {
+  const b = Buffer.alloc(8);
+  b[0] = mode.charCodeAt(0);
+  b.writeUInt32BE(arg, 4);
+  return b;
+}
+
+function pct(sorted, p) {
+  if (!sorted.length) return null;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+// ---- proxy memory, from /proc (RSS of one process; PSS summed over a tree) ----
+function children(pid) {
+  const out = [];
+  try {
+    for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+      const s = fs.readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
+      if (s) out.push(...s.split(/\s+/).map(Number));
+    }
+  } catch (e) { /* gone */ }
+  return out;
+}
+function procMem(pid) {
+  if (!pid) return null;
+  const pids = [];
+  const stack = [pid];
+  while (stack.length && pids.length < 200000) { const p = stack.pop(); pids.push(p); stack.push(...children(p)); }
+  let rss = 0; let pss = 0;
+  for (const p of pids) {
+    try {
+      const r = fs.readFileSync(`/proc/${p}/smaps_rollup`, 'utf8');
+      rss += Number(/^Rss:\s+(\d+)/m.exec(r)[1]);
+      pss += Number(/^Pss:\s+(\d+)/m.exec(r)[1]);
+    } catch (e) { /* gone */ }
+  }
+  return { rss_kib: rss, pss_kib: pss, processes: pids.length };
+}
+
+// ---- workloads ----
+async function down(job) {
+  const conns = await Promise.all(Array.from({ length: job.consoles }, () => openConsole(job.target)));
+  let bytes = 0;
+  for (const c of conns) { c.raw((d) => { bytes += d.length; }); c.write(command('S', job.chunk || 65536)); }
+  await sleep(job.warmup_ms);
+  const b0 = bytes; const t0 = now();
+  await sleep(job.duration_ms);
+  const b1 = bytes; const t1 = now();
+  const dead = conns.filter((c) => c.closed).length;
+  conns.forEach((c) => c.close());
+  return { mib_s: (b1 - b0) / 1048576 / ((t1 - t0) / 1000), errors: dead };
+}
+
+async function up(job) {
+  const c = await openConsole(job.target);
+  const frame = Buffer.alloc(job.frame, 0x5a);
+  const window = Math.max(job.window || (4 << 20), 2 * frame.length + ACK_UNIT);
+  let acked = 0; let sent = 0;
+  c.write(command('U'));
+  let draining = false;
+  const pump = () => {
+    if (draining) return;
+    while (!c.closed && sent - acked < window) {
+      sent += frame.length;
+      if (!c.write(frame)) { draining = true; c.onDrain(() => { draining = false; pump(); }); return; }
+    }
+  };
+  c.raw((d) => { acked += d.length * ACK_UNIT; pump(); });
+  pump();
+  await sleep(job.warmup_ms);
+  const a0 = acked; const t0 = now();
+  await sleep(job.duration_ms);
+  const a1 = acked; const t1 = now();
+  const err = c.closed ? 1 : 0;
+  c.close();
+  return { mib_s: (a1 - a0) / 1048576 / ((t1 - t0) / 1000), errors: err };
+}
+
+async function rtt(job) {
+  const c = await openConsole(job.target);
+  c.write(command('E'));
+  const msg = Buffer.alloc(16, 0x70);
+  let got = 0; let wake = null;
+  c.raw((d) => { got += d.length; if (got >= 16 && wake) { got -= 16; const w = wake; wake = null; w(); } });
+  const lat = [];
+  const until = now() + job.warmup_ms + job.duration_ms;
+  const measureFrom = now() + job.warmup_ms;
+  while (now() < until && lat.length < (job.max_samples || 200000)) {
+    const t0 = now();
+    await new Promise((r) => { wake = r; c.write(msg); });
+    if (t0 >= measureFrom) lat.push(now() - t0);
+    if (c.closed) break;
+  }
+  c.close();
+  lat.sort((a, b) => a - b);
+  return { p50_us: pct(lat, 50) * 1000, p99_us: pct(lat, 99) * 1000, samples: lat.length, errors: c.error && !c.closed ? 1 : 0 };
+}
+
+async function setup(job) {
+  let done = 0; let errors = 0; const lat = []; const errs = {};
+  const until = now() + job.duration_ms;
+  const worker = async () => {
+    while (now() < until) {
+      const t0 = now();
+      try {
+        const c = await openConsole(job.target);
+        lat.push(now() - t0);
+        done += 1;
+        c.close();
+      } catch (e) { errors += 1; errs[String(e.message).slice(0, 80)] = (errs[String(e.message).slice(0, 80)] || 0) + 1; await sleep(5); }
+    }
+  };
+  const t0 = now();
+  await Promise.all(Array.from({ length: job.parallel }, worker));
+  const secs = (now() - t0) / 1000;
+  lat.sort((a, b) => a - b);
+  return { per_s: done / secs, p50_ms: pct(lat, 50), errors, error_kinds: errs };
+}
+
+/** N open consoles each pinging 16 bytes once a second; proxy memory before/loaded. */
+async function conc(job) {
+  const n = job.consoles;
+  const before = procMem(job.proxy_pid);
+  const conns = []; let errors = 0; const errs = {};
+  let next = 0;
+  const t0 = now();
+  const opener = async () => {
+    while (next < n) {
+      next += 1;
+      try { conns.push(await openConsole(job.target)); } catch (e) {
+        errors += 1; const k = String(e.message).slice(0, 80); errs[k] = (errs[k] || 0) + 1;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: job.parallel || 64 }, opener));
+  const rampS = (now() - t0) / 1000;
+  const lat = []; let lost = 0;
+  const msg = Buffer.alloc(16, 0x70);
+  const timers = [];
+  for (const [i, c] of conns.entries()) {
+    c.write(command('E'));
+    let sentAt = 0; let got = 0; let outstanding = false;
+    c.raw((d) => {
+      got += d.length;
+      while (got >= 16 && outstanding) { got -= 16; outstanding = false; lat.push(now() - sentAt); }
+    });
+    c.onclose = () => { lost += 1; };
+    const ping = () => {
+      if (c.closed) return;
+      if (outstanding) lost += 0; // still waiting: counted as late, latency recorded when it lands
+      sentAt = now(); outstanding = true; c.write(msg);
+    };
+    timers.push(setTimeout(() => { ping(); timers.push(setInterval(ping, 1000)); }, (i * 1000) / conns.length));
+  }
+  await sleep(job.settle_ms || 2000);
+  lat.length = 0;
+  const loaded = procMem(job.proxy_pid);
+  await sleep(job.hold_ms);
+  const loaded2 = procMem(job.proxy_pid);
+  timers.forEach((t) => clearTimeout(t));
+  const open = conns.filter((c) => !c.closed).length;
+  conns.forEach((c) => { c.onclose = null; c.close(); });
+  lat.sort((a, b) => a - b);
+  const lmax = loaded && loaded2 ? (loaded2.rss_kib > loaded.rss_kib ? loaded2 : loaded) : loaded;
+  const key = job.mem_key || 'rss_kib';
+  return {
+    consoles: n, open, errors: errors + lost, error_kinds: errs,
+    establish_per_s: conns.length / rampS,
+    mem_before_kib: before && before[key], mem_loaded_kib: lmax && lmax[key], mem_kind: key,
+    processes: lmax && lmax.processes,
+    per_console_kib: before && lmax ? (lmax[key] - before[key]) / n : null,
+    p50_ms: pct(lat, 50), p99_ms: pct(lat, 99), samples: lat.length,
+  };
+}
+
+/** One console whose client stops reading while the backend streams without end. */
+async function stall(job) {
+  const c = await openConsole(job.target);
+  const before = procMem(job.proxy_pid);
+  c.raw(() => {});
+  c.write(command('S', 65536));
+  await sleep(200);
+  c.pauseReading();
+  const samples = [];
+  const end = now() + job.duration_ms;
+  while (now() < end) { await sleep(250); const m = procMem(job.proxy_pid); if (m) samples.push(m[job.mem_key || 'rss_kib']); }
+  const alive = !c.closed;
+  c.close();
+  return {
+    mem_before_kib: before && before[job.mem_key || 'rss_kib'],
+    mem_max_kib: Math.max(...samples), mem_last_kib: samples[samples.length - 1],
+    mem_kind: job.mem_key || 'rss_kib', alive,
+  };
+}
+
+const WORKLOADS = { down, up, rtt, setup, conc, stall };
+
+async function main() {
+  const job = JSON.parse(process.argv[2]);
+  const timeout = setTimeout(() => { process.stdout.write(JSON.stringify({ error: 'client timeout' }) + '\n'); process.exit(2); }, job.timeout_ms || 300000);
+  try {
+    const res = await WORKLOADS[job.workload](job);
+    process.stdout.write(JSON.stringify(res) + '\n');
+  } catch (e) {
+    process.stdout.write(JSON.stringify({ error: String(e && e.message || e) }) + '\n');
+  }
+  clearTimeout(timeout);
+  agent.destroy();
+  process.exit(0);
+}
+
+main();
