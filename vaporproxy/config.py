@@ -2,14 +2,28 @@
 vapor.conf: parsing and validation.
 
 C{parse_config(text) -> Config}: a frozen value.  Unknown keys and bad
-values raise L{ConfigError} whose message names the key, the value and what
-was expected.  (Shapes fixed here; parsing is being written.)
+values raise L{ConfigError} whose message is one line naming the dotted
+key, the value and what was expected, e.g.::
+
+    console.token_ttl: '5 minutes' is not a duration (expected e.g. 500ms, 30s, 5m, 1h)
+
+Secrets (API key hashes) are never echoed: they show as C{<hidden>}.
+Everything here is pure: text in, value out (only C{ssl:} listen endpoints
+and C{auth.jwt.key_file} look at the file system, to say early that a file
+is missing).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -96,5 +110,586 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
 
 
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+HIDDEN = "<hidden>"
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+TOKEN_BACKENDS = ("memory", "redis")
+JWT_ALGORITHMS = (
+    "HS256", "HS384", "HS512",
+    "RS256", "RS384", "RS512",
+    "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512",
+    "EdDSA",
+)  # fmt: skip
+
+_DURATION_EXPECTED = "expected e.g. 500ms, 30s, 5m, 1h"
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|k|mb|m)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2}
+_HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
+
+
+# ---------------------------------------------------------------------------
+# One-line errors
+# ---------------------------------------------------------------------------
+
+
+def show(value: Any) -> str:
+    """
+    A value as it appears in an error message: Python literal syntax, on
+    one line, cut short when long.
+    """
+    text = repr(value)
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return text
+
+
+def _bad(key: str, value: Any, what: str, expected: str) -> ConfigError:
+    return ConfigError(f"{key}: {show(value)} is not {what} ({expected})")
+
+
+def _hidden(key: str, what: str, expected: str) -> ConfigError:
+    return ConfigError(f"{key}: {HIDDEN} is not {what} ({expected})")
+
+
+# ---------------------------------------------------------------------------
+# Scalar checkers: (key, value) -> parsed value, or ConfigError
+# ---------------------------------------------------------------------------
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """
+    A duration: C{500ms}, C{30s}, C{5m}, C{1h}, or a bare number of seconds.
+    Must be greater than zero.
+    """
+    if isinstance(value, bool):
+        raise _bad(key, value, "a duration", _DURATION_EXPECTED)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise _bad(key, value, "a duration", _DURATION_EXPECTED)
+    if not seconds > 0 or seconds == float("inf"):
+        raise _bad(key, value, "a positive duration", _DURATION_EXPECTED)
+    return seconds
+
+
+def parse_size(key: str, value: Any) -> int:
+    """
+    A size in bytes: a bare integer (bytes) or C{64KB}, C{1MB}.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        unit = match.group(2).lower() if match.group(2) else None
+        size = int(match.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise _bad(key, value, "a size", "expected bytes as an integer, or e.g. 64KB, 1MB")
+    if size <= 0:
+        raise _bad(key, value, "a positive size", "expected bytes as an integer, or e.g. 64KB, 1MB")
+    return size
+
+
+def parse_int(key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(key, value, "a valid integer", f"expected an integer >= {minimum}")
+    return value
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(key, value, "a boolean", "expected true or false")
+    return value
+
+
+def parse_choice(key: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise _bad(key, value, "a valid choice", "expected one of " + ", ".join(choices))
+    return value.lower()
+
+
+def parse_str(key: str, value: Any, what: str = "a non-empty string") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(key, value, what, "expected a non-empty string")
+    return value
+
+
+def parse_optional_str(key: str, value: Any) -> Optional[str]:
+    return None if value is None else parse_str(key, value)
+
+
+def parse_list(key: str, value: Any, allow_empty: bool = True) -> list:
+    if not isinstance(value, list):
+        raise _bad(key, value, "a list", "expected a YAML list, e.g. [a, b]")
+    if not value and not allow_empty:
+        raise _bad(key, value, "a non-empty list", "expected at least one entry")
+    return value
+
+
+def is_host_name(text: str) -> bool:
+    """
+    Whether C{text} is a DNS host name (RFC 1123 labels).
+    """
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        return False  # looks like a broken IPv4 address, not a name
+    return all(_HOST_LABEL_RE.match(label) for label in labels)
+
+
+def parse_host(key: str, value: Any) -> str:
+    """
+    A host name, an IPv4 or an IPv6 address.
+    """
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            if is_host_name(value):
+                return value.lower()
+    raise _bad(key, value, "a host", "expected a host name, an IPv4 or an IPv6 address")
+
+
+def parse_network(key: str, value: Any, names: bool) -> str:
+    """
+    An IP address or a CIDR network; with C{names}, also a host name.
+    """
+    expected = (
+        "expected a host name, an IP address or a CIDR such as 192.168.1.0/24"
+        if names
+        else "expected an IP address or a CIDR such as 10.0.0.0/8"
+    )
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+        if "/" in value:
+            try:
+                return str(ipaddress.ip_network(value, strict=True))
+            except ValueError:
+                raise _bad(
+                    key, value, "a network", expected + "; host bits must be zero"
+                ) from None
+        if names and is_host_name(value):
+            return value.lower()
+    raise _bad(key, value, "a host or network" if names else "an IP address or network", expected)
+
+
+def is_ssl_endpoint(description: str) -> bool:
+    return description.split(":", 1)[0].strip().lower() == "ssl"
+
+
+def parse_endpoint(key: str, value: Any) -> str:
+    """
+    A Twisted server endpoint string, checked with C{serverFromString}
+    against a L{MemoryReactor} (nothing listens).  For C{ssl:} the
+    certificate and key files must exist (C{serverFromString} reads them).
+    """
+    expected = "expected a Twisted endpoint such as tcp:8080:interface=127.0.0.1"
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(key, value, "an endpoint", expected)
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    parts = value.split(":")
+    if parts[0].strip().lower() in ("tcp", "tcp6", "ssl") and len(parts) > 1:
+        port = parts[1].strip()
+        if port.startswith("port="):
+            port = port[len("port=") :]
+        if not port.isdigit() or int(port) > 65535:
+            raise _bad(key, value, "a valid endpoint", f"{expected}; the port must be 0-65535")
+    try:
+        serverFromString(MemoryReactor(), value)
+    except FileNotFoundError as e:
+        raise _bad(
+            key, value, "a usable TLS endpoint", f"file {e.filename!r} does not exist"
+        ) from None
+    except Exception as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _bad(key, value, "a valid endpoint", f"{expected}; {detail}") from None
+    return value
+
+
+def parse_origin(key: str, value: Any) -> str:
+    """
+    A WebSocket origin: C{scheme://host[:port]}, no path.
+    """
+    expected = "expected an origin such as https://example.com"
+    if not isinstance(value, str):
+        raise _bad(key, value, "an origin", expected)
+    parts = urlsplit(value)
+    try:
+        parts.port
+    except ValueError:
+        raise _bad(key, value, "an origin", expected) from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise _bad(key, value, "an origin", expected)
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def parse_redis_url(key: str, value: Any) -> str:
+    """
+    A C{redis://[:password@]host[:port][/db]} URL.  A password in it is
+    never echoed in an error.
+    """
+    expected = "expected e.g. redis://127.0.0.1:6379/0"
+    if not isinstance(value, str):
+        raise _bad(key, value, "a redis:// URL", expected)
+    parts = urlsplit(value)
+    shown = HIDDEN if "@" in parts.netloc else show(value)
+    error = ConfigError(f"{key}: {shown} is not a redis:// URL ({expected})")
+    try:
+        parts.port
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise error
+    except ValueError:
+        raise error from None
+    if parts.scheme != "redis" or not parts.hostname or parts.query or parts.fragment:
+        raise error
+    return value
+
+
+def parse_libvirt_uri(key: str, value: Any) -> str:
+    expected = "expected a libvirt URI such as qemu:///system"
+    if not isinstance(value, str) or "://" not in value:
+        raise _bad(key, value, "a libvirt URI", expected)
+    scheme = value.split("://", 1)[0]
+    if not _URI_SCHEME_RE.match(scheme):
+        raise _bad(key, value, "a libvirt URI", expected)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+
+def _mapping(key: str, value: Any, allowed: Sequence[str]) -> Mapping[str, Any]:
+    """
+    A YAML mapping (C{None} reads as empty) with no keys outside C{allowed}.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(key or "vapor.conf", value, "a mapping", "expected keys: " + ", ".join(allowed))
+    for name in value:
+        if name not in allowed:
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(f"{where}: unknown key (expected one of: {', '.join(allowed)})")
+    return value
+
+
+def _fields(cls: type) -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _section(
+    key: str,
+    raw: Any,
+    cls: type,
+    parsers: Mapping[str, Callable[[str, Any], Any]],
+    required: Sequence[str] = (),
+) -> Any:
+    """
+    Build dataclass C{cls} from mapping C{raw}; each present key goes
+    through its parser; absent keys keep the dataclass defaults.
+    """
+    data = _mapping(key, raw, _fields(cls))
+    for name in required:
+        if data.get(name) is None:
+            raise ConfigError(f"{key}.{name}: missing (expected a value)")
+    values = {name: parsers[name](f"{key}.{name}", v) for name, v in data.items()}
+    return cls(**values)
+
+
+def _list_of(parse_one: Callable[[str, Any], Any], allow_empty: bool = True) -> Callable[[str, Any], tuple]:
+    def parse(key: str, value: Any) -> tuple:
+        items = parse_list(key, value, allow_empty)
+        return tuple(parse_one(f"{key}[{i}]", item) for i, item in enumerate(items))
+
+    return parse
+
+
+def _parse_console(raw: Any) -> ConsoleConfig:
+    return _section(
+        "console",
+        raw,
+        ConsoleConfig,
+        {
+            "max_connections_per_vm": parse_int,
+            "max_total_connections": parse_int,
+            "token_ttl": parse_duration,
+            "connection_timeout": parse_duration,
+            "idle_timeout": parse_duration,
+            "allowed_hosts": _list_of(lambda k, v: parse_network(k, v, names=True), allow_empty=False),
+            "enable_tls": parse_bool,
+            "buffer_size": lambda k, v: parse_int(k, v) * 1024,
+            "cleanup_interval": parse_duration,
+            "bind_client_ip": parse_bool,
+            "max_message_size": parse_size,
+        },
+    )
+
+
+def _parse_server(raw: Any) -> ServerConfig:
+    return _section(
+        "server",
+        raw,
+        ServerConfig,
+        {
+            "listen": _list_of(parse_endpoint, allow_empty=False),
+            "allowed_origins": _list_of(parse_origin),
+            "trusted_proxies": _list_of(lambda k, v: parse_network(k, v, names=False)),
+            "workers": parse_int,
+        },
+    )
+
+
+def _parse_sha256(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.match(value):
+        raise _hidden(key, "a SHA-256", "expected 64 lower-case hex characters, e.g. from sha256sum")
+    return value
+
+
+def _parse_api_key(key: str, raw: Any) -> ApiKey:
+    return _section(
+        key,
+        raw,
+        ApiKey,
+        {
+            "user": parse_str,
+            "sha256": _parse_sha256,
+            "vms": _list_of(parse_str, allow_empty=False),
+            "admin": parse_bool,
+        },
+        required=("user", "sha256"),
+    )
+
+
+def _parse_algorithm(key: str, value: Any) -> str:
+    if value not in JWT_ALGORITHMS:
+        raise _bad(key, value, "a JWT algorithm", "expected one of " + ", ".join(JWT_ALGORITHMS))
+    return value
+
+
+def _parse_key_file(key: str, value: Any) -> str:
+    path = parse_str(key, value)
+    if not os.path.isfile(path):
+        raise _bad(key, value, "a readable file", "expected the path of an existing key file")
+    return path
+
+
+def _parse_jwt(key: str, raw: Any) -> Optional[JWTConfig]:
+    if raw is None:
+        return None
+    return _section(
+        key,
+        raw,
+        JWTConfig,
+        {
+            "algorithms": _list_of(_parse_algorithm, allow_empty=False),
+            "key_file": _parse_key_file,
+            "issuer": parse_optional_str,
+            "audience": parse_optional_str,
+            "require_mfa": parse_bool,
+        },
+        required=("algorithms", "key_file"),
+    )
+
+
+def _parse_api_keys(key: str, value: Any) -> Tuple[ApiKey, ...]:
+    keys = _list_of(_parse_api_key)(key, value)
+    seen: Dict[str, int] = {}
+    for i, api_key in enumerate(keys):
+        if api_key.sha256 in seen:
+            raise ConfigError(
+                f"{key}[{i}].sha256: {HIDDEN} is a duplicate of {key}[{seen[api_key.sha256]}].sha256"
+                " (expected every key to be different)"
+            )
+        seen[api_key.sha256] = i
+    return keys
+
+
+def _parse_auth(raw: Any) -> AuthConfig:
+    return _section("auth", raw, AuthConfig, {"api_keys": _parse_api_keys, "jwt": _parse_jwt})
+
+
+def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
+    return _section(
+        key,
+        raw,
+        HypervisorConfig,
+        {
+            "uri": parse_libvirt_uri,
+            "console_host": lambda k, v: None if v is None else parse_host(k, v),
+        },
+        required=("uri",),
+    )
+
+
+def _parse_tokens(raw: Any) -> TokensConfig:
+    return _section(
+        "tokens",
+        raw,
+        TokensConfig,
+        {
+            "backend": lambda k, v: parse_choice(k, v, TOKEN_BACKENDS),
+            "redis_url": parse_redis_url,
+            "redis_timeout": parse_duration,
+            "lease_ttl": parse_duration,
+        },
+    )
+
+
+def _parse_logging(raw: Any) -> LoggingConfig:
+    return _section(
+        "logging",
+        raw,
+        LoggingConfig,
+        {
+            "level": parse_log_level,
+            "format": lambda k, v: parse_choice(k, v, LOG_FORMATS),
+        },
+    )
+
+
+def parse_log_level(key: str, value: Any) -> str:
+    """
+    A log level: debug, info, warn or error (case-insensitive).
+    """
+    return parse_choice(key, value, LOG_LEVELS)
+
+
+# ---------------------------------------------------------------------------
+# The document
+# ---------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """
+    C{yaml.SafeLoader} that refuses a key given twice in one mapping
+    (plain C{safe_load} silently keeps the last one).
+    """
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"vapor.conf line {key_node.start_mark.line + 1}: key {show(key)} is given twice"
+                " (expected each key once per mapping)"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"vapor.conf: not valid YAML{where}: {problem}") from None
+
+
+SECTIONS = ("console", "server", "auth", "hypervisors", "tokens", "logging")
+
+
 def parse_config(text: str) -> Config:
-    raise NotImplementedError("being written")
+    """
+    Parse and validate the YAML text of a vapor.conf.
+
+    An empty document or a missing section gives the defaults.
+
+    @raise ConfigError: on the first bad key or value.
+    """
+    document = _mapping("", _load_yaml(text), SECTIONS)
+    values: Dict[str, Any] = {
+        "console": _parse_console(document.get("console")),
+        "server": _parse_server(document.get("server")),
+        "auth": _parse_auth(document.get("auth")),
+        "tokens": _parse_tokens(document.get("tokens")),
+        "logging": _parse_logging(document.get("logging")),
+    }
+    if document.get("hypervisors") is not None:
+        values["hypervisors"] = _list_of(_parse_hypervisor, allow_empty=False)(
+            "hypervisors", document["hypervisors"]
+        )
+    config = Config(**values)
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """
+    Checks that involve more than one key.
+
+    @raise ConfigError: when keys contradict each other.
+    """
+    if config.server.workers > 1 and config.tokens.backend == "memory":
+        raise ConfigError(
+            f"server.workers: {config.server.workers} needs tokens.backend: redis"
+            " (expected 1 with the memory backend: tokens and connection limits"
+            " must be shared between worker processes, use redis)"
+        )
+    if config.console.enable_tls and not any(is_ssl_endpoint(s) for s in config.server.listen):
+        raise ConfigError(
+            "console.enable_tls: True needs an ssl: endpoint in server.listen"
+            " (expected e.g. ssl:8443:privateKey=key.pem:certKey=cert.pem, or enable_tls: false)"
+        )
+
+
+def with_listen(config: Config, listen: Sequence[str], key: str = "--listen") -> Config:
+    """
+    C{config} with C{server.listen} replaced by C{listen} (the command
+    line's C{--listen}), validated like the file's.
+    """
+    if not listen:
+        return config
+    endpoints = tuple(parse_endpoint(f"{key}[{i}]", s) for i, s in enumerate(listen))
+    new = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=endpoints))
+    check_config(new)
+    return new
+
+
+def load_config(path: str) -> Config:
+    """
+    Read and parse the file at C{path}.
+
+    @raise ConfigError: when it cannot be read or is not valid; the
+        message starts with the path when the file cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{path}: cannot read the config file ({reason})") from None
+    return parse_config(text)
