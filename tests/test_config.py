@@ -279,7 +279,7 @@ class ServerTests(ConfigTestMixin, SynchronousTestCase):
         """
         When an ssl: endpoint names a missing key file, the error names the file.
         """
-        missing = self.mktemp()
+        missing = os.path.abspath(self.mktemp())
         self.assertConfigError(
             f"server: {{listen: ['ssl:8443:privateKey={missing}']}}",
             f"server.listen[0]: 'ssl:8443:privateKey={missing}' is not a usable TLS endpoint"
