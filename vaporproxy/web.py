@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -321,7 +322,7 @@ class ConsoleAPI:
         except ConsoleError as e:
             if e.code is ErrorCode.UNAUTHORIZED:
                 self.log.warn("console host of {vm_uuid} is not in allowed_hosts", vm_uuid=vm.uuid)
-                raise ConsoleError(ErrorCode.UNAUTHORIZED, "Console host not allowed", http_status=403)
+                raise ConsoleError(ErrorCode.UNAUTHORIZED, e.message, http_status=403)
             raise
         port = graphics.port if graphics.port is not None else graphics.tls_port
         config = self._config
@@ -471,11 +472,12 @@ class ConsoleAPI:
             return None, await d
         except ConsoleError as e:
             return e.message, None
+        except DeferTimeoutError:
+            self.log.warn("readiness check timed out after {timeout}s", timeout=_READY_CHECK_TIMEOUT)
+            return "timeout", None
         except Exception as e:  # noqa: BLE001 (reported, never raised)
             self.log.failure("readiness check failed", Failure(e))
-            from twisted.internet.defer import TimeoutError as DeferTimeout
-
-            return ("timeout" if isinstance(e, DeferTimeout) else "unavailable"), None
+            return "unavailable", None
 
     async def _readyz(self, request: IRequest) -> bytes:
         store_error, _ = await self._check(self._token_store.check)
