@@ -674,6 +674,16 @@ class StaticTests(APITestCase):
         response, body = self.json_request("GET", "/console/web-1")
         self.assertEqual(response.code, 404)
 
+    def test_app_files(self) -> None:
+        """When the console page's script and style are asked for, the packaged files are served."""
+        static = FilePath(web.__file__).sibling("static")
+        for name, content_type in (("console.js", "text/javascript"), ("console.css", "text/css")):
+            response, body = self.request("GET", f"/static/app/{name}")
+            self.assertEqual(response.code, 200)
+            self.assertEqual(body, static.child(name).getContent())
+            self.assertEqual(response.headers.getRawHeaders("content-type")[0], content_type)
+            self.assertEqual(response.headers.getRawHeaders("x-content-type-options"), ["nosniff"])
+
     def test_file(self) -> None:
         """When a noVNC file is asked for, it is served with a JavaScript type."""
         response, body = self.request("GET", "/static/novnc/core/rfb.js")

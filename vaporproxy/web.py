@@ -69,7 +69,8 @@ _DISPLAY_RE = re.compile(r"^[0-9]{1,4}$")
 _READY_CHECK_TIMEOUT = 5.0
 _CHECK_DETAIL_MAX = 120
 
-_STATIC_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "console.html")
+_STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_STATIC_PAGE = os.path.join(_STATIC_DIR, "console.html")
 
 
 def token_hash(token: str) -> str:
@@ -520,6 +521,15 @@ class ConsoleAPI:
         if not directory or not os.path.isdir(directory):
             return _JSONError(ErrorCode.VM_NOT_FOUND, 404, "Not found")
         return _StaticFiles(directory)
+
+    @app.route("/static/app/", branch=True, methods=["GET", "HEAD"])
+    def static_app(self, request: IRequest) -> IResource:
+        """
+        The console page's own script and style (the package's C{static}).
+        """
+        if not os.path.isdir(_STATIC_DIR):
+            return _JSONError(ErrorCode.VM_NOT_FOUND, 404, "Not found")
+        return _StaticFiles(_STATIC_DIR)
 
     @app.route("/static/novnc/", branch=True, methods=["GET", "HEAD"])
     def static_novnc(self, request: IRequest) -> IResource:
