@@ -35,8 +35,23 @@ except ImportError:  # pragma: no cover - older cryptography
 
 log = Logger()
 
-#: What a parsing step may ask for: a byte count, or a condition to wait for.
-Need = Union[int, Callable[[], bool]]
+
+
+class UpTo:
+    """
+    What a parsing step yields to get whatever is buffered, between 1 and
+    C{n} bytes, as soon as at least one byte is there.
+    """
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError("UpTo needs a positive count")
+        self.n = n
+
+
+#: What a parsing step may ask for: exactly a byte count, up to a byte count
+#: (L{UpTo}), or a condition to wait for.
+Need = Union[int, UpTo, Callable[[], bool]]
 Steps = Generator[Need, Optional[bytes], None]
 
 #: The version the proxy offers the browser, and the highest it speaks to a VM.
@@ -75,8 +90,9 @@ class StepReader:
     """
     Feeds bytes to a parsing generator.
 
-    The generator yields an C{int} (give me exactly that many bytes) or a
-    callable (resume me, with C{None}, once this returns true).  Bytes that
+    The generator yields an C{int} (give me exactly that many bytes), an
+    L{UpTo} (give me what you have, at most that many) or a callable (resume
+    me, with C{None}, once this returns true).  Bytes that
     arrive beyond what the generator asked for stay buffered, up to
     C{limit}; L{take_rest} hands them out.
 
@@ -102,13 +118,13 @@ class StepReader:
         """
         Add C{data} and run the generator as far as it can go.
 
-        @raise GuardFailure: from the generator, or when the buffer would
-            grow past the limit.
+        @raise GuardFailure: from the generator, or when what it left
+            unconsumed is more than the limit.
         """
         self._buffer += data
+        self.pump()
         if len(self._buffer) > self._limit:
             raise self._overflow()
-        self.pump()
 
     def pump(self) -> None:
         """
@@ -117,7 +133,13 @@ class StepReader:
         """
         while not self.done:
             need = self._need
-            if callable(need):
+            if isinstance(need, UpTo):
+                if not self._buffer:
+                    return
+                chunk = bytes(self._buffer[: need.n])
+                del self._buffer[: need.n]
+                self._advance(chunk)
+            elif callable(need):
                 if not need():
                     return
                 self._advance(None)
@@ -361,7 +383,7 @@ class RFBGuard:
         if length > MAX_REASON_LENGTH:
             raise _server_failure("server reason string of %d bytes" % (length,))
         reason = yield length
-        return reason.decode("utf-8", "replace")
+        return reason.decode("utf-8", "replace").rstrip("\0")
 
     def _server_steps(self) -> Steps:
         out = self._out

@@ -1,0 +1,188 @@
+"""
+A plain QEMU (no libvirt) with a VNC and a SPICE server on loopback and a QMP
+socket, for integration tests.
+
+Usage in a trial test case::
+
+    qemu = start_qemu(self, vnc_password="s3cret", spice_password="t1cket")
+    qemu.vnc_port, qemu.spice_port, qemu.qmp("query-status")
+
+C{start_qemu} skips the test (C{SkipTest}) only when C{qemu-system-x86_64}
+is absent, and registers a cleanup that kills the process it started.
+
+The machine is diskless and runs TCG: its screen shows SeaBIOS.  QMP is
+spoken with a blocking socket: the calls take milliseconds and are made in
+set-up, outside the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+from twisted.trial.unittest import SkipTest
+
+QEMU = "qemu-system-x86_64"
+
+
+def free_port() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class QMPError(Exception):
+    """
+    QMP answered a command with an error.
+    """
+
+
+class QemuProcess:
+    """
+    A running QEMU with its QMP connection.
+
+    @ivar vnc_port: the VNC TCP port on 127.0.0.1.
+    @ivar spice_port: the SPICE TCP port on 127.0.0.1.
+    """
+
+    def __init__(self, process: subprocess.Popen, qmp_path: str, workdir: str, spice_port: int):
+        self.process = process
+        self.workdir = workdir
+        self.spice_port = spice_port
+        self._qmp = self._connect_qmp(qmp_path)
+        self._reader = self._qmp.makefile("rb")
+        greeting = json.loads(self._reader.readline())
+        if "QMP" not in greeting:
+            raise QMPError("no QMP greeting: %r" % (greeting,))
+        self.qmp("qmp_capabilities")
+        vnc = self.qmp("query-vnc")
+        self.vnc_port = int(vnc["service"])
+
+    def _connect_qmp(self, path: str, timeout: float = 10.0) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    "qemu exited with %s: %s"
+                    % (self.process.returncode, self._stderr())
+                )
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(path)
+                return s
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _stderr(self) -> str:
+        try:
+            with open(os.path.join(self.workdir, "qemu.log")) as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """
+        Run one QMP command and answer its C{return} value.
+
+        @raise QMPError: when QEMU answers with an error.
+        """
+        message: Dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self._qmp.sendall(json.dumps(message).encode("utf-8") + b"\n")
+        while True:
+            line = self._reader.readline()
+            if not line:
+                raise QMPError("QMP connection closed")
+            answer = json.loads(line)
+            if "return" in answer:
+                return answer["return"]
+            if "error" in answer:
+                raise QMPError(answer["error"].get("desc", str(answer["error"])))
+            # An asynchronous event: skip it.
+
+    def set_password(self, protocol: str, password: str) -> None:
+        """
+        Set the C{"vnc"} or C{"spice"} password.
+        """
+        self.qmp("set_password", protocol=protocol, password=password)
+
+    def stop(self) -> None:
+        """
+        Kill QEMU (the process this fixture started) and remove its files.
+        """
+        try:
+            self._reader.close()
+            self._qmp.close()
+        except OSError:
+            pass
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def qemu_available() -> Optional[str]:
+    """
+    The path of C{qemu-system-x86_64}, or C{None} when it is not installed.
+    """
+    return shutil.which(QEMU)
+
+
+def start_qemu(
+    testcase: Any,
+    vnc_password: Optional[str] = None,
+    spice_password: Optional[str] = None,
+) -> QemuProcess:
+    """
+    Start a QEMU with VNC (C{password=on}) and SPICE on 127.0.0.1 and set
+    the given passwords over QMP.  Cleaned up with C{testcase.addCleanup}.
+
+    @raise SkipTest: when QEMU is not installed.
+    """
+    binary = qemu_available()
+    if binary is None:
+        raise SkipTest("%s is not installed" % (QEMU,))
+    workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
+    qmp_path = os.path.join(workdir, "qmp.sock")
+    spice_port = free_port()
+    args = [
+        binary,
+        "-machine", "pc,accel=tcg",
+        "-m", "128",
+        "-nodefaults",
+        "-vga", "std",
+        "-display", "none",
+        "-vnc", "127.0.0.1:10,to=90,password=on",
+        "-spice", "port=%d,addr=127.0.0.1" % (spice_port,),
+        "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
+    ]
+    with open(os.path.join(workdir, "qemu.log"), "wb") as log:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        qemu = QemuProcess(process, qmp_path, workdir, spice_port)
+    except BaseException:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    testcase.addCleanup(qemu.stop)
+    if vnc_password is not None:
+        qemu.set_password("vnc", vnc_password)
+    if spice_password is not None:
+        qemu.set_password("spice", spice_password)
+    return qemu
