@@ -16,6 +16,15 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test.iosim import FakeTransport, connect
+from twisted.web.server import Site
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from twisted.logger import globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -498,6 +507,51 @@ class RoutingTests(APITestCase):
         self.assertIs(resource._factory, self.h.bridge_factory)
 
 
+class EchoServer(WebSocketServerProtocol):
+    def onConnect(self, request: Any) -> None:
+        self.factory.seen.append(("connect", request.path, request.params))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sendMessage(payload, isBinary)
+
+
+class RecordingClient(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.sendMessage(b"\x00RFB", True)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.seen.append(("message", payload, isBinary))
+
+
+class WebSocketRouteTests(SynchronousTestCase):
+    def test_handshake_in_memory(self) -> None:
+        """When a WebSocket client opens the ws path, the bridge factory's protocol gets the upgrade and the query."""
+        reactor = MemoryReactorClock()
+        server_factory = WebSocketServerFactory("ws://proxy.example", reactor=reactor)
+        server_factory.protocol = EchoServer
+        server_factory.seen = []
+        h = Harness()
+        h.api._bridge_factory = server_factory
+        site = Site(h.api.resource(), reactor=reactor)
+        client_factory = WebSocketClientFactory(
+            f"ws://proxy.example{VMS}/web-1/console/ws?token=t0k", reactor=reactor
+        )
+        client_factory.protocol = RecordingClient
+        client_factory.seen = []
+        server = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        pump = connect(
+            server,
+            FakeTransport(server, isServer=True, peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)),
+            client,
+            FakeTransport(client, isServer=False),
+        )
+        for _ in range(4):
+            pump.flush()
+        self.assertEqual(server_factory.seen, [("connect", f"{VMS}/web-1/console/ws", {"token": ["t0k"]})])
+        self.assertEqual(client_factory.seen, [("message", b"\x00RFB", True)])
+
+
 class StatsTests(APITestCase):
     def test_shape(self) -> None:
         """When an admin asks for stats, the answer has the totals, the per-VM counts and each console."""
@@ -588,6 +642,12 @@ class MetricsRouteTests(APITestCase):
         """When an unknown key is given, the answer is 401 even from loopback."""
         response, body = self.json_request("GET", "/metrics", "bogus")
         self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
+
+    def test_forwarded_without_key(self) -> None:
+        """When a loopback reverse proxy forwards a request without a key, the answer is 401."""
+        for header in ("X-Forwarded-For", "Forwarded"):
+            response, body = self.json_request("GET", "/metrics", headers={header: ["198.51.100.4"]})
+            self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
 
     def test_remote_without_key(self) -> None:
         """When a non-loopback client asks without a key, the answer is 401."""

@@ -429,6 +429,16 @@ class ConsoleAPI:
         """
         return int(self._registry.terminate_vm(vm_uuid))
 
+    def _is_local(self, request: IRequest) -> bool:
+        """
+        Whether C{request} comes from this machine itself.  A forwarded
+        request is never local: a reverse proxy on loopback carries other
+        people's requests.
+        """
+        if request.getHeader(b"x-forwarded-for") is not None or request.getHeader(b"forwarded") is not None:
+            return False
+        return _is_loopback(_client_ip(request, self._config.server.trusted_proxies))
+
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> Deferred:
         """
@@ -437,9 +447,7 @@ class ConsoleAPI:
         return Deferred.fromCoroutine(self._metrics_text(request))
 
     async def _metrics_text(self, request: IRequest) -> bytes:
-        if self._presented_key(request) is not None or not _is_loopback(
-            _client_ip(request, self._config.server.trusted_proxies)
-        ):
+        if self._presented_key(request) is not None or not self._is_local(request):
             self._require_admin(request)
         body = await self._metrics.render()
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
