@@ -1,0 +1,188 @@
+"""
+Logging for vaporproxy under C{twistd}: level filtering and text or JSON
+output.
+
+twistd starts logging right after C{makeService} returns, with the
+L{ILogObserver} component of its application if there is one (the way a
+C{.tac} file sets its own observer).  L{LogSetup} builds that observer:
+a L{FilteringLogObserver} whose level can change on SIGHUP, in front of a
+text (twistd's usual lines) or JSON-lines formatter, writing where
+twistd's own options (C{--nodaemon}, C{--logfile}, C{--syslog}) say.
+C{tap.VaporService} hands it to the application when twistd parents it.
+
+C{VAPOR_LOG_LEVEL} in the environment overrides C{logging.level}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any, Callable, Mapping, Optional
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LegacyLogObserverWrapper,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    textFileLogObserver,
+)
+from zope.interface import provider
+
+from vaporproxy.config import ConfigError, parse_log_level
+
+#: Our level names and Twisted's.
+LEVELS: Mapping[str, LogLevel] = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+
+ENV_LEVEL = "VAPOR_LOG_LEVEL"
+
+#: Event keys that are Twisted's bookkeeping, not the event's own fields.
+_SKIP_FIELDS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
+
+
+def effective_level(config_level: str, environ: Mapping[str, str]) -> str:
+    """
+    The level in force: C{VAPOR_LOG_LEVEL} when set, else the config's.
+
+    @raise ConfigError: when C{VAPOR_LOG_LEVEL} is not a level.
+    """
+    value = environ.get(ENV_LEVEL)
+    if value is None or value == "":
+        return config_level
+    return parse_log_level(ENV_LEVEL, value)
+
+
+def _json_default(value: Any) -> str:
+    return str(value)
+
+
+def json_lines_observer(out: IO[str]) -> ILogObserver:
+    """
+    An observer writing one JSON object per line to C{out}: C{time}
+    (ISO-8601 UTC), C{level}, C{namespace}, C{system}, C{message} (the
+    formatted text), C{failure} (a traceback, when there is one) and the
+    event's own fields.
+    """
+
+    @provider(ILogObserver)
+    def observe(event: Mapping[str, Any]) -> None:
+        level = event.get("log_level")
+        record = {
+            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(
+                timespec="milliseconds"
+            ).replace("+00:00", "Z"),
+            "level": level.name if level is not None else "info",
+            "namespace": event.get("log_namespace"),
+            "system": event.get("log_system", event.get("system")),
+            "message": formatEvent(event),
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["failure"] = failure.getTraceback()
+        for key, value in event.items():
+            if not key.startswith("log_") and key not in _SKIP_FIELDS and key not in record:
+                record[key] = value
+        try:
+            line = json.dumps(record, default=_json_default)
+        except (TypeError, ValueError):
+            line = json.dumps({k: str(v) for k, v in record.items()})
+        out.write(line + "\n")
+        out.flush()
+
+    return observe
+
+
+def twistd_destination(twistd_options: Optional[Mapping[str, Any]]) -> Any:
+    """
+    Where twistd would write its log for these (twistd's own) options: a
+    file object, or a legacy syslog observer for C{--syslog}.
+
+    Mirrors twistd's UnixAppLogger: C{--logfile=-} or C{--nodaemon} with
+    no C{--logfile} is stdout; otherwise C{--logfile} (default
+    C{twistd.log}), a L{LogFile} that rotates by size.
+    """
+    options = twistd_options or {}
+    if options.get("syslog"):
+        from twisted.python import syslog
+
+        return syslog.SyslogObserver(options.get("prefix") or "twisted").emit
+    logfile = options.get("logfile")
+    nodaemon = options.get("nodaemon", twistd_options is None)
+    if logfile == "-" or (nodaemon and not logfile):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(logfile or "twistd.log")
+
+
+class LogSetup:
+    """
+    vaporproxy's log observer: a level filter in front of a formatter.
+
+    @ivar observer: the L{ILogObserver} to give to twistd.
+    @ivar level: the level name in force.
+    @ivar log_file: the L{LogFile} written, if any (for C{rotate}).
+    """
+
+    def __init__(self, level: str, format: str, destination: Any):
+        """
+        @param level: C{debug}, C{info}, C{warn} or C{error}.
+        @param format: C{text} or C{json}.
+        @param destination: a writable text file, or a legacy observer
+            (syslog) which then formats by itself.
+        """
+        self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+        self.level = level
+        self.log_file = destination if hasattr(destination, "rotate") else None
+        if hasattr(destination, "write"):
+            inner: ILogObserver = (
+                json_lines_observer(destination)
+                if format == "json"
+                else textFileLogObserver(destination)
+            )
+        else:
+            inner = LegacyLogObserverWrapper(destination)
+        self.observer: ILogObserver = FilteringLogObserver(inner, [self.predicate])
+
+    def set_level(self, level: str) -> None:
+        """
+        Change the level in force (SIGHUP reload).
+        """
+        self.predicate.setLogLevelForNamespace(None, LEVELS[level])
+        self.level = level
+
+
+def log_setup_for(
+    config_level: str,
+    config_format: str,
+    environ: Mapping[str, str],
+    twistd_options: Optional[Mapping[str, Any]],
+    destination: Optional[Callable[[Optional[Mapping[str, Any]]], Any]] = None,
+) -> LogSetup:
+    """
+    The L{LogSetup} for a config, the environment and twistd's options.
+
+    @raise ConfigError: when C{VAPOR_LOG_LEVEL} is not a level.
+    """
+    level = effective_level(config_level, environ)
+    where = (destination or twistd_destination)(twistd_options)
+    return LogSetup(level, config_format, where)
+
+
+__all__ = [
+    "ConfigError",
+    "ENV_LEVEL",
+    "LEVELS",
+    "LogSetup",
+    "effective_level",
+    "json_lines_observer",
+    "log_setup_for",
+    "twistd_destination",
+]
