@@ -1,0 +1,539 @@
+"""
+vaporproxy benchmark (issue #3): vaporproxy beside websockify 0.13, socat
+and a direct ceiling, on loopback, in one command.
+
+The proxy under test is pinned to CPU 0, the Node client and backend to CPU 1
+(C{taskset}).  Every figure is the median of C{--runs} (default 3) runs.  The
+client (C{client.js}) does the client side of an RFB 3.8 handshake on every
+path; vaporproxy is driven the browser's way (C{GET .../console} with a Bearer
+key, then the WebSocket with the one-time token).
+
+Usage::
+
+    python3 bench/run.py [--quick] [--runs N] [--targets a,b] [--skip-conc]
+                         [--profile] [--out FILE]
+
+Writes C{bench/results/latest.json} (and a time-stamped copy) and prints the
+table as Markdown.  Not a test; see C{bench/README.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+VM_NAME = "bench-vm"
+VM_UUID = "6a1b7a0e-3c1e-4bde-9d0f-b3a5c0ffee01"
+
+
+def free_port() -> int:
+    """
+    A free loopback TCP port.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """
+    Wait until something accepts on 127.0.0.1:port, or fail.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def stop(proc: Optional[subprocess.Popen]) -> None:
+    """
+    Stop a process we started (and its process group, for forking proxies).
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def spawn(argv: List[str], cpu: str, env: Optional[dict] = None, log: Optional[str] = None) -> subprocess.Popen:
+    """
+    Start argv pinned to cpu in its own process group.
+    """
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(
+        ["taskset", "-c", cpu, *argv],
+        stdout=out,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """
+    One path under test: how to start it, how the client reaches it.
+    """
+
+    name: str
+    kind: str  # tcp | ws | vapor
+    start: Callable[[], Optional[subprocess.Popen]]
+    port_of: Callable[[], int]
+    mem_key: str = "rss_kib"  # pss_kib for process-per-connection proxies
+    forking: bool = False
+    workloads: Optional[List[str]] = None  # None: all
+    extra: Dict[str, Any] = field(default_factory=dict)
+    proc: Optional[subprocess.Popen] = None
+
+    def up(self) -> None:
+        self.proc = self.start()
+
+    def down(self) -> None:
+        stop(self.proc)
+        self.proc = None
+
+    def job_target(self) -> dict:
+        return {"kind": self.kind, "host": "127.0.0.1", "port": self.port_of(), **self.extra}
+
+
+class Bench:
+    """
+    Holds the backend, the work directory and the targets.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = tempfile.mkdtemp(prefix="vaporbench-")
+        self.backend_port = free_port()
+        self.backend_ws_port = free_port()
+        self.backend: Optional[subprocess.Popen] = None
+        self.api_key = secrets.token_hex(24)
+
+    # -- backend
+    def start_backend(self) -> None:
+        self.backend = subprocess.Popen(
+            ["taskset", "-c", LOAD_CPU, "node", os.path.join(HERE, "backend.js"),
+             "--tcp-port", str(self.backend_port), "--ws-port", str(self.backend_ws_port)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        line = self.backend.stdout.readline()
+        if not json.loads(line).get("ready"):
+            raise RuntimeError("backend did not start")
+
+    # -- vaporproxy
+    def vapor_files(self, port: int, workers: int = 1) -> str:
+        node = os.path.join(self.work, "node.xml")
+        with open(node, "w") as f:
+            f.write(
+                "<node>\n"
+                "  <domain type='test'>\n"
+                f"    <name>{VM_NAME}</name>\n    <uuid>{VM_UUID}</uuid>\n"
+                "    <memory>131072</memory>\n    <vcpu>1</vcpu>\n"
+                "    <os><type>hvm</type></os>\n"
+                f"    <devices><graphics type='vnc' port='{self.backend_port}' listen='127.0.0.1'/></devices>\n"
+                "  </domain>\n</node>\n"
+            )
+        conf = os.path.join(self.work, f"vapor-{port}.conf")
+        sha = hashlib.sha256(self.api_key.encode()).hexdigest()
+        limit = 2 * self.args.max_conc + 1000
+        # Shipped defaults except the connection limits, raised for load.
+        lines = [
+            "server:",
+            f'  listen: ["tcp:{port}:interface=127.0.0.1"]',
+        ]
+        if workers != 1:
+            lines.append(f"  workers: {workers}")
+        lines += [
+            "auth:",
+            "  api_keys:",
+            f'    - {{user: bench, sha256: "{sha}", vms: ["*"]}}',
+            "hypervisors:",
+            f'  - uri: "test://{node}"',
+            "console:",
+            f"  max_connections_per_vm: {limit}",
+            f"  max_total_connections: {limit}",
+        ]
+        with open(conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return conf
+
+    def vapor_target(self, name: str, nvx: bool = True, workers: int = 1,
+                     workloads: Optional[List[str]] = None) -> Target:
+        port = free_port()
+        log = os.path.join(self.work, f"{name}.log")
+
+        def start() -> subprocess.Popen:
+            conf = self.vapor_files(port, workers)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+            if not nvx:
+                env["AUTOBAHN_USE_NVX"] = "0"
+            p = spawn(["twistd", "-n", "--pidfile=", "vaporproxy", "--config", conf],
+                      PROXY_CPU if workers == 1 else "0,1", env, log)
+            try:
+                wait_port(port, p, timeout=30)
+            except RuntimeError as e:
+                stop(p)
+                with open(log, "rb") as f:
+                    tail = f.read()[-1500:].decode(errors="replace")
+                raise RuntimeError(f"{name} did not start: {e}\n{tail}")
+            return p
+
+        return Target(name, "vapor", start, lambda: port, workloads=workloads,
+                      extra={"vm": VM_NAME, "apiKey": self.api_key})
+
+    def targets(self) -> List[Target]:
+        b, bws = self.backend_port, self.backend_ws_port
+        socat_port, wsfy_port = free_port(), free_port()
+
+        def socat() -> subprocess.Popen:
+            p = spawn(["socat", f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                       f"TCP:127.0.0.1:{b},nodelay"], PROXY_CPU)
+            wait_port(socat_port, p)
+            return p
+
+        def websockify() -> subprocess.Popen:
+            p = spawn(["websockify", f"127.0.0.1:{wsfy_port}", f"127.0.0.1:{b}"], PROXY_CPU)
+            wait_port(wsfy_port, p)
+            return p
+
+        all_targets = [
+            Target("direct-tcp", "tcp", lambda: None, lambda: b),
+            Target("direct-ws", "ws", lambda: None, lambda: bws),
+            Target("socat", "tcp", socat, lambda: socat_port, mem_key="pss_kib", forking=True),
+            Target("websockify", "ws", websockify, lambda: wsfy_port, mem_key="pss_kib", forking=True),
+            self.vapor_target("vaporproxy"),
+            self.vapor_target("vaporproxy-nonvx", nvx=False,
+                              workloads=["down1", "up4k", "up64k", "rtt"]),
+        ]
+        if self.args.workers2:
+            all_targets.append(self.vapor_target("vaporproxy-2w", workers=2,
+                                                 workloads=["down16", "setup8"]))
+        wanted = self.args.targets.split(",") if self.args.targets else None
+        return [t for t in all_targets if wanted is None or t.name in wanted]
+
+    # -- client
+    def client(self, job: dict, timeout: float) -> dict:
+        try:
+            out = subprocess.run(
+                ["taskset", "-c", LOAD_CPU, "node", os.path.join(HERE, "client.js"), json.dumps(job)],
+                capture_output=True, timeout=timeout, cwd=HERE,
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": "client timed out"}
+        lines = out.stdout.decode().strip().splitlines()
+        if not lines:
+            return {"error": f"client printed nothing: {out.stderr.decode()[-300:]}"}
+        return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def workloads(args: argparse.Namespace) -> Dict[str, dict]:
+    """
+    The steady-state workloads: name -> client job (without target).
+    """
+    w, d = (300, 1000) if args.quick else (500, 2000)
+    return {
+        "down1": {"workload": "down", "consoles": 1, "warmup_ms": w, "duration_ms": d},
+        "down4": {"workload": "down", "consoles": 4, "warmup_ms": w, "duration_ms": d},
+        "down16": {"workload": "down", "consoles": 16, "warmup_ms": w, "duration_ms": d},
+        "up4k": {"workload": "up", "frame": 4096, "warmup_ms": w, "duration_ms": d},
+        "up64k": {"workload": "up", "frame": 65536, "warmup_ms": w, "duration_ms": d},
+        "rtt": {"workload": "rtt", "warmup_ms": w, "duration_ms": d},
+        "setup1": {"workload": "setup", "parallel": 1, "duration_ms": d},
+        "setup8": {"workload": "setup", "parallel": 8, "duration_ms": d},
+    }
+
+
+# name, workload, result key, unit, higher-is-better
+FIGURES = [
+    ("downstream 1 console", "down1", "mib_s", "MiB/s", True),
+    ("downstream 4 consoles", "down4", "mib_s", "MiB/s", True),
+    ("downstream 16 consoles", "down16", "mib_s", "MiB/s", True),
+    ("upstream 4 KiB frames", "up4k", "mib_s", "MiB/s", True),
+    ("upstream 64 KiB frames", "up64k", "mib_s", "MiB/s", True),
+    ("RTT 16 B p50", "rtt", "p50_us", "µs", False),
+    ("RTT 16 B p99", "rtt", "p99_us", "µs", False),
+    ("setup, 1 at a time", "setup1", "per_s", "/s", True),
+    ("setup, 8 at a time", "setup8", "per_s", "/s", True),
+]
+CONC_FIGURES = [
+    ("open consoles", "open", "", True),
+    ("errors", "errors", "", False),
+    ("proxy memory before", "mem_before_kib", "MiB", False),
+    ("proxy memory loaded", "mem_loaded_kib", "MiB", False),
+    ("memory per console", "per_console_kib", "KiB", False),
+    ("ping RTT p99 under load", "p99_ms", "ms", False),
+    ("establish rate", "establish_per_s", "/s", True),
+]
+
+
+def median_of(runs: List[dict], key: str) -> Optional[float]:
+    vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+    return statistics.median(vals) if vals else None
+
+
+def run_steady(bench: Bench, t: Target, names: List[str], results: dict) -> None:
+    jobs = workloads(bench.args)
+    for name in names:
+        if t.workloads is not None and name not in t.workloads:
+            continue
+        runs = []
+        for i in range(bench.args.runs):
+            job = dict(jobs[name], target=t.job_target())
+            r = bench.client(job, timeout=60)
+            runs.append(r)
+            if "error" in r:
+                print(f"  {t.name} {name} run {i + 1}: ERROR {r['error']}", file=sys.stderr)
+        results.setdefault(t.name, {})[name] = {"runs": runs}
+        summary = {k: median_of(runs, k) for k in ("mib_s", "p50_us", "p99_us", "per_s", "errors")}
+        print(f"  {t.name:18} {name:7} " + " ".join(
+            f"{k}={v:.1f}" for k, v in summary.items() if v is not None), file=sys.stderr)
+
+
+def run_conc(bench: Bench, t: Target, results: dict) -> None:
+    levels = [1000] if bench.args.quick else [1000, 5000, 10000]
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for level in levels:
+        if t.forking and level > bench.args.forking_max:
+            results.setdefault(t.name, {})[f"conc{level}"] = {
+                "skipped": f"process per connection: {level} processes not started (--forking-max)"}
+            continue
+        n = min(level, bench.args.max_conc, (nofile - 200) // 2)
+        runs = []
+        for i in range(bench.args.conc_runs):
+            t.up()  # a fresh proxy, so "before" is the idle process
+            try:
+                time.sleep(0.5)
+                job = {
+                    "workload": "conc", "consoles": n, "parallel": 64,
+                    "settle_ms": 2000, "hold_ms": 3000 if bench.args.quick else 5000,
+                    "proxy_pid": t.proc.pid if t.proc else None, "mem_key": t.mem_key,
+                    "target": t.job_target(), "timeout_ms": 280000,
+                }
+                r = bench.client(job, timeout=300)
+            finally:
+                t.down()
+            runs.append(r)
+            if "error" in r:
+                print(f"  {t.name} conc{level} run {i + 1}: ERROR {r['error']}", file=sys.stderr)
+        entry = {"runs": runs, "consoles": n}
+        if n != level:
+            entry["note"] = f"{n} consoles: the open-files hard limit here is {nofile} (2 fds per console)"
+        results.setdefault(t.name, {})[f"conc{level}"] = entry
+        print(f"  {t.name:18} conc{level}: " + json.dumps(
+            {k: median_of(runs, k) for k in ("open", "errors", "per_console_kib", "p99_ms", "establish_per_s")}),
+            file=sys.stderr)
+
+
+def run_stall(bench: Bench, t: Target, results: dict) -> None:
+    runs = []
+    for _ in range(bench.args.runs):
+        t.up()
+        try:
+            time.sleep(0.3)
+            job = {"workload": "stall", "duration_ms": 3000 if bench.args.quick else 5000,
+                   "proxy_pid": t.proc.pid if t.proc else None, "mem_key": t.mem_key,
+                   "target": t.job_target()}
+            runs.append(bench.client(job, timeout=60))
+        finally:
+            t.down()
+    results.setdefault(t.name, {})["stall"] = {"runs": runs}
+    print(f"  {t.name:18} stall: max={median_of(runs, 'mem_max_kib')} KiB "
+          f"before={median_of(runs, 'mem_before_kib')} KiB", file=sys.stderr)
+
+
+def profile(bench: Bench, t: Target, names: List[str], results: dict) -> None:
+    """
+    Record py-spy (raw, collapsed stacks) for each workload against vaporproxy.
+    """
+    if not shutil.which("py-spy"):
+        results.setdefault("profiles", {})["error"] = "py-spy not installed"
+        return
+    jobs = workloads(bench.args)
+    outdir = os.path.join(HERE, "results", "profiles")
+    os.makedirs(outdir, exist_ok=True)
+    t.up()
+    try:
+        for name in names:
+            job = dict(jobs[name], target=t.job_target())
+            job["duration_ms"] = 4000
+            out = os.path.join(outdir, f"{t.name}-{name}.txt")
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(t.proc.pid), "--rate", "250",
+                                    "--duration", "4", "--nonblocking", "--format", "raw", "-o", out],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            r = bench.client(job, timeout=60)
+            spy.wait(timeout=30)
+            results.setdefault("profiles", {})[name] = {"file": os.path.relpath(out, REPO), "result": r}
+    finally:
+        t.down()
+
+
+# ---------------------------------------------------------------- output
+
+
+def fmt(v: Optional[float], unit: str) -> str:
+    if v is None:
+        return "–"
+    if unit == "MiB" and v is not None:
+        return f"{v / 1024:.1f}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def table(results: dict, names: List[str]) -> str:
+    cols = [n for n in ["direct-tcp", "direct-ws", "socat", "websockify", "vaporproxy", "vaporproxy-nonvx"]
+            if n in names]
+    head = "| figure | " + " | ".join(cols) + " | vp/websockify | vp/socat |"
+    rows = [head, "|" + "---|" * (len(cols) + 3)]
+
+    def val(target: str, wl: str, key: str) -> Optional[float]:
+        e = results.get(target, {}).get(wl)
+        return median_of(e["runs"], key) if e and "runs" in e else None
+
+    for label, wl, key, unit, _ in FIGURES:
+        vs = [val(c, wl, key) for c in cols]
+        vp, wf, so = val("vaporproxy", wl, key), val("websockify", wl, key), val("socat", wl, key)
+        rows.append(f"| {label} ({unit}) | " + " | ".join(fmt(v, unit) for v in vs)
+                    + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
+    for level in (1000, 5000, 10000):
+        wl = f"conc{level}"
+        if not any(wl in results.get(c, {}) for c in cols):
+            continue
+        for label, key, unit, _ in CONC_FIGURES:
+            vs = [val(c, wl, key) for c in cols]
+            cells = []
+            for c, v in zip(cols, vs):
+                e = results.get(c, {}).get(wl, {})
+                cells.append("skipped" if "skipped" in e else fmt(v, unit))
+            vp, wf, so = val("vaporproxy", wl, key), val("websockify", wl, key), val("socat", wl, key)
+            rows.append(f"| {level:,} consoles: {label}{(' (' + unit + ')') if unit else ''} | "
+                        + " | ".join(cells) + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
+    if any("stall" in results.get(c, {}) for c in cols):
+        for label, key in (("stalled reader: memory before", "mem_before_kib"),
+                           ("stalled reader: memory max over the stall", "mem_max_kib")):
+            vs = [val(c, "stall", key) for c in cols]
+            vp, wf, so = (val(n, "stall", key) for n in ("vaporproxy", "websockify", "socat"))
+            rows.append(f"| {label} (MiB) | " + " | ".join(fmt(v, "MiB") for v in vs)
+                        + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
+    if "vaporproxy-2w" in results:
+        for wl, key, label, unit in (("down16", "mib_s", "2 workers: downstream 16 consoles", "MiB/s"),
+                                     ("setup8", "per_s", "2 workers: setup, 8 at a time", "/s")):
+            two, one = val("vaporproxy-2w", wl, key), val("vaporproxy", wl, key)
+            rows.append(f"| {label} ({unit}) | {fmt(two, unit)} (1 worker: {fmt(one, unit)}; ×{ratio(two, one)}) |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs, 1,000 consoles only")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--conc-runs", type=int, default=None, help="runs per concurrency level (default: --runs)")
+    p.add_argument("--targets", default="", help="comma list (default all)")
+    p.add_argument("--workloads", default="", help="comma list of steady workloads (default all)")
+    p.add_argument("--skip-conc", action="store_true")
+    p.add_argument("--skip-stall", action="store_true")
+    p.add_argument("--max-conc", type=int, default=10000)
+    p.add_argument("--forking-max", type=int, default=1000,
+                   help="largest concurrency level run against process-per-connection proxies")
+    p.add_argument("--workers2", action="store_true", help="also the 2-worker line (issue #4)")
+    p.add_argument("--profile", action="store_true", help="py-spy profiles of vaporproxy")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    args = p.parse_args(argv)
+    if args.conc_runs is None:
+        args.conc_runs = args.runs
+    if not os.path.isdir(os.path.join(HERE, "node_modules", "ws")):
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=HERE, check=True)
+
+    bench = Bench(args)
+    bench.start_backend()
+    results: dict = {"meta": {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
+        "runs": args.runs, "cpus": os.cpu_count(), "proxy_cpu": PROXY_CPU, "load_cpu": LOAD_CPU,
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+    }}
+    names = list(workloads(args))
+    if args.workloads:
+        names = [n for n in names if n in args.workloads.split(",")]
+    ran = []
+    try:
+        for t in bench.targets():
+            print(f"== {t.name}", file=sys.stderr)
+            try:
+                t.up()
+            except Exception as e:  # a target that cannot start is reported, the rest go on
+                results[t.name] = {"unavailable": str(e)[:2000]}
+                print(f"  {t.name} unavailable: {str(e)[:500]}", file=sys.stderr)
+                continue
+            ran.append(t.name)
+            try:
+                run_steady(bench, t, names, results)
+            finally:
+                t.down()
+            if t.workloads is None:
+                if not args.skip_stall and t.name not in ("direct-tcp", "direct-ws"):
+                    run_stall(bench, t, results)
+                if not args.skip_conc:
+                    run_conc(bench, t, results)
+            if args.profile and t.name == "vaporproxy":
+                profile(bench, t, ["down1", "up4k", "setup8"], results)
+    finally:
+        stop(bench.backend)
+        shutil.rmtree(bench.work, ignore_errors=True)
+    md = table(results, ran)
+    results["table_markdown"] = md
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    stamped = os.path.join(os.path.dirname(args.out), time.strftime("%Y%m%dT%H%M%S") + ".json")
+    shutil.copyfile(args.out, stamped)
+    print(md)
+    print(f"\nJSON: {os.path.relpath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
