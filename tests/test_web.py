@@ -397,6 +397,20 @@ class ConsoleInfoTests(APITestCase):
         grant = self.successResultOf(self.h.store.redeem(body["token"], "web-1", "127.0.0.1")).grant
         self.assertEqual(grant.client_ip, "127.0.0.1")
 
+    def test_bind_client_ip_behind_proxy(self) -> None:
+        """When a trusted proxy forwards the request, the token is bound to the forwarded client address."""
+        config = replace(
+            CONFIG,
+            console=replace(CONFIG.console, bind_client_ip=True),
+            server=replace(CONFIG.server, trusted_proxies=("127.0.0.1",)),
+        )
+        self.h.api.reload(config)
+        _, body = self.json_request(
+            "GET", f"{VMS}/web-1/console", USER_KEY, headers={"X-Forwarded-For": ["198.51.100.7"]}
+        )
+        grant = self.successResultOf(self.h.store.redeem(body["token"], "web-1", "198.51.100.7")).grant
+        self.assertEqual(grant.client_ip, "198.51.100.7")
+
     def test_tls_flag_reload(self) -> None:
         """When the configuration is reloaded with TLS on, tls_enabled follows."""
         self.h.api.reload(replace(CONFIG, console=replace(CONFIG.console, enable_tls=True)))
