@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -531,6 +532,10 @@ class FakePool:
 class FakeReactor:
     def __init__(self) -> None:
         self.pending: List[Any] = []
+        self.now = 1000.0
+
+    def seconds(self) -> float:
+        return self.now
 
     def callFromThread(self, f: Callable, *a: Any, **kw: Any) -> None:
         self.pending.append((f, a, kw))
@@ -829,6 +834,35 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
         f = self.failureResultOf(self.drive(self.locator.locate("nope")), ConsoleError)
         self.assertIs(f.value.code, ErrorCode.INTERNAL_ERROR)
         self.assertNotIn("h1", f.value.message)
+
+    def test_unreachableBackoff(self) -> None:
+        """
+        When a hypervisor cannot be opened, it is not tried again until the
+        backoff has passed, and then it is.
+        """
+        self.lv.unreachable["qemu+ssh://h1/system"] = "connection refused"
+        self.successResultOf(self.drive(self.locator.locate("db2")))
+        self.successResultOf(self.drive(self.locator.locate("db2")))
+        self.assertEqual(len([c for c in self.calls("open") if c[1] == "qemu+ssh://h1/system"]), 1)
+        del self.lv.unreachable["qemu+ssh://h1/system"]
+        self.reactor.now += 2.5
+        result = self.successResultOf(self.drive(self.locator.locate("web1")))
+        self.assertEqual(result.hypervisor, "qemu+ssh://h1/system")
+
+    def test_poolLogsGoThroughReactor(self) -> None:
+        """
+        When the pool side logs (a reconnect), the event is emitted only
+        when the reactor runs the queued call.
+        """
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        d = self.locator.locate("web1")
+        self.pool.run()
+        self.assertFalse([e for e in events if e.get("log_namespace") == "vaporproxy.consoles"])
+        self.reactor.run()
+        self.drive(d)
+        self.assertTrue([e for e in events if "connected to hypervisor" in e.get("log_format", "")])
 
     def test_secureXMLRefused(self) -> None:
         """

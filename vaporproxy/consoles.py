@@ -90,8 +90,21 @@ def _parser() -> etree.XMLParser:
     )
 
 
-def _bad_xml(detail: str) -> ConsoleError:
-    log.error("unusable domain XML: {detail}", detail=detail)
+class DomainXMLError(Exception):
+    """
+    Domain XML that cannot be used; C{detail} is for the log only.
+    """
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _console_error(error: DomainXMLError, **context: Any) -> ConsoleError:
+    """
+    Log C{error}'s detail and answer the client-safe INTERNAL_ERROR.
+    """
+    log.error("unusable domain XML: {detail}", detail=error.detail, **context)
     return ConsoleError(ErrorCode.INTERNAL_ERROR, _BAD_XML_MESSAGE)
 
 
@@ -100,29 +113,29 @@ def _parse_domain(xml: bytes) -> Any:
     Parse domain XML into its root element, refusing anything that is not a
     plain C{<domain>} document.
 
-    @raise ConsoleError: INTERNAL_ERROR with a client-safe message.
+    @raise DomainXMLError: with a log-only detail.
     """
     if isinstance(xml, str):
         xml = xml.encode("utf-8")
     if not isinstance(xml, (bytes, bytearray)):
-        raise _bad_xml(f"expected bytes, got {type(xml).__name__}")
+        raise DomainXMLError(f"expected bytes, got {type(xml).__name__}")
     if len(xml) > MAX_DOMAIN_XML:
-        raise _bad_xml(f"{len(xml)} bytes is more than {MAX_DOMAIN_XML}")
+        raise DomainXMLError(f"{len(xml)} bytes is more than {MAX_DOMAIN_XML}")
     # Refuse DTDs outright: a domain document never has one, and a DTD is
     # the vehicle of entity expansion and external entity attacks.
     if b"<!DOCTYPE" in xml or b"<!ENTITY" in xml:
-        raise _bad_xml("document type declarations are not accepted")
+        raise DomainXMLError("document type declarations are not accepted")
     try:
         root = etree.fromstring(bytes(xml), _parser())
     except (etree.LxmlError, ValueError) as e:
-        raise _bad_xml(f"malformed: {e}")
+        raise DomainXMLError(f"malformed: {e}")
     if root is None:
-        raise _bad_xml("empty document")
+        raise DomainXMLError("empty document")
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
-        raise _bad_xml("document type declarations are not accepted")
+        raise DomainXMLError("document type declarations are not accepted")
     if root.tag != "domain":
-        raise _bad_xml(f"root element is {str(root.tag)[:40]!r}, not 'domain'")
+        raise DomainXMLError(f"root element is {str(root.tag)[:40]!r}, not 'domain'")
     return root
 
 
@@ -136,7 +149,6 @@ def _port(value: Optional[str]) -> Optional[int]:
     try:
         port = int(value.strip())
     except ValueError:
-        log.warn("ignoring non-numeric graphics port {value!r}", value=value[:20])
         return None
     if 0 < port < 65536:
         return port
@@ -180,7 +192,10 @@ def graphics_from_domain_xml(xml: bytes) -> Tuple[Graphics, ...]:
     @raise ConsoleError: INTERNAL_ERROR (client-safe message; the detail is
         logged) when the XML is malformed or carries a DTD.
     """
-    return _graphics(_parse_domain(xml))
+    try:
+        return _graphics(_parse_domain(xml))
+    except DomainXMLError as e:
+        raise _console_error(e) from None
 
 
 def _graphics(root: Any) -> Tuple[Graphics, ...]:
@@ -217,7 +232,10 @@ def domain_identity(xml: bytes) -> Tuple[Optional[str], Optional[str]]:
 
     @raise ConsoleError: INTERNAL_ERROR as L{graphics_from_domain_xml}.
     """
-    return _identity(_parse_domain(xml))
+    try:
+        return _identity(_parse_domain(xml))
+    except DomainXMLError as e:
+        raise _console_error(e) from None
 
 
 def _identity(root: Any) -> Tuple[Optional[str], Optional[str]]:
@@ -347,6 +365,9 @@ class _Slot:
     config: HypervisorConfig
     lock: threading.Lock
     conn: Any = None
+    #: After a failed open, no new attempt before this time (fail fast).
+    retry_at: float = 0.0
+    last_error: str = ""
 
 
 def _import_libvirt() -> Any:
@@ -365,6 +386,11 @@ class LibvirtConsoleLocator:
     and reopened once when a call fails with a connection-level error or
     the connection is no longer alive.
 
+    A hypervisor that cannot be opened is not tried again for
+    C{reopen_backoff} seconds: lookups fail fast instead of tying up pool
+    threads in connection timeouts.
+
+    @param reactor: provides C{callFromThread} and C{seconds}.
     @param libvirt_module: the C{libvirt} module, or a fake of it for tests.
     """
 
@@ -375,8 +401,10 @@ class LibvirtConsoleLocator:
         threadpool: ThreadPool,
         *,
         libvirt_module: Any = None,
+        reopen_backoff: float = 2.0,
     ):
         self._reactor = reactor
+        self._reopen_backoff = reopen_backoff
         self._pool = threadpool
         self._libvirt = libvirt_module if libvirt_module is not None else _import_libvirt()
         # libvirt prints every error to stderr unless a handler is set.
@@ -390,6 +418,13 @@ class LibvirtConsoleLocator:
             self._order.append(hv.uri)
 
     # -- reactor side ------------------------------------------------------
+
+    def _log_from_pool(self, level: str, format: str, **kw: Any) -> None:
+        """
+        Log from a pool thread: the event is emitted on the reactor thread,
+        as observers are not thread-safe.
+        """
+        self._reactor.callFromThread(getattr(log, level), format, **kw)
 
     def _in_pool(self, f: Callable[..., _T], *args: Any) -> "Deferred[_T]":
         return deferToThreadPool(self._reactor, self._pool, f, *args)
@@ -407,8 +442,8 @@ class LibvirtConsoleLocator:
         for uri in self._order:
             try:
                 vm = await self._in_pool(self._locate_on, uri, vm_ref)
-            except ConsoleError:
-                raise
+            except DomainXMLError as e:
+                raise _console_error(e, uri=uri, vm_ref=vm_ref) from None
             except _HypervisorFailed as e:
                 log.error(
                     "hypervisor {uri} failed looking up {vm_ref!r}: {detail}",
@@ -487,17 +522,27 @@ class LibvirtConsoleLocator:
                     alive = False
                 if alive:
                     return conn
-                log.info("connection to {uri} is no longer alive; reopening", uri=uri)
+                self._log_from_pool("info", "connection to {uri} is no longer alive; reopening", uri=uri)
                 self._close_quietly(conn)
                 slot.conn = None
+            now = self._reactor.seconds()
+            if now < slot.retry_at:
+                raise _HypervisorFailed(
+                    f"not retrying for {slot.retry_at - now:.1f}s after: {slot.last_error}",
+                    "unreachable",
+                )
+            error = "cannot open: no connection"
             try:
                 conn = self._libvirt.open(uri)
             except self._libvirt.libvirtError as e:
-                raise _HypervisorFailed(f"cannot open: {e}", "unreachable") from None
+                conn, error = None, f"cannot open: {e}"
             if conn is None:
-                raise _HypervisorFailed("cannot open: no connection", "unreachable")
+                slot.last_error = error
+                slot.retry_at = self._reactor.seconds() + self._reopen_backoff
+                raise _HypervisorFailed(slot.last_error, "unreachable")
+            slot.retry_at, slot.last_error = 0.0, ""
             slot.conn = conn
-            log.info("connected to hypervisor {uri}", uri=uri)
+            self._log_from_pool("info", "connected to hypervisor {uri}", uri=uri)
             return conn
 
     def _close_quietly(self, conn: Any) -> None:
@@ -528,7 +573,9 @@ class LibvirtConsoleLocator:
         except self._libvirt.libvirtError as e:
             if not self._is_connection_error(e):
                 raise
-            log.warn("connection to {uri} broke ({error}); reconnecting", uri=uri, error=str(e))
+            self._log_from_pool(
+                "warn", "connection to {uri} broke ({error}); reconnecting", uri=uri, error=str(e)
+            )
             self._drop(uri, conn)
         conn = self._connection(uri)
         try:
@@ -557,7 +604,8 @@ class LibvirtConsoleLocator:
                 raise
             # A read-only or restricted connection refuses the secure XML:
             # go on without passwords, but say so.
-            log.warn(
+            self._log_from_pool(
+                "warn",
                 "{uri} refused the secure domain XML ({error}); console passwords unknown",
                 uri=uri,
                 error=str(e),
