@@ -447,8 +447,8 @@ class ProxyProcess:
     def argv(self) -> List[str]:
         return [
             sys.executable,
-            "-m",
-            "twisted",
+            "-c",
+            "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
             "-n",
             "--pidfile=",
             "vaporproxy",
@@ -491,9 +491,7 @@ class ProxyProcess:
         last: object = None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
-                    f"twistd exited with {self.process.returncode}" + (f"; see {self.log_path}" if self.log_path else "")
-                )
+                raise RuntimeError(f"twistd exited with {self.process.returncode}" + self.log_tail())
             try:
                 with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as r:
                     if r.status == 200:
@@ -505,7 +503,23 @@ class ProxyProcess:
             except OSError as e:
                 last = e
             time.sleep(0.1)
-        raise RuntimeError(f"proxy not ready after {timeout}s: {last}")
+        raise RuntimeError(f"proxy not ready after {timeout}s: {last}" + self.log_tail())
+
+    def log_tail(self, size: int = 3000) -> str:
+        """
+        The end of the proxy's log file, for error messages ("" if none).
+        """
+        if self.log_path is None:
+            return ""
+        if self._log is not None:
+            self._log.flush()
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return "; log tail:\n" + f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def reload(self) -> None:
         """
@@ -583,7 +597,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
         os.chmod(config_path, 0o600)
         proxy = ProxyProcess(config_path, args.port)
-        print(f"starting: {' '.join(proxy.argv()[2:])}", flush=True)
+        print(f"starting: twistd {' '.join(proxy.argv()[3:])}", flush=True)
         proxy.start(foreground=True)
         base = proxy.base_url
         print(
