@@ -504,12 +504,14 @@ class RoutingTests(APITestCase):
         response, body = self.json_request("GET", "/nothing/here", USER_KEY)
         self.assertEqual(response.code, 404)
         self.assertEqual(body["type"], "error")
+        self.assertEqual(body["code"], "NOT_FOUND")
 
     def test_wrong_method(self) -> None:
         """When the method is not allowed on a route, the answer is a JSON 405 with Allow."""
         response, body = self.json_request("POST", f"{VMS}/web-1/console", USER_KEY)
         self.assertEqual(response.code, 405)
         self.assertEqual(body["type"], "error")
+        self.assertEqual(body["code"], "METHOD_NOT_ALLOWED")
         self.assertIn("GET", response.headers.getRawHeaders("allow")[0])
 
     def test_websocket_route(self) -> None:

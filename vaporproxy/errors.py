@@ -43,6 +43,9 @@ class ErrorCode(enum.Enum):
     # and by issue #4 (token store unreachable: 503, fail closed).
     BAD_REQUEST = (400, 4012, "Bad request")
     SERVICE_UNAVAILABLE = (503, 4013, "Service temporarily unavailable")
+    # HTTP only: an unknown route, or a known route with the wrong method.
+    NOT_FOUND = (404, 4014, "Not found")
+    METHOD_NOT_ALLOWED = (405, 4015, "Method not allowed")
 
     @property
     def code(self) -> str:

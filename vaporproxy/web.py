@@ -133,7 +133,7 @@ class _JSONError(Resource):
         return self
 
 
-_NOT_FOUND = _JSONError(ErrorCode.VM_NOT_FOUND, 404, "Not found")
+_NOT_FOUND = _JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
 
 
 class _StaticFiles(File):
@@ -516,7 +516,7 @@ class ConsoleAPI:
             with open(_STATIC_PAGE, "rb") as f:
                 page = f.read()
         except OSError:
-            raise ConsoleError(ErrorCode.VM_NOT_FOUND, "Console page not installed", http_status=404)
+            raise ConsoleError(ErrorCode.NOT_FOUND, "Console page not installed")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"content-security-policy", CONSOLE_PAGE_CSP.encode("ascii"))
         request.setHeader(b"x-content-type-options", b"nosniff")
@@ -527,7 +527,7 @@ class ConsoleAPI:
     def _static(self, name: str) -> IResource:
         directory = self._static_dirs.get(name)
         if not directory or not os.path.isdir(directory):
-            return _JSONError(ErrorCode.VM_NOT_FOUND, 404, "Not found")
+            return _JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
         return _StaticFiles(directory)
 
     @app.route("/static/app/", branch=True, methods=["GET", "HEAD"])
@@ -536,7 +536,7 @@ class ConsoleAPI:
         The console page's own script and style (the package's C{static}).
         """
         if not os.path.isdir(_STATIC_DIR):
-            return _JSONError(ErrorCode.VM_NOT_FOUND, 404, "Not found")
+            return _JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
         return _StaticFiles(_STATIC_DIR)
 
     @app.route("/static/novnc/", branch=True, methods=["GET", "HEAD"])
@@ -563,14 +563,14 @@ class ConsoleAPI:
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return self._json(request, error_body(ErrorCode.VM_NOT_FOUND, "Not found"), 404)
+        return self._json(request, error_body(ErrorCode.NOT_FOUND, "Not found"), 404)
 
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         allowed = failure.value.valid_methods or ()
         if allowed:
             request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
-        return self._json(request, error_body(ErrorCode.BAD_REQUEST, "Method not allowed"), 405)
+        return self._json(request, error_body(ErrorCode.METHOD_NOT_ALLOWED, "Method not allowed"), 405)
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> Any:
