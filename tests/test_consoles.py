@@ -469,6 +469,26 @@ class DialHostTests(SynchronousTestCase):
         g = Graphics("vnc", 0, 5901, listen="::")
         self.assertEqual(dial_host(vm(g, hypervisor="qemu+ssh://root@kvm7.example:2222/system"), g), "kvm7.example")
 
+    def test_loopbackOfRemoteHypervisor(self) -> None:
+        """
+        When a console listens on loopback of a remote hypervisor,
+        NO_CONSOLE_AVAILABLE rather than dialling this machine.
+        """
+        for listen in ("127.0.0.1", "::1", "localhost"):
+            g = Graphics("vnc", 0, 5901, listen=listen)
+            error = self.assertRaises(ConsoleError, dial_host, vm(g, hypervisor="qemu+ssh://kvm7/system"), g)
+            self.assertIs(error.code, ErrorCode.NO_CONSOLE_AVAILABLE)
+            self.assertNotIn("kvm7", error.message)
+
+    def test_loopbackOfLoopbackURI(self) -> None:
+        """
+        When a remote-style URI names this machine, a loopback listen
+        address is dialled.
+        """
+        g = Graphics("vnc", 0, 5901, listen="127.0.0.1")
+        self.assertEqual(dial_host(vm(g, hypervisor="qemu+tcp://localhost/system"), g), "127.0.0.1")
+        self.assertEqual(dial_host(vm(g, hypervisor="test:///tmp/node.xml"), g), "127.0.0.1")
+
     def test_hypervisorHost(self) -> None:
         """
         When URIs are local, remote, IPv6 or test-driver files, their host

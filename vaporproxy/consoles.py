@@ -324,6 +324,16 @@ def hypervisor_host(uri: str) -> Optional[str]:
     return host or None
 
 
+def _is_loopback(host: str) -> bool:
+    host = host.strip().strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def dial_host(vm: VMConsoles, g: Graphics) -> str:
     """
     The address to dial for console C{g} of C{vm}.
@@ -331,10 +341,27 @@ def dial_host(vm: VMConsoles, g: Graphics) -> str:
     The listen address, unless it is a wildcard (C{0.0.0.0}, C{::}, empty):
     then the hypervisor's configured C{console_host}, else C{127.0.0.1} for
     a local hypervisor URI, else the URI's host.
+
+    @raise ConsoleError: NO_CONSOLE_AVAILABLE when the console listens on
+        the loopback interface of a remote hypervisor: dialling that address
+        here would reach this machine, not the VM.
     """
     if not _is_wildcard(g.listen):
         assert g.listen is not None
-        return g.listen.strip()
+        listen = g.listen.strip()
+        remote = hypervisor_host(vm.hypervisor)
+        if _is_loopback(listen) and remote is not None and not _is_loopback(remote):
+            log.warn(
+                "console of {vm_uuid} listens on {listen} of remote hypervisor {uri}; not dialling",
+                vm_uuid=vm.uuid,
+                listen=listen,
+                uri=vm.hypervisor,
+            )
+            raise ConsoleError(
+                ErrorCode.NO_CONSOLE_AVAILABLE,
+                "The console listens only on the virtualization host's loopback interface",
+            )
+        return listen
     if vm.console_host:
         return vm.console_host
     return hypervisor_host(vm.hypervisor) or "127.0.0.1"
