@@ -694,6 +694,13 @@ class HealthTests(APITestCase):
         self.assertEqual(body["checks"]["hypervisors"], {"fake:///": "unreachable"})
         self.assertIs(body["ready"], False)
 
+    def test_hypervisor_host_hidden(self) -> None:
+        """When a hypervisor URI names a remote host, readiness hides the host and the query."""
+        self.h.locator.uri = "qemu+ssh://root@kvm-7.internal/system?keyfile=/etc/k"
+        response, body = self.json_request("GET", "/readyz")
+        self.assertEqual(body["checks"]["hypervisors"], {"qemu+ssh://\N{HORIZONTAL ELLIPSIS}/system": "ok"})
+        self.assertNotIn("kvm-7", json.dumps(body))
+
     def test_store_down(self) -> None:
         """When the token store fails its check, readiness is 503 with a short safe reason."""
         self.patch(self.h.store, "check", lambda: fail(ConnectionRefusedError("redis at 10.1.2.3:6379")))

@@ -31,7 +31,7 @@ import re
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Mapping, Optional, Sequence
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -493,7 +493,12 @@ class ConsoleAPI:
         locator_error, hypervisors = await self._check(self._locator.check)
         if locator_error is not None:
             hypervisors = {h.uri: locator_error for h in self._config.hypervisors} or {"*": locator_error}
-        hv_detail = {str(uri): str(state)[:_CHECK_DETAIL_MAX] for uri, state in dict(hypervisors).items()}
+        hv_detail: Dict[str, str] = {}
+        for uri, state in dict(hypervisors).items():
+            label = _public_uri(str(uri))
+            if label in hv_detail:
+                label = f"{label} #{len(hv_detail) + 1}"
+            hv_detail[label] = str(state)[:_CHECK_DETAIL_MAX]
         ready = store_error is None and all(state == "ok" for state in hv_detail.values())
         return self._json(
             request,
@@ -581,3 +586,14 @@ class ConsoleAPI:
         self.log.failure("unexpected error answering {method} {path}", failure,
                          method=request.method, path=request.path)
         return self._error(request, ConsoleError(ErrorCode.INTERNAL_ERROR))
+
+
+def _public_uri(uri: str) -> str:
+    """
+    A hypervisor URI as /readyz (open to anyone) may show it: the host part
+    and the query (socket paths, key files) are hidden, so no internal host
+    name reaches a client.
+    """
+    parts = urlsplit(uri)
+    netloc = "\N{HORIZONTAL ELLIPSIS}" if parts.netloc else ""
+    return f"{parts.scheme}://{netloc}{parts.path}"
