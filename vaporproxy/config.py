@@ -318,6 +318,8 @@ def parse_endpoint(key: str, value: Any) -> str:
         ) from None
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "multiple values" in detail:
+            detail += r"; write a colon inside a value as \:"
         raise _bad(key, value, "a valid endpoint", f"{expected}; {detail}") from None
     return value
 

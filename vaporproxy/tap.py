@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
@@ -34,6 +34,8 @@ RESTART_ONLY = (
     ("server.listen", lambda c: c.server.listen),
     ("server.workers", lambda c: c.server.workers),
     ("tokens", lambda c: c.tokens),
+    ("console.token_ttl", lambda c: c.console.token_ttl),
+    ("console.cleanup_interval", lambda c: c.console.cleanup_interval),
     ("hypervisors", lambda c: c.hypervisors),
     ("logging.format", lambda c: c.logging.format),
 )
@@ -98,6 +100,8 @@ class VaporService(MultiService):
     def __init__(self, log_setup: LogSetup):
         super().__init__()
         self.log_setup = log_setup
+        #: The wired pieces by name (for tests and debugging).
+        self.pieces: Dict[str, Any] = {}
 
     def setServiceParent(self, parent: Any) -> None:
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
@@ -203,6 +207,7 @@ class ReloadService(Service):
             return False
         self.config = new
         log.info("SIGHUP: reloaded {path}", path=self.path)
+        log_limits(new)
         return True
 
 
@@ -263,7 +268,7 @@ def purge_tokens(token_store: Any) -> Deferred:
 
     d = maybeDeferred(token_store.purge)
     d.addCallback(purged)
-    d.addErrback(lambda f: log.failure("token purge failed; will retry", f))
+    d.addErrback(lambda f: log.failure("token purge failed; will retry", f, level=LogLevel.error))
     return d
 
 
@@ -294,6 +299,15 @@ def log_startup(config: Config) -> None:
         log.warn("autobahn NVX is off: WebSocket masking and UTF-8 checks run in pure Python (slower)")
     log.info("tokens: {backend}; listening on {listen}", backend=config.tokens.backend,
              listen=", ".join(config.server.listen))  # fmt: skip
+    log_limits(config)
+
+
+def log_limits(config: Config) -> None:
+    console = config.console
+    log.debug("config: {per_vm} consoles per VM, {total} in total, token_ttl {ttl}s, "
+              "allowed hosts {hosts}, hypervisors {uris}", per_vm=console.max_connections_per_vm,
+              total=console.max_total_connections, ttl=console.token_ttl,
+              hosts=", ".join(console.allowed_hosts), uris=", ".join(h.uri for h in config.hypervisors))  # fmt: skip
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -344,6 +358,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                      log_setup=log_setup, environ=environ)  # fmt: skip
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
+    root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site)
     # Added last, so stopped first: live consoles get 1001 before the rest stops.
     ShutdownService(registry.close_all).setServiceParent(root)
     return root
