@@ -9,11 +9,14 @@
 // meet the connection limit an earlier one holds).
 //
 //   {"kind": "page", "url": U, "until": "connected" | "closed",
-//    "paint": bool, "min_channels": n, "timeout_ms": n}
+//    "paint": bool, "min_channels": n, "timeout_ms": n, "screenshot": path}
 //       Loads the bundled console page and waits until window.vapor says
 //       connected (with a non-blank canvas when "paint", with at least
 //       min_channels open WebSockets), or until a console WebSocket closed.
 //       Reports window.vapor, the canvas statistics and page errors.
+//       Then, with "then_connects": n, waits until the page has connected n
+//       times in all (reconnects); with "then_closed": true, until a console
+//       WebSocket closes (then "settle_ms" more).
 //
 //   {"kind": "ws", "origin": U, "ws_url": W, "protocols": [...],
 //    "close_after_data": bool, "timeout_ms": n}
@@ -98,7 +101,35 @@ async function pageStep(browser, step, deadline) {
     }
     await sleep(100);
   }
+  if (reached && step.then_connects) {
+    // Keep watching: the page must reconnect (a fresh token each time)
+    // until it has been connected `then_connects` times in all.
+    reached = false;
+    while (Date.now() - started < timeout) {
+      vapor = await page.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
+      if (vapor.connects >= step.then_connects && vapor.state === "connected") {
+        reached = true;
+        break;
+      }
+      if (vapor.state === "failed") break;
+      await sleep(100);
+    }
+  } else if (reached && step.then_closed) {
+    // Keep watching until a console WebSocket closes.
+    reached = false;
+    while (Date.now() - started < timeout) {
+      vapor = await page.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
+      if (vapor.closeCode !== null) {
+        await sleep(step.settle_ms || 0);
+        vapor = await page.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
+        reached = true;
+        break;
+      }
+      await sleep(100);
+    }
+  }
   canvas = await page.evaluate(canvasStatsInPage);
+  if (step.screenshot) await page.screenshot({ path: step.screenshot });
   return {
     kind: "page",
     url: step.url.replace(/#.*$/, "#…"),

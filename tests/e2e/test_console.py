@@ -39,6 +39,28 @@ async def mint(base_url: str, key: str, vm: str, console_type: str = "vnc") -> D
     return {"status": response.code, "body": body}
 
 
+async def http(method: str, url: str, key: str) -> Dict[str, Any]:
+    """
+    One authenticated API call on a fresh connection: status and JSON body.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = HTTPClient(Agent(reactor, pool=pool))
+    response = await client.request(method, url, headers={"Authorization": f"Bearer {key}"})
+    return {"status": response.code, "body": json.loads(await treq.content(response))}
+
+
+async def wait_for_consoles(base_url: str, key: str, count: int, timeout: float = 20.0) -> None:
+    """
+    Wait until the proxy's stats show at least C{count} live consoles.
+    """
+    for _ in range(int(timeout / 0.2)):
+        stats = await http("GET", f"{base_url}/api/v1/console/stats", key)
+        if stats["status"] == 200 and stats["body"].get("total_connections", 0) >= count:
+            return
+        await deferLater(reactor, 0.2, lambda: None)
+    raise AssertionError(f"the proxy never had {count} live consoles: {stats}")
+
+
 def ws_url(base_url: str, info: Dict[str, Any]) -> str:
     return base_url.replace("http://", "ws://") + info["ws_path"] + "?token=" + info["token"]
 
@@ -302,5 +324,89 @@ class WebSocketErrorTests(E2ETestCase):
                 }
             )
             self.assert_closed_with(r, 4008, "UNAUTHORIZED", self.explain("hosts", r))
+
+        return Deferred.fromCoroutine(go())
+
+
+class ConsoleLifecycleTests(E2ETestCase):
+    """
+    What the page does when a live console ends: reconnect with a fresh
+    token, or stop for good.
+    """
+
+    def test_reconnects_with_fresh_token_after_restart(self) -> Deferred:
+        """
+        When the proxy restarts under a connected page (close 1001), the
+        page reconnects on its own with a newly fetched token.
+        """
+        proxy = self.env.proxy("restart")
+
+        async def go() -> None:
+            driver = Deferred.fromCoroutine(
+                run_driver(
+                    {
+                        "timeout_ms": 45000,
+                        "steps": [
+                            {
+                                "kind": "page",
+                                "url": self.page_url(proxy.base_url, VM_NAME, "?type=vnc"),
+                                "until": "connected",
+                                "then_connects": 2,
+                                "timeout_ms": 40000,
+                            }
+                        ],
+                    }
+                )
+            )
+            await wait_for_consoles(proxy.base_url, self.env.key, 1)
+            proxy.stop()
+            proxy.start()
+            [r] = await driver
+            why = self.explain("restart", r)
+            self.assertTrue(r.get("reached"), why)
+            self.assertEqual(r["vapor"]["state"], "connected", why)
+            self.assertEqual(r["vapor"]["connects"], 2, why)
+            self.assertGreaterEqual(r["vapor"]["tokenFetches"], 2, why)
+            self.assertEqual(r["vapor"]["history"][0]["code"], 1001, why)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_terminated_session_is_final(self) -> Deferred:
+        """
+        When an admin terminates the VM's consoles, the page shows 4010
+        SESSION_TERMINATED and does not reconnect.
+        """
+        proxy = self.env.proxy("main")
+
+        async def go() -> None:
+            driver = Deferred.fromCoroutine(
+                run_driver(
+                    {
+                        "timeout_ms": 40000,
+                        "steps": [
+                            {
+                                "kind": "page",
+                                "url": self.page_url(proxy.base_url, VM_NAME, "?type=vnc"),
+                                "until": "connected",
+                                "then_closed": True,
+                                "settle_ms": 1500,
+                                "timeout_ms": 30000,
+                            }
+                        ],
+                    }
+                )
+            )
+            await wait_for_consoles(proxy.base_url, self.env.key, 1)
+            answer = await http(
+                "DELETE", f"{proxy.base_url}{API_PREFIX}{VM_NAME}/console/sessions", self.env.key
+            )
+            [r] = await driver
+            why = self.explain("main", [answer, r])
+            self.assertEqual(answer["status"], 200, why)
+            self.assertTrue(r.get("reached"), why)
+            self.assertEqual(r["vapor"]["closeCode"], 4010, why)
+            self.assertEqual(r["vapor"]["lastError"], "SESSION_TERMINATED", why)
+            self.assertEqual(r["vapor"]["state"], "failed", why)
+            self.assertEqual(r["vapor"]["tokenFetches"], 1, why)
 
         return Deferred.fromCoroutine(go())
