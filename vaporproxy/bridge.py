@@ -1,0 +1,1056 @@
+"""
+The console bridge: one browser WebSocket relayed to one VM's VNC or SPICE
+TCP port.
+
+L{ConsoleBridgeFactory} is an Autobahn L{WebSocketServerFactory} (mounted
+through L{autobahn.twisted.resource.WebSocketResource} by the HTTP API).
+Each WebSocket is a L{ConsoleWebSocketProtocol}; its VM side is a
+L{BackendProtocol} dialled with the injected reactor.
+
+Lifecycle of one console (DESIGN.md rule 4)::
+
+    open -> token redeemed -> VM located -> host checked -> admitted
+         -> backend connecting -> guard handshake -> relaying -> closed
+
+Every way out goes through one method, L{ConsoleWebSocketProtocol._end}:
+it records exactly one L{Outcome}, releases the lease exactly once, stops
+both timers, tears down the backend and closes the WebSocket (errors go out
+as the JSON text message then a 4000+n close frame, SPEC.md).
+
+Flow control (DESIGN.md rule 3): once relaying, the two transports are
+registered as streaming producers of each other, with C{buffer_size} as the
+high-water mark, so a browser that stops reading pauses reads from the VM.
+
+SPICE (DESIGN.md rule 7): the WebSocket that consumes the token is the main
+channel and owns the console (and its lease); later WebSockets presenting
+the same token join that console without a lease once the SPICE guard has
+checked their session id.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from urllib.parse import unquote, urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vaporproxy.config import Config
+from vaporproxy.consoles import dial_host, select_console
+from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
+from vaporproxy.interfaces import Outcome, Redemption
+from vaporproxy.tokens import token_log_id
+
+__all__ = [
+    "BackendProtocol",
+    "ConsoleBridgeFactory",
+    "ConsoleRecord",
+    "ConsoleRegistry",
+    "ConsoleWebSocketProtocol",
+    "client_ip_from",
+]
+
+log = Logger()
+
+#: The WebSocket path of a console: C{.../virtualmachines/{id}/console/ws}.
+_PATH_PREFIX = "/api/v1/virtualization/virtualmachines/"
+_PATH_SUFFIX = "/console/ws"
+
+#: Autobahn keep-alive and closing-handshake settings (seconds).
+AUTO_PING_INTERVAL = 30.0
+AUTO_PING_TIMEOUT = 30.0
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+
+_HEADER_SHORT = struct.Struct("!BB").pack
+_HEADER_MEDIUM = struct.Struct("!BBH").pack
+_HEADER_LONG = struct.Struct("!BBQ").pack
+
+
+# ---------------------------------------------------------------------------
+# Small pure helpers
+# ---------------------------------------------------------------------------
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ip(text: str) -> Optional[ipaddress._BaseAddress]:
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _networks(entries: Iterable[str]) -> List[ipaddress._BaseNetwork]:
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            log.warn("ignoring trusted proxy entry {entry!r}: not an address or CIDR", entry=entry)
+    return networks
+
+
+def _trusted(address: Optional[ipaddress._BaseAddress], networks: Sequence[Any]) -> bool:
+    if address is None:
+        return False
+    return any(address.version == n.version and address in n for n in networks)
+
+
+def client_ip_from(peer_host: str, x_forwarded_for: Optional[str], trusted_proxies: Iterable[str]) -> str:
+    """
+    The client's address.
+
+    X-Forwarded-For is believed only when the peer is a trusted proxy; then
+    the answer is the rightmost address in it that is not itself a trusted
+    proxy (the leftmost when all are trusted).  An unparsable entry stops
+    the walk at the last trusted hop.
+
+    @param peer_host: the address of the TCP peer.
+    @param x_forwarded_for: the header's value, or C{None}.
+    @param trusted_proxies: addresses or CIDRs whose headers are believed.
+    """
+    networks = _networks(trusted_proxies)
+    peer = _parse_ip(peer_host)
+    if not x_forwarded_for or not _trusted(peer, networks):
+        return str(peer) if peer is not None else peer_host
+    answer = str(peer)
+    for entry in reversed(x_forwarded_for.split(",")):
+        address = _parse_ip(entry)
+        if address is None:
+            return answer
+        answer = str(address)
+        if not _trusted(address, networks):
+            return answer
+    return answer
+
+
+def _default_port(scheme: str) -> Optional[int]:
+    return {"http": 80, "ws": 80, "https": 443, "wss": 443}.get(scheme)
+
+
+def _normal_origin(origin: str) -> Optional[str]:
+    """
+    C{scheme://host[:port]} in lower case, default ports removed, or
+    C{None} when C{origin} is not a URL origin.
+    """
+    try:
+        parts = urlsplit(origin.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != _default_port(parts.scheme):
+        return f"{parts.scheme}://{host}:{port}"
+    return f"{parts.scheme}://{host}"
+
+
+def _host_netloc(scheme: str, host_header: str) -> Optional[str]:
+    """
+    The Host header as C{host[:port]}, lower case, default port removed.
+    """
+    try:
+        parts = urlsplit(f"{scheme}://{host_header.strip().lower()}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != _default_port(scheme):
+        return f"{host}:{port}"
+    return host
+
+
+def origin_allowed(origin: Optional[str], host_header: Optional[str], allowed: Sequence[str]) -> bool:
+    """
+    Whether a WebSocket with this Origin header may open.
+
+    No Origin header (a non-browser client): allowed.  An allow-list: the
+    origin must be on it (C{"*"} allows every origin).  An empty list: the
+    origin must name the same host and port as the request's Host header.
+    """
+    if origin is None:
+        return True
+    if allowed:
+        if "*" in allowed:
+            return True
+        normal = _normal_origin(origin)
+        return normal is not None and normal in {_normal_origin(a) for a in allowed}
+    normal = _normal_origin(origin)
+    if normal is None or not host_header:
+        return False
+    scheme, _, netloc = normal.partition("://")
+    return netloc == _host_netloc(scheme, host_header)
+
+
+def vm_ref_from_path(path: str) -> Optional[str]:
+    """
+    The C{{id}} of C{/api/v1/virtualization/virtualmachines/{id}/console/ws}.
+    """
+    if not (path.startswith(_PATH_PREFIX) and path.endswith(_PATH_SUFFIX)):
+        return None
+    ref = unquote(path[len(_PATH_PREFIX) : -len(_PATH_SUFFIX)])
+    if not ref or "/" in ref:
+        return None
+    return ref
+
+
+def _high_water(transport: Any, size: int) -> None:
+    """
+    Set the write-buffer high-water mark of the file descriptor under
+    C{transport} (through TLS and other protocol wrappers).
+    """
+    seen = 0
+    while transport is not None and seen < 8:
+        if isinstance(transport, FileDescriptor):
+            transport.bufferSize = size
+            return
+        transport = getattr(transport, "transport", None)
+        seen += 1
+
+
+def _write_buffered(transport: Any) -> int:
+    """
+    Bytes waiting in the write buffer of the file descriptor under
+    C{transport} (0 when unknown); for tests and diagnostics.
+    """
+    seen = 0
+    while transport is not None and seen < 8:
+        if isinstance(transport, FileDescriptor):
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return 0
+
+
+class _ReactorTimer:
+    """
+    Autobahn's batched timer interface over an injected reactor, so that
+    Autobahn's own timeouts (opening and closing handshakes, auto-ping) run
+    on the reactor we were given instead of txaio's global one.
+    """
+
+    def __init__(self, reactor: IReactorTime):
+        self._reactor = reactor
+
+    def call_later(self, delay: float, fun: Callable, *args: Any, **kwargs: Any) -> "_Call":
+        return _Call(self._reactor.callLater(delay, fun, *args, **kwargs))
+
+
+class _Call:
+    """
+    A delayed call whose C{cancel} may be called after it ran.
+    """
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: IDelayedCall):
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+def _cancel(call: Optional[IDelayedCall]) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+# ---------------------------------------------------------------------------
+# The registry of live consoles
+# ---------------------------------------------------------------------------
+
+
+class ConsoleRecord:
+    """
+    One live console of this process: its owner WebSocket (the VNC
+    WebSocket or the SPICE main channel) and any SPICE channels that joined
+    it.  Byte counters live on the channels (hot path); the record sums
+    them.
+    """
+
+    def __init__(
+        self,
+        console_id: str,
+        vm_id: str,
+        console_type: str,
+        user: str,
+        started_at: float,
+        owner: "ConsoleWebSocketProtocol",
+    ):
+        self.console_id = console_id
+        self.vm_id = vm_id
+        self.type = console_type
+        self.user = user
+        self.started_at = started_at
+        self.owner = owner
+        self.channels: List[ConsoleWebSocketProtocol] = [owner]
+        self.spice_session_id: Optional[int] = None
+        self._ended_sent = 0
+        self._ended_received = 0
+        self._ended_last = started_at
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._ended_sent + sum(c._bytes_sent for c in self.channels)
+
+    @property
+    def bytes_received(self) -> int:
+        return self._ended_received + sum(c._bytes_received for c in self.channels)
+
+    @property
+    def last_activity(self) -> float:
+        return max([self._ended_last] + [c._last_activity for c in self.channels])
+
+    def join(self, channel: "ConsoleWebSocketProtocol") -> None:
+        self.channels.append(channel)
+
+    def leave(self, channel: "ConsoleWebSocketProtocol") -> None:
+        """
+        C{channel} ended: keep its bytes in the totals.
+        """
+        if channel in self.channels:
+            self.channels.remove(channel)
+            self._ended_sent += channel._bytes_sent
+            self._ended_received += channel._bytes_received
+            self._ended_last = max(self._ended_last, channel._last_activity)
+
+    def as_dict(self, now: float) -> Dict[str, Any]:
+        return {
+            "console_id": self.console_id,
+            "vm_id": self.vm_id,
+            "type": self.type,
+            "user": self.user,
+            "channels": len(self.channels),
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "started_at": _iso(self.started_at),
+            "duration_s": round(max(0.0, now - self.started_at), 3),
+            "last_activity": _iso(self.last_activity),
+        }
+
+
+class ConsoleRegistry:
+    """
+    The live consoles of this process (stats, DELETE, shutdown).
+    """
+
+    def __init__(self, clock: IReactorTime):
+        self._clock = clock
+        self._records: Dict[str, ConsoleRecord] = {}
+
+    def add(self, record: ConsoleRecord) -> None:
+        self._records[record.console_id] = record
+
+    def remove(self, record: ConsoleRecord) -> None:
+        self._records.pop(record.console_id, None)
+
+    def consoles(self) -> List[ConsoleRecord]:
+        return list(self._records.values())
+
+    def count_by_vm(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for record in self._records.values():
+            counts[record.vm_id] = counts.get(record.vm_id, 0) + 1
+        return counts
+
+    def find_spice(self, vm_id: str, session_id: int) -> Optional[ConsoleRecord]:
+        for record in self._records.values():
+            if record.vm_id == vm_id and record.spice_session_id == session_id:
+                return record
+        return None
+
+    def terminate_vm(self, vm_uuid: str) -> int:
+        """
+        Close every channel of every console of C{vm_uuid} with 4010
+        SESSION_TERMINATED; answer how many consoles.
+        """
+        records = [r for r in self._records.values() if r.vm_id == vm_uuid]
+        for record in records:
+            record.owner._end(ConsoleError(ErrorCode.SESSION_TERMINATED), "terminated")
+        return len(records)
+
+    def close_all(self) -> int:
+        """
+        Close every console with 1001 (the proxy is shutting down).
+        """
+        records = list(self._records.values())
+        for record in records:
+            record.owner._end(None, "shutdown", CLOSE_GOING_AWAY)
+        return len(records)
+
+
+# ---------------------------------------------------------------------------
+# The VM side
+# ---------------------------------------------------------------------------
+
+
+class BackendProtocol(Protocol):
+    """
+    The TCP connection to the VM's VNC or SPICE server for one WebSocket.
+    """
+
+    def __init__(self, console: "ConsoleWebSocketProtocol"):
+        self.console = console
+
+    def connectionMade(self) -> None:
+        self.console._backend_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        console = self.console
+        if console._relaying:
+            # Hot path: no logging, no lookups beyond attributes.
+            console._bytes_sent += len(data)
+            console._last_activity = console._seconds()
+            console._send_binary(data)
+        else:
+            console._setup_server_data(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.console._backend_lost(self)
+
+
+class _BackendFactory(Factory):
+    def __init__(self, console: "ConsoleWebSocketProtocol"):
+        self.console = console
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        return BackendProtocol(self.console)
+
+
+# ---------------------------------------------------------------------------
+# The browser side
+# ---------------------------------------------------------------------------
+
+
+class ConsoleWebSocketProtocol(WebSocketServerProtocol):
+    """
+    One console WebSocket, and the sink of its protocol guard.
+    """
+
+    factory: "ConsoleBridgeFactory"
+
+    # Class defaults, so that every attribute exists before connectionMade.
+    _finished = False
+    _opened = False
+    _relaying = False
+    _in_on_connect = False
+    _reads_paused = False
+    _producers = False
+    _bytes_sent = 0
+    _bytes_received = 0
+    _last_activity = 0.0
+    _started_at = 0.0
+    _held_size = 0
+    _token: Optional[str] = None
+    _vm_ref: Optional[str] = None
+    _client_ip: Optional[str] = None
+    _redemption: Optional[Redemption] = None
+    _guard: Any = None
+    _record: Optional[ConsoleRecord] = None
+    _lease: Any = None
+    _backend: Optional[BackendProtocol] = None
+    _connecting: Optional[Deferred] = None
+    _connect_timer: Optional[IDelayedCall] = None
+    _idle_timer: Optional[IDelayedCall] = None
+    _spice_attached = False
+    _target: Any = None
+    _console_type: Optional[str] = None
+
+    # -- Twisted / Autobahn events ----------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self._reactor = factory.reactor
+        self._seconds = factory.reactor.seconds
+        self._settings = factory.config
+        self._console = factory.config.console
+        self.console_id = uuid.uuid4().hex
+        self._started_at = self._last_activity = self._seconds()
+        self._held: List[bytes] = []
+        self._to_server: List[bytes] = []
+        super().connectionMade()
+        if self._console.connection_timeout > 0:
+            self._connect_timer = self._reactor.callLater(
+                self._console.connection_timeout, self._connection_timed_out
+            )
+
+    def onConnect(self, request: Any) -> Optional[str]:
+        """
+        Check the origin, pick the subprotocol, remember VM, token and
+        client address.  Console errors are reported after the WebSocket
+        opens; only a foreign origin or a wrong path is refused here.
+        """
+        self._in_on_connect = True
+        try:
+            headers = request.headers
+            if not origin_allowed(
+                headers.get("origin"), headers.get("host"), self._settings.server.allowed_origins
+            ):
+                self._end(ConsoleError(ErrorCode.UNAUTHORIZED), "origin not allowed")
+                raise ConnectionDeny(403, "Origin not allowed")
+            self._vm_ref = vm_ref_from_path(request.path)
+            if self._vm_ref is None:
+                self._end(ConsoleError(ErrorCode.BAD_REQUEST), "not a console path")
+                raise ConnectionDeny(404, "Not found")
+            tokens = request.params.get("token") or [None]
+            self._token = tokens[0]
+            peer = self.transport.getPeer()
+            self._client_ip = client_ip_from(
+                getattr(peer, "host", "") or "",
+                headers.get("x-forwarded-for"),
+                self._settings.server.trusted_proxies,
+            )
+        finally:
+            self._in_on_connect = False
+        return "binary" if "binary" in request.protocols else None
+
+    def onOpen(self) -> None:
+        if self._finished:
+            return
+        self._opened = True
+        self._pause_reading()
+        d = Deferred.fromCoroutine(self._setup())
+        d.addErrback(self._setup_failed)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._relaying and isBinary:
+            # Hot path.
+            self._bytes_received += len(payload)
+            self._last_activity = self._seconds()
+            self._backend_write(payload)
+            return
+        self._setup_message(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if self._opened:
+            self._end(None, f"client closed (code {code})")
+        else:
+            self._end(None, "websocket handshake not completed")
+
+    # -- setup -------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        """
+        Redeem the token, find and check the console, then start the guard
+        (VNC: admit and dial at once; SPICE: wait for the guard's admit).
+        """
+        token = self._token
+        if not token:
+            raise ConsoleError(ErrorCode.INVALID_TOKEN)
+        factory = self.factory
+        redemption = await factory.token_store.redeem(token, self._vm_ref, self._client_ip)
+        if self._finished:
+            return
+        self._redemption = redemption
+        grant = redemption.grant
+        self._console_type = grant.console_type
+        vm = await factory.locator.locate(grant.vm_uuid)
+        if self._finished:
+            return
+        graphics = select_console(vm, grant.console_type, grant.display)
+        address = await factory.host_policy.resolve(dial_host(vm, graphics))
+        if self._finished:
+            return
+        self._target = (address, graphics.port)
+        if graphics.type == "vnc":
+            if not await self._admit_owner():
+                return
+            self._guard = factory.vnc_guard(self, graphics.password)
+            self._guard_call("start")
+            self._feed_held()
+            self._dial()
+        else:
+            expected = None if redemption.first else redemption.spice_session_id
+            self._guard = factory.spice_guard(self, graphics.password, expected)
+            self._guard_call("start")
+            self._feed_held()
+            if not self._finished and self._connecting is None and self._backend is None:
+                # The link message is needed before admission.
+                self._resume_reading()
+
+    async def _admit_owner(self) -> bool:
+        """
+        Take a lease and register this WebSocket as a console; C{False} when
+        the console ended meanwhile (the lease is then given back here).
+        """
+        grant = self._redemption.grant  # type: ignore[union-attr]
+        lease = await self.factory.limiter.acquire(grant.vm_uuid, self.console_id)
+        if self._finished:
+            lease.release()
+            return False
+        self._lease = lease
+        self._record = ConsoleRecord(
+            self.console_id, grant.vm_uuid, grant.console_type, grant.user, self._started_at, self
+        )
+        self.factory.registry.add(self._record)
+        return True
+
+    def _setup_failed(self, failure: Failure) -> None:
+        if failure.check(ConsoleError):
+            error = failure.value
+            self._end(error, f"setup failed: {error.code.name}")
+        elif failure.check(CancelledError):
+            self._end(ConsoleError(ErrorCode.CONNECTION_FAILED), "setup cancelled")
+        else:
+            log.failure("console {console_id} setup failed", failure, console_id=self.console_id)
+            self._end(ConsoleError(ErrorCode.INTERNAL_ERROR), "internal error during setup")
+
+    def _setup_message(self, payload: bytes, isBinary: bool) -> None:
+        if self._finished:
+            return
+        if not isBinary:
+            self._end(ConsoleError(ErrorCode.BAD_REQUEST, "Console streams are binary"), "text message")
+            return
+        self._bytes_received += len(payload)
+        self._last_activity = self._seconds()
+        if self._guard is None:
+            self._held.append(payload)
+            self._held_size += len(payload)
+            if self._held_size > self._console.buffer_size:
+                self._end(
+                    ConsoleError(ErrorCode.BAD_REQUEST, "Too much data before the console was ready"),
+                    "setup buffer overflow",
+                )
+            return
+        self._guard_call("client_data", payload)
+
+    def _feed_held(self) -> None:
+        held, self._held, self._held_size = self._held, [], 0
+        for chunk in held:
+            if self._finished:
+                return
+            self._guard_call("client_data", chunk)
+
+    def _guard_call(self, method: str, *args: Any) -> None:
+        if self._finished or self._guard is None:
+            return
+        try:
+            getattr(self._guard, method)(*args)
+        except ConsoleError as e:
+            self._end(e, f"guard refused: {e.code.name}")
+        except Exception:
+            log.failure("console {console_id}: guard error", console_id=self.console_id)
+            self._end(ConsoleError(ErrorCode.INTERNAL_ERROR), "guard error")
+
+    def _dial(self) -> None:
+        if self._finished:
+            return
+        address, port = self._target
+        remaining = self._console.connection_timeout - (self._seconds() - self._started_at)
+        endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        endpoint = endpoint_class(self._reactor, address, port, timeout=max(1, int(remaining + 0.999)))
+        self._pause_reading()
+        d = self._connecting = endpoint.connect(_BackendFactory(self))
+        d.addErrback(self._dial_failed)
+
+    def _dial_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(CancelledError) and self._finished:
+            return
+        self._end(
+            ConsoleError(ErrorCode.CONNECTION_FAILED),
+            f"backend connect failed: {failure.type.__name__}",
+        )
+
+    def _backend_connected(self, backend: BackendProtocol) -> None:
+        self._connecting = None
+        if self._finished:
+            backend.transport.abortConnection()
+            return
+        self._backend = backend
+        _high_water(backend.transport, self._console.buffer_size)
+        if self._to_server:
+            backend.transport.writeSequence(self._to_server)
+            self._to_server = []
+        self._resume_reading()
+        self._guard_call("server_connected")
+
+    def _setup_server_data(self, data: bytes) -> None:
+        self._guard_call("server_data", data)
+
+    def _backend_lost(self, backend: BackendProtocol) -> None:
+        if self._finished:
+            return
+        if self._relaying:
+            self._end(None, "backend closed", 1000)
+        else:
+            self._end(ConsoleError(ErrorCode.CONNECTION_FAILED), "backend closed during handshake")
+
+    # -- the guard's sink --------------------------------------------------
+
+    def send_to_client(self, data: bytes) -> None:
+        if self._finished or not data:
+            return
+        self._bytes_sent += len(data)
+        self._send_binary(data)
+
+    def send_to_server(self, data: bytes) -> None:
+        if self._finished or not data:
+            return
+        if self._backend is not None:
+            self._backend.transport.write(data)
+        else:
+            self._to_server.append(data)
+
+    def admit(self, is_main: bool) -> None:
+        """
+        SPICE: the link message was read; the main channel takes a lease,
+        a later channel joins its console; then dial.
+        """
+        if self._finished or self._redemption is None:
+            return
+        if is_main != self._redemption.first:
+            code = ErrorCode.TOKEN_ALREADY_USED if is_main else ErrorCode.INVALID_TOKEN
+            self._end(ConsoleError(code), "spice channel does not match the token's use")
+            return
+        self._pause_reading()
+        if is_main:
+            d = Deferred.fromCoroutine(self._admit_and_dial())
+            d.addErrback(self._setup_failed)
+        else:
+            self._join()
+            self._dial()
+
+    async def _admit_and_dial(self) -> None:
+        if await self._admit_owner():
+            self._dial()
+
+    def _join(self) -> None:
+        grant = self._redemption.grant  # type: ignore[union-attr]
+        session_id = self._redemption.spice_session_id  # type: ignore[union-attr]
+        record = None
+        if session_id is not None:
+            record = self.factory.registry.find_spice(grant.vm_uuid, session_id)
+        if record is not None:
+            record.join(self)
+            self._record = record
+        else:
+            # The main channel lives on another node: this channel stands
+            # for the console here (without a lease: limits count consoles).
+            self._record = ConsoleRecord(
+                self.console_id, grant.vm_uuid, grant.console_type, grant.user, self._started_at, self
+            )
+            self._record.spice_session_id = session_id
+            self.factory.registry.add(self._record)
+
+    def spice_session(self, session_id: int) -> None:
+        if self._finished or self._record is None or self._token is None:
+            return
+        self._record.spice_session_id = session_id
+        self._spice_attached = True
+        d = self.factory.token_store.attach_spice_session(self._token, session_id)
+        d.addErrback(self._log_store_error, "attach_spice_session")
+
+    def _log_store_error(self, failure: Failure, what: str) -> None:
+        log.failure(
+            "console {console_id}: token store {what} failed",
+            failure,
+            console_id=self.console_id,
+            what=what,
+        )
+
+    def established(self) -> None:
+        """
+        The guard's handshake is over: relay raw bytes with flow control.
+        """
+        if self._finished or self._backend is None:
+            return
+        self._guard = None
+        _cancel(self._connect_timer)
+        self._connect_timer = None
+        ws_transport = self.transport
+        backend_transport = self._backend.transport
+        size = self._console.buffer_size
+        _high_water(ws_transport, size)
+        _high_water(backend_transport, size)
+        # Twisted Web's HTTPChannel stays registered on the transport that
+        # Autobahn took over; replace it with the backend.
+        try:
+            ws_transport.unregisterProducer()
+        except (RuntimeError, AttributeError):
+            pass
+        ws_transport.registerProducer(backend_transport, True)
+        backend_transport.registerProducer(ws_transport, True)
+        self._producers = True
+        self._backend_write = backend_transport.write
+        self._relaying = True
+        self._resume_reading()
+        if self._record is not None and self._record.owner is self:
+            idle = self._console.idle_timeout
+            if idle > 0:
+                self._idle_timer = self._reactor.callLater(idle, self._idle_check)
+            try:
+                self.factory.observer.console_opened(self._console_type or "unknown")
+            except Exception:
+                log.failure("observer.console_opened failed")
+
+    def fail(self, error: ConsoleError, reason: str) -> None:
+        self._end(error, f"guard: {reason}")
+
+    # -- hot path output ---------------------------------------------------
+
+    def _send_binary(self, data: bytes) -> None:
+        """
+        Send C{data} as one binary WebSocket message: the frame header and
+        the payload written straight to the transport (server frames are
+        not masked), without Autobahn's per-message machinery.
+        """
+        if self.state != _OPEN:
+            return
+        n = len(data)
+        if n < 126:
+            header = _HEADER_SHORT(0x82, n)
+        elif n < 0x10000:
+            header = _HEADER_MEDIUM(0x82, 126, n)
+        else:
+            header = _HEADER_LONG(0x82, 127, n)
+        self.transport.writeSequence((header, data))
+
+    # -- timers ------------------------------------------------------------
+
+    def _connection_timed_out(self) -> None:
+        self._connect_timer = None
+        if not self._relaying:
+            self._end(ConsoleError(ErrorCode.CONNECTION_FAILED), "connection timeout")
+
+    def _idle_check(self) -> None:
+        """
+        Fired C{idle_timeout} after the last re-arm: close if the console
+        has been silent that long, else re-arm for the rest of the period.
+        """
+        self._idle_timer = None
+        if self._finished:
+            return
+        idle = self._console.idle_timeout
+        last = self._record.last_activity if self._record is not None else self._last_activity
+        silent = self._seconds() - last
+        if silent >= idle:
+            self._end(ConsoleError(ErrorCode.IDLE_TIMEOUT), "idle timeout")
+        else:
+            self._idle_timer = self._reactor.callLater(idle - silent, self._idle_check)
+
+    # -- reading control ---------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._reads_paused and self.transport is not None:
+            self._reads_paused = True
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._reads_paused and self.transport is not None:
+            self._reads_paused = False
+            self.transport.resumeProducing()
+
+    # -- the one way out ---------------------------------------------------
+
+    def _end(self, error: Optional[ConsoleError], reason: str, close_code: Optional[int] = None) -> None:
+        """
+        End this WebSocket: record the outcome (once), give the lease back
+        (once), stop timers and the backend, close the WebSocket.
+
+        @param error: the error to report to the client, or C{None}.
+        @param reason: log-only description.
+        @param close_code: for a close without error (1000, 1001), the
+            close code to send; C{None} to send none (the client closed).
+        """
+        if self._finished:
+            return
+        self._finished = True
+        self._relaying = False
+        now = self._seconds() if self._started_at else 0.0
+        _cancel(self._connect_timer)
+        _cancel(self._idle_timer)
+        self._connect_timer = self._idle_timer = None
+        self._guard = None
+        self._held = []
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        if self._producers:
+            self._producers = False
+            for transport in (self.transport, self._backend.transport if self._backend else None):
+                try:
+                    transport.unregisterProducer()
+                except Exception:
+                    pass
+        if self._backend is not None:
+            self._backend.transport.loseConnection()
+
+        record = self._record
+        if record is not None and record.owner is not self:
+            record.leave(self)
+        else:
+            others: List[ConsoleWebSocketProtocol] = []
+            sent, received = self._bytes_sent, self._bytes_received
+            if record is not None:
+                self.factory.registry.remove(record)
+                others = [c for c in record.channels if c is not self]
+                sent, received = record.bytes_sent, record.bytes_received
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                try:
+                    lease.release()
+                except Exception:
+                    log.failure("console {console_id}: lease release failed", console_id=self.console_id)
+            if self._spice_attached and self._token is not None:
+                self._spice_attached = False
+                d = self.factory.token_store.detach_spice_session(self._token)
+                d.addErrback(self._log_store_error, "detach_spice_session")
+            self._record_outcome(error, reason, sent, received, now)
+            for other in others:
+                other._end(error, f"console ended: {reason}", close_code if close_code else 1000)
+
+        if self.state == _OPEN:
+            if error is not None:
+                self.sendMessage(error.to_json().encode("utf-8"), isBinary=False)
+                self.sendClose(error.code.close_code, error.code.name)
+            elif close_code is not None:
+                # sendClose() refuses 1001 (an application may not "go
+                # away"); the proxy shutting down is exactly that.
+                self.sendCloseFrame(code=close_code, reasonUtf8=reason[:120].encode("utf-8"), isReply=False)
+        elif self.state == _CONNECTING and not self._in_on_connect and self.transport is not None:
+            self.dropConnection(abort=True)
+        self._resume_reading()
+
+    def _record_outcome(
+        self, error: Optional[ConsoleError], reason: str, sent: int, received: int, now: float
+    ) -> None:
+        grant = self._redemption.grant if self._redemption is not None else None
+        outcome = Outcome(
+            console_id=self.console_id,
+            vm_uuid=grant.vm_uuid if grant else None,
+            console_type=grant.console_type if grant else None,
+            user=grant.user if grant else None,
+            bytes_sent=sent,
+            bytes_received=received,
+            started_at=self._started_at,
+            duration_s=max(0.0, now - self._started_at),
+            error=error.code.name if error is not None else None,
+            reason=reason,
+        )
+        log.info(
+            "console {console_id} closed: vm={vm_uuid} type={console_type} user={user}"
+            " token={token_id} client={client_ip} error={error} reason={reason}"
+            " sent={bytes_sent} received={bytes_received} duration={duration_s:.3f}s",
+            console_id=outcome.console_id,
+            vm_uuid=outcome.vm_uuid or self._vm_ref,
+            console_type=outcome.console_type,
+            user=outcome.user,
+            token_id=token_log_id(self._token) if self._token else None,
+            client_ip=self._client_ip,
+            error=outcome.error,
+            reason=reason,
+            bytes_sent=sent,
+            bytes_received=received,
+            duration_s=outcome.duration_s,
+        )
+        try:
+            self.factory.observer.console_closed(outcome)
+        except Exception:
+            log.failure("observer.console_closed failed")
+
+
+# ---------------------------------------------------------------------------
+# The factory
+# ---------------------------------------------------------------------------
+
+
+def _rfb_guard(sink: Any, password: Optional[str]) -> Any:
+    from vaporproxy.rfb import RFBGuard
+
+    return RFBGuard(sink, password)
+
+
+def _spice_guard(sink: Any, password: Optional[str], expected_session_id: Optional[int]) -> Any:
+    from vaporproxy.spice import SpiceGuard
+
+    return SpiceGuard(sink, password, expected_session_id)
+
+
+class ConsoleBridgeFactory(WebSocketServerFactory):
+    """
+    The console WebSocket factory: holds the collaborators and the current
+    configuration; every connection takes the configuration of the moment
+    it was accepted.
+
+    @ivar vnc_guard: C{(sink, password) -> guard}; L{vaporproxy.rfb.RFBGuard}.
+    @ivar spice_guard: C{(sink, password, expected_session_id) -> guard};
+        L{vaporproxy.spice.SpiceGuard}.
+    """
+
+    protocol = ConsoleWebSocketProtocol
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        token_store: Any,
+        locator: Any,
+        limiter: Any,
+        host_policy: Any,
+        registry: ConsoleRegistry,
+        observer: Any,
+        reactor: Any,
+    ):
+        super().__init__(server="vaporproxy", reactor=reactor)
+        # Autobahn schedules its own timeouts through txaio's global loop;
+        # run them on the injected reactor instead (DESIGN.md rule 1).
+        self._batched_timer = _ReactorTimer(reactor)
+        self.token_store = token_store
+        self.locator = locator
+        self.limiter = limiter
+        self.host_policy = host_policy
+        self.registry = registry
+        self.observer = observer
+        self.vnc_guard: Callable[..., Any] = _rfb_guard
+        self.spice_guard: Callable[..., Any] = _spice_guard
+        self.config = config
+        self._apply(config)
+
+    def _apply(self, config: Config) -> None:
+        console = config.console
+        self.setProtocolOptions(
+            maxFramePayloadSize=console.max_message_size,
+            maxMessagePayloadSize=console.max_message_size,
+            openHandshakeTimeout=console.connection_timeout,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            autoPingInterval=AUTO_PING_INTERVAL,
+            autoPingTimeout=AUTO_PING_TIMEOUT,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def reload(self, config: Config) -> None:
+        """
+        Use C{config} (console limits, origins, trusted proxies) for new
+        connections; live consoles keep theirs.
+        """
+        self.config = config
+        self._apply(config)
