@@ -178,6 +178,56 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([t.step for t in timers], [60.0])
         self.assertIsInstance(root.getServiceNamed("reload"), tap.ReloadService)
 
+    def test_redisBackend(self) -> None:
+        """
+        When tokens.backend is redis, the Redis store and limiter are wired and dial the URL.
+        """
+        from vaporproxy.redis_tokens import RedisLimiter, RedisTokenStore
+
+        write(self.path, CONFIG + "tokens: {backend: redis, redis_url: 'redis://127.0.0.1:6390/0'}\n")
+        root = self.make()
+        self.assertIsInstance(root.pieces["token_store"], RedisTokenStore)
+        self.assertIsInstance(root.pieces["limiter"], RedisLimiter)
+        self.assertEqual({(host, port) for host, port, *_ in self.reactor.tcpClients}, {("127.0.0.1", 6390)})
+
+    def test_redisTerminateAndClose(self) -> None:
+        """
+        When Redis relays a terminate request it reaches the registry; stopping closes the backend.
+        """
+        import vaporproxy.redis_tokens
+        from vaporproxy.limits import MemoryLimiter
+        from vaporproxy.tokens import MemoryTokenStore
+
+        class FakeBackend:
+            def __init__(self, reactor: Any) -> None:
+                self.token_store = MemoryTokenStore(reactor, 300)
+                self.limiter = MemoryLimiter(5, 3)
+                self.callbacks: List[Any] = []
+                self.closed = 0
+
+            def on_terminate(self, callback: Any) -> None:
+                self.callbacks.append(callback)
+
+            def close(self) -> Any:
+                self.closed += 1
+                return succeed(None)
+
+        backends: List[FakeBackend] = []
+
+        def connect_redis(tokens: Any, console: Any, reactor: Any) -> FakeBackend:
+            backends.append(FakeBackend(reactor))
+            return backends[-1]
+
+        self.patch(vaporproxy.redis_tokens, "connect_redis", connect_redis)
+        write(self.path, CONFIG + "tokens: {backend: redis}\n")
+        root = self.make()
+        [backend] = backends
+        self.assertEqual(backend.callbacks, [root.pieces["registry"].terminate_vm])
+        self.assertEqual(backend.callbacks[0]("no-such-vm"), 0)
+        root.startService()
+        self.successResultOf(root.stopService())
+        self.assertEqual(backend.closed, 1)
+
     def test_cleanupTimerPurges(self) -> None:
         """
         When cleanup_interval passes, expired tokens are purged by the timer.
