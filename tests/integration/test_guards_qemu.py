@@ -51,6 +51,7 @@ class BackendClient(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.sink.finish("backend closed")
+        self.sink.closed.callback(None)
 
 
 class LoopSink:
@@ -74,6 +75,7 @@ class LoopSink:
         self.events: List[tuple] = []
         self.is_established = False
         self.done: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
 
     def dial(self) -> None:
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=10)
@@ -85,9 +87,14 @@ class LoopSink:
         if not self.done.called:
             self.done.callback(result)
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
+    def close(self) -> Optional[Deferred]:
+        """
+        Close the backend connection; the result fires once it is closed.
+        """
+        if self.transport is None:
+            return None
+        self.transport.loseConnection()
+        return self.closed
 
     # sink methods
     def send_to_client(self, data: bytes) -> None:
