@@ -346,7 +346,7 @@ class RFBGuard:
             # A step on one side may unblock the other.
             self._client.pump()
         except GuardFailure as failure:
-            log.info("VNC handshake failed: {reason}", reason=failure.reason)
+            log.debug("VNC handshake failed: {reason}", reason=failure.reason)
             self._out.emit("fail", failure.error, failure.reason)
         self._out.flush()
 

@@ -206,7 +206,7 @@ class SpiceGuard:
             self._client.pump()
             self._server.pump()
         except GuardFailure as failure:
-            log.info("SPICE handshake failed: {reason}", reason=failure.reason)
+            log.debug("SPICE handshake failed: {reason}", reason=failure.reason)
             self._out.emit("fail", failure.error, failure.reason)
         self._out.flush()
 
