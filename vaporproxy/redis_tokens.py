@@ -50,11 +50,11 @@ import os
 import socket
 import uuid
 from dataclasses import asdict
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Set
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import optionsForClientTLS
@@ -567,6 +567,8 @@ class RedisTokenStore:
             return None
         key = self._key(token_hash(token))
         self._sessions.discard(key)
+        if not self._sessions:
+            self.stop()
         await self._redis.eval(_DETACH, [key], [repr(self._clock.seconds()), repr(self.grace)])
         return None
 
@@ -651,6 +653,7 @@ class RedisLimiter:
         self._all = prefix + "leases"
         self._vm_prefix = prefix + "leases:vm:"
         self._leases: Dict[str, RedisLease] = {}
+        self._releasing: Set[Deferred] = set()
         self._renewer: Optional[LoopingCall] = None
 
     @property
@@ -701,6 +704,8 @@ class RedisLimiter:
     def _release(self, lease: RedisLease) -> None:
         if self._leases.pop(lease.member, None) is None:
             return
+        if not self._leases:
+            self.stop()
         d = self._redis.eval(_RELEASE, [self._all, self._vm_prefix + lease.vm_uuid], [lease.member])
         d.addErrback(
             lambda f: log.warn(
@@ -710,6 +715,15 @@ class RedisLimiter:
                 error=f.getErrorMessage(),
             )
         )
+        self._releasing.add(d)
+        d.addBoth(lambda _: self._releasing.discard(d))
+
+    def flush(self) -> Deferred:
+        """
+        Fire once every release made so far has reached Redis (or failed).
+        C{release()} itself does not wait.
+        """
+        return DeferredList(list(self._releasing)).addCallback(lambda _: None)
 
     async def renew(self) -> int:
         """
@@ -890,6 +904,7 @@ class RedisBackend:
     async def _close(self) -> None:
         self.token_store.stop()
         self.limiter.stop()
+        await self.limiter.flush()
         if self._reporter is not None:
             if self._reporter.running:
                 self._reporter.stop()
