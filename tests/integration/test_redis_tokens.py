@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from tests.integration.redis_server import RedisServer
 from tests.test_tokens import GRANT, SESSION_ID, SPICE_GRANT, VM_NAME, VM_UUID, TokenStoreTestsMixin
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.redis_tokens import RedisClient, RedisTokenStore
+from vaporproxy.redis_tokens import RedisClient, RedisTokenStore, parse_redis_url
 from vaporproxy.tokens import token_hash
 
 PREFIX = "test:"
@@ -177,3 +177,36 @@ class RedisTokenStoreSpecificTests(RedisTestMixin, TestCase):
             await store.check()
         self.assertEqual(e.exception.code, ErrorCode.SERVICE_UNAVAILABLE)
         self.assertLess(time.monotonic() - started, 1.0)
+
+
+class RedisURLTests(TestCase):
+    """
+    L{parse_redis_url}.
+    """
+
+    def test_full(self) -> None:
+        """
+        When a URL has credentials, a port and a database, all are taken.
+        """
+        self.assertEqual(
+            parse_redis_url("rediss://user:p%40ss@redis.example:6380/3"),
+            {"host": "redis.example", "port": 6380, "db": 3, "username": "user", "password": "p@ss", "tls": True},
+        )
+
+    def test_defaults(self) -> None:
+        """
+        When a URL gives only a host, the port is 6379, the database 0, no
+        credentials and no TLS.
+        """
+        self.assertEqual(
+            parse_redis_url("redis://10.0.0.5"),
+            {"host": "10.0.0.5", "port": 6379, "db": 0, "username": None, "password": None, "tls": False},
+        )
+
+    def test_bad(self) -> None:
+        """
+        When the scheme is not redis/rediss or the database is not a number,
+        a ValueError names the problem.
+        """
+        self.assertRaises(ValueError, parse_redis_url, "http://127.0.0.1:6379/0")
+        self.assertRaises(ValueError, parse_redis_url, "redis://127.0.0.1:6379/zero")
