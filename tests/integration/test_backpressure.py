@@ -1,0 +1,143 @@
+"""
+Back-pressure on the real reactor: a VM that streams without end, a browser
+that stops reading.  The proxy's buffers must stay within a few
+C{buffer_size}s and the VM must be paused, instead of memory growing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientProtocol
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from tests.integration.test_bridge_loopback import Proxy, client_factory
+from vaporproxy.bridge import _write_buffered
+from vaporproxy.config import ConsoleConfig
+
+BUFFER = 64 * 1024
+CHUNK = b"\xa5" * 65536
+
+
+@implementer(IPushProducer)
+class Streamer(Protocol):
+    """
+    A VM that writes as fast as its transport lets it, forever.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.written = 0
+        self.pauses = 0
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self._loop = task.LoopingCall(self._fill)
+        self._loop.start(0.001)
+
+    def _fill(self) -> None:
+        while not self.paused and self.transport.connected:
+            self.transport.write(CHUNK)
+            self.written += len(CHUNK)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.paused = True
+        if self._loop.running:
+            self._loop.stop()
+
+
+class StalledClient(WebSocketClientProtocol):
+    """
+    A browser that reads nothing once the WebSocket is open.
+    """
+
+    def onOpen(self) -> None:
+        self.transport.pauseProducing()
+        self.factory.opened.callback(self)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.factory.closed.callback((code, reason))
+
+
+def sleep(seconds: float) -> Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class BackpressureTests(TestCase):
+    """
+    A slow browser pauses the VM.
+    """
+
+    timeout = 30
+
+    async def _stalled(self) -> None:
+        streamers: list = []
+
+        def build() -> Streamer:
+            s = Streamer()
+            streamers.append(s)
+            return s
+
+        vm_factory = Factory()
+        vm_factory.buildProtocol = lambda addr: build()  # type: ignore[assignment]
+        vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
+        self.addCleanup(vm.stopListening)
+        proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
+        factory = client_factory(proxy.url(proxy.token()))
+        factory.protocol = StalledClient
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
+        client = await factory.opened
+        # Let the kernel's socket buffers on both legs fill up.
+        await sleep(1.5)
+        [record] = proxy.registry.consoles()
+        bridge = record.owner
+        samples = []
+        written = []
+        for _ in range(5):
+            ws_buffered = _write_buffered(bridge.transport)
+            vm_buffered = _write_buffered(bridge._backend.transport)
+            samples.append(ws_buffered + vm_buffered)
+            written.append(streamers[0].written)
+            await sleep(0.1)
+        # The proxy holds at most a few buffer_size (plus one 64 KiB read
+        # that may land after the high-water mark is crossed).
+        self.assertLessEqual(max(samples), 3 * BUFFER + len(CHUNK), samples)
+        # The VM is paused: it can write no more once everything is full.
+        self.assertTrue(streamers[0].paused)
+        self.assertGreater(streamers[0].pauses, 0)
+        self.assertEqual(written[0], written[-1], written)
+        # And the proxy is not the one buffering the stream.
+        self.assertGreater(written[-1], 10 * max(samples))
+        client.transport.resumeProducing()
+        client.dropConnection(abort=True)
+        await factory.closed
+        await sleep(0.05)
+        self.assertEqual(len(proxy.observer.outcomes), 1)
+        self.assertEqual(proxy.limiter._leases, {})
+        vm_transport = streamers[0].transport
+        if vm_transport.connected:
+            vm_transport.abortConnection()
+            await sleep(0.05)
+
+    def test_stalledBrowserPausesVM(self) -> None:
+        """
+        When the browser stops reading, the proxy's buffers stay within a
+        few C{buffer_size} and the VM is paused.
+        """
+        return Deferred.fromCoroutine(self._stalled())
