@@ -228,6 +228,29 @@ class MakeServiceTests(SynchronousTestCase):
         self.successResultOf(root.stopService())
         self.assertEqual(backend.closed, 1)
 
+    def test_workersSupervise(self) -> None:
+        """
+        When server.workers > 1, the process only supervises workers: no API of its own.
+        """
+        from vaporproxy.workers import WorkerSupervisor
+
+        write(self.path, CONFIG.replace("server: {", "server: {workers: 2, ") + "tokens: {backend: redis}\n")
+        root = self.make()
+        self.assertEqual([type(s) for s in root], [WorkerSupervisor])
+        self.assertEqual(root.getServiceNamed("workers").count, 2)
+
+    def test_workerAdoptsSockets(self) -> None:
+        """
+        When run as a worker, the process serves the inherited sockets instead of listening.
+        """
+        from vaporproxy.workers import AdoptedPortService
+
+        root = self.make("--worker-fds", "7,8")
+        adopted = [s for s in root if isinstance(s, AdoptedPortService)]
+        self.assertEqual([s.fd for s in adopted], [7, 8])
+        self.assertEqual([s for s in root if isinstance(s, StreamServerEndpointService)], [])
+        self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["site"])})
+
     def test_cleanupTimerPurges(self) -> None:
         """
         When cleanup_interval passes, expired tokens are purged by the timer.

@@ -56,6 +56,7 @@ class Options(usage.Options):
         super().__init__()
         self["config"] = DEFAULT_CONFIG
         self["listen"] = []
+        self["worker_fds"] = []
         self.config_given = False
         #: The environment read for VAPOR_LOG_LEVEL (tests replace it).
         self.environ: Mapping[str, str] = os.environ
@@ -73,6 +74,15 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_worker_fds(self, fds: str) -> None:
+        """(internal) Listening descriptors inherited from the supervisor (server.workers > 1)."""
+        from vaporproxy.workers import parse_worker_fds
+
+        try:
+            self["worker_fds"] = parse_worker_fds(fds)
+        except ValueError as e:
+            raise usage.UsageError(f"--worker-fds: {e}")
+
     def postOptions(self) -> None:
         """
         Read and validate the config; keep it as C{self["parsed"]}.
@@ -85,6 +95,10 @@ class Options(usage.Options):
                 config = load_config(path)
             config = with_listen(config, self["listen"])
             effective_level(config.logging.level, self.environ)
+            if not self["worker_fds"]:
+                from vaporproxy.workers import check_shareable
+
+                check_shareable(config.server.listen, config.server.workers)
         except ConfigError as e:
             raise usage.UsageError(str(e))
         self["config_path"] = path
@@ -310,13 +324,44 @@ def log_limits(config: Config) -> None:
               hosts=", ".join(console.allowed_hosts), uris=", ".join(h.uri for h in config.hypervisors))  # fmt: skip
 
 
+def _listen(root: MultiService, site: Any, listen: Sequence[str], worker_fds: Sequence[int], reactor: Any) -> None:
+    """
+    Serve C{site} on every endpoint, or on the sockets inherited from the
+    supervisor when this process is a worker.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    if worker_fds:
+        from vaporproxy.workers import AdoptedPortService
+
+        for fd in worker_fds:
+            AdoptedPortService(fd, site, reactor).setServiceParent(root)
+        return
+    for description in listen:
+        StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(root)
+
+
+def _supervisor(root: VaporService, options: Options, reactor: Any) -> VaporService:
+    """
+    The parent of C{server.workers} worker processes (see L{vaporproxy.workers}).
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    from vaporproxy.workers import WorkerSupervisor, worker_argv
+
+    config: Config = options["parsed"]
+    endpoints = [serverFromString(reactor, s) for s in config.server.listen]
+    argv = worker_argv(options["config_path"])
+    WorkerSupervisor(config.server.workers, endpoints, argv, reactor).setServiceParent(root)
+    return root
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Build vaporproxy's service tree from parsed L{Options}.
     """
     if reactor is None:
         from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
 
     from vaporproxy.bridge import ConsoleBridgeFactory, ConsoleRegistry
@@ -330,6 +375,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     log_setup = log_setup_for(config.logging.level, config.logging.format, environ, getattr(options, "parent", None))
     root = VaporService(log_setup)
     log_startup(config)
+    if config.server.workers > 1 and not options["worker_fds"]:
+        return _supervisor(root, options, reactor)
 
     pool = ThreadPool(minthreads=0, maxthreads=max(4, 2 * len(config.hypervisors)), name="vaporproxy-libvirt")
     ThreadPoolService(pool).setServiceParent(root)
@@ -347,8 +394,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ShutdownService(redis.close).setServiceParent(root)
 
     site = Site(api.resource())
-    for description in config.server.listen:
-        StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(root)
+    _listen(root, site, config.server.listen, options["worker_fds"], reactor)
     cleanup = TimerService(config.console.cleanup_interval, purge_tokens, token_store)
     cleanup.clock = reactor
     cleanup.setServiceParent(root)
