@@ -328,7 +328,10 @@ def run_steady(bench: Bench, t: Target, names: List[str], results: dict) -> None
 
 
 def run_conc(bench: Bench, t: Target, results: dict) -> None:
-    levels = [1000] if bench.args.quick else [1000, 5000, 10000]
+    if bench.args.levels:
+        levels = [int(x) for x in bench.args.levels.split(",")]
+    else:
+        levels = [1000] if bench.args.quick else [1000, 5000, 10000]
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     for level in levels:
         if t.forking and level > bench.args.forking_max:
@@ -439,7 +442,8 @@ def table(results: dict, names: List[str]) -> str:
         vp, wf, so = val("vaporproxy", wl, key), val("websockify", wl, key), val("socat", wl, key)
         rows.append(f"| {label} ({unit}) | " + " | ".join(fmt(v, unit) for v in vs)
                     + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
-    for level in (1000, 5000, 10000):
+    levels = sorted({int(k[4:]) for c in cols for k in results.get(c, {}) if k.startswith("conc")})
+    for level in levels:
         wl = f"conc{level}"
         if not any(wl in results.get(c, {}) for c in cols):
             continue
@@ -477,6 +481,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--skip-conc", action="store_true")
     p.add_argument("--skip-stall", action="store_true")
     p.add_argument("--max-conc", type=int, default=10000)
+    p.add_argument("--levels", default="", help="comma list of concurrency levels (default 1000,5000,10000)")
     p.add_argument("--forking-max", type=int, default=1000,
                    help="largest concurrency level run against process-per-connection proxies")
     p.add_argument("--workers2", action="store_true", help="also the 2-worker line (issue #4)")
