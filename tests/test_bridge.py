@@ -1034,3 +1034,67 @@ class SpiceTests(SynchronousTestCase):
         chan.pump.flush()
         self.assertEqual(main.closed, (4010, "SESSION_TERMINATED"))
         self.assertEqual(chan.closed, (4010, "SESSION_TERMINATED"))
+
+
+class RemoteSpiceChannelTests(SynchronousTestCase):
+    """
+    SPICE channels whose main channel lives in another process (scale-out).
+    """
+
+    def setUp(self) -> None:
+        self.a = Harness(max_per_vm=1)
+        self.b = Harness(max_per_vm=1)
+        # Both processes share one token store (Redis in production).
+        self.b.factory.token_store = self.a.tokens
+        self.token = self.a.token(console_type="spice")
+        main = self.a.open(self.token, protocols=["binary"])
+        main.send(b"MAIN")
+        main.connect_backend()
+        main.from_vm(b"SESSION:77")
+        self.main = main
+
+    def open_remote(self) -> Connection:
+        chan = self.b.open(self.token, protocols=["binary"])
+        chan.send(b"CHAN:77")
+        chan.connect_backend()
+        chan.from_vm(b"pixels")
+        self.assertEqual(chan.messages, [(b"pixels", True)])
+        return chan
+
+    def test_remoteChannelIsNotAConsole(self) -> None:
+        """
+        When a channel joins a console whose main channel is in another
+        process, this process counts no console, no lease, no opened or
+        closed console.
+        """
+        chan = self.open_remote()
+        self.assertEqual(self.b.registry.consoles(), [])
+        self.assertEqual(self.b.registry.count_by_vm(), {})
+        self.assertEqual(self.b.limiter.live(), 0)
+        self.assertEqual(self.b.observer.opened, [])
+        self.assertEqual([r.console_id for r in self.a.registry.consoles()], [self.main.server.console_id])
+        chan.client.sendClose(1000)
+        chan.pump.flush()
+        self.assertEqual(self.b.observer.outcomes, [])
+
+    def test_laterRemoteChannelsJoin(self) -> None:
+        """
+        When a second channel of the same remote console lands in this
+        process, it joins the first one's record instead of adding one.
+        """
+        first = self.open_remote()
+        second = self.open_remote()
+        self.assertEqual(len(self.b.registry._records), 1)
+        [record] = self.b.registry._records.values()
+        self.assertEqual(record.channels, [first.server, second.server])
+
+    def test_terminateClosesRemoteChannels(self) -> None:
+        """
+        When a VM's sessions are terminated, channels of remote consoles
+        close with 4010 but are not counted as consoles.
+        """
+        chan = self.open_remote()
+        self.assertEqual(self.b.registry.terminate_vm(VM_UUID), 0)
+        chan.pump.flush()
+        self.assertEqual(chan.closed, (4010, "SESSION_TERMINATED"))
+        self.assertEqual(self.b.registry._records, {})

@@ -313,6 +313,9 @@ class ConsoleRecord:
         self.owner = owner
         self.channels: List[ConsoleWebSocketProtocol] = [owner]
         self.spice_session_id: Optional[int] = None
+        #: SPICE channels whose main channel lives in another process: a
+        #: part of a console counted there, not a console of this process.
+        self.remote = False
         self._ended_sent = 0
         self._ended_received = 0
         self._ended_last = started_at
@@ -373,11 +376,15 @@ class ConsoleRegistry:
         self._records.pop(record.console_id, None)
 
     def consoles(self) -> List[ConsoleRecord]:
-        return list(self._records.values())
+        """
+        The consoles of this process (not the SPICE channels of consoles
+        whose main channel lives in another process).
+        """
+        return [r for r in self._records.values() if not r.remote]
 
     def count_by_vm(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
-        for record in self._records.values():
+        for record in self.consoles():
             counts[record.vm_id] = counts.get(record.vm_id, 0) + 1
         return counts
 
@@ -390,12 +397,13 @@ class ConsoleRegistry:
     def terminate_vm(self, vm_uuid: str) -> int:
         """
         Close every channel of every console of C{vm_uuid} with 4010
-        SESSION_TERMINATED; answer how many consoles.
+        SESSION_TERMINATED (channels of remote consoles too); answer how
+        many consoles of this process.
         """
         records = [r for r in self._records.values() if r.vm_id == vm_uuid]
         for record in records:
             record.owner._end(ConsoleError(ErrorCode.SESSION_TERMINATED), "terminated")
-        return len(records)
+        return sum(1 for r in records if not r.remote)
 
     def close_all(self) -> int:
         """
@@ -759,6 +767,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 self.console_id, grant.vm_uuid, grant.console_type, grant.user, self._started_at, self
             )
             self._record.spice_session_id = session_id
+            self._record.remote = True
             self.factory.registry.add(self._record)
 
     def spice_session(self, session_id: int) -> None:
@@ -807,6 +816,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             idle = self._console.idle_timeout
             if idle > 0:
                 self._idle_timer = self._reactor.callLater(idle, self._idle_check)
+            if self._record.remote:
+                return  # a channel of a console counted by another process
             try:
                 self.factory.observer.console_opened(self._console_type or "unknown")
             except Exception:
@@ -972,6 +983,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             bytes_received=received,
             duration_s=outcome.duration_s,
         )
+        if self._record is not None and self._record.remote:
+            # A channel of a console counted by another process.
+            return
         try:
             self.factory.observer.console_closed(outcome)
         except Exception:
