@@ -186,7 +186,7 @@ class Harness:
     A L{ConsoleAPI} over memory backends, and a L{StubTreq} on it.
     """
 
-    def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None):
+    def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None, cluster: Any = None):
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = MemoryTokenStore(self.clock, config.console.token_ttl)
@@ -209,6 +209,7 @@ class Harness:
             metrics=self.metrics,
             reactor=self.clock,
             static_dirs=static_dirs or {},
+            cluster=cluster,
         )
         self.treq = StubTreq(self.api.resource())
 
@@ -796,3 +797,126 @@ class StaticTests(APITestCase):
         self.assertNotEqual(body, self.page.getContent())
         response, body = self.request("GET", "/static/novnc/%2e%2e/console.html")
         self.assertNotEqual(body, self.page.getContent())
+
+
+class FakeCluster:
+    """
+    The part of L{vaporproxy.redis_tokens.RedisBackend} the API uses: fixed
+    cluster figures, and terminate requests that reach this process's
+    callbacks (as the pub/sub round trip would) and other processes'
+    consoles.
+    """
+
+    node_id = "node-a"
+
+    def __init__(self, limiter: Any, store: Any, remote_records: List[FakeRecord]):
+        self.limiter = limiter
+        self.store = store
+        self.remote_records = remote_records
+        self.published: List[str] = []
+        self.callbacks: List[Any] = []
+        self.down = False
+
+    def on_terminate(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+    def publish_terminate(self, vm_uuid: str) -> Deferred:
+        if self.down:
+            return fail(ConsoleError(ErrorCode.SERVICE_UNAVAILABLE))
+        self.published.append(vm_uuid)
+        for callback in self.callbacks:
+            callback(vm_uuid)
+        self.remote_records[:] = [r for r in self.remote_records if r.vm_id != vm_uuid]
+        return succeed(2)
+
+    def cluster_stats(self) -> Deferred:
+        if self.down:
+            return fail(ConsoleError(ErrorCode.SERVICE_UNAVAILABLE))
+        totals = self.successResult(self.limiter.stats())
+        return succeed(
+            {
+                "total_connections": totals["total_connections"],
+                "connections_per_vm": totals["connections_per_vm"],
+                "total_tokens": self.successResult(self.store.count()),
+                "processes": [
+                    {"node_id": "node-a", "pid": 11, "started_at": NOW - 100, "updated_at": NOW,
+                     "total_connections": 1, "connections_per_vm": {WEB_UUID: 1}},
+                    {"node_id": "node-b", "pid": 12, "started_at": NOW - 50, "updated_at": NOW,
+                     "total_connections": 2, "connections_per_vm": {WEB_UUID: 1, DB_UUID: 1}},
+                ],
+            }
+        )
+
+    @staticmethod
+    def successResult(d: Deferred) -> Any:
+        result: List[Any] = []
+        d.addCallback(result.append)
+        return result[0]
+
+
+class ClusterTests(APITestCase):
+    """
+    Stats and DELETE when the process is one of a Redis cluster.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.remote: List[FakeRecord] = []
+        self.cluster = FakeCluster(None, None, self.remote)
+        self.h = Harness(cluster=self.cluster)
+        self.cluster.limiter, self.cluster.store = self.h.limiter, self.h.store
+        self.cluster.on_terminate(self.h.registry.terminate_vm)
+        # One console here (node-a), two on node-b; the limiter is shared.
+        for vm, console_id in ((WEB_UUID, "a1"), (WEB_UUID, "b1"), (DB_UUID, "b2")):
+            self.successResultOf(self.h.limiter.acquire(vm, console_id))
+        self.h.registry.records.append(FakeRecord("a1", WEB_UUID, "vnc", "alice", NOW - 10))
+        self.remote += [FakeRecord("b1", WEB_UUID, "vnc", "bob", NOW), FakeRecord("b2", DB_UUID, "vnc", "bob", NOW)]
+
+    def test_statsClusterWide(self) -> None:
+        """When the process is in a cluster, the SPEC totals are cluster-wide and C{cluster} holds each process's figures."""
+        self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
+        response, body = self.json_request("GET", "/api/v1/console/stats", ADMIN_KEY)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            set(body), {"total_connections", "total_tokens", "connections_per_vm", "connections", "cluster"}
+        )
+        self.assertEqual(body["total_connections"], 3)
+        self.assertEqual(body["total_tokens"], 1)
+        self.assertEqual(body["connections_per_vm"], {WEB_UUID: 2, DB_UUID: 1})
+        self.assertEqual([c["console_id"] for c in body["connections"]], ["a1"])
+        cluster = body["cluster"]
+        self.assertEqual(cluster["node_id"], "node-a")
+        self.assertEqual(cluster["total_connections"], 3)
+        self.assertEqual([p["node_id"] for p in cluster["processes"]], ["node-a", "node-b"])
+        self.assertEqual(cluster["processes"][1]["connections_per_vm"], {WEB_UUID: 1, DB_UUID: 1})
+        self.assertEqual(cluster["processes"][0]["started_at"], web.iso_utc(NOW - 100))
+
+    def test_statsRedisDown(self) -> None:
+        """When Redis is unreachable, stats answer 503 SERVICE_UNAVAILABLE."""
+        self.cluster.down = True
+        response, body = self.json_request("GET", "/api/v1/console/stats", ADMIN_KEY)
+        self.assertError(response, body, 503, ErrorCode.SERVICE_UNAVAILABLE)
+
+    def test_deleteReachesEveryProcess(self) -> None:
+        """When an admin deletes a VM's sessions in a cluster, the request is published and the cluster-wide count answered."""
+        response, body = self.json_request("DELETE", f"{VMS}/web-1/console/sessions", ADMIN_KEY)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, {"terminated": 2})
+        self.assertEqual(self.cluster.published, [WEB_UUID])
+        self.assertEqual(self.h.registry.records, [])
+        self.assertEqual([r.console_id for r in self.remote], ["b2"])
+
+    def test_deleteRedisDown(self) -> None:
+        """When Redis is unreachable, DELETE closes this process's consoles and answers 503."""
+        self.cluster.down = True
+        self.h.limiter.stats = lambda: fail(ConsoleError(ErrorCode.SERVICE_UNAVAILABLE))
+        response, body = self.json_request("DELETE", f"{VMS}/web-1/console/sessions", ADMIN_KEY)
+        self.assertError(response, body, 503, ErrorCode.SERVICE_UNAVAILABLE)
+        self.assertEqual(self.h.registry.records, [])
+        self.assertEqual(self.cluster.published, [])
+
+    def test_withoutClusterUnchanged(self) -> None:
+        """When no cluster is given, stats have exactly the SPEC fields."""
+        self.h = Harness()
+        response, body = self.json_request("GET", "/api/v1/console/stats", ADMIN_KEY)
+        self.assertEqual(set(body), {"total_connections", "total_tokens", "connections_per_vm", "connections"})

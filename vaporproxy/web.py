@@ -178,7 +178,16 @@ class ConsoleAPI:
         metrics: Any,
         reactor: IReactorTime,
         static_dirs: Mapping[str, str],
+        cluster: Any = None,
     ):
+        """
+        @param cluster: the L{vaporproxy.redis_tokens.RedisBackend} when
+            this process is one of a cluster (C{tokens.backend: redis}),
+            else C{None}.  With it, stats report cluster totals and every
+            process's figures, and DELETE of a VM's sessions reaches every
+            process.
+        """
+        self._cluster = cluster
         self._token_store = token_store
         self._locator = locator
         self._limiter = limiter
@@ -385,6 +394,8 @@ class ConsoleAPI:
 
     async def _stats(self, request: IRequest) -> bytes:
         self._require_admin(request)
+        if self._cluster is not None:
+            return self._json(request, await self._cluster_stats_body())
         limits = await self._limiter.stats()
         total_tokens = await self._token_store.count()
         now = self._reactor.seconds()
@@ -397,6 +408,37 @@ class ConsoleAPI:
                 "connections": [record.as_dict(now) for record in self._registry.consoles()],
             },
         )
+
+    async def _cluster_stats_body(self) -> Dict[str, Any]:
+        """
+        The stats of a cluster: C{total_connections}, C{total_tokens} and
+        C{connections_per_vm} are cluster-wide; C{connections} lists this
+        process's consoles; C{cluster} names this process and gives every
+        live process's figures.
+        """
+        figures = await self._cluster.cluster_stats()
+        now = self._reactor.seconds()
+        processes = []
+        for process in figures.get("processes", ()):
+            entry = dict(process)
+            for field in ("started_at", "updated_at"):
+                if isinstance(entry.get(field), (int, float)):
+                    entry[field] = iso_utc(entry[field])
+            processes.append(entry)
+        per_vm = dict(figures["connections_per_vm"])
+        return {
+            "total_connections": figures["total_connections"],
+            "total_tokens": figures["total_tokens"],
+            "connections_per_vm": per_vm,
+            "connections": [record.as_dict(now) for record in self._registry.consoles()],
+            "cluster": {
+                "node_id": self._cluster.node_id,
+                "total_connections": figures["total_connections"],
+                "total_tokens": figures["total_tokens"],
+                "connections_per_vm": per_vm,
+                "processes": processes,
+            },
+        }
 
     @app.route(VM_PATH + "/<string:vm_id>/console/sessions", methods=["DELETE"])
     def delete_sessions(self, request: IRequest, vm_id: str) -> Deferred:
@@ -424,10 +466,33 @@ class ConsoleAPI:
 
     async def terminate_vm(self, vm_uuid: str) -> int:
         """
-        Close every live console of C{vm_uuid} known to this process;
-        answer how many.  (The one place to hook cluster-wide termination.)
+        Close every live console of C{vm_uuid}; answer how many.
+
+        Alone, that is this process's consoles.  In a cluster, the consoles
+        of this process close at once and every process (this one too) is
+        told over Redis pub/sub to close its own; the answer is then the
+        number of consoles of the VM that held a slot anywhere in the
+        cluster when the request arrived (or this process's count, if
+        larger).  Remote consoles close asynchronously, within
+        milliseconds of the answer.
+
+        @raise ConsoleError: SERVICE_UNAVAILABLE when Redis cannot be
+            reached (this process's consoles are closed all the same).
         """
-        return int(self._registry.terminate_vm(vm_uuid))
+        if self._cluster is None:
+            return int(self._registry.terminate_vm(vm_uuid))
+        try:
+            limits = await self._limiter.stats()
+        except ConsoleError:
+            self._registry.terminate_vm(vm_uuid)
+            raise
+        live = int(dict(limits["connections_per_vm"]).get(vm_uuid, 0))
+        local = int(self._registry.terminate_vm(vm_uuid))
+        processes = await self._cluster.publish_terminate(vm_uuid)
+        self.log.info(
+            "terminate request for {vm_uuid} sent to {processes} process(es)", vm_uuid=vm_uuid, processes=processes
+        )
+        return max(live, local)
 
     def _is_local(self, request: IRequest) -> bool:
         """
