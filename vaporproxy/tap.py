@@ -388,7 +388,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     collaborators = dict(config=config, token_store=token_store, locator=locator, limiter=limiter,
                          host_policy=host_policy, registry=registry, reactor=reactor)  # fmt: skip
     bridge_factory = ConsoleBridgeFactory(observer=metrics, **collaborators)
-    api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), **collaborators)
+    api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), cluster=redis, **collaborators)
     if redis is not None:
         redis.on_terminate(registry.terminate_vm)
         ShutdownService(redis.close).setServiceParent(root)
