@@ -1,0 +1,368 @@
+"""
+The whole product path on the real reactor over loopback: the service that
+C{twistd vaporproxy} runs (built by L{vaporproxy.tap.makeService} from a
+config file), libvirt's test driver with a node file written here, and a
+VNC server (a fake RFB 3.8 server, or a real QEMU for SPICE) behind it.
+
+HTTP (Bearer key) -> console info and token -> WebSocket with the token ->
+the proxy's RFB/SPICE handshake with the VM (password injected) -> bytes
+both ways; stats, replay, DELETE sessions, and the error paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Any, Dict, List, Optional, Tuple
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+from vncdotool.rfb import _vnc_des, des_encrypt
+
+from vaporproxy.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT
+
+from .fake_vnc import SERVER_INIT, FakeVNCServer
+from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
+from .qemu_fixture import start_qemu
+from .stack import ConsoleClientFactory, Stack, free_port
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover
+    libvirt = None
+
+VM_PATH = "/api/v1/virtualization/virtualmachines"
+STATS_PATH = "/api/v1/console/stats"
+
+ALICE_KEY = "alice-key-" + "a" * 22
+OPS_KEY = "ops-key-" + "b" * 24
+VNC_PASSWORD = "vm-secret"
+SPICE_PASSWORD = "spice-secret"
+
+UUID_VNC = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2001"
+UUID_OFF = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2002"
+UUID_REFUSE = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2003"
+UUID_FAR = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2004"
+UUID_SPICE = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2005"
+
+CONFIG = """
+server:
+  listen: ["{listen}"]
+auth:
+  api_keys:
+    - {{user: alice, sha256: "{alice}", vms: ["*"], admin: false}}
+    - {{user: ops, sha256: "{ops}", vms: ["*"], admin: true}}
+hypervisors:
+  - uri: "{uri}"
+console:
+  allowed_hosts: ["127.0.0.1"]
+  connection_timeout: 5s
+  enable_tls: {tls}
+logging:
+  level: error
+"""
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_text(uri: str, listen: str, tls: bool = False) -> str:
+    """
+    The config of the stack under test: two API keys (alice, ops as admin),
+    one test-driver hypervisor, loopback only.
+    """
+    return CONFIG.format(
+        listen=listen, alice=sha256(ALICE_KEY), ops=sha256(OPS_KEY), uri=uri, tls="true" if tls else "false"
+    )
+
+
+def start_stack(testcase: TestCase, domains: List[str], tls_files: Optional[Tuple[str, str, bytes]] = None) -> Stack:
+    """
+    Write a node file holding C{domains} and start the stack on it (TLS
+    with C{(key, cert, cert_pem)} when given).
+    """
+    directory = testcase.mktemp()
+    os.makedirs(directory)
+    uri = node_uri(write_node_file(directory, domains))
+    port = free_port()
+    if tls_files is None:
+        return Stack.start(testcase, reactor, config_text(uri, f"tcp:{port}:interface=127.0.0.1"), port)
+    key, cert, pem = tls_files
+    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    return Stack.start(testcase, reactor, config_text(uri, listen, tls=True), port, ca_pem=pem)
+
+
+async def rfb_client_handshake(testcase: TestCase, ws: ConsoleClientFactory) -> Any:
+    """
+    The browser's (noVNC's) side of RFB 3.8 against the proxy, up to and
+    including the VM's ServerInit; answer the client protocol.
+    """
+    client = await ws.opened
+    got = await ws.until_length(12)
+    testcase.assertEqual(got[:12], b"RFB 003.008\n")
+    client.send(b"RFB 003.008\n")
+    got = await ws.until_length(14)
+    testcase.assertEqual(got[12:14], b"\x01\x01", "the proxy offers exactly security type None")
+    client.send(b"\x01")
+    got = await ws.until_length(18)
+    testcase.assertEqual(got[14:18], b"\0\0\0\0", "SecurityResult OK")
+    client.send(b"\x01")  # ClientInit, shared
+    got = await ws.until_length(18 + len(SERVER_INIT))
+    testcase.assertEqual(got[18:], SERVER_INIT)
+    return client
+
+
+async def echo(ws: ConsoleClientFactory, client: Any, payload: bytes) -> bytes:
+    """
+    Send C{payload} and answer what comes back after what was there.
+    """
+    before = len(ws.received)
+    client.send(payload)
+    got = await ws.until_length(before + len(payload))
+    return got[before:]
+
+
+def error_of(ws: ConsoleClientFactory) -> Dict[str, Any]:
+    """
+    The one JSON error text message the proxy sent before closing.
+    """
+    [text] = ws.texts
+    return json.loads(text)
+
+
+class FullPathVNCTests(TestCase):
+    """
+    A VNC console through the whole stack against a fake RFB server that
+    demands VNC authentication.
+    """
+
+    timeout = 20
+    if libvirt is None:
+        skip = "libvirt-python is not installed"
+
+    async def _start(self) -> None:
+        self.vnc = await FakeVNCServer.listen(self, reactor, password=VNC_PASSWORD)
+        closed = await FakeVNCServer.listen(self, reactor)
+        refused_port = closed.port
+        await closed.stop()
+        domains = [
+            domain_xml("vm-vnc", UUID_VNC, [graphics_xml("vnc", self.vnc.port, passwd=VNC_PASSWORD)]),
+            domain_xml("vm-off", UUID_OFF, [graphics_xml("vnc", autoport=True)], running=False),
+            domain_xml("vm-refuse", UUID_REFUSE, [graphics_xml("vnc", refused_port)]),
+            domain_xml("vm-far", UUID_FAR, [graphics_xml("vnc", self.vnc.port, listen="127.0.0.2")]),
+        ]
+        self.stack = start_stack(self, domains)
+
+    def setUp(self) -> Deferred:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _live_console(self) -> Tuple[Dict[str, Any], ConsoleClientFactory, Any]:
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-vnc/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        ws = await self.stack.websocket(info["ws_path"], info["token"])
+        client = await rfb_client_handshake(self, ws)
+        return info, ws, client
+
+    async def _full_path(self) -> None:
+        info, ws, client = await self._live_console()
+        self.assertEqual(
+            {k: info[k] for k in ("type", "host", "port", "ws_path", "tls_enabled", "password")},
+            {
+                "type": "vnc",
+                "host": "127.0.0.1",
+                "port": self.vnc.port,
+                "ws_path": f"{VM_PATH}/vm-vnc/console/ws",
+                "tls_enabled": False,
+                "password": "********",
+            },
+        )
+        self.assertRegex(info["token"], r"\A[0-9a-f]{64}\Z")
+        self.assertRegex(info["expires_at"], r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+
+        [session] = self.vnc.sessions
+        self.assertEqual(session.security_type, 2)
+        self.assertTrue(session.auth_ok)
+        self.assertEqual(session.response, des_encrypt(_vnc_des(VNC_PASSWORD), session.challenge))
+        self.assertEqual(session.shared, 1)
+
+        self.assertEqual(await echo(ws, client, b"keys and pointer"), b"keys and pointer")
+        self.assertEqual(session.echoed, b"keys and pointer")
+        big = os.urandom(200_000)
+        self.assertEqual(await echo(ws, client, big), big)
+
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        self.assertEqual(status, 200, stats)
+        self.assertEqual((stats["total_connections"], stats["connections_per_vm"]), (1, {UUID_VNC: 1}))
+        [live] = stats["connections"]
+        to_browser = 12 + 2 + 4 + len(SERVER_INIT) + 16 + len(big)
+        from_browser = 12 + 1 + 1 + 16 + len(big)
+        self.assertEqual(
+            (live["vm_id"], live["type"], live["user"], live["bytes_sent"], live["bytes_received"]),
+            (UUID_VNC, "vnc", "alice", to_browser, from_browser),
+        )
+        self.assertEqual(len(ws.received), to_browser)
+
+        replay = await self.stack.websocket(info["ws_path"], info["token"])
+        self.assertEqual(await replay.closed, (4003, "TOKEN_ALREADY_USED"))
+        self.assertEqual(error_of(replay)["code"], "TOKEN_ALREADY_USED")
+        self.assertEqual(len(self.vnc.sessions), 1, "a replay never reaches the VM")
+
+        status, answer = await self.stack.request("DELETE", f"{VM_PATH}/{UUID_VNC}/console/sessions", key=OPS_KEY)
+        self.assertEqual((status, answer), (200, {"terminated": 1}))
+        self.assertEqual(await ws.closed, (4010, "SESSION_TERMINATED"))
+        self.assertEqual(error_of(ws)["code"], "SESSION_TERMINATED")
+        await session.closed
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        self.assertEqual((stats["total_connections"], stats["connections"]), (0, []))
+
+    def test_vncConsole(self) -> Deferred:
+        """
+        When a user asks for a console with a Bearer key and opens the
+        WebSocket with the token, the proxy authenticates to the VM with the
+        VM's password, bytes flow both ways and stats count them; a replay
+        is refused with 4003 and DELETE sessions ends the console with 4010.
+        """
+        return Deferred.fromCoroutine(self._full_path())
+
+    async def _shut_off(self) -> None:
+        status, answer = await self.stack.get_json(f"{VM_PATH}/vm-off/console", key=ALICE_KEY)
+        self.assertEqual((status, answer["type"], answer["code"]), (409, "error", "NO_CONSOLE_AVAILABLE"))
+
+    def test_shutOffVM(self) -> Deferred:
+        """
+        When the VM is shut off, console info answers 409 NO_CONSOLE_AVAILABLE.
+        """
+        return Deferred.fromCoroutine(self._shut_off())
+
+    async def _refused(self) -> None:
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-refuse/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        ws = await self.stack.websocket(info["ws_path"], info["token"])
+        self.assertEqual(await ws.closed, (4006, "CONNECTION_FAILED"))
+        self.assertEqual(error_of(ws)["code"], "CONNECTION_FAILED")
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        self.assertEqual(stats["total_connections"], 0)
+
+    def test_backendRefuses(self) -> Deferred:
+        """
+        When the VM's console port refuses connections, the WebSocket gets
+        the JSON error and close 4006 CONNECTION_FAILED, and no slot is held.
+        """
+        return Deferred.fromCoroutine(self._refused())
+
+    async def _far(self) -> None:
+        status, answer = await self.stack.get_json(f"{VM_PATH}/vm-far/console", key=ALICE_KEY)
+        self.assertEqual((status, answer["code"]), (403, "UNAUTHORIZED"))
+        self.assertNotIn("127.0.0.2", str(answer))
+        self.assertEqual(self.vnc.sessions, [])
+
+    def test_consoleHostNotAllowed(self) -> Deferred:
+        """
+        When the console listens on a host outside allowed_hosts, console
+        info answers 403 and no token is issued.
+        """
+        return Deferred.fromCoroutine(self._far())
+
+
+def spice_link(channel_type: int, connection_id: int) -> bytes:
+    """
+    A SPICE link message as spice-html5 sends it (auth selection, mini header).
+    """
+    caps = struct.pack("<I", (1 << 0) | (1 << 3))
+    body = LINK_MESS.pack(connection_id, channel_type, 0, 1, 0, LINK_MESS.size) + caps
+    return LINK_HEADER.pack(b"REDQ", 2, 2, len(body)) + body
+
+
+async def spice_link_channel(ws: ConsoleClientFactory, channel_type: int, connection_id: int) -> int:
+    """
+    Link one SPICE channel as spice-html5 does (with a ticket encrypted with
+    a password the browser does not know); answer the link result.
+    """
+    client = await ws.opened
+    client.send(spice_link(channel_type, connection_id))
+    got = await ws.until_length(LINK_HEADER.size)
+    magic, _, _, size = LINK_HEADER.unpack_from(got)
+    assert magic == b"REDQ", got
+    reply_end = LINK_HEADER.size + size
+    got = await ws.until_length(reply_end)
+    (error,) = struct.unpack_from("<I", got, LINK_HEADER.size)
+    assert error == 0, error
+    key = serialization.load_der_public_key(got[LINK_HEADER.size + 4 : LINK_HEADER.size + 4 + 162])
+    ticket = key.encrypt(
+        b"what-the-browser-typed\0",
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
+    )
+    client.send(struct.pack("<I", 1) + ticket)
+    got = await ws.until_length(reply_end + 4)
+    return struct.unpack_from("<I", got, reply_end)[0]
+
+
+def main_init_session(got: bytes, start: int) -> Optional[int]:
+    """
+    The session id of the MAIN_INIT message (mini header) that starts at
+    C{got[start:]}, or C{None} while it is incomplete.
+    """
+    if len(got) < start + MINI_HEADER.size + 4:
+        return None
+    msg_type, _size = MINI_HEADER.unpack_from(got, start)
+    assert msg_type == SPICE_MSG_MAIN_INIT, msg_type
+    return struct.unpack_from("<I", got, start + MINI_HEADER.size)[0]
+
+
+class FullPathSpiceTests(TestCase):
+    """
+    A SPICE console through the whole stack against a real QEMU whose SPICE
+    server has a ticket set.
+    """
+
+    timeout = 30
+    if libvirt is None:
+        skip = "libvirt-python is not installed"
+
+    def setUp(self) -> None:
+        self.qemu = start_qemu(self, spice_password=SPICE_PASSWORD)
+        domains = [
+            domain_xml(
+                "vm-spice", UUID_SPICE, [graphics_xml("spice", self.qemu.spice_port, passwd=SPICE_PASSWORD)]
+            )
+        ]
+        self.stack = start_stack(self, domains)
+
+    async def _channels(self) -> None:
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-spice/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        self.assertEqual((info["type"], info["port"], info["password"]), ("spice", self.qemu.spice_port, "********"))
+
+        main = await self.stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
+        self.assertEqual(await spice_link_channel(main, 1, 0), 0, "QEMU accepted the injected ticket")
+        main.received_before_init = main.received
+        got = await main.until(lambda got: main_init_session(got, len(main.received_before_init)) is not None)
+        session_id = main_init_session(got, len(main.received_before_init))
+        self.assertNotEqual(session_id, 0)
+
+        display = await self.stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
+        self.assertEqual(await spice_link_channel(display, 2, session_id), 0)
+
+        wrong = await self.stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
+        (await wrong.opened).send(spice_link(2, session_id ^ 0x5A5A))
+        self.assertEqual(await wrong.closed, (4003, "TOKEN_ALREADY_USED"))
+
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        [live] = stats["connections"]
+        self.assertEqual((live["vm_id"], live["type"], live["channels"]), (UUID_SPICE, "spice", 2))
+        self.assertEqual(stats["total_connections"], 1)
+
+    def test_mainAndDisplayChannels(self) -> Deferred:
+        """
+        When the main channel links through the proxy (which injects the
+        ticket), QEMU accepts it; a display channel with the same token and
+        the session id from MAIN_INIT is admitted, one with another session
+        id is refused with 4003.
+        """
+        return Deferred.fromCoroutine(self._channels())
