@@ -1,0 +1,137 @@
+"""
+C{console.enable_tls}: the whole stack listening with an C{ssl:} endpoint
+and a self-signed certificate made at run time; HTTPS console info and a
+C{wss://} console trusting that certificate, with flow control still wired
+through the TLS layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from vaporproxy import tap
+
+from .fake_vnc import FakeVNCServer
+from .libvirt_fixtures import domain_xml, graphics_xml
+from .stack import self_signed
+from .test_full_path import (
+    ALICE_KEY,
+    OPS_KEY,
+    STATS_PATH,
+    VM_PATH,
+    VNC_PASSWORD,
+    echo,
+    rfb_client_handshake,
+    start_stack,
+)
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover
+    libvirt = None
+
+UUID_TLS = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2101"
+#: console.buffer_size's default (32 KB), the high-water mark the bridge sets.
+BUFFER_SIZE = 32 * 1024
+
+
+def fd_under(transport: object) -> FileDescriptor:
+    """
+    The socket transport under C{transport} (through the TLS layer).
+    """
+    while not isinstance(transport, FileDescriptor):
+        transport = transport.transport  # type: ignore[attr-defined]
+    return transport
+
+
+class TLSConsoleTests(TestCase):
+    """
+    A VNC console over HTTPS and WSS.
+    """
+
+    timeout = 20
+    if libvirt is None:
+        skip = "libvirt-python is not installed"
+
+    async def _start(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.vnc = await FakeVNCServer.listen(self, reactor, password=VNC_PASSWORD)
+        domains = [domain_xml("vm-tls", UUID_TLS, [graphics_xml("vnc", self.vnc.port, passwd=VNC_PASSWORD)])]
+        self.stack = start_stack(self, domains, tls_files=self_signed(directory))
+
+    def setUp(self) -> Deferred:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _wss(self) -> None:
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-tls/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        self.assertEqual((info["type"], info["tls_enabled"], info["password"]), ("vnc", True, "********"))
+        ws = await self.stack.websocket(info["ws_path"], info["token"])
+        client = await rfb_client_handshake(self, ws)
+        [session] = self.vnc.sessions
+        self.assertTrue(session.auth_ok)
+        big = os.urandom(300_000)
+        self.assertEqual(await echo(ws, client, big), big)
+        self.assertEqual(session.echoed, big)
+
+        # The server side of this console: its WebSocket runs over TLS.
+        [record] = self.stack.pieces["registry"].consoles()
+        console = record.owner
+        tls, backend = console.transport, console._backend.transport
+        self.assertNotIsInstance(tls, FileDescriptor)
+        tcp = fd_under(tls)
+        self.assertEqual((tcp.bufferSize, backend.bufferSize), (BUFFER_SIZE, BUFFER_SIZE))
+        # The backend is the (streaming) producer of the TLS WebSocket...
+        self.assertIs(tls._producer._producer, backend)
+        self.assertTrue(tcp.streamingProducer)
+        self.assertIs(tcp.producer, tls._producer)
+        # ...and the TLS WebSocket the producer of the backend.
+        self.assertIs(backend.producer, tls)
+        self.assertTrue(backend.streamingProducer)
+        # The socket's buffer filling up pauses reads from the VM, through
+        # the TLS layer; draining resumes them.
+        tcp.producer.pauseProducing()
+        self.assertNotIn(backend, reactor.getReaders())
+        tcp.producer.resumeProducing()
+        self.assertIn(backend, reactor.getReaders())
+        self.assertEqual(await echo(ws, client, b"after resume"), b"after resume")
+
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        [live] = stats["connections"]
+        self.assertEqual(live["bytes_received"], 12 + 1 + 1 + len(big) + len(b"after resume"))
+
+    def test_wssConsole(self) -> Deferred:
+        """
+        When console.enable_tls is on with an ssl: endpoint, console info
+        over HTTPS says tls_enabled, and a wss:// console trusting the
+        certificate authenticates to the VM and relays bytes both ways with
+        both transports registered as each other's producers.
+        """
+        return Deferred.fromCoroutine(self._wss())
+
+
+class TLSStartupTests(SynchronousTestCase):
+    """
+    Start-up checks of C{console.enable_tls}.
+    """
+
+    def test_enableTLSWithoutSSLEndpoint(self) -> None:
+        """
+        When enable_tls is true and only a tcp: endpoint listens, start-up
+        (twistd's option parsing) stops with an error naming the key.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('console: {enable_tls: true}\nserver: {listen: ["tcp:0:interface=127.0.0.1"]}\n')
+        options = tap.Options()
+        options.environ = {}
+        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
+        self.assertIn("console.enable_tls", str(error))
+        self.assertIn("ssl:", str(error))
