@@ -95,6 +95,7 @@ class ConsoleClient(WebSocketClientProtocol):
     factory: "ConsoleClientFactory"
 
     def onOpen(self) -> None:
+        self.factory.client = self
         self.factory.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -121,6 +122,7 @@ class ConsoleClientFactory(WebSocketClientFactory):
 
     @ivar received: binary bytes received, concatenated.
     @ivar texts: text messages received.
+    @ivar client: the protocol once the WebSocket is open.
     @ivar opened: fires with the protocol once the WebSocket is open.
     @ivar closed: fires with C{(code, reason)} once it is closed.
     """
@@ -129,6 +131,7 @@ class ConsoleClientFactory(WebSocketClientFactory):
 
     def __init__(self, url: str, reactor: Any, protocols: Optional[List[str]] = None):
         super().__init__(url, reactor=reactor, protocols=protocols)
+        self.client: Optional[ConsoleClient] = None
         self.received = b""
         self.texts: List[str] = []
         self.opened: Deferred = Deferred()
@@ -212,14 +215,8 @@ class Stack:
         return stack
 
     async def _stop(self) -> None:
-        for factory in self._clients:
-            if not factory.closed.called and factory.opened.called:
-                try:
-                    proto = factory.opened.result
-                    proto.dropConnection(abort=True)
-                except Exception:
-                    pass
-        await self.root.stopService()
+        if self.root.running:
+            await self.root.stopService()
         await self._pool.closeCachedConnections()
         for factory in self._clients:
             if factory.opened.called and not factory.closed.called:
@@ -247,14 +244,21 @@ class Stack:
         body = await response.content()
         return response.code, json.loads(body)
 
+    async def get_text(self, path: str, key: Optional[str] = None) -> Tuple[int, str]:
+        """
+        One GET; answer (status, body as text).
+        """
+        headers = {b"authorization": [b"Bearer " + key.encode()]} if key else {}
+        response = await self.http.request("GET", self.url(path), headers=headers)
+        return response.code, (await response.content()).decode("utf-8")
+
     def get_json(self, path: str, key: Optional[str] = None) -> Deferred:
         return Deferred.fromCoroutine(self.request("GET", path, key))
 
-    async def websocket(self, ws_path: str, token: str, protocols: Optional[List[str]] = None,
-                        wait_open: bool = True) -> ConsoleClientFactory:  # fmt: skip
+    async def websocket(self, ws_path: str, token: str, protocols: Optional[List[str]] = None) -> ConsoleClientFactory:
         """
         Open a console WebSocket on C{ws_path?token=...}; answer its factory
-        (C{factory.opened} has fired unless C{wait_open} is false).
+        once it is open (C{factory.client} is the protocol).
         """
         factory = ConsoleClientFactory(self.url(f"{ws_path}?token={token}", "ws"), self.reactor, protocols)
         factory.closed.addBoth(lambda r: (factory.fail_waiting(), r)[1])
@@ -263,6 +267,5 @@ class Stack:
         if self._trust is not None:
             endpoint = wrapClientTLS(optionsForClientTLS("localhost", trustRoot=self._trust), endpoint)
         await endpoint.connect(factory)
-        if wait_open:
-            await factory.opened
+        await factory.opened
         return factory

@@ -62,6 +62,7 @@ hypervisors:
 console:
   allowed_hosts: ["127.0.0.1"]
   connection_timeout: 5s
+  idle_timeout: {idle}
   enable_tls: {tls}
 logging:
   level: error
@@ -72,17 +73,23 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_text(uri: str, listen: str, tls: bool = False) -> str:
+def config_text(uri: str, listen: str, tls: bool = False, idle: str = "10m") -> str:
     """
     The config of the stack under test: two API keys (alice, ops as admin),
     one test-driver hypervisor, loopback only.
     """
     return CONFIG.format(
-        listen=listen, alice=sha256(ALICE_KEY), ops=sha256(OPS_KEY), uri=uri, tls="true" if tls else "false"
+        listen=listen, alice=sha256(ALICE_KEY), ops=sha256(OPS_KEY), uri=uri, tls="true" if tls else "false",
+        idle=idle,
     )
 
 
-def start_stack(testcase: TestCase, domains: List[str], tls_files: Optional[Tuple[str, str, bytes]] = None) -> Stack:
+def start_stack(
+    testcase: TestCase,
+    domains: List[str],
+    tls_files: Optional[Tuple[str, str, bytes]] = None,
+    idle: str = "10m",
+) -> Stack:
     """
     Write a node file holding C{domains} and start the stack on it (TLS
     with C{(key, cert, cert_pem)} when given).
@@ -92,7 +99,7 @@ def start_stack(testcase: TestCase, domains: List[str], tls_files: Optional[Tupl
     uri = node_uri(write_node_file(directory, domains))
     port = free_port()
     if tls_files is None:
-        return Stack.start(testcase, reactor, config_text(uri, f"tcp:{port}:interface=127.0.0.1"), port)
+        return Stack.start(testcase, reactor, config_text(uri, f"tcp:{port}:interface=127.0.0.1", idle=idle), port)
     key, cert, pem = tls_files
     listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
     return Stack.start(testcase, reactor, config_text(uri, listen, tls=True), port, ca_pem=pem)
@@ -103,7 +110,7 @@ async def rfb_client_handshake(testcase: TestCase, ws: ConsoleClientFactory) -> 
     The browser's (noVNC's) side of RFB 3.8 against the proxy, up to and
     including the VM's ServerInit; answer the client protocol.
     """
-    client = await ws.opened
+    client = ws.client
     got = await ws.until_length(12)
     testcase.assertEqual(got[:12], b"RFB 003.008\n")
     client.send(b"RFB 003.008\n")
@@ -136,15 +143,19 @@ def error_of(ws: ConsoleClientFactory) -> Dict[str, Any]:
     return json.loads(text)
 
 
-class FullPathVNCTests(TestCase):
+class VNCStackMixin:
     """
-    A VNC console through the whole stack against a fake RFB server that
-    demands VNC authentication.
+    Set-up of a stack whose VMs are a fake RFB server demanding VNC
+    authentication (vm-vnc), a shut-off VM, a VM whose console port refuses
+    connections and one whose console host is not allowed.
     """
 
     timeout = 20
     if libvirt is None:
         skip = "libvirt-python is not installed"
+
+    #: console.idle_timeout of the stack under test.
+    idle = "10m"
 
     async def _start(self) -> None:
         self.vnc = await FakeVNCServer.listen(self, reactor, password=VNC_PASSWORD)
@@ -157,7 +168,7 @@ class FullPathVNCTests(TestCase):
             domain_xml("vm-refuse", UUID_REFUSE, [graphics_xml("vnc", refused_port)]),
             domain_xml("vm-far", UUID_FAR, [graphics_xml("vnc", self.vnc.port, listen="127.0.0.2")]),
         ]
-        self.stack = start_stack(self, domains)
+        self.stack = start_stack(self, domains, idle=self.idle)
 
     def setUp(self) -> Deferred:
         return Deferred.fromCoroutine(self._start())
@@ -168,6 +179,12 @@ class FullPathVNCTests(TestCase):
         ws = await self.stack.websocket(info["ws_path"], info["token"])
         client = await rfb_client_handshake(self, ws)
         return info, ws, client
+
+
+class FullPathVNCTests(VNCStackMixin, TestCase):
+    """
+    A VNC console through the whole stack.
+    """
 
     async def _full_path(self) -> None:
         info, ws, client = await self._live_console()
@@ -183,6 +200,7 @@ class FullPathVNCTests(TestCase):
             },
         )
         self.assertRegex(info["token"], r"\A[0-9a-f]{64}\Z")
+        self.assertIsNone(ws.client.websocket_protocol_in_use, "noVNC offers no subprotocol")
         self.assertRegex(info["expires_at"], r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
         [session] = self.vnc.sessions
@@ -220,6 +238,12 @@ class FullPathVNCTests(TestCase):
         await session.closed
         status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
         self.assertEqual((stats["total_connections"], stats["connections"]), (0, []))
+        status, metrics = await self.stack.get_text("/metrics", key=OPS_KEY)
+        self.assertEqual(status, 200)
+        self.assertIn('vaporproxy_console_outcomes_total{code="SESSION_TERMINATED"} 1.0', metrics)
+        self.assertIn('vaporproxy_console_outcomes_total{code="TOKEN_ALREADY_USED"} 1.0', metrics)
+        self.assertIn(f"vaporproxy_console_bytes_sent_total {float(to_browser)}", metrics)
+        self.assertIn('vaporproxy_consoles_opened_total{type="vnc"} 1.0', metrics)
 
     def test_vncConsole(self) -> Deferred:
         """
@@ -229,6 +253,34 @@ class FullPathVNCTests(TestCase):
         is refused with 4003 and DELETE sessions ends the console with 4010.
         """
         return Deferred.fromCoroutine(self._full_path())
+
+    async def _other_vm(self) -> None:
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-vnc/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        ws = await self.stack.websocket(f"{VM_PATH}/vm-refuse/console/ws", info["token"])
+        self.assertEqual(await ws.closed, (4001, "INVALID_TOKEN"))
+        self.assertEqual(error_of(ws)["code"], "INVALID_TOKEN")
+        self.assertEqual(self.vnc.sessions, [])
+
+    def test_tokenForAnotherVM(self) -> Deferred:
+        """
+        When a token issued for one VM is presented on another VM's
+        WebSocket path, it closes with 4001 INVALID_TOKEN and no VM is dialled.
+        """
+        return Deferred.fromCoroutine(self._other_vm())
+
+    async def _shutdown(self) -> None:
+        _, ws, client = await self._live_console()
+        await self.stack.root.stopService()
+        self.assertEqual((await ws.closed)[0], 1001)
+        await self.vnc.sessions[0].closed
+
+    def test_shutdownClosesConsoles(self) -> Deferred:
+        """
+        When the service stops, a live console is closed with 1001 (going
+        away) and its VM connection is closed.
+        """
+        return Deferred.fromCoroutine(self._shutdown())
 
     async def _shut_off(self) -> None:
         status, answer = await self.stack.get_json(f"{VM_PATH}/vm-off/console", key=ALICE_KEY)
@@ -270,6 +322,28 @@ class FullPathVNCTests(TestCase):
         return Deferred.fromCoroutine(self._far())
 
 
+class IdleTimeoutTests(VNCStackMixin, TestCase):
+    """
+    A stack with a short idle timeout.
+    """
+
+    idle = "300ms"
+
+    async def _idle(self) -> None:
+        _, ws, client = await self._live_console()
+        self.assertEqual(await echo(ws, client, b"still here"), b"still here")
+        self.assertEqual(await ws.closed, (4011, "IDLE_TIMEOUT"))
+        self.assertEqual(error_of(ws)["code"], "IDLE_TIMEOUT")
+        await self.vnc.sessions[0].closed
+
+    def test_idleTimeout(self) -> Deferred:
+        """
+        When a console carries no bytes for idle_timeout, it is closed with
+        4011 IDLE_TIMEOUT and its VM connection is closed.
+        """
+        return Deferred.fromCoroutine(self._idle())
+
+
 def spice_link(channel_type: int, connection_id: int) -> bytes:
     """
     A SPICE link message as spice-html5 sends it (auth selection, mini header).
@@ -284,7 +358,7 @@ async def spice_link_channel(ws: ConsoleClientFactory, channel_type: int, connec
     Link one SPICE channel as spice-html5 does (with a ticket encrypted with
     a password the browser does not know); answer the link result.
     """
-    client = await ws.opened
+    client = ws.client
     client.send(spice_link(channel_type, connection_id))
     got = await ws.until_length(LINK_HEADER.size)
     magic, _, _, size = LINK_HEADER.unpack_from(got)
@@ -340,6 +414,7 @@ class FullPathSpiceTests(TestCase):
         self.assertEqual((info["type"], info["port"], info["password"]), ("spice", self.qemu.spice_port, "********"))
 
         main = await self.stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
+        self.assertEqual(main.client.websocket_protocol_in_use, "binary")
         self.assertEqual(await spice_link_channel(main, 1, 0), 0, "QEMU accepted the injected ticket")
         main.received_before_init = main.received
         got = await main.until(lambda got: main_init_session(got, len(main.received_before_init)) is not None)
@@ -350,7 +425,7 @@ class FullPathSpiceTests(TestCase):
         self.assertEqual(await spice_link_channel(display, 2, session_id), 0)
 
         wrong = await self.stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
-        (await wrong.opened).send(spice_link(2, session_id ^ 0x5A5A))
+        wrong.client.send(spice_link(2, session_id ^ 0x5A5A))
         self.assertEqual(await wrong.closed, (4003, "TOKEN_ALREADY_USED"))
 
         status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
