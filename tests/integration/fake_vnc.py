@@ -6,11 +6,13 @@ It speaks the server side of the handshake: ProtocolVersion, security
 (None, or VNC authentication whose DES response it checks with vncdotool's
 own DES code, not vaporproxy's), SecurityResult, then ServerInit once the
 client's ClientInit is in.  After that it echoes every byte it gets back to
-the client (and keeps a copy), so a test can prove bytes flow both ways.
+the client (and keeps a copy), so a test can prove bytes flow both ways;
+or, with C{stream=True}, it writes without end as fast as its transport
+lets it (a push producer paused by the transport), to test back-pressure.
 
 Usage in a trial test case::
 
-    vnc = await FakeVNCServer.listen(self, password="s3cret")
+    vnc = await FakeVNCServer.listen(self, reactor, password="s3cret")
     vnc.port, vnc.sessions[0].auth_ok, vnc.sessions[0].echoed
 """
 
@@ -20,8 +22,12 @@ import os
 import struct
 from typing import Any, List, Optional
 
+from zope.interface import implementer
+
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
 from twisted.internet.protocol import Factory, Protocol
 from vncdotool.rfb import _vnc_des, des_encrypt
 
@@ -34,8 +40,11 @@ PIXEL_FORMAT = struct.pack("!BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 
 NAME = b"fake-vnc"
 #: The ServerInit message this server sends.
 SERVER_INIT = struct.pack("!HH", WIDTH, HEIGHT) + PIXEL_FORMAT + struct.pack("!I", len(NAME)) + NAME
+#: What a streaming server writes, again and again.
+STREAM_CHUNK = b"\xa5" * 65536
 
 
+@implementer(IPushProducer)
 class FakeVNCSession(Protocol):
     """
     One RFB connection.
@@ -47,6 +56,9 @@ class FakeVNCSession(Protocol):
     @ivar auth_ok: whether the response matched the password (VNC auth).
     @ivar shared: the ClientInit shared flag.
     @ivar echoed: every byte received after ClientInit (and echoed).
+    @ivar streamed: bytes written after ServerInit (streaming server).
+    @ivar paused: whether the transport has paused the stream.
+    @ivar pauses: how many times it was paused.
     """
 
     factory: "FakeVNCServer"
@@ -61,6 +73,10 @@ class FakeVNCSession(Protocol):
         self.auth_ok: Optional[bool] = None
         self.shared: Optional[int] = None
         self.echoed = b""
+        self.streamed = 0
+        self.paused = False
+        self.pauses = 0
+        self._loop: Optional[LoopingCall] = None
         self.closed: Deferred = Deferred()
 
     def connectionMade(self) -> None:
@@ -131,11 +147,34 @@ class FakeVNCSession(Protocol):
             self.shared = got[0]
             self.transport.write(SERVER_INIT)
             self._state = "relay"
+            if self.factory.stream:
+                self._start_stream()
             rest, self._buffer = self._buffer, b""
             if rest:
                 self._echo(rest)
             return False
         return False
+
+    def _start_stream(self) -> None:
+        self.transport.registerProducer(self, True)
+        self._loop = LoopingCall(self._fill)
+        self._loop.clock = self.factory.reactor
+        self._loop.start(0.001)
+
+    def _fill(self) -> None:
+        while not self.paused and self.transport.connected:
+            self.transport.write(STREAM_CHUNK)
+            self.streamed += len(STREAM_CHUNK)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
 
     def _refuse(self, reason: bytes) -> None:
         self.transport.write(struct.pack("!I", 1) + struct.pack("!I", len(reason)) + reason)
@@ -143,6 +182,9 @@ class FakeVNCSession(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.paused = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
         self.closed.callback(None)
 
 
@@ -151,25 +193,30 @@ class FakeVNCServer(Factory):
     The listening fake VNC server.
 
     @ivar password: the VNC password (C{None}: security type None).
+    @ivar stream: whether sessions stream without end after ServerInit.
     @ivar sessions: every connection accepted, in order.
     @ivar port: the TCP port on 127.0.0.1.
     """
 
     protocol = FakeVNCSession
 
-    def __init__(self, password: Optional[str]):
+    def __init__(self, password: Optional[str], reactor: Any, stream: bool = False):
         self.password = password
+        self.reactor = reactor
+        self.stream = stream
         self.sessions: List[FakeVNCSession] = []
         self.port = 0
         self._listening: Any = None
 
     @classmethod
-    async def listen(cls, testcase: Any, reactor: Any, password: Optional[str] = None) -> "FakeVNCServer":
+    async def listen(
+        cls, testcase: Any, reactor: Any, password: Optional[str] = None, stream: bool = False
+    ) -> "FakeVNCServer":
         """
         Listen on a free port of 127.0.0.1; stopped (and every connection
         closed) in C{testcase}'s cleanup.
         """
-        server = cls(password)
+        server = cls(password, reactor, stream)
         server._listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server)
         server.port = server._listening.getHost().port
         testcase.addCleanup(server.stop)

@@ -121,7 +121,7 @@ async def rfb_client_handshake(testcase: TestCase, ws: ConsoleClientFactory) -> 
     testcase.assertEqual(got[14:18], b"\0\0\0\0", "SecurityResult OK")
     client.send(b"\x01")  # ClientInit, shared
     got = await ws.until_length(18 + len(SERVER_INIT))
-    testcase.assertEqual(got[18:], SERVER_INIT)
+    testcase.assertEqual(got[18 : 18 + len(SERVER_INIT)], SERVER_INIT)
     return client
 
 

@@ -12,12 +12,14 @@ import os
 from twisted.internet import reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from vaporproxy import tap
+from vaporproxy.bridge import _write_buffered
 
-from .fake_vnc import FakeVNCServer
+from .fake_vnc import STREAM_CHUNK, FakeVNCServer
 from .libvirt_fixtures import domain_xml, graphics_xml
 from .stack import self_signed
 from .test_full_path import (
@@ -115,6 +117,61 @@ class TLSConsoleTests(TestCase):
         both transports registered as each other's producers.
         """
         return Deferred.fromCoroutine(self._wss())
+
+
+class TLSBackPressureTests(TestCase):
+    """
+    Back-pressure through the TLS layer: a VM that streams without end, a
+    wss:// browser that stops reading.
+    """
+
+    timeout = 20
+    if libvirt is None:
+        skip = "libvirt-python is not installed"
+
+    async def _stalled(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        vnc = await FakeVNCServer.listen(self, reactor, password=VNC_PASSWORD, stream=True)
+        domains = [domain_xml("vm-tls", UUID_TLS, [graphics_xml("vnc", vnc.port, passwd=VNC_PASSWORD)])]
+        stack = start_stack(self, domains, tls_files=self_signed(directory))
+        status, info = await stack.get_json(f"{VM_PATH}/vm-tls/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        ws = await stack.websocket(info["ws_path"], info["token"])
+        client = await rfb_client_handshake(self, ws)
+        # The browser stops reading; let every socket buffer fill up.
+        fd_under(client.transport).pauseProducing()
+        await deferLater(reactor, 1.5, lambda: None)
+        [session] = vnc.sessions
+        [record] = stack.pieces["registry"].consoles()
+        console = record.owner
+        samples, streamed = [], []
+        for _ in range(5):
+            samples.append(_write_buffered(console.transport) + _write_buffered(console._backend.transport))
+            streamed.append(session.streamed)
+            await deferLater(reactor, 0.1, lambda: None)
+        # The proxy holds at most a few buffer_size (plus one read that
+        # lands after the high-water mark is crossed, grown by TLS framing).
+        self.assertLessEqual(max(samples), 3 * BUFFER_SIZE + 2 * len(STREAM_CHUNK), samples)
+        self.assertTrue(session.paused)
+        self.assertGreater(session.pauses, 0)
+        self.assertEqual(streamed[0], streamed[-1], streamed)
+        self.assertGreater(streamed[-1], 10 * max(samples))
+        # Reading again resumes the VM.
+        fd_under(client.transport).resumeProducing()
+        for _ in range(100):
+            if session.streamed > streamed[-1]:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertGreater(session.streamed, streamed[-1])
+        self.assertGreater(len(ws.received), 4 * len(STREAM_CHUNK))
+
+    def test_stalledBrowserPausesVM(self) -> Deferred:
+        """
+        When a wss:// browser stops reading, the proxy's buffers stay within
+        a few buffer_size and the VM is paused; reading again resumes it.
+        """
+        return Deferred.fromCoroutine(self._stalled())
 
 
 class TLSStartupTests(SynchronousTestCase):
