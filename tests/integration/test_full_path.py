@@ -433,11 +433,24 @@ class FullPathSpiceTests(TestCase):
         self.assertEqual((live["vm_id"], live["type"], live["channels"]), (UUID_SPICE, "spice", 2))
         self.assertEqual(stats["total_connections"], 1)
 
+        # The session ends with its main channel: its other channels close,
+        # and the session id no longer admits anyone.
+        main.client.sendClose(1000)
+        self.assertEqual((await main.closed)[0], 1000)
+        self.assertEqual((await display.closed)[0], 1000)
+        late = await self.stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
+        late.client.send(spice_link(2, session_id))
+        self.assertEqual(await late.closed, (4003, "TOKEN_ALREADY_USED"))
+        self.assertEqual(error_of(late)["code"], "TOKEN_ALREADY_USED")
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        self.assertEqual((stats["total_connections"], stats["connections"]), (0, []))
+
     def test_mainAndDisplayChannels(self) -> Deferred:
         """
         When the main channel links through the proxy (which injects the
         ticket), QEMU accepts it; a display channel with the same token and
         the session id from MAIN_INIT is admitted, one with another session
-        id is refused with 4003.
+        id is refused with 4003; once the main channel closes, the other
+        channels close and the session id admits no one.
         """
         return Deferred.fromCoroutine(self._channels())

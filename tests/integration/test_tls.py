@@ -192,3 +192,28 @@ class TLSStartupTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
         self.assertIn("console.enable_tls", str(error))
         self.assertIn("ssl:", str(error))
+
+    def test_listenOptionWithoutSSLEndpoint(self) -> None:
+        """
+        When the file listens with ssl: and enable_tls but --listen replaces
+        it with a tcp: endpoint, start-up stops with an error naming the key.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        key, cert, _ = self_signed(directory)
+        path = os.path.join(directory, "vapor.conf")
+        with open(path, "w") as f:
+            f.write(
+                "console: {enable_tls: true}\n"
+                f'server: {{listen: ["ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"]}}\n'
+            )
+        as_written = tap.Options()
+        as_written.environ = {}
+        as_written.parseOptions(["--config", path])
+        self.assertTrue(as_written["parsed"].console.enable_tls)
+        options = tap.Options()
+        options.environ = {}
+        error = self.assertRaises(
+            usage.UsageError, options.parseOptions, ["--config", path, "--listen", "tcp:0:interface=127.0.0.1"]
+        )
+        self.assertIn("console.enable_tls", str(error))
