@@ -63,6 +63,7 @@ console:
   allowed_hosts: ["127.0.0.1"]
   connection_timeout: 5s
   idle_timeout: {idle}
+  max_connections_per_vm: {per_vm}
   enable_tls: {tls}
 logging:
   level: error
@@ -73,7 +74,7 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_text(uri: str, listen: str, tls: bool = False, idle: str = "10m") -> str:
+def config_text(uri: str, listen: str, tls: bool = False, idle: str = "10m", per_vm: int = 5) -> str:
     """
     The config of the stack under test: two API keys (alice, ops as admin),
     one test-driver hypervisor, loopback only.
@@ -81,6 +82,7 @@ def config_text(uri: str, listen: str, tls: bool = False, idle: str = "10m") -> 
     return CONFIG.format(
         listen=listen, alice=sha256(ALICE_KEY), ops=sha256(OPS_KEY), uri=uri, tls="true" if tls else "false",
         idle=idle,
+        per_vm=per_vm,
     )
 
 
@@ -89,6 +91,7 @@ def start_stack(
     domains: List[str],
     tls_files: Optional[Tuple[str, str, bytes]] = None,
     idle: str = "10m",
+    per_vm: int = 5,
 ) -> Stack:
     """
     Write a node file holding C{domains} and start the stack on it (TLS
@@ -99,7 +102,7 @@ def start_stack(
     uri = node_uri(write_node_file(directory, domains))
     port = free_port()
     if tls_files is None:
-        return Stack.start(testcase, reactor, config_text(uri, f"tcp:{port}:interface=127.0.0.1", idle=idle), port)
+        return Stack.start(testcase, reactor, config_text(uri, f"tcp:{port}:interface=127.0.0.1", idle=idle, per_vm=per_vm), port)
     key, cert, pem = tls_files
     listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
     return Stack.start(testcase, reactor, config_text(uri, listen, tls=True), port, ca_pem=pem)
@@ -154,8 +157,9 @@ class VNCStackMixin:
     if libvirt is None:
         skip = "libvirt-python is not installed"
 
-    #: console.idle_timeout of the stack under test.
+    #: console.idle_timeout and max_connections_per_vm of the stack under test.
     idle = "10m"
+    per_vm = 5
 
     async def _start(self) -> None:
         self.vnc = await FakeVNCServer.listen(self, reactor, password=VNC_PASSWORD)
@@ -168,7 +172,7 @@ class VNCStackMixin:
             domain_xml("vm-refuse", UUID_REFUSE, [graphics_xml("vnc", refused_port)]),
             domain_xml("vm-far", UUID_FAR, [graphics_xml("vnc", self.vnc.port, listen="127.0.0.2")]),
         ]
-        self.stack = start_stack(self, domains, idle=self.idle)
+        self.stack = start_stack(self, domains, idle=self.idle, per_vm=self.per_vm)
 
     def setUp(self) -> Deferred:
         return Deferred.fromCoroutine(self._start())
@@ -320,6 +324,38 @@ class FullPathVNCTests(VNCStackMixin, TestCase):
         info answers 403 and no token is issued.
         """
         return Deferred.fromCoroutine(self._far())
+
+
+class LimitTests(VNCStackMixin, TestCase):
+    """
+    A stack with one console per VM.
+    """
+
+    per_vm = 1
+
+    async def _limit(self) -> None:
+        _, first, client = await self._live_console()
+        # Console info issues a token; the limit is enforced when it is used.
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-vnc/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        second = await self.stack.websocket(info["ws_path"], info["token"])
+        self.assertEqual(await second.closed, (4007, "MAX_CONNECTIONS_REACHED"))
+        self.assertEqual(error_of(second)["code"], "MAX_CONNECTIONS_REACHED")
+        self.assertEqual(len(self.vnc.sessions), 1, "the refused console never reaches the VM")
+        self.assertEqual(await echo(first, client, b"first still works"), b"first still works")
+        client.sendClose(1000)
+        await first.closed
+        await self.vnc.sessions[0].closed
+        _, again, client = await self._live_console()
+        self.assertEqual(await echo(again, client, b"slot given back"), b"slot given back")
+
+    def test_perVMLimit(self) -> Deferred:
+        """
+        When a VM already has max_connections_per_vm consoles, another one
+        is refused with MAX_CONNECTIONS_REACHED before reaching the VM, and
+        the slot is usable again once the first console closes.
+        """
+        return Deferred.fromCoroutine(self._limit())
 
 
 class IdleTimeoutTests(VNCStackMixin, TestCase):

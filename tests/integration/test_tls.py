@@ -75,6 +75,8 @@ class TLSConsoleTests(TestCase):
         status, info = await self.stack.get_json(f"{VM_PATH}/vm-tls/console", key=ALICE_KEY)
         self.assertEqual(status, 200, info)
         self.assertEqual((info["type"], info["tls_enabled"], info["password"]), ("vnc", True, "********"))
+        status, ready = await self.stack.get_json("/readyz")
+        self.assertEqual(status, 200, ready)
         ws = await self.stack.websocket(info["ws_path"], info["token"])
         client = await rfb_client_handshake(self, ws)
         [session] = self.vnc.sessions
