@@ -22,11 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
-from vncdotool.rfb import _vnc_des, des_encrypt
 
 from vaporproxy.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT
 
-from .fake_vnc import SERVER_INIT, FakeVNCServer
+from .fake_vnc import SERVER_INIT, FakeVNCServer, expected_response
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_fixture import start_qemu
 from .stack import ConsoleClientFactory, Stack, free_port
@@ -210,7 +209,7 @@ class FullPathVNCTests(VNCStackMixin, TestCase):
         [session] = self.vnc.sessions
         self.assertEqual(session.security_type, 2)
         self.assertTrue(session.auth_ok)
-        self.assertEqual(session.response, des_encrypt(_vnc_des(VNC_PASSWORD), session.challenge))
+        self.assertEqual(session.response, expected_response(VNC_PASSWORD, session.challenge))
         self.assertEqual(session.shared, 1)
 
         self.assertEqual(await echo(ws, client, b"keys and pointer"), b"keys and pointer")
