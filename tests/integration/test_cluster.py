@@ -7,6 +7,7 @@ RFB echo server in this test process; the SPICE VM is a real QEMU.
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -66,6 +67,7 @@ class ClusterTests(TestCase):
         self.redis.start()
         self.addCleanup(self.redis.cleanup)
         self.directory = new_directory()
+        self.addCleanup(shutil.rmtree, self.directory, True)
         self.http = HTTP()
         self.clients: List[Any] = []
         self.proxies: List[ProxyProcess] = []
