@@ -327,6 +327,8 @@ class WSClient(WebSocketClientProtocol):
         d: Deferred = Deferred()
         if len(self.received) >= n:
             d.callback(self.received)
+        elif self.factory.closed.called:
+            d.errback(AssertionError(f"closed before {n} bytes arrived"))
         else:
             self.waiting.append((n, d))
             d.addTimeout(timeout, reactor)
