@@ -23,7 +23,6 @@ logged (only the first 12 hex digits of its SHA-256).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
 import json
 import os
@@ -44,7 +43,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import File
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from vaporproxy.config import ApiKey, Config
+from vaporproxy.auth import Authenticator, Principal
+from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.interfaces import CONSOLE_TYPES, Grant
 
@@ -209,12 +209,20 @@ class ConsoleAPI:
 
     def reload(self, config: Config) -> None:
         """
-        Take a new configuration: API keys, trusted proxies, the TLS flag,
-        client-IP binding.  Live consoles are not touched.  (The bridge
-        factory is reloaded by its owner.)
+        Take a new configuration: API keys and JWT settings (the JWT key
+        file is read again), trusted proxies, the TLS flag, client-IP
+        binding.  Live consoles are not touched.  (The bridge factory is
+        reloaded by its owner.)
+
+        @raise vaporproxy.config.ConfigError: when the JWT key cannot be
+            loaded; nothing changes then.
         """
+        authenticator: Optional[Authenticator] = getattr(self, "_auth", None)
+        if authenticator is None:
+            self._auth = Authenticator(config.auth, self._reactor)
+        else:
+            authenticator.reload(config.auth)
         self._config = config
-        self._api_keys: Sequence[ApiKey] = tuple(config.auth.api_keys)
 
     # -- helpers -------------------------------------------------------------
 
@@ -243,39 +251,22 @@ class ConsoleAPI:
             return b""
         return credential.strip()
 
-    def _match_key(self, credential: bytes) -> Optional[ApiKey]:
+    def _authenticate(self, request: IRequest) -> Principal:
         """
-        The configured key whose SHA-256 matches C{credential}.  Compares
-        against every key in constant time per key.
+        The caller of C{request}: an API key or a JWT (L{Authenticator}).
+
+        @raise ConsoleError: UNAUTHORIZED (401) when unknown.
         """
-        if not credential:
-            return None
-        digest = hashlib.sha256(credential).hexdigest()
-        found: Optional[ApiKey] = None
-        for key in self._api_keys:
-            if hmac.compare_digest(digest, key.sha256.lower()) and found is None:
-                found = key
-        return found
+        return self._auth.authenticate(request.getHeader(b"authorization"))
 
-    def _authenticate(self, request: IRequest) -> ApiKey:
-        credential = self._presented_key(request)
-        key = self._match_key(credential) if credential else None
-        if key is None:
-            self.log.info(
-                "rejected API request: {why}",
-                why="no credential" if credential is None else "unknown credential",
-            )
-            raise ConsoleError(ErrorCode.UNAUTHORIZED)
-        return key
-
-    def _require_admin(self, request: IRequest) -> ApiKey:
+    def _require_admin(self, request: IRequest) -> Principal:
         key = self._authenticate(request)
         if not key.admin:
             raise ConsoleError(ErrorCode.UNAUTHORIZED, "Administrator access required", http_status=403)
         return key
 
     @staticmethod
-    def _key_allows(key: ApiKey, *names: str) -> bool:
+    def _key_allows(key: Principal, *names: str) -> bool:
         return any(fnmatchcase(name, pattern) for pattern in key.vms for name in names if name)
 
     @staticmethod
