@@ -81,9 +81,36 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class VncTLSConfig:
+    """
+    VeNCrypt (VNC over TLS with X.509) towards a hypervisor's VMs.
+
+    @ivar ca_file: PEM CA certificate(s) the VM's certificate must chain
+        to; C{None} uses the system trust store.
+    @ivar cert_file: optional PEM client certificate the proxy presents.
+    @ivar key_file: the client certificate's PEM key (default: C{cert_file}).
+    @ivar verify: check the VM's certificate and name; C{False} only when
+        set explicitly.
+    @ivar server_name: the name the certificate must carry; C{None} means
+        the host name or address the proxy dials.
+    @ivar allow_anonymous: also accept the anonymous-TLS sub-types (TLSVnc,
+        TLSNone), which do not authenticate the VM.
+    """
+
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    verify: bool = True
+    server_name: Optional[str] = None
+    allow_anonymous: bool = False
+
+
+@dataclass(frozen=True)
 class HypervisorConfig:
     uri: str
     console_host: Optional[str] = None
+    # None: a VM that wants VeNCrypt is refused with a clear reason.
+    vnc_tls: Optional[VncTLSConfig] = None
 
 
 @dataclass(frozen=True)
@@ -536,6 +563,40 @@ def _parse_auth(raw: Any) -> AuthConfig:
     return _section("auth", raw, AuthConfig, {"api_keys": _parse_api_keys, "jwt": _parse_jwt})
 
 
+def _parse_pem_file(key: str, value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    path = parse_str(key, value)
+    if not os.path.isfile(path):
+        raise _bad(key, value, "a readable file", "expected the path of an existing PEM file")
+    return path
+
+
+def _parse_vnc_tls(key: str, raw: Any) -> Optional[VncTLSConfig]:
+    if raw is None:
+        return None
+    tls = _section(
+        key,
+        raw,
+        VncTLSConfig,
+        {
+            "ca_file": _parse_pem_file,
+            "cert_file": _parse_pem_file,
+            "key_file": _parse_pem_file,
+            "verify": parse_bool,
+            "server_name": lambda k, v: None if v is None else parse_host(k, v),
+            "allow_anonymous": parse_bool,
+        },
+    )
+    if tls.key_file is not None and tls.cert_file is None:
+        raise ConfigError(f"{key}.key_file: needs {key}.cert_file (expected both, or only cert_file holding both)")
+    if not tls.verify and (tls.ca_file is not None or tls.server_name is not None):
+        raise ConfigError(
+            f"{key}.verify: False ignores ca_file and server_name (expected verify: true, or no ca_file/server_name)"
+        )
+    return tls
+
+
 def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
     return _section(
         key,
@@ -544,6 +605,7 @@ def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
         {
             "uri": parse_libvirt_uri,
             "console_host": lambda k, v: None if v is None else parse_host(k, v),
+            "vnc_tls": _parse_vnc_tls,
         },
         required=("uri",),
     )

@@ -10,6 +10,15 @@ L{RFBGuard.server_connected}), and the guard answers through its sink
 called C{established()} the bridge relays raw bytes and never calls the guard
 again.
 
+VeNCrypt (security type 19) runs TLS on the VM connection itself: after the
+VeNCrypt negotiation the guard calls the sink's C{start_tls(creator)} and the
+bridge answers with C{transport.startTLS(creator)}; from then on
+C{server_data} gets plaintext.  The X.509 settings of a hypervisor are loaded
+once into a L{VncTLS} (see L{vnc_tls_by_uri}); L{VncTLS.for_host} gives the
+L{VeNCryptTLS} the guard takes for one connection.  When the VM connection
+closes during the handshake the bridge calls C{server_lost(reason)}, so a
+failed TLS handshake is logged with OpenSSL's reason.
+
 This module also holds L{StepReader}, the small incremental parser both
 guards use: a parsing generator yields how many bytes it needs next (or a
 condition to wait for) and gets those bytes back, so any fragmentation of
@@ -20,12 +29,29 @@ from __future__ import annotations
 
 import re
 import struct
-from collections import deque
-from typing import Callable, Deque, Generator, Optional, Tuple, Union
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Tuple, Union
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    KeyPair,
+    PrivateCertificate,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from vaporproxy.config import ConfigError, HypervisorConfig, VncTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 
 try:  # cryptography >= 43 moved TripleDES to the "decrepit" package.
@@ -62,6 +88,23 @@ SEC_INVALID = 0
 SEC_NONE = 1
 SEC_VNC_AUTH = 2
 SEC_VENCRYPT = 19
+
+#: VeNCrypt sub-types (the VeNCrypt specification; QEMU's vnc.h).
+VENCRYPT_PLAIN = 256
+VENCRYPT_TLS_NONE = 257
+VENCRYPT_TLS_VNC = 258
+VENCRYPT_TLS_PLAIN = 259
+VENCRYPT_X509_NONE = 260
+VENCRYPT_X509_VNC = 261
+VENCRYPT_X509_PLAIN = 262
+VENCRYPT_TLS_SASL = 263
+VENCRYPT_X509_SASL = 264
+#: Sub-types whose inner authentication is the VNC DES challenge.
+_VENCRYPT_VNC_AUTH = (VENCRYPT_X509_VNC, VENCRYPT_TLS_VNC)
+#: Anonymous-TLS sub-types (unauthenticated server, only with allow_anonymous).
+_VENCRYPT_ANONYMOUS = (VENCRYPT_TLS_VNC, VENCRYPT_TLS_NONE)
+#: The most sub-types a VM may list (the count is one byte anyway).
+MAX_VENCRYPT_SUBTYPES = 255
 
 #: Unconsumed bytes a side may have buffered before the guard gives up.
 MAX_CLIENT_BUFFER = 64 * 1024
@@ -285,19 +328,31 @@ class RFBGuard:
     held until the VM side is authenticated, then forwarded, and the guard
     calls C{established()}.
 
+    With a L{VeNCryptTLS} the guard also speaks VeNCrypt (security type 19)
+    to the VM: TLS with a verified X.509 certificate, then VNC
+    authentication (X509Vnc) or none (X509None) inside it.  Without one a
+    VM that only offers VeNCrypt is refused.
+
     @param sink: the bridge (C{send_to_client}, C{send_to_server},
-        C{established}, C{fail}).
+        C{established}, C{fail}, and C{start_tls(creator)} for VeNCrypt).
     @param password: the console password, or C{None} when there is none.
+    @param tls: the TLS settings for this VM, or C{None} (no VeNCrypt).
+
+    @ivar vencrypt_subtype: the VeNCrypt sub-type in use, or C{None}.
     """
 
-    def __init__(self, sink: object, password: Optional[str]):
+    def __init__(self, sink: object, password: Optional[str], tls: Optional["VeNCryptTLS"] = None):
         self._password = password if password else None
+        self._tls = tls
         self._out = SinkQueue(sink)
         self._started = False
         self._server_done = False
+        self._tls_started = False
+        self._tls_data = False
         self.client_version: Optional[int] = None
         self.server_version: Optional[int] = None
         self.security_type: Optional[int] = None
+        self.vencrypt_subtype: Optional[int] = None
         self._client = StepReader(
             self._client_steps(),
             MAX_CLIENT_BUFFER,
@@ -332,9 +387,29 @@ class RFBGuard:
 
     def server_data(self, data: bytes) -> None:
         """
-        Bytes from the VM.
+        Bytes from the VM (plaintext once C{start_tls} was called).
         """
+        if self._tls_started and data:
+            self._tls_data = True
         self._run(lambda: self._server.feed(data))
+
+    def server_lost(self, reason: object = None) -> None:
+        """
+        The VM connection closed before the handshake was over: fail with
+        CONNECTION_FAILED and a log reason saying why, in particular why a
+        TLS handshake failed.
+
+        @param reason: the C{connectionLost} reason (a L{Failure} or an
+            exception), or C{None}.
+        """
+
+        def lost() -> None:
+            detail = describe_connection_lost(reason)
+            if self._tls_started and not self._tls_data:
+                raise _server_failure("TLS handshake with the VM failed: %s" % (detail,))
+            raise _server_failure("VM closed the connection during the handshake: %s" % (detail,))
+
+        self._run(lost)
 
     # -- internals ---------------------------------------------------------
 
@@ -411,11 +486,17 @@ class RFBGuard:
             out.emit("send_to_server", bytes([chosen]))
         self.security_type = chosen
 
-        if chosen == SEC_VNC_AUTH:
+        vnc_auth = chosen == SEC_VNC_AUTH
+        if chosen == SEC_VENCRYPT:
+            yield from self._vencrypt_steps()
+            vnc_auth = self.vencrypt_subtype in _VENCRYPT_VNC_AUTH
+        if vnc_auth:
             challenge = yield 16
             assert self._password is not None
             out.emit("send_to_server", vnc_auth_response(self._password, challenge))
-        if chosen == SEC_VNC_AUTH or version == 8:
+        # After VNC auth and VeNCrypt a SecurityResult always follows; after
+        # None only in RFB 3.8.
+        if chosen != SEC_NONE or version == 8:
             result = _u32((yield 4))
             if result != 0:
                 detail = ""
@@ -424,10 +505,75 @@ class RFBGuard:
                 raise _server_failure("%s: %s" % (AUTH_FAILED, detail or result))
         self._server_done = True
 
+    def _vencrypt_steps(self) -> Generator[Need, Optional[bytes], None]:
+        """
+        The VeNCrypt negotiation up to the TLS handshake: version 0.2,
+        sub-type choice, the VM's acceptance, then C{start_tls}.
+        """
+        out = self._out
+        major, minor = yield 2
+        if (major, minor) < (0, 2):
+            raise _server_failure("VM speaks VeNCrypt %d.%d (0.2 needed)" % (major, minor))
+        out.emit("send_to_server", b"\x00\x02")
+        if (yield 1)[0] != 0:
+            raise _server_failure("VM refused VeNCrypt version 0.2")
+        count = (yield 1)[0]
+        if count == 0:
+            raise _server_failure("VM offered no VeNCrypt sub-type")
+        raw = yield 4 * count
+        offered = list(struct.unpack("!%dI" % (count,), raw))
+        subtype, creator = self._choose_subtype(offered)
+        out.emit("send_to_server", struct.pack("!I", subtype))
+        ack = (yield 1)[0]
+        if ack != 1:
+            raise _server_failure("VM refused VeNCrypt sub-type %s (answer %d)" % (subtype_name(subtype), ack))
+        if self._server.buffered():
+            # The client speaks first in TLS; anything here is not the VM's.
+            raise _server_failure("VM sent data before the TLS handshake")
+        self.vencrypt_subtype = subtype
+        self._tls_started = True
+        log.debug("VeNCrypt: {subtype}, starting TLS", subtype=subtype_name(subtype))
+        out.emit("start_tls", creator)
+
+    def _choose_subtype(self, offered: List[int]) -> Tuple[int, Any]:
+        """
+        Pick the VeNCrypt sub-type and the TLS connection creator for it:
+        X509Vnc when a password is known, else X509None; the anonymous TLS
+        ones only when the configuration allows them.
+        """
+        tls = self._tls
+        assert tls is not None
+        wanted: List[int] = []
+        if self._password is not None:
+            wanted.append(VENCRYPT_X509_VNC)
+        wanted.append(VENCRYPT_X509_NONE)
+        if tls.anonymous is not None:
+            if self._password is not None:
+                wanted.append(VENCRYPT_TLS_VNC)
+            wanted.append(VENCRYPT_TLS_NONE)
+        for subtype in wanted:
+            if subtype in offered:
+                creator = tls.anonymous if subtype in _VENCRYPT_ANONYMOUS else tls.creator
+                return subtype, creator
+        names = ", ".join(subtype_name(t) for t in offered)
+        if self._password is None and any(t in _VENCRYPT_VNC_AUTH for t in offered):
+            raise _server_failure(
+                "console wants VNC authentication inside VeNCrypt but no password is known (offered: %s)" % (names,)
+            )
+        if tls.anonymous is None and any(t in _VENCRYPT_ANONYMOUS for t in offered):
+            raise _server_failure(
+                "VM offers only anonymous TLS (unauthenticated; allow_anonymous is off): %s" % (names,)
+            )
+        raise _server_failure("no acceptable VeNCrypt sub-type among: %s" % (names,))
+
     def _choose(self, offered: list) -> int:
         """
-        Pick the security type to use with the VM.
+        Pick the security type to use with the VM: VeNCrypt when TLS is
+        configured, then VNC authentication when a password is known, then
+        None.
         """
+        if self._tls is not None and SEC_VENCRYPT in offered:
+            return SEC_VENCRYPT
         if self._password is not None and SEC_VNC_AUTH in offered:
             return SEC_VNC_AUTH
         if SEC_NONE in offered:
@@ -435,5 +581,181 @@ class RFBGuard:
         if SEC_VNC_AUTH in offered:
             raise _server_failure("console wants VNC authentication but no password is known")
         if SEC_VENCRYPT in offered:
-            raise _server_failure("VeNCrypt (security type 19) is not supported yet")
+            raise _server_failure(
+                "VM wants VeNCrypt (security type 19) but no vnc_tls is configured for its hypervisor"
+            )
         raise _server_failure("no supported security type among %r" % (offered,))
+
+
+_SUBTYPE_NAMES = {
+    VENCRYPT_PLAIN: "Plain",
+    VENCRYPT_TLS_NONE: "TLSNone",
+    VENCRYPT_TLS_VNC: "TLSVnc",
+    VENCRYPT_TLS_PLAIN: "TLSPlain",
+    VENCRYPT_X509_NONE: "X509None",
+    VENCRYPT_X509_VNC: "X509Vnc",
+    VENCRYPT_X509_PLAIN: "X509Plain",
+    VENCRYPT_TLS_SASL: "TLSSASL",
+    VENCRYPT_X509_SASL: "X509SASL",
+}
+
+
+def subtype_name(subtype: int) -> str:
+    """
+    A VeNCrypt sub-type for log lines, e.g. C{"X509Vnc (261)"}.
+    """
+    name = _SUBTYPE_NAMES.get(subtype)
+    return "%s (%d)" % (name, subtype) if name else str(subtype)
+
+
+def describe_connection_lost(reason: object) -> str:
+    """
+    A one-line log description of why a connection closed: OpenSSL's
+    reasons for a TLS error (e.g. C{certificate verify failed}), the
+    message of a hostname mismatch, or the exception's name.
+    """
+    value = reason.value if isinstance(reason, Failure) else reason
+    if value is None:
+        return "connection closed"
+    if isinstance(value, SSL.Error):
+        parts = []
+        for item in value.args[0] if value.args and isinstance(value.args[0], list) else ():
+            if isinstance(item, tuple) and item:
+                parts.append(str(item[-1]))
+        if parts:
+            return "; ".join(parts)[:300]
+    text = str(value).strip().splitlines()[0] if str(value).strip() else ""
+    name = type(value).__name__
+    return ("%s: %s" % (name, text) if text else name)[:300]
+
+
+# ---------------------------------------------------------------------------
+# TLS settings (VeNCrypt)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VeNCryptTLS:
+    """
+    What the guard needs for VeNCrypt with one VM connection.
+
+    @ivar creator: the connection creator for the X.509 sub-types (checks
+        the VM's certificate unless verification is off); the guard hands it
+        to the sink's C{start_tls}.
+    @ivar anonymous: the creator for the anonymous-TLS sub-types (TLSVnc,
+        TLSNone), or C{None} when they are refused.
+    """
+
+    creator: Any
+    anonymous: Any = None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class AnonymousTLSCreator:
+    """
+    TLS 1.2 with anonymous Diffie-Hellman only (what VeNCrypt's TLSNone and
+    TLSVnc use): encrypted but unauthenticated, so only used when
+    C{allow_anonymous} is set.
+    """
+
+    def __init__(self) -> None:
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(b"aNULL:!eNULL:@SECLEVEL=0")
+        self._context = context
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{key}: {path!r} cannot be read ({e.strerror or e})") from None
+
+
+def _load_certificates(key: str, path: str) -> List[Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(_read(key, path))
+    except ValueError:
+        raise ConfigError(f"{key}: {path!r} is not a PEM certificate file (expected one or more CERTIFICATE blocks)") from None
+    return [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates]
+
+
+class VncTLS:
+    """
+    The VeNCrypt TLS settings of one hypervisor's VMs, with the files read
+    once.  L{for_host} gives what the guard needs for one connection.
+
+    @param config: the hypervisor's C{vnc_tls} section.
+    @param key: the dotted config key, for error messages.
+    @raise ConfigError: when a file cannot be read or parsed.
+    """
+
+    #: How many per-host connection creators are kept.
+    CACHE_SIZE = 256
+
+    def __init__(self, config: VncTLSConfig, key: str = "vnc_tls"):
+        self.config = config
+        self._trust: Any = None
+        if config.verify:
+            if config.ca_file is None:
+                self._trust = platformTrust()
+            else:
+                self._trust = trustRootFromCertificates(_load_certificates(f"{key}.ca_file", config.ca_file))
+        self._client: Optional[PrivateCertificate] = None
+        if config.cert_file is not None:
+            certificates = _load_certificates(f"{key}.cert_file", config.cert_file)
+            key_file = config.key_file or config.cert_file
+            try:
+                pair = KeyPair.load(_read(f"{key}.key_file", key_file), 1)  # FILETYPE_PEM
+            except Exception:
+                raise ConfigError(f"{key}.key_file: {key_file!r} is not a PEM private key") from None
+            self._client = PrivateCertificate.fromCertificateAndKeyPair(certificates[0], pair)
+        self._anonymous = AnonymousTLSCreator() if config.allow_anonymous else None
+        self._unverified: Any = None
+        self._creators: "OrderedDict[str, Any]" = OrderedDict()
+
+    def for_host(self, host: str) -> VeNCryptTLS:
+        """
+        The TLS settings for a connection to C{host} (the host name or
+        address dialled; the certificate must name it unless C{server_name}
+        is configured, or verification is off).
+        """
+        return VeNCryptTLS(creator=self._creator(self.config.server_name or host), anonymous=self._anonymous)
+
+    def _creator(self, name: str) -> Any:
+        if not self.config.verify:
+            if self._unverified is None:
+                extra: Dict[str, Any] = {}
+                if self._client is not None:
+                    extra = {"privateKey": self._client.privateKey.original, "certificate": self._client.original}
+                self._unverified = CertificateOptions(verify=False, **extra)
+            return self._unverified
+        creator = self._creators.get(name)
+        if creator is None:
+            creator = optionsForClientTLS(name, trustRoot=self._trust, clientCertificate=self._client)
+            self._creators[name] = creator
+            while len(self._creators) > self.CACHE_SIZE:
+                self._creators.popitem(last=False)
+        else:
+            self._creators.move_to_end(name)
+        return creator
+
+
+def vnc_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, VncTLS]:
+    """
+    The loaded VeNCrypt settings of every hypervisor that has a
+    C{vnc_tls} section, by hypervisor URI (what L{VMConsoles.hypervisor}
+    holds).
+
+    @raise ConfigError: when a certificate or key file is unusable.
+    """
+    found: Dict[str, VncTLS] = {}
+    for i, hypervisor in enumerate(hypervisors):
+        if hypervisor.vnc_tls is not None:
+            found[hypervisor.uri] = VncTLS(hypervisor.vnc_tls, f"hypervisors[{i}].vnc_tls")
+    return found

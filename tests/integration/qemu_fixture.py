@@ -10,6 +10,9 @@ Usage in a trial test case::
 C{start_qemu} skips the test (C{SkipTest}) only when C{qemu-system-x86_64}
 is absent, and registers a cleanup that kills the process it started.
 
+With C{vnc_tls_dir} (see L{write_x509_credentials}) the VNC server speaks
+VeNCrypt with X.509 (C{tls-creds-x509}, no client certificate asked for).
+
 The machine is diskless and runs TCG: its screen shows SeaBIOS.  QMP is
 spoken with a blocking socket: the calls take milliseconds and are made in
 set-up, outside the code under test.
@@ -24,7 +27,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from datetime import datetime, timedelta, timezone
+from ipaddress import ip_address
+from typing import Any, Dict, Optional, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from twisted.trial.unittest import SkipTest
 
@@ -135,6 +145,88 @@ class QemuProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_x509_credentials(
+    directory: str,
+    names: Sequence[str] = ("127.0.0.1",),
+    ca_name: str = "vaporproxy test CA",
+) -> Dict[str, str]:
+    """
+    Write a fresh CA and a server certificate it signs, in the layout
+    QEMU's C{tls-creds-x509} reads: C{ca-cert.pem}, C{server-cert.pem},
+    C{server-key.pem}.  C{names} go in the subject alternative name (IP
+    addresses as IP entries) and the first one in the common name.
+
+    @return: the paths by file name (and C{"ca-key.pem"}).
+    """
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.now(timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(ca_name))
+        .issuer_name(_name(ca_name))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    alt_names = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = {
+        "ca-cert.pem": ca_cert.public_bytes(serialization.Encoding.PEM),
+        "ca-key.pem": _key_pem(ca_key),
+        "server-cert.pem": server_cert.public_bytes(serialization.Encoding.PEM),
+        "server-key.pem": _key_pem(server_key),
+    }
+    paths = {}
+    for name, data in files.items():
+        path = os.path.join(directory, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        paths[name] = path
+    return paths
+
+
 def qemu_available() -> Optional[str]:
     """
     The path of C{qemu-system-x86_64}, or C{None} when it is not installed.
@@ -146,10 +238,15 @@ def start_qemu(
     testcase: Any,
     vnc_password: Optional[str] = None,
     spice_password: Optional[str] = None,
+    vnc_tls_dir: Optional[str] = None,
 ) -> QemuProcess:
     """
     Start a QEMU with VNC (C{password=on}) and SPICE on 127.0.0.1 and set
     the given passwords over QMP.  Cleaned up with C{testcase.addCleanup}.
+
+    @param vnc_tls_dir: a directory of X.509 credentials (see
+        L{write_x509_credentials}); the VNC server then offers VeNCrypt
+        (X509Vnc) only.
 
     @raise SkipTest: when QEMU is not installed.
     """
@@ -159,6 +256,9 @@ def start_qemu(
     workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
     qmp_path = os.path.join(workdir, "qmp.sock")
     spice_port = free_port()
+    tls_args = []
+    if vnc_tls_dir is not None:
+        tls_args = ["-object", "tls-creds-x509,id=tls0,dir=%s,endpoint=server,verify-peer=off" % (vnc_tls_dir,)]
     args = [
         binary,
         "-machine", "pc,accel=tcg",
@@ -166,7 +266,8 @@ def start_qemu(
         "-nodefaults",
         "-vga", "std",
         "-display", "none",
-        "-vnc", "127.0.0.1:10,to=90,password=on",
+        *tls_args,
+        "-vnc", "127.0.0.1:10,to=90,password=on" + (",tls-creds=tls0" if vnc_tls_dir else ""),
         "-spice", "port=%d,addr=127.0.0.1" % (spice_port,),
         "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
     ]

@@ -50,6 +50,8 @@ class BackendClient(Protocol):
             self.sink.guard.server_data(data)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if not self.sink.is_established and hasattr(self.sink.guard, "server_lost"):
+            self.sink.guard.server_lost(reason)
         self.sink.finish("backend closed")
         self.sink.closed.callback(None)
 
@@ -57,7 +59,8 @@ class BackendClient(Protocol):
 class LoopSink:
     """
     A guard sink on the real reactor: server bytes go to the QEMU
-    connection, client bytes to a scripted browser.
+    connection, client bytes to a scripted browser; C{start_tls} starts TLS
+    on the QEMU connection, as the bridge does.
 
     @ivar done: fires with C{"established"} or the failure's L{ErrorCode}
         once the handshake ends, or with C{"relayed"} once
@@ -103,6 +106,10 @@ class LoopSink:
 
     def send_to_server(self, data: bytes) -> None:
         self.transport.write(data)
+
+    def start_tls(self, creator: Any) -> None:
+        self.events.append(("start_tls",))
+        self.transport.startTLS(creator)
 
     def admit(self, is_main: bool) -> None:
         self.events.append(("admit", is_main))
