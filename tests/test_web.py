@@ -31,7 +31,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from vaporproxy import web
-from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig
+from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig
 from vaporproxy.hosts import HostPolicy
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, Outcome, VMConsoles
@@ -920,3 +920,82 @@ class ClusterTests(APITestCase):
         self.h = Harness()
         response, body = self.json_request("GET", "/api/v1/console/stats", ADMIN_KEY)
         self.assertEqual(set(body), {"total_connections", "total_tokens", "connections_per_vm", "connections"})
+
+
+class JWTRouteTests(APITestCase):
+    """
+    Routes called with JWT bearer tokens (ES256, key generated at run time).
+    """
+
+    def setUp(self) -> None:
+        import tempfile
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        super().setUp()
+        self.signing_key = ec.generate_private_key(ec.SECP256R1())
+        public = self.signing_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        fd, self.key_path = tempfile.mkstemp(prefix="vapor-jwt-", suffix=".pem")
+        self.addCleanup(os.remove, self.key_path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(public)
+        self.config = replace(
+            CONFIG,
+            auth=AuthConfig(
+                api_keys=KEYS, jwt=JWTConfig(("ES256",), self.key_path, issuer="https://sso", audience="vaporproxy")
+            ),
+        )
+        self.h = Harness(self.config)
+
+    def jwt(self, **claims: Any) -> str:
+        import jwt
+
+        payload = {"sub": "carol", "iss": "https://sso", "aud": "vaporproxy", "exp": int(NOW) + 300, "vms": ["web-*"]}
+        payload.update(claims)
+        return jwt.encode(payload, self.signing_key, algorithm="ES256")
+
+    def test_console(self) -> None:
+        """When a valid JWT allows the VM, a console token is issued to the JWT's subject."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt())
+        self.assertEqual(response.code, 200)
+        grant = self.successResultOf(self.h.store.redeem(body["token"], "web-1", None)).grant
+        self.assertEqual((grant.vm_uuid, grant.user), (WEB_UUID, "carol"))
+
+    def test_vm_not_allowed(self) -> None:
+        """When a valid JWT's vms claim does not cover the VM, the answer is 403."""
+        response, body = self.json_request("GET", f"{VMS}/db-1/console", self.jwt())
+        self.assertError(response, body, 403, ErrorCode.UNAUTHORIZED)
+
+    def test_expired(self) -> None:
+        """When the JWT has expired, the answer is 401 with a Bearer challenge and the token is not logged."""
+        token = self.jwt(exp=int(NOW) - 120)
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", token)
+        self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
+        self.assertTrue(response.headers.getRawHeaders("www-authenticate")[0].startswith("Bearer"))
+        self.assertNotIn(token, self.logged_text())
+
+    def test_stats_needs_admin(self) -> None:
+        """When a non-admin JWT asks for stats the answer is 403; with the admin role it is 200."""
+        response, body = self.json_request("GET", "/api/v1/console/stats", self.jwt())
+        self.assertError(response, body, 403, ErrorCode.UNAUTHORIZED)
+        response, _ = self.json_request("GET", "/api/v1/console/stats", self.jwt(roles=["vaporproxy:admin"]))
+        self.assertEqual(response.code, 200)
+
+    def test_api_keys_still_work(self) -> None:
+        """When JWT is on, API keys are accepted as before."""
+        response, _ = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
+        self.assertEqual(response.code, 200)
+
+    def test_bad_reload_keeps_auth(self) -> None:
+        """When a reload names a missing JWT key file, it raises and the old settings stay."""
+        from vaporproxy.config import ConfigError
+
+        bad = replace(self.config, auth=AuthConfig(jwt=JWTConfig(("ES256",), self.key_path + ".missing")))
+        self.assertRaises(ConfigError, self.h.api.reload, bad)
+        response, _ = self.json_request("GET", f"{VMS}/web-1/console", self.jwt())
+        self.assertEqual(response.code, 200)
+        response, _ = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
+        self.assertEqual(response.code, 200)
