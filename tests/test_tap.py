@@ -188,11 +188,29 @@ class MakeServiceTests(SynchronousTestCase):
         root = self.make()
         self.assertIsInstance(root.pieces["token_store"], RedisTokenStore)
         self.assertIsInstance(root.pieces["limiter"], RedisLimiter)
+        root.startService()
         self.assertEqual({(host, port) for host, port, *_ in self.reactor.tcpClients}, {("127.0.0.1", 6390)})
+
+    def test_redisWaitsForStart(self) -> None:
+        """
+        When the service tree is built with the Redis backend, nothing dials Redis or runs a timer until startService (twistd forks in between).
+        """
+        write(self.path, CONFIG + "tokens: {backend: redis, redis_url: 'redis://127.0.0.1:6390/0'}\n")
+        root = self.make()
+        services = list(root)
+        redis = services.index(root.getServiceNamed("redis"))
+        listeners = [i for i, s in enumerate(services) if isinstance(s, StreamServerEndpointService)]
+        self.assertLess(redis, min(listeners))  # started before, stopped after the listeners
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        root.startService()
+        # The command connection and the pub/sub connection.
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertNotEqual(self.reactor.getDelayedCalls(), [])
 
     def test_redisTerminateAndClose(self) -> None:
         """
-        When Redis relays a terminate request it reaches the registry; stopping closes the backend.
+        When Redis relays a terminate request it reaches the registry; starting starts the backend, stopping closes it.
         """
         import vaporproxy.redis_tokens
         from vaporproxy.limits import MemoryLimiter
@@ -205,8 +223,13 @@ class MakeServiceTests(SynchronousTestCase):
                 self.callbacks: List[Any] = []
                 self.closed = 0
 
+                self.started = 0
+
             def on_terminate(self, callback: Any) -> None:
                 self.callbacks.append(callback)
+
+            def start(self) -> None:
+                self.started += 1
 
             def close(self) -> Any:
                 self.closed += 1
@@ -224,9 +247,11 @@ class MakeServiceTests(SynchronousTestCase):
         [backend] = backends
         self.assertEqual(backend.callbacks, [root.pieces["registry"].terminate_vm])
         self.assertEqual(backend.callbacks[0]("no-such-vm"), 0)
+        self.assertEqual(backend.started, 0)
         root.startService()
+        self.assertEqual((backend.started, backend.closed), (1, 0))
         self.successResultOf(root.stopService())
-        self.assertEqual(backend.closed, 1)
+        self.assertEqual((backend.started, backend.closed), (1, 1))
 
     def test_workersSupervise(self) -> None:
         """

@@ -329,11 +329,22 @@ class RedisClient:
             replyTimeout=self.timeout,
             convertNumbers=False,
         )
-        self._factory.startConnecting(_endpoint(reactor, self._url, self.timeout))
         self._handler = self._factory.handler
+        self._connecting = False
+
+    def connect(self) -> None:
+        """
+        Start connecting (and reconnecting) to Redis.  Idempotent; the first
+        call does it too, so that nothing dials Redis before it is needed
+        (under twistd: before the process daemonizes).
+        """
+        if not self._connecting:
+            self._connecting = True
+            self._factory.startConnecting(_endpoint(self._reactor, self._url, self.timeout))
 
     def _guard(self, what: str, call: Callable[[], Deferred]) -> Deferred:
         try:
+            self.connect()
             d = call()
         except Exception:
             d = Deferred()
@@ -368,6 +379,7 @@ class RedisClient:
         """
         Open a separate, reconnecting pub/sub connection subscribed to
         C{channel}; C{received(channel, message)} is called for each message.
+        (It connects at once, whether or not L{connect} was called.)
         """
         factory = _SubscriberFactory(
             channel,
@@ -381,16 +393,20 @@ class RedisClient:
 
     def close(self) -> Deferred:
         """
-        Stop reconnecting and close the connection.
+        Stop reconnecting and close the connection (if one was started).
         """
+        self._connecting = True  # never (re)connect after this
         return self._factory.disconnect()
 
 
-def _periodic(clock: IReactorTime, interval: float, what: str, job: Callable[[], Awaitable[Any]]) -> LoopingCall:
+def _periodic(
+    clock: IReactorTime, interval: float, what: str, job: Callable[[], Awaitable[Any]], now: bool = False
+) -> LoopingCall:
     """
     A started L{LoopingCall} running C{job} every C{interval} seconds on
-    C{clock}, whose body never raises (a failure is logged; the loop goes on),
-    and which skips a beat while the previous run is still waiting.
+    C{clock} (and at once when C{now}), whose body never raises (a failure
+    is logged; the loop goes on), and which skips a beat while the previous
+    run is still waiting.
     """
     busy: List[bool] = [False]
 
@@ -408,7 +424,7 @@ def _periodic(clock: IReactorTime, interval: float, what: str, job: Callable[[],
 
     loop = LoopingCall(beat)
     loop.clock = clock
-    loop.start(interval, now=False)
+    loop.start(interval, now=now)
     return loop
 
 
@@ -803,20 +819,26 @@ class RedisBackend:
         self._channel = prefix + "terminate"
         self._callbacks: List[Callable[[str], Any]] = []
         self._subscriber: Optional[_SubscriberFactory] = None
-        self._started = self._reactor.seconds()
+        self._started: Optional[float] = None
         self._reporter: Optional[LoopingCall] = None
 
     def start(self) -> None:
         """
-        Subscribe to the terminate channel and start renewing leases, SPICE
-        sessions and this process's figures.
+        Connect, subscribe to the terminate channel, publish this process's
+        figures at once and start renewing leases, SPICE sessions and those
+        figures.  Nothing connects before this (or before a first call), so
+        a process may fork or daemonize after building the backend.
+        Idempotent.
         """
+        if self._started is None:
+            self._started = self._reactor.seconds()
+        self._redis.connect()
+        if self._subscriber is None:
+            self._subscriber = self._redis.subscribe(self._channel, self._received)
         self.token_store.start()
         self.limiter.start()
         if self._reporter is None:
-            self._reporter = _periodic(self._reactor, self._report_ttl / 3, "process report", self.report)
-        if self._subscriber is None:
-            self._subscriber = self._redis.subscribe(self._channel, self._received)
+            self._reporter = _periodic(self._reactor, self._report_ttl / 3, "process report", self.report, now=True)
 
     def publish_terminate(self, vm_uuid: str) -> Deferred:
         """
@@ -853,7 +875,7 @@ class RedisBackend:
             "node_id": self.node_id,
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
-            "started_at": self._started,
+            "started_at": self._started if self._started is not None else self._reactor.seconds(),
             "updated_at": self._reactor.seconds(),
             "total_connections": local["total_connections"],
             "connections_per_vm": local["connections_per_vm"],
@@ -909,11 +931,14 @@ class RedisBackend:
             if self._reporter.running:
                 self._reporter.stop()
             self._reporter = None
-        try:
-            await self._redis.execute("HDEL", self._procs, self.node_id)
-            await self._redis.execute("ZREM", self._alive, self.node_id)
-        except ConsoleError:
-            pass
+        if self._started is not None:
+            # Withdraw the figures (a backend never started published none
+            # and need not dial Redis now).
+            try:
+                await self._redis.execute("HDEL", self._procs, self.node_id)
+                await self._redis.execute("ZREM", self._alive, self.node_id)
+            except ConsoleError:
+                pass
         closing = [self._redis.close()]
         if self._subscriber is not None:
             closing.append(self._subscriber.disconnect())
@@ -929,9 +954,11 @@ def connect_redis(
     node_id: Optional[str] = None,
 ) -> RedisBackend:
     """
-    Build the Redis backend.  Nothing waits: the connection is lazy and
-    reconnects by itself; calls made while Redis is unreachable fail with
-    SERVICE_UNAVAILABLE after C{tokens.redis_timeout}.
+    Build the Redis backend.  Nothing waits and nothing connects yet: call
+    L{RedisBackend.start} once the process runs (C{startService}, after
+    twistd has daemonized) and L{RedisBackend.close} at stop.  The
+    connection then reconnects by itself; calls made while Redis is
+    unreachable fail with SERVICE_UNAVAILABLE after C{tokens.redis_timeout}.
 
     @raise ValueError: for a C{redis_url} that cannot be used.
     """
@@ -947,7 +974,6 @@ def connect_redis(
         prefix=prefix,
     )
     backend = RedisBackend(redis, store, limiter, reactor, tokens.lease_ttl, prefix=prefix)
-    backend.start()
     log.info(
         "Redis backend {node_id} for {host}:{port}/{db}",
         node_id=limiter.node_id,

@@ -140,6 +140,29 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+class RedisService(Service):
+    """
+    Starts the Redis backend (connections, subscription, renewal and report
+    loops) with the service tree, after twistd has daemonized, and closes it
+    at stop.
+    """
+
+    name = "redis"
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+
+    def startService(self) -> None:
+        super().startService()
+        self.backend.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        d = maybeDeferred(self.backend.close)
+        d.addErrback(lambda f: log.failure("closing the Redis backend failed", f))
+        return d
+
+
 class ShutdownService(Service):
     """
     Calls each of C{steps} in order at shutdown, waiting for any Deferred
@@ -391,7 +414,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), cluster=redis, **collaborators)
     if redis is not None:
         redis.on_terminate(registry.terminate_vm)
-        ShutdownService(redis.close).setServiceParent(root)
+        # Before the listeners: started before them, stopped after them.
+        RedisService(redis).setServiceParent(root)
 
     site = Site(api.resource())
     _listen(root, site, config.server.listen, options["worker_fds"], reactor)

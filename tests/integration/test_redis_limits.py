@@ -112,12 +112,49 @@ class RedisBackendTests(RedisTestMixin, TestCase):
     L{connect_redis}: two processes' backends on one Redis.
     """
 
-    def backend(self, node_id: str) -> RedisBackend:
-        tokens = TokensConfig(backend="redis", redis_url=self.server.url, redis_timeout=2.0, lease_ttl=3.0)
+    def backend(self, node_id: str, lease_ttl: float = 3.0) -> RedisBackend:
+        tokens = TokensConfig(backend="redis", redis_url=self.server.url, redis_timeout=2.0, lease_ttl=lease_ttl)
         console = ConsoleConfig(max_connections_per_vm=2, max_total_connections=3, token_ttl=60.0)
         backend = connect_redis(tokens, console, reactor, prefix=PREFIX, node_id=node_id)
         self.addCleanup(backend.close)
+        backend.start()
         return backend
+
+    async def test_publishesAtStart(self) -> None:
+        """
+        When a process starts, its figures appear in the cluster figures at
+        once, not after its first renewal period (lease_ttl / 3).
+        """
+        a = self.backend("a", lease_ttl=60.0)
+        b = self.backend("b", lease_ttl=60.0)
+        nodes: set = set()
+        deadline = time.monotonic() + 10
+        while nodes != {"a", "b"} and time.monotonic() < deadline:
+            nodes = {p["node_id"] for p in (await a.cluster_stats())["processes"]}
+            await self.sleep(0.05)
+        self.assertEqual(nodes, {"a", "b"})
+        [figures] = [p for p in (await a.cluster_stats())["processes"] if p["node_id"] == "b"]
+        self.assertEqual(figures["total_connections"], 0)
+        self.assertLessEqual(figures["started_at"], figures["updated_at"])
+
+    async def test_nothingConnectsBeforeStart(self) -> None:
+        """
+        When a backend is built but not started, it opens no connection to
+        Redis; closing it then is harmless.
+        """
+        tokens = TokensConfig(backend="redis", redis_url=self.server.url, redis_timeout=2.0, lease_ttl=3.0)
+        backend = connect_redis(tokens, ConsoleConfig(), reactor, prefix=PREFIX, node_id="idle")
+        observer = self.client()
+        await self.sleep(0.3)
+        # Only the observer's own connection.
+        async def connections() -> int:
+            listing = await observer.execute("CLIENT", "LIST")
+            return len([line for line in listing.splitlines() if line.strip()])
+
+        self.assertEqual(await connections(), 1)
+        await backend.close()
+        await self.sleep(0.1)
+        self.assertEqual(await connections(), 1)
 
     async def test_terminateReachesEveryProcess(self) -> None:
         """
