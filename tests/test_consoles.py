@@ -14,6 +14,7 @@ from zope.interface.verify import verifyObject
 
 from vaporproxy.config import HypervisorConfig
 from vaporproxy.consoles import (
+    MAX_CACHE_TTL,
     LibvirtConsoleLocator,
     dial_host,
     domain_identity,
@@ -691,6 +692,9 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
             self.reactor,
             self.pool,  # type: ignore[arg-type]
             libvirt_module=self.lv,
+            # These tests are about the libvirt path: no lookup cache
+            # (LocatorCacheTests covers it).
+            cache_ttl=0,
         )
 
     def drive(self, d: Any) -> Any:
@@ -936,3 +940,159 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
         self.successResultOf(self.drive(self.locator.locate("db2")))
         self.successResultOf(self.drive(self.locator.close()))
         self.assertTrue(all(c.closed for c in self.lv.connections))
+
+
+class LocatorCacheTests(SynchronousTestCase):
+    """
+    Tests for the short-lived lookup cache of L{LibvirtConsoleLocator}.
+    """
+
+    def setUp(self) -> None:
+        self.pool = FakePool()
+        self.reactor = FakeReactor()
+        self.lv = FakeLibvirt(self.pool)
+        self.web1 = FakeDomain(self.lv, VNC_LIVE)
+        self.lv.hosts["qemu+ssh://h1/system"] = [self.web1]
+        self.locator = LibvirtConsoleLocator(
+            [HypervisorConfig("qemu+ssh://h1/system")],
+            self.reactor,
+            self.pool,  # type: ignore[arg-type]
+            libvirt_module=self.lv,
+            cache_ttl=1.0,
+        )
+
+    def drive(self, d: Any) -> Any:
+        """
+        Run the pool and the reactor's thread calls until nothing is left.
+        """
+        while self.pool.run() + self.reactor.run():
+            pass
+        return d
+
+    def lookups(self) -> int:
+        return len([c for c in self.lv.calls if c[0] in ("lookupByName", "lookupByUUIDString")])
+
+    def test_repeatWithinTTLAnsweredAtOnce(self) -> None:
+        """
+        When a running VM is looked up again within the TTL, the answer is
+        given at once, without a pool hop or a libvirt call.
+        """
+        first = self.successResultOf(self.drive(self.locator.locate("web1")))
+        calls = len(self.lv.calls)
+        self.reactor.now += 0.9
+        d = self.locator.locate("web1")
+        self.assertEqual(self.pool.queue, [])
+        self.assertIs(self.successResultOf(d), first)
+        self.assertEqual(len(self.lv.calls), calls)
+
+    def test_uuidHitsAfterNameLookup(self) -> None:
+        """
+        When a VM was looked up by name, a lookup by its UUID in any
+        spelling within the TTL is answered from the cache.
+        """
+        first = self.successResultOf(self.drive(self.locator.locate("web1")))
+        for ref in (UUID1, UUID1.upper(), UUID1.replace("-", "")):
+            self.assertIs(self.successResultOf(self.locator.locate(ref)), first)
+        self.assertEqual(self.lookups(), 1)
+
+    def test_expiresAfterTTL(self) -> None:
+        """
+        When the TTL has passed, the VM is looked up in libvirt again and a
+        change (here a new password) is seen.
+        """
+        self.successResultOf(self.drive(self.locator.locate("web1")))
+        self.web1.xml = self.web1.xml.replace("s3cret", "n3w")
+        self.reactor.now += 1.0
+        d = self.locator.locate("web1")
+        self.assertNoResult(d)
+        result = self.successResultOf(self.drive(d))
+        self.assertEqual(result.graphics[0].password, "n3w")
+        self.assertEqual(self.lookups(), 2)
+
+    def test_stoppedVMNotCached(self) -> None:
+        """
+        When the VM is not running, the answer is not cached: the next
+        lookup asks libvirt (and sees it started).
+        """
+        self.web1.active = False
+        self.assertFalse(self.successResultOf(self.drive(self.locator.locate("web1"))).running)
+        self.web1.active = True
+        d = self.locator.locate("web1")
+        self.assertNoResult(d)
+        self.assertTrue(self.successResultOf(self.drive(d)).running)
+
+    def test_stoppedVMDropsOtherEntries(self) -> None:
+        """
+        When a lookup finds the VM stopped, the entry cached under its UUID
+        is dropped too: the console WebSocket, which looks up by UUID,
+        sees the VM stopped.
+        """
+        self.successResultOf(self.drive(self.locator.locate(UUID1)))
+        self.web1.active = False
+        self.assertFalse(self.successResultOf(self.drive(self.locator.locate("web1"))).running)
+        d = self.locator.locate(UUID1)
+        self.assertNoResult(d)
+        self.assertFalse(self.successResultOf(self.drive(d)).running)
+
+    def test_failureNotCachedAndDropsEntry(self) -> None:
+        """
+        When a lookup fails (the VM is gone), nothing is cached for it and
+        the old entry is dropped: the next lookup asks libvirt again.
+        """
+        self.successResultOf(self.drive(self.locator.locate("web1")))
+        self.reactor.now += 1.0
+        self.lv.hosts["qemu+ssh://h1/system"].remove(self.web1)
+        f = self.failureResultOf(self.drive(self.locator.locate("web1")), ConsoleError)
+        self.assertIs(f.value.code, ErrorCode.VM_NOT_FOUND)
+        self.reactor.now -= 0.5  # even a clock going back finds no entry
+        d = self.locator.locate("web1")
+        self.assertNoResult(d)
+        self.failureResultOf(self.drive(d), ConsoleError)
+
+    def test_invalidateDropsEveryEntryOfTheVM(self) -> None:
+        """
+        When invalidated by name, the entries under the name and the UUID
+        are both dropped; invalidate() with no argument drops everything.
+        """
+        self.successResultOf(self.drive(self.locator.locate("web1")))
+        self.locator.invalidate("web1")
+        d = self.locator.locate(UUID1)
+        self.assertNoResult(d)
+        self.successResultOf(self.drive(d))
+        self.locator.invalidate()
+        d = self.locator.locate(UUID1)
+        self.assertNoResult(d)
+        self.successResultOf(self.drive(d))
+
+    def test_closeEmptiesCache(self) -> None:
+        """
+        When closed, the cache is emptied.
+        """
+        self.successResultOf(self.drive(self.locator.locate("web1")))
+        self.successResultOf(self.drive(self.locator.close()))
+        d = self.locator.locate("web1")
+        self.assertNoResult(d)
+
+    def test_zeroTTLTurnsCacheOff(self) -> None:
+        """
+        When cache_ttl is 0, every lookup asks libvirt.
+        """
+        locator = LibvirtConsoleLocator(
+            [HypervisorConfig("qemu+ssh://h1/system")], self.reactor, self.pool,  # type: ignore[arg-type]
+            libvirt_module=self.lv, cache_ttl=0,
+        )
+        self.successResultOf(self.drive(locator.locate("web1")))
+        d = locator.locate("web1")
+        self.assertNoResult(d)
+        self.successResultOf(self.drive(d))
+        self.assertEqual(self.lookups(), 2)
+
+    def test_ttlBounded(self) -> None:
+        """
+        When cache_ttl is negative or above MAX_CACHE_TTL, ValueError.
+        """
+        for ttl in (-1, MAX_CACHE_TTL + 0.1):
+            self.assertRaises(
+                ValueError, LibvirtConsoleLocator, [], self.reactor, self.pool,
+                libvirt_module=self.lv, cache_ttl=ttl,
+            )

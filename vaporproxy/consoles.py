@@ -10,6 +10,12 @@ one runs on a dedicated thread pool (C{deferToThreadPool}); the reactor
 thread never waits for libvirt.  It keeps one read-write connection per
 hypervisor URI (C{passwd} needs C{VIR_DOMAIN_XML_SECURE}, which read-only
 connections refuse) and reopens it when it breaks.
+
+Lookups of running VMs are cached for C{cache_ttl} seconds (1 s by default,
+at most L{MAX_CACHE_TTL}): opening a console asks twice for the same VM
+within milliseconds (console info, then the WebSocket), and each libvirt
+round trip costs a thread-pool hop, a libvirt call and an XML parse.  See
+L{LibvirtConsoleLocator} for what a cached answer may miss.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from lxml import etree
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -67,6 +73,24 @@ _UUID_RE = re.compile(
     r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$",
     re.IGNORECASE,
 )
+
+#: The longest lookup cache lifetime accepted (seconds).
+MAX_CACHE_TTL = 2.0
+
+#: Above this many cached entries, expired ones are swept on insert; the
+#: cache is emptied if that is not enough (it only ever holds running VMs
+#: that were asked for, twice each: by reference and by UUID).
+_CACHE_SWEEP_AT = 4096
+
+
+def _cache_key(vm_ref: str) -> str:
+    """
+    The lookup cache key of C{vm_ref}: a UUID in any accepted spelling
+    (upper case, without dashes) maps to one key; a name is itself.
+    """
+    if _UUID_RE.match(vm_ref):
+        return "uuid:" + vm_ref.replace("-", "").lower()
+    return "name:" + vm_ref
 
 
 # ---------------------------------------------------------------------------
@@ -417,8 +441,29 @@ class LibvirtConsoleLocator:
     C{reopen_backoff} seconds: lookups fail fast instead of tying up pool
     threads in connection timeouts.
 
+    A successful lookup of a I{running} VM is cached for C{cache_ttl}
+    seconds (by the reference asked for and by the VM's UUID), and answered
+    from the cache without a pool hop.  Stopped VMs, unknown VMs and
+    failures are never cached, and a failed lookup drops what was cached
+    for that reference.  L{invalidate} drops entries on demand (the bridge
+    should call it when dialling a console or its handshake fails).
+
+    The trade-off: for up to C{cache_ttl} seconds after a change, an
+    answer may describe the VM as it was.  A console WebSocket opened in
+    that window for a VM that was shut off dials a port nobody listens on
+    (CONNECTION_FAILED); after a password change the guard offers the old
+    password and the VM refuses it (the console fails, nothing is leaked);
+    a VM port that was freed I{and} taken by another VM within the window
+    would be dialled with the first VM's (old) password, which the second
+    VM refuses unless both have none.  Every check that matters -- the
+    token, its VM, the client address, the allowed hosts, the limits --
+    is still made per console; only the description of the VM is reused.
+    C{cache_ttl=0} turns the cache off.
+
     @param reactor: provides C{callFromThread} and C{seconds}.
     @param libvirt_module: the C{libvirt} module, or a fake of it for tests.
+    @param cache_ttl: seconds a running VM's description is reused
+        (0 to 2).
     """
 
     def __init__(
@@ -429,8 +474,14 @@ class LibvirtConsoleLocator:
         *,
         libvirt_module: Any = None,
         reopen_backoff: float = 2.0,
+        cache_ttl: float = 1.0,
     ):
+        if not 0 <= cache_ttl <= MAX_CACHE_TTL:
+            raise ValueError(f"cache_ttl must be between 0 and {MAX_CACHE_TTL} seconds")
         self._reactor = reactor
+        self._cache_ttl = float(cache_ttl)
+        #: cache key -> (expiry time, the VM); touched on the reactor thread only.
+        self._cache: Dict[str, Tuple[float, VMConsoles]] = {}
         self._reopen_backoff = reopen_backoff
         self._pool = threadpool
         self._libvirt = libvirt_module if libvirt_module is not None else _import_libvirt()
@@ -458,13 +509,64 @@ class LibvirtConsoleLocator:
 
     def locate(self, vm_ref: str) -> "Deferred[VMConsoles]":
         """
-        Look up C{vm_ref} (UUID or name) on each hypervisor in order.
+        Look up C{vm_ref} (UUID or name) on each hypervisor in order; a
+        running VM looked up less than C{cache_ttl} seconds ago is answered
+        at once from the cache.
         """
+        if self._cache_ttl > 0 and isinstance(vm_ref, str):
+            entry = self._cache.get(_cache_key(vm_ref))
+            if entry is not None:
+                if self._reactor.seconds() < entry[0]:
+                    return succeed(entry[1])
         return Deferred.fromCoroutine(self._locate(vm_ref))
+
+    def invalidate(self, vm_ref: Optional[str] = None) -> None:
+        """
+        Forget the cached lookup of C{vm_ref} (a name or UUID; for a cached
+        VM both its entries go), or of every VM when C{None}.
+        """
+        if vm_ref is None:
+            self._cache.clear()
+            return
+        entry = self._cache.pop(_cache_key(vm_ref), None)
+        if entry is not None:
+            vm = entry[1]
+            for key in [k for k, (_, cached) in self._cache.items() if cached is vm]:
+                del self._cache[key]
+
+    def _remember(self, vm_ref: str, vm: VMConsoles) -> None:
+        """
+        Cache C{vm} (running VMs only) under C{vm_ref} and its UUID.
+        """
+        if self._cache_ttl <= 0 or not vm.running:
+            return
+        now = self._reactor.seconds()
+        if len(self._cache) >= _CACHE_SWEEP_AT:
+            for key in [k for k, (expires, _) in self._cache.items() if expires <= now]:
+                del self._cache[key]
+            if len(self._cache) >= _CACHE_SWEEP_AT:
+                self._cache.clear()
+        entry = (now + self._cache_ttl, vm)
+        self._cache[_cache_key(vm_ref)] = entry
+        self._cache[_cache_key(vm.uuid)] = entry
 
     async def _locate(self, vm_ref: str) -> VMConsoles:
         if not isinstance(vm_ref, str) or not vm_ref or len(vm_ref) > 1024:
             raise ConsoleError(ErrorCode.VM_NOT_FOUND)
+        try:
+            vm = await self._locate_uncached(vm_ref)
+        except BaseException:
+            self.invalidate(vm_ref)
+            raise
+        if vm.running:
+            self._remember(vm_ref, vm)
+        else:
+            # A stopped VM: whatever was cached for it is out of date.
+            self.invalidate(vm_ref)
+            self.invalidate(vm.uuid)
+        return vm
+
+    async def _locate_uncached(self, vm_ref: str) -> VMConsoles:
         failed: List[str] = []
         for uri in self._order:
             try:
@@ -520,6 +622,7 @@ class LibvirtConsoleLocator:
         """
         Close every cached connection (at shutdown, before the pool stops).
         """
+        self._cache.clear()
         return gatherResults(
             [self._in_pool(self._drop, uri, None) for uri in self._order]
         ).addCallback(lambda _: None)
