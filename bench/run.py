@@ -142,6 +142,40 @@ class Bench:
         self.backend_ws_port = free_port()
         self.backend: Optional[subprocess.Popen] = None
         self.api_key = secrets.token_hex(24)
+        self.admin_key = secrets.token_hex(24)
+        self.redis: Optional[subprocess.Popen] = None
+        self.redis_port: Optional[int] = None
+
+    # -- redis (the 2-worker line)
+    def start_redis(self) -> int:
+        """
+        A throw-away redis-server on loopback (temp dir, no persistence),
+        flushed before each use so every proxy starts from an empty store.
+        """
+        if self.redis is None or self.redis.poll() is not None:
+            exe = shutil.which("redis-server")
+            if not exe:
+                raise RuntimeError("redis-server not installed (apt-get install redis-server)")
+            self.redis_port = free_port()
+            rdir = os.path.join(self.work, "redis")
+            os.makedirs(rdir, exist_ok=True)
+            self.redis = spawn([exe, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                "--dir", rdir, "--save", "", "--appendonly", "no",
+                                "--maxclients", "1000"], "0,1",
+                               log=os.path.join(self.work, "redis.log"))
+            wait_port(self.redis_port, self.redis)
+        with socket.create_connection(("127.0.0.1", self.redis_port), timeout=5) as s:
+            s.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
+            s.recv(64)
+        return self.redis_port
+
+    def pin_backend(self, cpus: str) -> None:
+        """
+        Move the backend (every thread) to cpus.
+        """
+        if self.backend is not None:
+            subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(self.backend.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # -- backend
     def start_backend(self) -> None:
@@ -155,7 +189,7 @@ class Bench:
             raise RuntimeError("backend did not start")
 
     # -- vaporproxy
-    def vapor_files(self, port: int, workers: int = 1) -> str:
+    def vapor_files(self, port: int, workers: int = 1, redis_port: Optional[int] = None) -> str:
         node = os.path.join(self.work, "node.xml")
         with open(node, "w") as f:
             f.write(
@@ -169,6 +203,7 @@ class Bench:
             )
         conf = os.path.join(self.work, f"vapor-{port}.conf")
         sha = hashlib.sha256(self.api_key.encode()).hexdigest()
+        admin_sha = hashlib.sha256(self.admin_key.encode()).hexdigest()
         limit = 2 * self.args.max_conc + 1000
         # Shipped defaults except the connection limits, raised for load.
         lines = [
@@ -181,29 +216,33 @@ class Bench:
             "auth:",
             "  api_keys:",
             f'    - {{user: bench, sha256: "{sha}", vms: ["*"]}}',
+            f'    - {{user: bench-admin, sha256: "{admin_sha}", admin: true}}',
             "hypervisors:",
             f'  - uri: "test://{node}"',
             "console:",
             f"  max_connections_per_vm: {limit}",
             f"  max_total_connections: {limit}",
         ]
+        if redis_port is not None:
+            lines += ["tokens:", "  backend: redis", f'  redis_url: "redis://127.0.0.1:{redis_port}/0"']
         with open(conf, "w") as f:
             f.write("\n".join(lines) + "\n")
         return conf
 
     def vapor_target(self, name: str, nvx: bool = True, workers: int = 1,
-                     workloads: Optional[List[str]] = None) -> Target:
+                     workloads: Optional[List[str]] = None, redis: bool = False,
+                     cpu: str = PROXY_CPU) -> Target:
         port = free_port()
         log = os.path.join(self.work, f"{name}.log")
 
         def start() -> subprocess.Popen:
-            conf = self.vapor_files(port, workers)
+            conf = self.vapor_files(port, workers, self.start_redis() if redis else None)
             env = dict(os.environ)
             env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
             if not nvx:
                 env["AUTOBAHN_USE_NVX"] = "0"
             p = spawn(["twistd", "-n", "--pidfile=", "vaporproxy", "--config", conf],
-                      PROXY_CPU if workers == 1 else "0,1", env, log)
+                      cpu, env, log)
             try:
                 wait_port(port, p, timeout=30)
             except RuntimeError as e:
@@ -240,9 +279,6 @@ class Bench:
             self.vapor_target("vaporproxy-nonvx", nvx=False,
                               workloads=["down1", "up4k", "up64k", "rtt"]),
         ]
-        if self.args.workers2:
-            all_targets.append(self.vapor_target("vaporproxy-2w", workers=2,
-                                                 workloads=["down16", "setup8"]))
         wanted = self.args.targets.split(",") if self.args.targets else None
         return [t for t in all_targets if wanted is None or t.name in wanted]
 
@@ -259,6 +295,102 @@ class Bench:
         if not lines:
             return {"error": f"client printed nothing: {out.stderr.decode()[-300:]}"}
         return json.loads(lines[-1])
+
+    def clients(self, jobs: List[dict], timeout: float,
+                during: Optional[Callable[[], Any]] = None, during_at: float = 0.0) -> tuple:
+        """
+        Run several client processes at once (unpinned: the 2-worker line);
+        optionally call C{during()} C{during_at} seconds in.  Answers
+        (results, what during() answered).
+        """
+        procs = [subprocess.Popen(["node", os.path.join(HERE, "client.js"), json.dumps(j)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+                 for j in jobs]
+        seen = None
+        if during is not None:
+            time.sleep(during_at)
+            seen = during()
+        out = []
+        for p in procs:
+            try:
+                o, e = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                out.append({"error": "client timed out"})
+                continue
+            lines = o.decode().strip().splitlines()
+            out.append(json.loads(lines[-1]) if lines else {"error": f"client printed nothing: {e.decode()[-300:]}"})
+        return out, seen
+
+
+def child_pids(pid: int) -> List[int]:
+    """
+    The direct children of pid (the workers of a supervisor).
+    """
+    out: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    utime + stime of pid, in seconds.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def system_busy() -> tuple:
+    """
+    (busy, total) jiffies over all CPUs from /proc/stat.
+    """
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
+def vm_connections(pids: List[int], backend_port: int) -> Dict[str, int]:
+    """
+    How many established TCP connections to the backend (one per console)
+    each pid holds, from /proc/PID/fd and /proc/net/tcp.
+    """
+    to_backend = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for row in f:
+                    cols = row.split()
+                    if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == backend_port:
+                        to_backend.add(cols[9])
+        except OSError:
+            pass
+    out = {}
+    for pid in pids:
+        n = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link[8:-1] in to_backend:
+                    n += 1
+        except OSError:
+            pass
+        out[str(pid)] = n
+    return out
 
 
 # ---------------------------------------------------------------- workloads
@@ -382,6 +514,130 @@ def run_stall(bench: Bench, t: Target, results: dict) -> None:
           f"before={median_of(runs, 'mem_before_kib')} KiB", file=sys.stderr)
 
 
+WORKER_LINE = [
+    # name, workers, redis
+    ("vaporproxy-1w-memory", 1, False),
+    ("vaporproxy-1w-redis", 1, True),
+    ("vaporproxy-2w-redis", 2, True),
+]
+WORKER_CLIENTS = 2  # client processes per workload in the 2-worker line
+
+
+def http_json(port: int, path: str, key: str, timeout: float = 5.0) -> Optional[dict]:
+    """
+    GET a JSON document from the proxy with a Bearer key; None on failure.
+    """
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except Exception:
+        return None
+
+
+def wait_workers(bench: Bench, t: Target, workers: int, timeout: float = 30.0) -> List[int]:
+    """
+    Wait until the proxy answers HTTP and (with workers) every worker runs
+    and has published its figures to Redis.  Answers the worker pids (or
+    the proxy's own pid for one process).
+    """
+    port = t.port_of()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http_json(port, "/api/v1/console/stats", bench.admin_key, timeout=2)
+        if body is not None:
+            if workers == 1:
+                return [t.proc.pid]
+            pids = child_pids(t.proc.pid)
+            procs = body.get("cluster", {}).get("processes", [])
+            if len(pids) >= workers and len(procs) >= workers:
+                return pids
+        time.sleep(0.2)
+    raise RuntimeError(f"{t.name}: {workers} worker(s) not ready after {timeout}s")
+
+
+def run_worker_line(bench: Bench, results: dict) -> None:
+    """
+    Issue #4: 1 worker (memory backend, Redis backend) against 2 workers
+    (Redis), every process unpinned (proxy, workers, Redis, backend and
+    clients all share both cores), 2 client processes per workload.
+    """
+    jobs = workloads(bench.args)
+    split = {
+        "down16": lambda j: [dict(j, consoles=j["consoles"] // WORKER_CLIENTS)] * WORKER_CLIENTS,
+        "setup8": lambda j: [dict(j, parallel=j["parallel"] // WORKER_CLIENTS)] * WORKER_CLIENTS,
+    }
+    line: dict = {"clients": WORKER_CLIENTS, "pinning": "none: proxy (all workers), redis-server, "
+                  "backend and client processes may all run on both cores"}
+    results["workers_line"] = line
+    bench.pin_backend("0,1")
+    try:
+        for name, workers, redis in WORKER_LINE:
+            print(f"== {name}", file=sys.stderr)
+            t = bench.vapor_target(name, workers=workers, redis=redis, cpu="0,1")
+            try:
+                t.up()
+                pids = wait_workers(bench, t, workers)
+            except Exception as e:
+                line[name] = {"unavailable": str(e)[:2000]}
+                print(f"  {name} unavailable: {str(e)[:500]}", file=sys.stderr)
+                t.down()
+                continue
+            entry: dict = {"workers": workers, "backend": "redis" if redis else "memory", "pids": pids}
+            line[name] = entry
+            try:
+                for wl, fn in split.items():
+                    runs = []
+                    for i in range(bench.args.runs):
+                        cjobs = [dict(j, target=t.job_target()) for j in fn(jobs[wl])]
+                        cpu0 = {p: cpu_seconds(p) for p in pids}
+                        sup0 = cpu_seconds(t.proc.pid)
+                        others0 = {k: cpu_seconds(p.pid) for k, p in (("backend", bench.backend), ("redis", bench.redis)) if p}
+                        busy0 = system_busy()
+                        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        mid = (jobs[wl].get("warmup_ms", 0) + jobs[wl]["duration_ms"] / 2) / 1000 + 0.3
+
+                        def sample() -> dict:
+                            seen = {"consoles": vm_connections(pids, bench.backend_port)}
+                            if workers > 1:
+                                body = http_json(t.port_of(), "/api/v1/console/stats", bench.admin_key) or {}
+                                seen["stats_processes"] = {
+                                    str(pr.get("pid")): pr.get("total_connections")
+                                    for pr in body.get("cluster", {}).get("processes", [])}
+                            return seen
+
+                        rs, seen = bench.clients(cjobs, timeout=60, during=sample, during_at=mid)
+                        cpu = {str(p): round(cpu_seconds(p) - cpu0[p], 3) for p in pids}
+                        key = "mib_s" if wl.startswith("down") else "per_s"
+                        errs = [r["error"] for r in rs if "error" in r]
+                        run = {key: sum(r.get(key, 0) for r in rs) if not errs else None,
+                               "errors": sum(r.get("errors", 0) for r in rs) + len(errs),
+                               "clients": rs, "worker_cpu_s": cpu, **(seen or {})}
+                        busy1 = system_busy()
+                        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        run["client_cpu_s"] = round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 3)
+                        run["machine_busy_pct"] = round(100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 1)
+                        run["other_cpu_s"] = {k: round(cpu_seconds(p.pid) - others0[k], 3)
+                                              for k, p in (("backend", bench.backend), ("redis", bench.redis)) if p and k in others0}
+                        if workers > 1:  # the supervisor relays its workers' log lines
+                            run["supervisor_cpu_s"] = round(cpu_seconds(t.proc.pid) - sup0, 3)
+                        if errs:
+                            run["error"] = "; ".join(errs)[:500]
+                            print(f"  {name} {wl} run {i + 1}: ERROR {run['error']}", file=sys.stderr)
+                        runs.append(run)
+                    entry[wl] = {"runs": runs}
+                    print(f"  {name:22} {wl:7} " + " ".join(
+                        f"{k}={v:.1f}" for k in ("mib_s", "per_s", "errors")
+                        if (v := median_of(runs, k)) is not None)
+                        + " cpu=" + json.dumps([r["worker_cpu_s"] for r in runs]), file=sys.stderr)
+            finally:
+                t.down()
+    finally:
+        bench.pin_backend(LOAD_CPU)
+
+
 def profile(bench: Bench, t: Target, names: List[str], results: dict) -> None:
     """
     Record py-spy (raw, collapsed stacks) for each workload against vaporproxy.
@@ -431,18 +687,19 @@ def table(results: dict, names: List[str]) -> str:
     cols = [n for n in ["direct-tcp", "direct-ws", "socat", "websockify", "vaporproxy", "vaporproxy-nonvx"]
             if n in names]
     head = "| figure | " + " | ".join(cols) + " | vp/websockify | vp/socat |"
-    rows = [head, "|" + "---|" * (len(cols) + 3)]
+    rows = [head, "|" + "---|" * (len(cols) + 3)] if cols else []
 
     def val(target: str, wl: str, key: str) -> Optional[float]:
         e = results.get(target, {}).get(wl)
         return median_of(e["runs"], key) if e and "runs" in e else None
 
-    for label, wl, key, unit, _ in FIGURES:
+    for label, wl, key, unit, _ in (FIGURES if cols else []):
         vs = [val(c, wl, key) for c in cols]
         vp, wf, so = val("vaporproxy", wl, key), val("websockify", wl, key), val("socat", wl, key)
         rows.append(f"| {label} ({unit}) | " + " | ".join(fmt(v, unit) for v in vs)
                     + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
     levels = sorted({int(k[4:]) for c in cols for k in results.get(c, {}) if k.startswith("conc")})
+    nofile = results.get("meta", {}).get("nofile", [0, 0])[1]
     for level in levels:
         wl = f"conc{level}"
         if not any(wl in results.get(c, {}) for c in cols):
@@ -454,7 +711,9 @@ def table(results: dict, names: List[str]) -> str:
                 e = results.get(c, {}).get(wl, {})
                 cells.append("skipped" if "skipped" in e else fmt(v, unit))
             vp, wf, so = val("vaporproxy", wl, key), val("websockify", wl, key), val("socat", wl, key)
-            rows.append(f"| {level:,} consoles: {label}{(' (' + unit + ')') if unit else ''} | "
+            run_n = {results.get(c, {}).get(wl, {}).get("consoles") for c in cols} - {None, level}
+            lvl = f"{level:,}" if not run_n else f"{level:,} (ran {max(run_n):,}, open-files limit {nofile:,})"
+            rows.append(f"| {lvl} consoles: {label}{(' (' + unit + ')') if unit else ''} | "
                         + " | ".join(cells) + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
     if any("stall" in results.get(c, {}) for c in cols):
         for label, key in (("stalled reader: memory before", "mem_before_kib"),
@@ -463,12 +722,54 @@ def table(results: dict, names: List[str]) -> str:
             vp, wf, so = (val(n, "stall", key) for n in ("vaporproxy", "websockify", "socat"))
             rows.append(f"| {label} (MiB) | " + " | ".join(fmt(v, "MiB") for v in vs)
                         + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
-    if "vaporproxy-2w" in results:
-        for wl, key, label, unit in (("down16", "mib_s", "2 workers: downstream 16 consoles", "MiB/s"),
-                                     ("setup8", "per_s", "2 workers: setup, 8 at a time", "/s")):
-            two, one = val("vaporproxy-2w", wl, key), val("vaporproxy", wl, key)
-            rows.append(f"| {label} ({unit}) | {fmt(two, unit)} (1 worker: {fmt(one, unit)}; ×{ratio(two, one)}) |")
+    rows += worker_table(results.get("workers_line"))
     return "\n".join(rows)
+
+
+def worker_table(line: Optional[dict]) -> List[str]:
+    """
+    The 2-worker line (issue #4) as its own Markdown table.
+    """
+    if not line:
+        return []
+    names = [n for n, _, _ in WORKER_LINE if n in line]
+    rows = ["", f"2-worker line (issue #4): {line.get('pinning')}; {line.get('clients')} client processes "
+            "per workload; median of the runs.", "",
+            "| figure | " + " | ".join(names) + " | 2w/1w (redis) | 2w/1w (memory) |",
+            "|" + "---|" * (len(names) + 3)]
+
+    def val(n: str, wl: str, key: str) -> Optional[float]:
+        e = line.get(n, {}).get(wl)
+        return median_of(e["runs"], key) if e else None
+
+    for wl, key, label, unit in (("down16", "mib_s", "downstream 16 consoles, aggregate", "MiB/s"),
+                                 ("setup8", "per_s", "setup, 8 at a time", "/s")):
+        vs = {n: val(n, wl, key) for n in names}
+        cells = [("unavailable" if "unavailable" in line.get(n, {}) else fmt(vs[n], unit)) for n in names]
+        two = vs.get("vaporproxy-2w-redis")
+        rows.append(f"| {label} ({unit}) | " + " | ".join(cells)
+                    + f" | {ratio(two, vs.get('vaporproxy-1w-redis'))} | {ratio(two, vs.get('vaporproxy-1w-memory'))} |")
+    two = line.get("vaporproxy-2w-redis", {})
+    blank = " | ".join([""] * (len(names) + 1))
+    for wl, label in (("down16", "downstream 16 consoles"), ("setup8", "setup, 8 at a time")):
+        runs = two.get(wl, {}).get("runs", [])
+        if not runs:
+            continue
+        shares = []
+        for r in runs:
+            cpu = list(r.get("worker_cpu_s", {}).values())
+            if len(cpu) >= 2 and sum(cpu) > 0:
+                shares.append("/".join(f"{100 * c / sum(cpu):.0f}" for c in cpu))
+        rows.append(f"| 2 workers, {label}: CPU share per worker, each run (%) | {', '.join(shares)} | {blank} |")
+        if wl == "down16":
+            cons = ["/".join(str(v) for v in r.get("consoles", {}).values()) for r in runs]
+            rows.append(f"| 2 workers, {label}: consoles per worker mid-run, each run | {', '.join(cons)} | {blank} |")
+        sup = [r.get("supervisor_cpu_s") for r in runs if r.get("supervisor_cpu_s") is not None]
+        wsum = [sum(r.get("worker_cpu_s", {}).values()) for r in runs]
+        if sup:
+            rows.append(f"| 2 workers, {label}: supervisor CPU / workers' CPU (s) | "
+                        f"{statistics.median(sup):.2f} / {statistics.median(wsum):.2f} | {blank} |")
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -484,7 +785,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--levels", default="", help="comma list of concurrency levels (default 1000,5000,10000)")
     p.add_argument("--forking-max", type=int, default=1000,
                    help="largest concurrency level run against process-per-connection proxies")
-    p.add_argument("--workers2", action="store_true", help="also the 2-worker line (issue #4)")
+    p.add_argument("--workers2", action="store_true",
+                   help="run the 2-worker line (issue #4) even with --targets (it runs by default otherwise)")
+    p.add_argument("--keep-work", action="store_true", help="keep the work directory (configs, proxy logs)")
+    p.add_argument("--no-workers2", action="store_true", help="skip the 2-worker line")
     p.add_argument("--profile", action="store_true", help="py-spy profiles of vaporproxy")
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = p.parse_args(argv)
@@ -504,8 +808,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.workloads:
         names = [n for n in names if n in args.workloads.split(",")]
     ran = []
+    started = time.monotonic()
+    elapsed = results["meta"]["elapsed_s"] = {}
     try:
         for t in bench.targets():
+            t_start = time.monotonic()
             print(f"== {t.name}", file=sys.stderr)
             try:
                 t.up()
@@ -525,9 +832,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                     run_conc(bench, t, results)
             if args.profile and t.name == "vaporproxy":
                 profile(bench, t, ["down1", "up4k", "setup8"], results)
+            elapsed[t.name] = round(time.monotonic() - t_start, 1)
+        if args.workers2 or (not args.no_workers2 and not args.targets):
+            t_start = time.monotonic()
+            run_worker_line(bench, results)
+            elapsed["workers_line"] = round(time.monotonic() - t_start, 1)
     finally:
+        elapsed["total"] = round(time.monotonic() - started, 1)
         stop(bench.backend)
-        shutil.rmtree(bench.work, ignore_errors=True)
+        stop(bench.redis)
+        if args.keep_work:
+            print(f"work directory kept: {bench.work}", file=sys.stderr)
+        else:
+            shutil.rmtree(bench.work, ignore_errors=True)
     md = table(results, ran)
     results["table_markdown"] = md
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -536,7 +853,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     stamped = os.path.join(os.path.dirname(args.out), time.strftime("%Y%m%dT%H%M%S") + ".json")
     shutil.copyfile(args.out, stamped)
     print(md)
-    print(f"\nJSON: {os.path.relpath(args.out)}")
+    print(f"\nTotal {elapsed['total'] / 60:.1f} min; JSON: {os.path.relpath(args.out)}")
     return 0
 
 
