@@ -18,6 +18,7 @@ from vaporproxy.config import (
     ConsoleConfig,
     HypervisorConfig,
     JWTConfig,
+    VncTLSConfig,
     load_config,
     parse_config,
     with_listen,
@@ -500,6 +501,93 @@ class HypervisorsTests(ConfigTestMixin, SynchronousTestCase):
             "hypervisors: [{uri: 'test:///default', console_host: '10.0.0.0/8'}]",
             "hypervisors[0].console_host: '10.0.0.0/8' is not a host"
             " (expected a host name, an IPv4 or an IPv6 address)",
+        )
+
+
+class VncTLSTests(ConfigTestMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.ca = os.path.join(self.dir, "ca.pem")
+        self.cert = os.path.join(self.dir, "client.pem")
+        self.key = os.path.join(self.dir, "client-key.pem")
+        for path in (self.ca, self.cert, self.key):
+            with open(path, "w") as f:
+                f.write("-----BEGIN CERTIFICATE-----\n")
+
+    def test_default(self) -> None:
+        """
+        When a hypervisor has no vnc_tls, or vnc_tls: null, VeNCrypt is off for it.
+        """
+        config = parse("hypervisors: [{uri: 'qemu:///system'}, {uri: 'test:///default', vnc_tls: null}]")
+        self.assertEqual([h.vnc_tls for h in config.hypervisors], [None, None])
+        self.assertEqual(Config().hypervisors[0].vnc_tls, None)
+
+    def test_vncTls(self) -> None:
+        """
+        When vnc_tls is given, its files, verify, server_name and allow_anonymous are kept; verify defaults to true.
+        """
+        config = parse(
+            f"""
+            hypervisors:
+              - uri: "qemu+tls://kvm1/system"
+                vnc_tls:
+                  ca_file: {self.ca}
+                  cert_file: {self.cert}
+                  key_file: {self.key}
+                  server_name: KVM1.example.com
+              - uri: "qemu+tls://kvm2/system"
+                vnc_tls: {{ca_file: {self.ca}}}
+              - uri: "qemu+tls://kvm3/system"
+                vnc_tls: {{verify: false, allow_anonymous: true}}
+            """
+        )
+        tls = [h.vnc_tls for h in config.hypervisors]
+        self.assertEqual(tls[0], VncTLSConfig(self.ca, self.cert, self.key, True, "kvm1.example.com", False))
+        self.assertEqual(tls[1], VncTLSConfig(ca_file=self.ca))
+        self.assertTrue(tls[1].verify)
+        self.assertEqual(tls[2], VncTLSConfig(verify=False, allow_anonymous=True))
+
+    def test_badVncTls(self) -> None:
+        """
+        When a vnc_tls value is bad, missing or contradictory, the error names the key.
+        """
+        def doc(tls: str) -> str:
+            return "hypervisors: [{uri: 'qemu:///system', vnc_tls: %s}]" % (tls,)
+
+        self.assertConfigError(
+            doc("{ca_file: /nonexistent/ca.pem}"),
+            "hypervisors[0].vnc_tls.ca_file: '/nonexistent/ca.pem' is not a readable file"
+            " (expected the path of an existing PEM file)",
+        )
+        self.assertConfigError(
+            doc(f"{{key_file: {self.key}}}"),
+            "hypervisors[0].vnc_tls.key_file: needs hypervisors[0].vnc_tls.cert_file"
+            " (expected both, or only cert_file holding both)",
+        )
+        self.assertConfigError(
+            doc(f"{{verify: false, ca_file: {self.ca}}}"),
+            "hypervisors[0].vnc_tls.verify: False ignores ca_file and server_name"
+            " (expected verify: true, or no ca_file/server_name)",
+        )
+        self.assertConfigError(
+            doc("{verify: 'no'}"),
+            "hypervisors[0].vnc_tls.verify: 'no' is not a boolean (expected true or false)",
+        )
+        self.assertConfigError(
+            doc("{server_name: 'not a name'}"),
+            "hypervisors[0].vnc_tls.server_name: 'not a name' is not a host"
+            " (expected a host name, an IPv4 or an IPv6 address)",
+        )
+        self.assertConfigError(
+            doc("{ca: x}"),
+            "hypervisors[0].vnc_tls.ca: unknown key"
+            " (expected one of: ca_file, cert_file, key_file, verify, server_name, allow_anonymous)",
+        )
+        self.assertConfigError(
+            doc("yes"),
+            "hypervisors[0].vnc_tls: True is not a mapping"
+            " (expected keys: ca_file, cert_file, key_file, verify, server_name, allow_anonymous)",
         )
 
 
