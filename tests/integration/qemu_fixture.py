@@ -232,6 +232,28 @@ def write_x509_credentials(
     return paths
 
 
+def write_dh_params(directory: str) -> str:
+    """
+    Write C{dh-params.pem} (the RFC 7919 ffdhe2048 group, so nothing is
+    generated) for QEMU's C{tls-creds-anon}.
+
+    @raise SkipTest: when the C{openssl} command is absent.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise SkipTest("openssl is not installed")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "dh-params.pem")
+    subprocess.run(
+        [openssl, "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "dh_param:ffdhe2048", "-out", path],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return path
+
+
 def qemu_available() -> Optional[str]:
     """
     The path of C{qemu-system-x86_64}, or C{None} when it is not installed.
@@ -244,6 +266,7 @@ def start_qemu(
     vnc_password: Optional[str] = None,
     spice_password: Optional[str] = None,
     vnc_tls_dir: Optional[str] = None,
+    vnc_tls_anonymous: bool = False,
 ) -> QemuProcess:
     """
     Start a QEMU with VNC (C{password=on}) and SPICE on 127.0.0.1 and set
@@ -252,6 +275,9 @@ def start_qemu(
     @param vnc_tls_dir: a directory of X.509 credentials (see
         L{write_x509_credentials}); the VNC server then offers VeNCrypt
         (X509Vnc) only.
+    @param vnc_tls_anonymous: use anonymous TLS instead (C{tls-creds-anon},
+        VeNCrypt TLSVnc); C{vnc_tls_dir} then holds C{dh-params.pem} (see
+        L{write_dh_params}).
 
     @raise SkipTest: when QEMU is not installed.
     """
@@ -263,7 +289,11 @@ def start_qemu(
     spice_port = free_port()
     tls_args = []
     if vnc_tls_dir is not None:
-        tls_args = ["-object", "tls-creds-x509,id=tls0,dir=%s,endpoint=server,verify-peer=off" % (vnc_tls_dir,)]
+        if vnc_tls_anonymous:
+            creds = "tls-creds-anon,id=tls0,dir=%s,endpoint=server" % (vnc_tls_dir,)
+        else:
+            creds = "tls-creds-x509,id=tls0,dir=%s,endpoint=server,verify-peer=off" % (vnc_tls_dir,)
+        tls_args = ["-object", creds]
     args = [
         binary,
         "-machine", "pc,accel=tcg",

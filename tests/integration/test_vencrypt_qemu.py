@@ -17,11 +17,11 @@ from typing import Optional
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from tests.integration.qemu_fixture import start_qemu, write_x509_credentials
+from tests.integration.qemu_fixture import start_qemu, write_dh_params, write_x509_credentials
 from tests.integration.test_guards_qemu import LoopSink, VNC_PASSWORD, novnc_browser
 from vaporproxy.config import VncTLSConfig
 from vaporproxy.errors import ErrorCode
-from vaporproxy.rfb import SEC_VENCRYPT, VENCRYPT_X509_VNC, RFBGuard, VncTLS
+from vaporproxy.rfb import SEC_VENCRYPT, VENCRYPT_TLS_VNC, VENCRYPT_X509_VNC, RFBGuard, VncTLS
 
 
 class VeNCryptQemuTests(TestCase):
@@ -127,3 +127,55 @@ class VeNCryptQemuTests(TestCase):
         sink.guard.start()
         sink.dial()
         return Deferred.fromCoroutine(self._fails(sink, "vnc_tls"))
+
+
+class AnonymousTLSQemuTests(TestCase):
+    """
+    VeNCrypt TLSVnc (anonymous TLS, C{tls-creds-anon}) between the guard
+    and QEMU: refused unless C{allow_anonymous} is set.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        write_dh_params(directory)
+        self.qemu = start_qemu(self, vnc_password=VNC_PASSWORD, vnc_tls_dir=directory, vnc_tls_anonymous=True)
+
+    def _console(self, config: VncTLSConfig) -> LoopSink:
+        sink = LoopSink(self.qemu.vnc_port, novnc_browser())
+        sink.guard = RFBGuard(sink, VNC_PASSWORD, tls=VncTLS(config).for_host("127.0.0.1"))
+        self.addCleanup(sink.close)
+        sink.guard.start()
+        sink.dial()
+        return sink
+
+    async def _allowed(self) -> None:
+        sink = self._console(VncTLSConfig(verify=False, allow_anonymous=True))
+        sink.relayed_wanted = 24
+        self.assertEqual(await sink.done, "relayed")
+        self.assertEqual(sink.guard.vencrypt_subtype, VENCRYPT_TLS_VNC)
+        self.assertEqual(sink.events, [("start_tls",), ("established",)])
+        # Encrypted, with no certificate from QEMU.
+        self.assertTrue(sink.transport.TLS)
+        self.assertIsNone(sink.transport.getPeerCertificate())
+
+    def test_allowed(self) -> None:
+        """
+        When allow_anonymous is set, the guard runs TLSVnc with QEMU and
+        ServerInit arrives.
+        """
+        return Deferred.fromCoroutine(self._allowed())
+
+    async def _refused(self) -> None:
+        sink = self._console(VncTLSConfig(verify=False))
+        self.assertEqual(await sink.done, ErrorCode.CONNECTION_FAILED)
+        self.assertIn("anonymous TLS", sink.events[-1][2])
+        self.assertNotIn(("start_tls",), sink.events)
+
+    def test_refused_by_default(self) -> None:
+        """
+        When allow_anonymous is off, a VM offering only TLSVnc is refused
+        before any TLS is started.
+        """
+        return Deferred.fromCoroutine(self._refused())
