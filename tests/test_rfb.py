@@ -1083,8 +1083,8 @@ class VncTLSTests(SynchronousTestCase):
 
     def test_bad_files(self) -> None:
         """
-        When the CA file is not PEM or the key does not parse, a ConfigError
-        names the key.
+        When the CA file is not PEM, the key does not parse or does not
+        match the certificate, a ConfigError names the key.
         """
         junk = self.mktemp()
         with open(junk, "w") as f:
@@ -1092,9 +1092,15 @@ class VncTLSTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, VncTLS, VncTLSConfig(ca_file=junk), "hypervisors[0].vnc_tls")
         self.assertIn("hypervisors[0].vnc_tls.ca_file", str(error))
         error = self.assertRaises(
-            ConfigError, VncTLS, VncTLSConfig(ca_file=self.vm["ca-cert.pem"], cert_file=self.vm["server-cert.pem"], key_file=junk)
+            ConfigError, VncTLS, VncTLSConfig(cert_file=self.vm["server-cert.pem"], key_file=junk)
         )
         self.assertIn("vnc_tls.key_file", str(error))
+        error = self.assertRaises(
+            ConfigError,
+            VncTLS,
+            VncTLSConfig(cert_file=self.vm["server-cert.pem"], key_file=self.other["server-key.pem"]),
+        )
+        self.assertIn("is not the key of", str(error))
 
     def test_by_uri(self) -> None:
         """

@@ -31,12 +31,13 @@ import re
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Tuple, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from OpenSSL import SSL
+from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     Certificate,
@@ -103,8 +104,6 @@ VENCRYPT_X509_SASL = 264
 _VENCRYPT_VNC_AUTH = (VENCRYPT_X509_VNC, VENCRYPT_TLS_VNC)
 #: Anonymous-TLS sub-types (unauthenticated server, only with allow_anonymous).
 _VENCRYPT_ANONYMOUS = (VENCRYPT_TLS_VNC, VENCRYPT_TLS_NONE)
-#: The most sub-types a VM may list (the count is one byte anyway).
-MAX_VENCRYPT_SUBTYPES = 255
 
 #: Unconsumed bytes a side may have buffered before the guard gives up.
 MAX_CLIENT_BUFFER = 64 * 1024
@@ -681,7 +680,9 @@ def _load_certificates(key: str, path: str) -> List[Certificate]:
     try:
         certificates = x509.load_pem_x509_certificates(_read(key, path))
     except ValueError:
-        raise ConfigError(f"{key}: {path!r} is not a PEM certificate file (expected one or more CERTIFICATE blocks)") from None
+        raise ConfigError(
+            f"{key}: {path!r} is not a PEM certificate file (expected one or more CERTIFICATE blocks)"
+        ) from None
     return [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates]
 
 
@@ -714,7 +715,12 @@ class VncTLS:
                 pair = KeyPair.load(_read(f"{key}.key_file", key_file), 1)  # FILETYPE_PEM
             except Exception:
                 raise ConfigError(f"{key}.key_file: {key_file!r} is not a PEM private key") from None
-            self._client = PrivateCertificate.fromCertificateAndKeyPair(certificates[0], pair)
+            try:
+                self._client = PrivateCertificate.fromCertificateAndKeyPair(certificates[0], pair)
+            except VerifyError:
+                raise ConfigError(
+                    f"{key}.key_file: {key_file!r} is not the key of {config.cert_file!r} (expected the matching key)"
+                ) from None
         self._anonymous = AnonymousTLSCreator() if config.allow_anonymous else None
         self._unverified: Any = None
         self._creators: "OrderedDict[str, Any]" = OrderedDict()
