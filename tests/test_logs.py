@@ -1,0 +1,151 @@
+"""
+Tests for L{vaporproxy.logs}' fast formatters: they must write exactly what
+Twisted's own formatters write.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Dict, List
+
+from twisted.logger import LogLevel, formatEvent, textFileLogObserver
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from vaporproxy.logs import (
+    LogSetup,
+    classic_text_formatter,
+    format_message,
+    json_lines_observer,
+    text_file_observer,
+)
+
+
+class _Thing:
+    name = "thing"
+
+    def __repr__(self) -> str:
+        return "<Thing>"
+
+
+def _failure() -> Failure:
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        return Failure()
+
+
+def sample_events() -> List[Dict[str, Any]]:
+    """
+    Events covering the formatting features: fields, conversions, format
+    specs, attribute and index access, Twisted's call syntax, missing
+    keys, bad formats, bytes formats, multi-line text, systems, no format,
+    failures, and time stamps on and off whole seconds.
+    """
+    base = {"log_time": 1700000000.25, "log_namespace": "vaporproxy.test", "log_level": LogLevel.info}
+    events = [
+        {"log_format": "plain text"},
+        {"log_format": "console {console_id} closed: sent={sent} {ratio:.2f}", "console_id": "abc",
+         "sent": 58, "ratio": 1 / 3},
+        {"log_format": "{thing!r} {thing.name} {items[0]} {mapping[k]}", "thing": _Thing(),
+         "items": [7], "mapping": {"k": "v"}},
+        {"log_format": "called {f()} and {x}", "f": lambda: "yes", "x": 1},
+        {"log_format": "missing {nothere}"},
+        {"log_format": "bad {"},
+        {"log_format": b"bytes {x}", "x": 2},
+        {"log_format": "two\nlines {x}", "x": "and\nthree"},
+        {"log_format": "with system", "log_system": "-"},
+        {"log_format": "no level", "log_level": None},
+        {"log_format": "no time", "log_time": None},
+        {"log_format": "braces {{literal}} {x}", "x": 3},
+        {"log_format": ""},
+        {"no_format": True},
+        {"log_format": "failed {what}", "what": "here", "log_failure": _failure()},
+        {"log_format": "on the second", "log_time": 1700000001.0},
+        {"log_format": "before epoch second", "log_time": 1699999999.999},
+    ]
+    return [dict(base, **e) for e in events]
+
+
+class FormatMessageTests(SynchronousTestCase):
+    """
+    Tests for L{format_message}.
+    """
+
+    def test_sameAsTwisted(self) -> None:
+        """
+        When given any sample event, the text is what formatEvent gives.
+        """
+        for event in sample_events():
+            self.assertEqual(format_message(event), formatEvent(event), event.get("log_format"))
+
+
+class ClassicTextFormatterTests(SynchronousTestCase):
+    """
+    Tests for L{classic_text_formatter} and L{text_file_observer}.
+    """
+
+    def test_sameLinesAsTwisted(self) -> None:
+        """
+        When the sample events are written, the output is byte for byte what
+        Twisted's textFileLogObserver writes.
+        """
+        ours, theirs = io.StringIO(), io.StringIO()
+        observer, reference = text_file_observer(ours), textFileLogObserver(theirs)
+        for event in sample_events():
+            observer(event)
+            reference(event)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertIn("[vaporproxy.test#info] console abc closed: sent=58 0.33\n", ours.getvalue())
+
+    def test_timeStampCachedPerSecond(self) -> None:
+        """
+        When events of the same second follow each other, their time stamp
+        is the same; the next second gets its own.
+        """
+        fmt = classic_text_formatter()
+        first = fmt({"log_format": "a", "log_time": 1700000000.1})
+        second = fmt({"log_format": "a", "log_time": 1700000000.9})
+        third = fmt({"log_format": "a", "log_time": 1700000001.0})
+        assert first is not None and third is not None
+        self.assertEqual(first, second)
+        self.assertNotEqual(first.split(" ")[0], third.split(" ")[0])
+
+    def test_noTimeFormat(self) -> None:
+        """
+        When the time format is None, the stamp is a dash.
+        """
+        self.assertEqual(classic_text_formatter(None)({"log_format": "x", "log_time": 5.0}), "- [-#-] x\n")
+
+    def test_logSetupWritesThroughIt(self) -> None:
+        """
+        When LogSetup writes text, filtered events are not written and the
+        others are written as Twisted would.
+        """
+        out, reference = io.StringIO(), io.StringIO()
+        setup = LogSetup("info", "text", out)
+        event = dict(sample_events()[1])
+        setup.observer(dict(event, log_level=LogLevel.debug))
+        setup.observer(event)
+        textFileLogObserver(reference)(event)
+        self.assertEqual(out.getvalue(), reference.getvalue())
+
+
+class JSONMessageTests(SynchronousTestCase):
+    """
+    Tests for the C{message} of L{json_lines_observer}.
+    """
+
+    def test_messageAsTwisted(self) -> None:
+        """
+        When the sample events are written as JSON, each message is what
+        formatEvent gives.
+        """
+        out = io.StringIO()
+        observer = json_lines_observer(out)
+        events = sample_events()
+        for event in events:
+            observer(event)
+        messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
+        self.assertEqual(messages, [formatEvent(e) for e in events])
