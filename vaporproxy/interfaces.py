@@ -12,7 +12,7 @@ see are L{vaporproxy.errors.ConsoleError}s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 from zope.interface import Attribute, Interface
 
@@ -294,3 +294,65 @@ class IOutcomeObserver(Interface):
 
     def token_issued() -> None:
         """A token was issued."""
+
+
+class IProtocolGuard(Interface):
+    """
+    A sans-IO guard for one console WebSocket: it performs the security
+    handshake with the VM on the browser's behalf (L{vaporproxy.rfb.RFBGuard},
+    L{vaporproxy.spice.SpiceGuard}) and talks to the bridge through an
+    L{IGuardSink}.  Once it calls C{sink.established()} the bridge relays raw
+    bytes and never calls the guard again.
+    """
+
+    def start() -> None:
+        """The WebSocket is open and the token redeemed."""
+
+    def client_data(data: bytes) -> None:
+        """Bytes from the browser, in order, in any fragmentation."""
+
+    def server_connected() -> None:
+        """The TCP connection to the VM is up."""
+
+    def server_data(data: bytes) -> None:
+        """Bytes from the VM (plaintext after C{sink.start_tls})."""
+
+    def server_lost(reason: Any) -> None:
+        """
+        Optional: the VM connection closed during the handshake (a
+        L{Failure}); lets the guard log why (e.g. a TLS verification error).
+        """
+
+
+class IGuardSink(Interface):
+    """
+    What a guard may ask of the bridge.
+    """
+
+    def send_to_client(data: bytes) -> None:
+        """Write bytes to the browser."""
+
+    def send_to_server(data: bytes) -> None:
+        """Write bytes to the VM."""
+
+    def admit(is_main: bool) -> None:
+        """
+        SPICE: the browser's link message was read and is acceptable; the
+        bridge takes a slot (main channel only) and dials the VM.  For VNC
+        the bridge dials right after C{start()}.
+        """
+
+    def spice_session(session_id: int) -> None:
+        """SPICE main channel: the VM assigned this session id."""
+
+    def start_tls(creator: Any) -> None:
+        """
+        VNC VeNCrypt: start TLS towards the VM on the same connection with
+        this L{IOpenSSLClientConnectionCreator}.
+        """
+
+    def established() -> None:
+        """The handshake is over; everything received has been forwarded."""
+
+    def fail(error: Any, reason: str) -> None:
+        """End the console with this L{ConsoleError}; C{reason} is log-only."""
