@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IResolutionReceiver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -310,3 +311,113 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(str(parse_address("::ffff:1.2.3.4")), "1.2.3.4")
         self.assertEqual(str(parse_address("[fe80::1]")), "fe80::1")
         self.assertIsNone(parse_address("kvm1"))
+
+
+class NameCacheTests(SynchronousTestCase):
+    """
+    Tests for the name resolution cache of L{HostPolicy}.
+    """
+
+    def setUp(self) -> None:
+        self.resolver = FakeResolver(dict(TABLE))
+        self.clock = Clock()
+
+    def policy(self, *allowed: str, ttl: float = 5.0) -> HostPolicy:
+        return HostPolicy(allowed, self.resolver, clock=self.clock, name_ttl=ttl)
+
+    def test_allowedNameResolvedOncePerTTL(self) -> None:
+        """
+        When address literals are checked against an allowed name again and
+        again within the TTL, the name is resolved once; after the TTL it
+        is resolved again.
+        """
+        policy = self.policy("kvm2.internal")
+        for _ in range(3):
+            self.assertEqual(self.successResultOf(policy.resolve("10.0.0.12")), "10.0.0.12")
+        self.assertEqual(self.resolver.asked, ["kvm2.internal"])
+        self.clock.advance(5.0)
+        self.successResultOf(policy.resolve("10.0.0.12"))
+        self.assertEqual(self.resolver.asked, ["kvm2.internal", "kvm2.internal"])
+
+    def test_newAddressesSeenAfterTTL(self) -> None:
+        """
+        When an allowed name moves to another address, the old address is
+        allowed until the TTL ends and refused after it, and the new one is
+        allowed from then on.
+        """
+        policy = self.policy("kvm1.internal")
+        self.successResultOf(policy.resolve("10.0.0.11"))
+        self.resolver.table["kvm1.internal"] = ["10.0.0.99"]
+        self.clock.advance(4.9)
+        self.successResultOf(policy.resolve("10.0.0.11"))
+        self.clock.advance(0.1)
+        error = self.failureResultOf(policy.resolve("10.0.0.11"), ConsoleError).value
+        self.assertIs(error.code, ErrorCode.UNAUTHORIZED)
+        self.assertEqual(self.successResultOf(policy.resolve("10.0.0.99")), "10.0.0.99")
+
+    def test_targetNameCachedAndChecked(self) -> None:
+        """
+        When a target name is resolved from the cache, its address is still
+        checked against the allowed entries.
+        """
+        policy = self.policy("10.0.0.0/8")
+        self.assertEqual(self.successResultOf(policy.resolve("kvm1.internal")), "10.0.0.11")
+        self.successResultOf(policy.resolve("kvm1.internal"))
+        self.assertEqual(self.resolver.asked, ["kvm1.internal"])
+        policy.set_allowed(["192.168.0.0/16"])
+        self.failureResultOf(policy.resolve("kvm1.internal"), ConsoleError)
+
+    def test_emptyAnswerNotCached(self) -> None:
+        """
+        When a name does not resolve, the next check asks again (and sees it
+        once it resolves).
+        """
+        policy = self.policy("10.0.0.0/8")
+        error = self.failureResultOf(policy.resolve("new.internal"), ConsoleError).value
+        self.assertIs(error.code, ErrorCode.CONNECTION_FAILED)
+        self.resolver.table["new.internal"] = ["10.1.1.1"]
+        self.assertEqual(self.successResultOf(policy.resolve("new.internal")), "10.1.1.1")
+        self.assertEqual(self.resolver.asked, ["new.internal", "new.internal"])
+
+    def test_concurrentLookupsShared(self) -> None:
+        """
+        When several checks need a name whose lookup is in flight, one
+        lookup answers them all.
+        """
+        policy = self.policy("kvm2.internal")
+        self.resolver.hold = True
+        ds = [policy.resolve("10.0.0.12") for _ in range(3)]
+        for d in ds:
+            self.assertNoResult(d)
+        self.assertEqual(self.resolver.asked, ["kvm2.internal"])
+        self.resolver.release()
+        self.assertEqual([self.successResultOf(d) for d in ds], ["10.0.0.12"] * 3)
+
+    def test_setAllowedDropsCache(self) -> None:
+        """
+        When the allowed entries are reloaded, cached resolutions are
+        dropped.
+        """
+        policy = self.policy("kvm1.internal")
+        self.successResultOf(policy.resolve("10.0.0.11"))
+        policy.set_allowed(["kvm1.internal"])
+        self.successResultOf(policy.resolve("10.0.0.11"))
+        self.assertEqual(self.resolver.asked, ["kvm1.internal", "kvm1.internal"])
+
+    def test_zeroTTLTurnsCacheOff(self) -> None:
+        """
+        When name_ttl is 0, every check resolves the name.
+        """
+        policy = self.policy("kvm1.internal", ttl=0)
+        self.successResultOf(policy.resolve("10.0.0.11"))
+        self.successResultOf(policy.resolve("10.0.0.11"))
+        self.assertEqual(self.resolver.asked, ["kvm1.internal", "kvm1.internal"])
+
+    def test_allowedLiteralNoLookupSynchronous(self) -> None:
+        """
+        When the target is an allowed address literal, the answer has
+        already fired and nothing is resolved.
+        """
+        d = self.policy("127.0.0.1", "localhost").resolve("127.0.0.1")
+        self.assertEqual(self.successResultOf(d), "127.0.0.1")
+        self.assertEqual(self.resolver.asked, [])

@@ -7,15 +7,23 @@ set (allowed names are themselves resolved, at check time, to addresses);
 the first allowed address is the answer, and that address -- not the name --
 is what the bridge dials, so a DNS answer cannot change between the check
 and the connect.
+
+Name resolutions (of targets and of allowed names) are cached for a few
+seconds (L{DEFAULT_NAME_TTL}), and concurrent resolutions of one name share
+one lookup: without that, every console check of an address literal
+against an allowed I{name} ran C{getaddrinfo} on the reactor's thread pool.
+A name whose addresses change is seen with its new addresses at most that
+long after.  Empty answers (a name that does not resolve) are not cached.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Iterable, List, Optional, Sequence, Set, Tuple, Union
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
+from twisted.internet.interfaces import IHostnameResolver, IReactorTime, IResolutionReceiver
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,6 +36,23 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: The message a client sees for a refused host: it never names the host.
 NOT_ALLOWED_MESSAGE = "Console host is not allowed"
+
+#: Seconds a name resolution is reused.
+DEFAULT_NAME_TTL = 5.0
+
+#: Above this many cached names, expired ones are swept; then all dropped.
+_NAME_CACHE_SWEEP_AT = 1024
+
+
+class _MonotonicClock:
+    """
+    C{seconds()} from the monotonic clock: the default clock of
+    L{HostPolicy} when none is injected.
+    """
+
+    @staticmethod
+    def seconds() -> float:
+        return time.monotonic()
 
 
 def parse_address(text: str) -> Optional[IPAddress]:
@@ -122,29 +147,85 @@ class HostPolicy:
 
     @param allowed: the C{allowed_hosts} entries.
     @param resolver: an L{IHostnameResolver}, normally C{reactor.nameResolver}.
+    @param clock: the clock of the name cache (normally the reactor); the
+        monotonic clock when not given.
+    @param name_ttl: seconds a name resolution is reused; 0 turns the
+        cache off.
     """
 
-    def __init__(self, allowed: Sequence[str], resolver: IHostnameResolver):
+    def __init__(
+        self,
+        allowed: Sequence[str],
+        resolver: IHostnameResolver,
+        clock: Optional[IReactorTime] = None,
+        name_ttl: float = DEFAULT_NAME_TTL,
+    ):
         self._resolver = resolver
+        self._clock = clock if clock is not None else _MonotonicClock()
+        self._name_ttl = float(name_ttl)
         self._networks: Tuple[IPNetwork, ...] = ()
         self._names: Tuple[str, ...] = ()
+        #: name -> (expiry, addresses)
+        self._cache: Dict[str, Tuple[float, Tuple[IPAddress, ...]]] = {}
+        #: name -> Deferreds waiting for the lookup in flight
+        self._pending: Dict[str, List[Deferred]] = {}
         self.set_allowed(allowed)
 
     def set_allowed(self, allowed: Sequence[str]) -> None:
         """
         Replace the allowed entries (SIGHUP reload).  A bad entry raises
-        C{ValueError} and leaves the old policy in force.
+        C{ValueError} and leaves the old policy in force.  Cached name
+        resolutions are dropped.
         """
         self._networks, self._names = parse_allowed(allowed)
+        self._cache.clear()
 
     def _lookup(self, name: str) -> "Deferred[List[IPAddress]]":
+        """
+        The addresses of C{name}: from the cache, from the lookup of it
+        already in flight, or from a new lookup.
+        """
+        if self._name_ttl > 0:
+            hit = self._cache.get(name)
+            if hit is not None and self._clock.seconds() < hit[0]:
+                return succeed(list(hit[1]))
+            waiting = self._pending.get(name)
+            if waiting is not None:
+                d: Deferred = Deferred()
+                waiting.append(d)
+                return d
         collector = _Collector()
         try:
             self._resolver.resolveHostName(collector, name, 0)
         except Exception as e:
             log.warn("cannot resolve {name}: {error}", name=name, error=str(e))
             return succeed([])
+        if self._name_ttl <= 0 or collector.deferred.called:
+            if collector.deferred.called:
+                collector.deferred.addCallback(self._resolved, name, [])
+            return collector.deferred
+        waiting = self._pending[name] = []
+        collector.deferred.addCallback(self._resolved, name, waiting)
         return collector.deferred
+
+    def _resolved(self, addresses: List[IPAddress], name: str, waiting: List[Deferred]) -> List[IPAddress]:
+        """
+        Cache a lookup's answer (unless empty) and hand it to the callers
+        that waited for it.
+        """
+        if self._pending.get(name) is waiting:
+            del self._pending[name]
+        if addresses and self._name_ttl > 0:
+            if len(self._cache) >= _NAME_CACHE_SWEEP_AT:
+                now = self._clock.seconds()
+                for key in [k for k, (expires, _) in self._cache.items() if expires <= now]:
+                    del self._cache[key]
+                if len(self._cache) >= _NAME_CACHE_SWEEP_AT:
+                    self._cache.clear()
+            self._cache[name] = (self._clock.seconds() + self._name_ttl, tuple(addresses))
+        for d in waiting:
+            d.callback(list(addresses))
+        return addresses
 
     def _in_networks(self, address: IPAddress) -> bool:
         return any(address in network for network in self._networks)
@@ -157,6 +238,10 @@ class HostPolicy:
         is allowed, C{ConsoleError(CONNECTION_FAILED)} when C{host} does
         not resolve.
         """
+        literal = parse_address(host) if isinstance(host, str) else None
+        if literal is not None and any(literal in network for network in self._networks):
+            # The common case (a console on an allowed address): no lookup.
+            return succeed(str(literal))
         return Deferred.fromCoroutine(self._resolve(host))
 
     async def _resolve(self, host: str) -> str:
