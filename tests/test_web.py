@@ -569,6 +569,44 @@ class WebSocketRouteTests(SynchronousTestCase):
         self.assertEqual(client_factory.seen, [("message", b"\x00RFB", True)])
 
 
+class FastWebSocketRouteTests(APITestCase):
+    """
+    Tests for the direct route of console WebSocket upgrades past Klein.
+    """
+
+    def test_sameAnswerAsKlein(self) -> None:
+        """
+        When the ws path is asked with GET (direct route) or with a
+        percent-escape (through Klein), the answer is the same as Klein's
+        own route gives: here the bridge factory fails, a JSON 500.
+        """
+        answers = []
+        for treq, path in (
+            (self.h.treq, f"{VMS}/web-1/console/ws"),
+            (self.h.treq, f"{VMS}/web%2D1/console/ws"),
+            (StubTreq(self.h.api.app.resource()), f"{VMS}/web-1/console/ws"),
+        ):
+            self.h.treq = treq
+            response, body = self.json_request("GET", path + "?token=x")
+            answers.append((response.code, body))
+        self.assertEqual(answers, [(500, ConsoleError(ErrorCode.INTERNAL_ERROR).to_dict())] * 3)
+        self.flushLoggedErrors(AttributeError)
+
+    def test_otherMethodsGoThroughKlein(self) -> None:
+        """
+        When the ws path is asked with POST, Klein answers 405 as before.
+        """
+        response, body = self.json_request("POST", f"{VMS}/web-1/console/ws")
+        self.assertError(response, body, 405, ErrorCode.METHOD_NOT_ALLOWED)
+
+    def test_deeperPathNotFound(self) -> None:
+        """
+        When a path only starts like the ws path, Klein answers 404.
+        """
+        response, body = self.json_request("GET", f"{VMS}/web-1/console/ws/more")
+        self.assertError(response, body, 404, ErrorCode.NOT_FOUND)
+
+
 class StatsTests(APITestCase):
     def test_shape(self) -> None:
         """When an admin asks for stats, the answer has the totals, the per-VM counts and each console."""
