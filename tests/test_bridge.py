@@ -37,6 +37,7 @@ from vaporproxy.interfaces import Grant, ILease, IOutcomeObserver, Graphics, VMC
 from vaporproxy.limits import MemoryLimiter
 from vaporproxy.testing import FakeConsoleLocator
 from vaporproxy.tokens import MemoryTokenStore
+from tests.test_wsframes import frame
 
 VM_UUID = "6f1b2a3c-1111-4222-8333-944455556666"
 VM2_UUID = "6f1b2a3c-1111-4222-8333-944455557777"
@@ -237,6 +238,9 @@ class ClientProtocol(WebSocketClientProtocol):
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         self.factory.closed = (code, reason)
 
+    def onPong(self, payload: bytes) -> None:
+        self.factory.pongs.append(payload)
+
 
 # ---------------------------------------------------------------------------
 # Harness
@@ -308,6 +312,7 @@ class Harness:
         )
         client_factory.protocol = ClientProtocol
         client_factory.messages = []
+        client_factory.pongs = []
         client_factory.closed = None
         client_factory.opened = False
         client_factory.subprotocol = None
@@ -352,6 +357,11 @@ class Connection:
         self.backend.makeConnection(self.backend_transport)
         self.pump.flush()
         return self.backend_transport
+
+    def send_raw(self, data: bytes) -> None:
+        """Send C{data} as it is, frames built by hand."""
+        self.client.transport.write(data)
+        self.pump.flush()
 
     def from_vm(self, data: bytes) -> None:
         self.backend.dataReceived(data)
@@ -499,6 +509,117 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(conn.transport.reading_states, ["paused"])
         conn.connect_backend()
         self.assertEqual(conn.transport.reading_states[:2], ["paused", "producing"])
+
+
+class RelayParserTests(SynchronousTestCase):
+    """
+    Once relaying, the browser's frames go through the relay's own parser,
+    with Autobahn's handling of control frames and the frame caps kept.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness(
+            ConsoleConfig(
+                connection_timeout=10.0,
+                idle_timeout=600.0,
+                buffer_size=BUFFER,
+                max_message_size=1000,
+                allowed_hosts=("127.0.0.1",),
+            )
+        )
+        self.conn = self.h.open(self.h.token())
+        self.backend = self.conn.connect_backend()
+        self.conn.send(b"first")
+
+    def test_parserTakesOver(self) -> None:
+        """
+        When the console relays, the relay's parser reads the browser's
+        frames: whole, fragmented and split across reads, in order.
+        """
+        self.assertIsNotNone(self.conn.server._parser)
+        stream = frame(2, b"ab", fin=False) + frame(0, b"cd", fin=False) + frame(0, b"e") + frame(2, b"f" * 300)
+        for i in range(0, len(stream), 7):
+            self.conn.send_raw(stream[i : i + 7])
+        self.assertEqual(self.backend.value(), b"firstabcde" + b"f" * 300)
+        [record] = self.h.registry.consoles()
+        self.assertEqual(record.bytes_received, len(b"firstabcde") + 300)
+
+    def test_pingAnswered(self) -> None:
+        """
+        When the browser pings between fragments of a message, it gets the
+        pong and the message goes on.
+        """
+        self.conn.send_raw(frame(2, b"ab", fin=False) + frame(9, b"hi") + frame(0, b"cd"))
+        self.assertEqual(self.conn.cf.pongs, [b"hi"])
+        self.assertEqual(self.backend.value(), b"firstabcd")
+
+    def test_autoPing(self) -> None:
+        """
+        When the proxy's keep-alive ping is answered through the relay's
+        parser, the ping timeout is cancelled and the console stays open.
+        """
+        self.h.reactor.advance(31)
+        self.conn.pump.flush()
+        server = self.conn.server
+        self.assertIsNone(server.autoPingPending)
+        self.assertIsNone(server.autoPingTimeoutCall)
+        self.h.reactor.advance(29)
+        self.conn.pump.flush()
+        self.assertIsNone(self.conn.closed)
+
+    def test_oversizeFrame(self) -> None:
+        """
+        When a frame is larger than C{max_message_size}, the WebSocket
+        closes with 1009 and none of it reaches the VM.
+        """
+        self.conn.send_raw(frame(2, b"x" * 1001))
+        self.assertEqual(self.conn.closed[0], 1009)
+        self.assertEqual(self.backend.value(), b"first")
+        self.assertTrue(self.backend.disconnecting)
+        [outcome] = self.h.observer.outcomes
+        self.assertIn("1001 bytes", outcome.reason)
+        self.assertEqual([lease.releases for lease in self.h.limiter.leases], [1])
+
+    def test_oversizeMessage(self) -> None:
+        """
+        When the frames of one message add up to more than
+        C{max_message_size}, the WebSocket closes with 1009.
+        """
+        self.conn.send_raw(frame(2, b"x" * 600, fin=False) + frame(0, b"y" * 600))
+        self.assertEqual(self.conn.closed[0], 1009)
+        self.assertEqual(self.backend.value(), b"first" + b"x" * 600)
+
+    def test_protocolError(self) -> None:
+        """
+        When the browser sends an unmasked frame, the WebSocket closes with
+        1002 and the console ends once.
+        """
+        self.conn.send_raw(frame(2, b"oops", mask=None))
+        self.assertEqual(self.conn.closed[0], 1002)
+        self.assertTrue(self.backend.disconnecting)
+        self.assertEqual(len(self.h.observer.outcomes), 1)
+        self.assertEqual(self.h.limiter.live(), 0)
+
+    def test_textBetweenFrames(self) -> None:
+        """
+        When a text frame follows binary ones in the same read, the binary
+        data is relayed and the console is refused with BAD_REQUEST.
+        """
+        self.conn.send_raw(frame(2, b"ok") + frame(1, b"text"))
+        self.assertEqual(self.backend.value(), b"firstok")
+        self.assertEqual(error_of(self.conn)["code"], "BAD_REQUEST")
+        self.assertEqual(self.conn.closed, (4012, "BAD_REQUEST"))
+
+    def test_closeReasonNotLeaked(self) -> None:
+        """
+        When the VM closes, the browser gets 1000 without the log-only
+        reason text.
+        """
+        self.conn.vm_closes()
+        self.assertEqual(self.conn.closed[0], 1000)
+        self.assertFalse(self.conn.closed[1])
+        [outcome] = self.h.observer.outcomes
+        self.assertEqual(outcome.reason, "backend closed")
 
 
 class FlowControlTests(SynchronousTestCase):

@@ -21,6 +21,13 @@ Flow control (DESIGN.md rule 3): once relaying, the two transports are
 registered as streaming producers of each other, with C{buffer_size} as the
 high-water mark, so a browser that stops reading pauses reads from the VM.
 
+The relay's hot path (issue #3): once relaying, the browser's frames are
+read by L{vaporproxy.wsframes.ClientFrameParser} instead of Autobahn's
+general parser (control frames still go to Autobahn's handling: pong,
+auto-ping, closing handshake), and on plain TCP both directions write to
+the socket at once when nothing is buffered (L{send_now}); what the kernel
+does not take is buffered by the transport, under the same high-water mark.
+
 SPICE (DESIGN.md rule 7): the WebSocket that consumes the token is the main
 channel and owns the console (and its lease); later WebSockets presenting
 the same token join that console without a lease once the SPICE guard has
@@ -37,7 +44,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from urllib.parse import unquote, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
@@ -52,6 +59,7 @@ from vaporproxy.consoles import dial_host, select_console
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 from vaporproxy.interfaces import Outcome, Redemption
 from vaporproxy.tokens import token_log_id
+from vaporproxy.wsframes import ClientFrameParser, direct_writer, send_now
 
 __all__ = [
     "BackendProtocol",
@@ -491,6 +499,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     _spice_attached = False
     _target: Any = None
     _console_type: Optional[str] = None
+    #: The relay's frame parser, once it took over from Autobahn's.
+    _parser: Optional[ClientFrameParser] = None
+    #: The plain TCP transports that L{send_now} may write to directly.
+    _ws_direct: Any = None
+    _backend_direct: Any = None
 
     # -- Twisted / Autobahn events ----------------------------------------
 
@@ -547,6 +560,77 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._pause_reading()
         d = Deferred.fromCoroutine(self._setup())
         d.addErrback(self._setup_failed)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Bytes from the browser: through the relay's frame parser once
+        relaying, else through Autobahn.
+        """
+        parser = self._parser
+        if parser is not None:
+            parser.feed(data)
+            return
+        if (
+            self._relaying
+            and self.state == _OPEN
+            and self.current_frame is None
+            and not self.inside_message
+        ):
+            # Autobahn's parser is between messages (what it holds is at
+            # most part of the next frame header): ours takes over.
+            parser = self._parser = ClientFrameParser(
+                self._console.max_message_size,
+                self._relay_data,
+                self._relay_control,
+                self._relay_text,
+                self._relay_error,
+            )
+            held, self.data = self.data, b""
+            parser.feed(held + data if held else data)
+            return
+        self._dataReceived(data)
+
+    # -- the relay parser's callbacks ---------------------------------------
+
+    def _relay_data(self, payload: bytes) -> None:
+        if self._finished:
+            return
+        self._bytes_received += len(payload)
+        self._last_activity = self._seconds()
+        direct = self._backend_direct
+        if direct is not None:
+            send_now(direct, (payload,))
+        else:
+            self._backend_write(payload)
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            # As Autobahn does on every data frame (autobahn-python #1327).
+            self._cancelAutoPingTimeoutCall()
+
+    def _relay_control(self, opcode: int, payload: bytes) -> None:
+        """
+        A whole close, ping or pong frame: handled by Autobahn exactly as
+        its own parser would (pong, auto-ping bookkeeping, closing
+        handshake).
+        """
+        self.current_frame = FrameHeader(opcode, True, 0, len(payload), None)
+        self.control_frame_data = [payload]
+        try:
+            self.processControlFrame()
+        finally:
+            self.current_frame = None
+
+    def _relay_text(self) -> None:
+        if not self._finished:
+            self._end(ConsoleError(ErrorCode.BAD_REQUEST, "Console streams are binary"), "text message")
+
+    def _relay_error(self, code: int, reason: str) -> None:
+        """
+        The browser broke the protocol (1002) or a size cap (1009): close
+        with that code and drop the connection, whose framing is lost.
+        """
+        self._end(None, f"websocket protocol error: {reason}", code)
+        if self.state != WebSocketProtocol.STATE_CLOSED:
+            self.dropConnection(abort=False)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._relaying and isBinary:
@@ -810,6 +894,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         backend_transport.registerProducer(ws_transport, True)
         self._producers = True
         self._backend_write = backend_transport.write
+        self._ws_direct = direct_writer(ws_transport)
+        self._backend_direct = direct_writer(backend_transport)
         self._relaying = True
         self._resume_reading()
         if self._record is not None and self._record.owner is self:
@@ -843,7 +929,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             header = _HEADER_MEDIUM(0x82, 126, n)
         else:
             header = _HEADER_LONG(0x82, 127, n)
-        self.transport.writeSequence((header, data))
+        direct = self._ws_direct
+        if direct is not None:
+            send_now(direct, (header, data))
+        else:
+            self.transport.writeSequence((header, data))
 
     # -- timers ------------------------------------------------------------
 
@@ -945,8 +1035,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 self.sendClose(error.code.close_code, error.code.name)
             elif close_code is not None:
                 # sendClose() refuses 1001 (an application may not "go
-                # away"); the proxy shutting down is exactly that.
-                self.sendCloseFrame(code=close_code, reasonUtf8=reason[:120].encode("utf-8"), isReply=False)
+                # away"); the proxy shutting down is exactly that.  The
+                # reason is log-only: the client gets the code alone.
+                self.sendCloseFrame(code=close_code, isReply=False)
         elif self.state == _CONNECTING and not self._in_on_connect and self.transport is not None:
             self.dropConnection(abort=True)
         self._resume_reading()
