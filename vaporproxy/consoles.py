@@ -24,6 +24,7 @@ import ipaddress
 import re
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import urlsplit
 
@@ -327,6 +328,7 @@ def select_console(
     return chosen
 
 
+@lru_cache(maxsize=1024)
 def _is_wildcard(address: Optional[str]) -> bool:
     if address is None or address.strip() in ("", "*"):
         return True
@@ -348,6 +350,7 @@ def hypervisor_host(uri: str) -> Optional[str]:
     return host or None
 
 
+@lru_cache(maxsize=1024)
 def _is_loopback(host: str) -> bool:
     host = host.strip().strip("[]").lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
