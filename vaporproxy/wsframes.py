@@ -57,7 +57,7 @@ def _unmask_int(data: Any, mask: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
-def _unmask_translate(data: Any, mask: bytes) -> bytes:
+def _unmask_translate(data: Any, mask: bytes) -> bytearray:
     """
     Pure-Python fallback for large payloads: four strided C{translate}s.
     """
@@ -65,7 +65,7 @@ def _unmask_translate(data: Any, mask: bytes) -> bytes:
     out = bytearray(data)
     for i in range(4):
         out[i::4] = data[i::4].translate(_TABLES[mask[i]])
-    return bytes(out)
+    return out
 
 
 def _load_nvx() -> Any:
@@ -88,27 +88,28 @@ def _load_nvx() -> Any:
         ffi.NULL,
     )
 
-    def unmask_native(data: Any, mask: bytes) -> bytes:
+    def unmask_native(data: Any, mask: bytes) -> bytearray:
         masker = new(mask)
         if masker == null:
-            return _unmask_translate(data, mask)
+            return bytearray(_unmask_translate(data, mask))
         try:
             buf = bytearray(data)
             process(masker, from_buffer(buf), len(buf))
         finally:
             free(masker)
-        return bytes(buf)
+        return buf
 
     return unmask_native
 
 
-_unmask_large: Callable[[Any, bytes], bytes] = _load_nvx() or _unmask_translate
+_unmask_large: Callable[[Any, bytes], bytearray] = _load_nvx() or _unmask_translate
 
 
-def unmask(data: Any, mask: bytes) -> bytes:
+def unmask(data: Any, mask: bytes) -> Any:
     """
     XOR C{data} (bytes-like) with the 4-byte C{mask} repeated from its
-    first byte.
+    first byte: C{bytes}, or a fresh C{bytearray} for large payloads (no
+    copy to C{bytes} when the result is joined with others anyway).
     """
     if len(data) < _SMALL:
         return _unmask_int(data, mask)
@@ -211,7 +212,7 @@ class ClientFrameParser:
                 self._remaining = remaining = remaining - end
                 if not skip:
                     self._mask = _rotate(mask, end)
-                    self._on_data(unmask(data, mask))
+                    self._on_data(bytes(unmask(data, mask)))
                 if not remaining:
                     self._frame_done()
                 return
@@ -225,7 +226,7 @@ class ClientFrameParser:
             if 0 <= n < 126 and data[0] == 0x82 and data[1] == 0x80 + n and not self._in_message:
                 if not 0 < self.max_size < n:
                     if n:
-                        self._on_data(unmask(data[6:], data[2:6]))
+                        self._on_data(_unmask_int(data[6:], data[2:6]))
                     return
             pos = 0
             out = []
@@ -259,7 +260,7 @@ class ClientFrameParser:
                 if stop > end:
                     self._pending = data[pos:]
                     break
-                payload = unmask(view[pos + 6 : stop], data[pos + 2 : pos + 6]) if length else b""
+                payload = _unmask_int(view[pos + 6 : stop], data[pos + 2 : pos + 6]) if length else b""
                 pos = stop
                 if out:
                     self._on_data(b"".join(out))
@@ -333,7 +334,7 @@ class ClientFrameParser:
                 self._mask = _rotate(mask, available)
                 pos = end
         if out:
-            self._on_data(out[0] if len(out) == 1 else b"".join(out))
+            self._on_data(b"".join(out))
         return None
 
     def _frame_done(self) -> None:
