@@ -260,21 +260,38 @@ class MakeServiceTests(SynchronousTestCase):
         from vaporproxy.workers import WorkerSupervisor
 
         write(self.path, CONFIG.replace("server: {", "server: {workers: 2, ") + "tokens: {backend: redis}\n")
-        root = self.make()
+        root = self.make("--listen", "tcp:0:interface=127.0.0.1", "--listen", "haproxy:tcp:0:interface=127.0.0.1")
         self.assertEqual([type(s) for s in root], [WorkerSupervisor])
-        self.assertEqual(root.getServiceNamed("workers").count, 2)
+        supervisor = root.getServiceNamed("workers")
+        self.assertEqual(supervisor.count, 2)
+        command = supervisor.argv([5, 6])
+        self.assertEqual(
+            command[command.index("vaporproxy") + 1 :],
+            ["--config", os.path.abspath(self.path), "--listen", "tcp:0:interface=127.0.0.1",
+             "--listen", "haproxy:tcp:0:interface=127.0.0.1", "--worker-fds", "5,6"],
+        )  # fmt: skip
 
     def test_workerAdoptsSockets(self) -> None:
         """
-        When run as a worker, the process serves the inherited sockets instead of listening.
+        When run as a worker, the process serves the inherited sockets instead of listening, with the PROXY wrapper where its endpoint has it.
         """
         from vaporproxy.workers import AdoptedPortService
 
-        root = self.make("--worker-fds", "7,8")
+        root = self.make("--worker-fds", "7,8", "--listen", "tcp:0", "--listen", "haproxy:tcp:0")
         adopted = [s for s in root if isinstance(s, AdoptedPortService)]
-        self.assertEqual([s.fd for s in adopted], [7, 8])
+        self.assertEqual([(s.fd, s.proxy) for s in adopted], [(7, False), (8, True)])
         self.assertEqual([s for s in root if isinstance(s, StreamServerEndpointService)], [])
         self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["site"])})
+
+    def test_workerFdsMatchListen(self) -> None:
+        """
+        When a worker gets another number of descriptors than listen endpoints, the options are refused.
+        """
+        error = self.assertRaises(usage.UsageError, options, "--config", self.path, "--worker-fds", "7,8")
+        self.assertEqual(
+            str(error),
+            "--worker-fds: 2 descriptors for 1 server.listen endpoints (expected one each, in order)",
+        )
 
     def test_cleanupTimerPurges(self) -> None:
         """

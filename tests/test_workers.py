@@ -5,16 +5,27 @@ processes, on a memory reactor with fake processes.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, List
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.config import ConfigError
-from vaporproxy.workers import WorkerSupervisor, check_shareable, parse_worker_fds, worker_argv
+from vaporproxy.workers import (
+    AdoptedPortService,
+    WorkerSupervisor,
+    check_shareable,
+    is_proxy_endpoint,
+    parse_worker_fds,
+    worker_argv,
+)
 
 
 class FakePort:
@@ -199,8 +210,20 @@ class HelpersTests(SynchronousTestCase):
         self.assertEqual(
             str(error),
             "server.listen[1]: 'ssl:8443' cannot be shared by 2 workers (expected tcp:/tcp6:/unix:"
-            " endpoints with server.workers > 1; terminate TLS in front of vaporproxy, or use workers: 1)",
+            " endpoints, optionally under haproxy:, with server.workers > 1; terminate TLS in front of"
+            " vaporproxy, or use workers: 1)",
         )
+
+    def test_proxyShareable(self) -> None:
+        """
+        When workers > 1, haproxy: over tcp/unix is accepted and haproxy: over ssl (or nested) is refused.
+        """
+        check_shareable(["haproxy:tcp:8080:interface=127.0.0.1", "haproxy:unix:/run/v.sock", "tcp6:8081"], 2)
+        for description in ("haproxy:ssl:8443", "HAPROXY:haproxy:tcp:8080", "systemd:domain=INET:index=0"):
+            error = self.assertRaises(ConfigError, check_shareable, ["tcp:8080", description], 2)
+            self.assertTrue(str(error).startswith(f"server.listen[1]: {description!r} cannot be shared"))
+        self.assertTrue(is_proxy_endpoint("haproxy:tcp:8080"))
+        self.assertFalse(is_proxy_endpoint("tcp:8080"))
 
     def test_workerArgv(self) -> None:
         """
@@ -212,3 +235,63 @@ class HelpersTests(SynchronousTestCase):
             ["--nodaemon", "--pidfile=", "--logfile=-", "vaporproxy", "--config", "/etc/vapor.conf",
              "--worker-fds", "5,6"],
         )  # fmt: skip
+
+
+class AdoptedPortTests(SynchronousTestCase):
+    """
+    L{AdoptedPortService} on a memory reactor with a real inherited socket.
+    """
+
+    def adopt(self, proxy: bool) -> Any:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        fd = os.dup(listener.fileno())
+        reactor = MemoryReactorClock()
+        site = ServerFactory.forProtocol(Recorder)
+        service = AdoptedPortService(fd, site, reactor, proxy=proxy)
+        service.startService()
+        [(adopted_fd, family, factory)] = reactor.adoptedPorts
+        self.assertEqual((adopted_fd, family), (fd, socket.AF_INET))
+        self.assertRaises(OSError, os.fstat, fd)  # the inherited copy is closed
+        self.assertIsNotNone(service.port)
+        service.stopService()
+        self.assertIsNone(service.port)
+        return site, factory
+
+    def connect(self, factory: Any) -> Any:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+        protocol.makeConnection(transport)
+        return protocol
+
+    def test_plain(self) -> None:
+        """
+        When the endpoint is plain, connections reach the factory's protocol unchanged.
+        """
+        site, factory = self.adopt(proxy=False)
+        self.assertIs(factory, site)
+        protocol = self.connect(factory)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.assertEqual(protocol.received, [b"GET / HTTP/1.1\r\n"])
+
+    def test_proxyHeaderStripped(self) -> None:
+        """
+        When the endpoint was haproxy:, the adopted port reads the PROXY header: the protocol sees only HTTP and the client's address.
+        """
+        site, factory = self.adopt(proxy=True)
+        self.assertIsNot(factory, site)
+        wrapper = self.connect(factory)
+        wrapper.dataReceived(b"PROXY TCP4 192.0.2.7 127.0.0.1 51234 8080\r\nGET / HTTP/1.1\r\n")
+        protocol = wrapper.wrappedProtocol
+        self.assertIsInstance(protocol, Recorder)
+        self.assertEqual(b"".join(protocol.received), b"GET / HTTP/1.1\r\n")
+        self.assertEqual(protocol.transport.getPeer().host, "192.0.2.7")
+
+
+class Recorder(Protocol):
+    def connectionMade(self) -> None:
+        self.received: List[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)

@@ -99,6 +99,11 @@ class Options(usage.Options):
                 from vaporproxy.workers import check_shareable
 
                 check_shareable(config.server.listen, config.server.workers)
+            elif len(self["worker_fds"]) != len(config.server.listen):
+                raise ConfigError(
+                    f"--worker-fds: {len(self['worker_fds'])} descriptors for"
+                    f" {len(config.server.listen)} server.listen endpoints (expected one each, in order)"
+                )
         except ConfigError as e:
             raise usage.UsageError(str(e))
         self["config_path"] = path
@@ -355,10 +360,12 @@ def _listen(root: MultiService, site: Any, listen: Sequence[str], worker_fds: Se
     from twisted.internet.endpoints import serverFromString
 
     if worker_fds:
-        from vaporproxy.workers import AdoptedPortService
+        from vaporproxy.workers import AdoptedPortService, is_proxy_endpoint
 
-        for fd in worker_fds:
-            AdoptedPortService(fd, site, reactor).setServiceParent(root)
+        # The N-th descriptor is the N-th endpoint (checked in Options),
+        # which tells whether connections start with a PROXY header.
+        for fd, description in zip(worker_fds, listen):
+            AdoptedPortService(fd, site, reactor, proxy=is_proxy_endpoint(description)).setServiceParent(root)
         return
     for description in listen:
         StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(root)
@@ -374,7 +381,8 @@ def _supervisor(root: VaporService, options: Options, reactor: Any) -> VaporServ
 
     config: Config = options["parsed"]
     endpoints = [serverFromString(reactor, s) for s in config.server.listen]
-    argv = worker_argv(options["config_path"])
+    # The workers take the parent's endpoints (file or --listen), in order.
+    argv = worker_argv(options["config_path"], [arg for d in config.server.listen for arg in ("--listen", d)])
     WorkerSupervisor(config.server.workers, endpoints, argv, reactor).setServiceParent(root)
     return root
 

@@ -13,9 +13,14 @@ dies is restarted after C{restart_delay}; stopping the parent (SIGTERM)
 sends SIGTERM to every worker and waits until they have drained, killing
 any that outlive C{stop_timeout}.
 
-Limitation: C{ssl:} endpoints are not shared (a child cannot rebuild the
-TLS context of an adopted socket without private Twisted API); with
-workers, terminate TLS in front of vaporproxy or run one process.
+Only C{tcp:}, C{tcp6:} and C{unix:} endpoints are shared, optionally
+under Twisted's PROXY-protocol wrapper (C{haproxy:tcp:...}), which each
+worker puts back around its adopted socket.  C{ssl:} endpoints are not
+shared (a child cannot rebuild the TLS context of an adopted socket without
+private Twisted API); with workers, terminate TLS in front of vaporproxy or
+run one process.  The workers get the parent's C{server.listen} as
+C{--listen} options, so that the N-th descriptor goes with the N-th
+endpoint.
 """
 
 from __future__ import annotations
@@ -28,26 +33,54 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from vaporproxy.config import ConfigError, is_ssl_endpoint
+from vaporproxy.config import ConfigError
 
 log = Logger(namespace="vaporproxy.workers")
+
+#: Endpoint types whose listening socket a worker can adopt as it is.
+SHAREABLE = ("tcp", "tcp6", "unix")
+#: Twisted's PROXY-protocol wrapper endpoint (a prefix to another endpoint).
+PROXY_PREFIX = "haproxy"
+
+
+def _kind(description: str) -> str:
+    return description.split(":", 1)[0].strip().lower()
+
+
+def is_proxy_endpoint(description: str) -> bool:
+    """
+    Whether C{description} is wrapped in Twisted's PROXY-protocol endpoint
+    (C{haproxy:tcp:8080}).
+    """
+    return _kind(description) == PROXY_PREFIX
+
+
+def _inner(description: str) -> str:
+    if is_proxy_endpoint(description):
+        return description.split(":", 1)[1] if ":" in description else ""
+    return description
 
 
 def check_shareable(listen: Sequence[str], workers: int) -> None:
     """
-    @raise ConfigError: when C{workers > 1} and an endpoint cannot be shared.
+    @raise ConfigError: when C{workers > 1} and an endpoint cannot be shared
+        (anything but C{tcp:}/C{tcp6:}/C{unix:}, each optionally under one
+        C{haproxy:}).
     """
     if workers > 1:
         for i, description in enumerate(listen):
-            if is_ssl_endpoint(description):
+            if _kind(_inner(description)) not in SHAREABLE:
                 raise ConfigError(
                     f"server.listen[{i}]: {description!r} cannot be shared by {workers} workers"
-                    " (expected tcp:/tcp6:/unix: endpoints with server.workers > 1;"
+                    " (expected tcp:/tcp6:/unix: endpoints, optionally under haproxy:, with server.workers > 1;"
                     " terminate TLS in front of vaporproxy, or use workers: 1)"
                 )
 
@@ -64,22 +97,53 @@ def parse_worker_fds(text: str) -> List[int]:
     return fds
 
 
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """
+    A server endpoint whose C{listen} adopts an inherited listening socket
+    (and closes the inherited descriptor: the reactor keeps its own copy).
+    Can be listened on once.
+    """
+
+    def __init__(self, reactor: Any, fd: int):
+        self.reactor = reactor
+        self.fd = fd
+
+    def listen(self, factory: Factory) -> Deferred:
+        try:
+            port = self.reactor.adoptStreamPort(self.fd, _family(self.fd), factory)
+        except Exception:
+            return fail()
+        os.close(self.fd)
+        return succeed(port)
+
+
 class AdoptedPortService(Service):
     """
     Serve C{factory} on a listening socket inherited from the supervisor.
+
+    @param proxy: the endpoint was C{haproxy:...}: every connection starts
+        with a PROXY-protocol header, read by Twisted's wrapper as on a
+        C{haproxy:} endpoint (the peer address is then the client's).
     """
 
-    def __init__(self, fd: int, factory: Factory, reactor: Any):
+    def __init__(self, fd: int, factory: Factory, reactor: Any, proxy: bool = False):
         self.fd = fd
         self.factory = factory
         self.reactor = reactor
+        self.proxy = proxy
         self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
-        family = _family(self.fd)
-        self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
-        os.close(self.fd)  # adoptStreamPort made its own copy
+        endpoint: Any = AdoptedEndpoint(self.reactor, self.fd)
+        if self.proxy:
+            endpoint = proxyEndpoint(endpoint)
+        outcome: List[Any] = []
+        endpoint.listen(self.factory).addBoth(outcome.append)  # fires at once
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
 
     def stopService(self) -> Optional[Deferred]:
         super().stopService()
@@ -275,9 +339,11 @@ def worker_argv(config_path: Optional[str], extra: Sequence[str] = ()) -> Callab
 
 
 __all__ = [
+    "AdoptedEndpoint",
     "AdoptedPortService",
     "WorkerSupervisor",
     "check_shareable",
+    "is_proxy_endpoint",
     "parse_worker_fds",
     "worker_argv",
 ]
