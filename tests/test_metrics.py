@@ -21,11 +21,20 @@ VM = "6f1c2a4e-3b5d-4c8e-9a7f-0123456789ab"
 
 
 class FakeRecord:
-    def __init__(self, console_type: str):
+    def __init__(self, console_type: str, console_id: str = "", sent: int = 0, received: int = 0):
         self.console_type = console_type
+        self.console_id = console_id
+        self.bytes_sent = sent
+        self.bytes_received = received
 
     def as_dict(self, now: float) -> Dict[str, Any]:
-        return {"type": self.console_type, "vm_id": VM}
+        return {
+            "console_id": self.console_id,
+            "type": self.console_type,
+            "vm_id": VM,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+        }
 
 
 class FakeRegistry:
@@ -36,9 +45,11 @@ class FakeRegistry:
         return list(self.records)
 
 
-def outcome(error: Any = None, sent: int = 0, received: int = 0, duration: float = 0.0) -> Outcome:
+def outcome(
+    error: Any = None, sent: int = 0, received: int = 0, duration: float = 0.0, console_id: str = "c1"
+) -> Outcome:
     return Outcome(
-        console_id="c1",
+        console_id=console_id,
         vm_uuid=VM,
         console_type="vnc",
         user="alice",
@@ -137,3 +148,85 @@ class MetricsTests(SynchronousTestCase):
         other.token_issued()
         self.assertEqual(self.samples()[("vaporproxy_tokens_issued_total", ())], 0)
         self.assertIsNone(REGISTRY.get_sample_value("vaporproxy_tokens_issued_total"))
+
+
+SENT = ("vaporproxy_console_bytes_sent_total", ())
+RECEIVED = ("vaporproxy_console_bytes_received_total", ())
+
+
+class LiveBytesTests(SynchronousTestCase):
+    """
+    The byte counters include live consoles, counted once.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = FakeRegistry()
+        self.metrics = Metrics(self.registry, MemoryTokenStore(self.clock, 300), self.clock)
+
+    def totals(self) -> tuple:
+        text = self.successResultOf(self.metrics.render()).decode("utf-8")
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return found[SENT], found[RECEIVED]
+
+    def test_liveConsolesCount(self) -> None:
+        """When consoles are still open, their bytes so far are in the totals and grow with them."""
+        a = FakeRecord("vnc", "a", sent=1000, received=10)
+        b = FakeRecord("spice", "b", sent=500, received=5)
+        self.registry.records = [a, b]
+        self.assertEqual(self.totals(), (1500, 15))
+        a.bytes_sent += 4000
+        b.bytes_received += 20
+        self.assertEqual(self.totals(), (5500, 35))
+
+    def test_closeBetweenRenders(self) -> None:
+        """When a console closes between two renders, its bytes move from live to ended without being counted twice."""
+        a = FakeRecord("vnc", "a", sent=100, received=7)
+        other = FakeRecord("vnc", "o", sent=1, received=1)
+        self.registry.records = [a, other]
+        self.assertEqual(self.totals(), (101, 8))
+        a.bytes_sent = 150
+        self.registry.records = [other]
+        self.metrics.console_closed(outcome(sent=150, received=7, console_id="a"))
+        self.assertEqual(self.totals(), (151, 8))
+        self.assertEqual(self.totals(), (151, 8))
+
+    def test_closedWhileStillRegistered(self) -> None:
+        """When the close is reported before the console leaves the registry, it is counted once, and its id is then forgotten."""
+        a = FakeRecord("vnc", "a", sent=300, received=3)
+        self.registry.records = [a]
+        self.metrics.console_closed(outcome(sent=300, received=3, console_id="a"))
+        self.assertEqual(self.totals(), (300, 3))
+        self.registry.records = []
+        self.assertEqual(self.totals(), (300, 3))
+        self.assertEqual(self.metrics._closed_ids, set())
+
+    def test_closedIdsBounded(self) -> None:
+        """When many consoles close and nobody scrapes, the remembered ids stay bounded."""
+        from vaporproxy.metrics import CLOSED_IDS_PRUNE_AT
+
+        for i in range(3 * CLOSED_IDS_PRUNE_AT):
+            self.metrics.console_closed(outcome(sent=1, console_id=f"c{i}"))
+        self.assertLess(len(self.metrics._closed_ids), CLOSED_IDS_PRUNE_AT)
+        self.assertEqual(self.totals(), (3 * CLOSED_IDS_PRUNE_AT, 0))
+
+    def test_neverGoesDown(self) -> None:
+        """When a console's close reports fewer bytes than were last seen live, the exported counter does not go down."""
+        self.registry.records = [FakeRecord("vnc", "a", sent=900, received=90)]
+        self.assertEqual(self.totals(), (900, 90))
+        self.registry.records = []
+        self.metrics.console_closed(outcome(sent=800, received=80, console_id="a"))
+        self.assertEqual(self.totals(), (900, 90))
+        self.metrics.console_closed(outcome(sent=200, received=20, console_id="b"))
+        self.assertEqual(self.totals(), (1000, 100))
+
+    def test_textFormat(self) -> None:
+        """When rendered, the byte counters keep their names, type and sample format."""
+        self.registry.records = [FakeRecord("vnc", "a", sent=42, received=4)]
+        text = self.successResultOf(self.metrics.render()).decode("utf-8")
+        self.assertIn("# TYPE vaporproxy_console_bytes_sent_total counter\n", text)
+        self.assertIn("vaporproxy_console_bytes_sent_total 42.0\n", text)
+        self.assertIn("vaporproxy_console_bytes_received_total 4.0\n", text)

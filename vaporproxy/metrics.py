@@ -8,15 +8,18 @@ several instances (tests, several APIs) never collide.
 Counters move when events happen (token issued, console opened, console
 closed with its bytes and duration); the gauges of live consoles and
 outstanding tokens are read from the console registry and the token store
-when the metrics are rendered.
+when the metrics are rendered.  The byte counters are the ended consoles'
+totals plus the live consoles' current counts, read at render time, so a
+console that lasts for hours shows its traffic while it runs.
 """
 
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from typing import Any
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -26,6 +29,32 @@ from vaporproxy.interfaces import CONSOLE_TYPES, IOutcomeObserver, Outcome
 
 #: Console durations (seconds): from a failed handshake to a working day.
 DURATION_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
+
+#: How many closed console ids are remembered before those no longer in the
+#: registry are forgotten (see L{Metrics.console_closed}).
+CLOSED_IDS_PRUNE_AT = 1024
+
+
+class _ByteCounters:
+    """
+    A collector for the two byte counters: ended consoles' totals plus the
+    live consoles' current counts, computed when collected.
+    """
+
+    NAMES = (
+        ("vaporproxy_console_bytes_sent", "Bytes sent to browsers by consoles (ended and live)"),
+        ("vaporproxy_console_bytes_received", "Bytes received from browsers by consoles (ended and live)"),
+    )
+
+    def __init__(self, metrics: "Metrics"):
+        self._metrics = metrics
+
+    def describe(self) -> List[CounterMetricFamily]:
+        return [CounterMetricFamily(name, text) for name, text in self.NAMES]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for (name, text), value in zip(self.NAMES, self._metrics.byte_totals()):
+            yield CounterMetricFamily(name, text, value=value)
 
 
 @implementer(IOutcomeObserver)
@@ -65,12 +94,14 @@ class Metrics:
             ["code"],
             registry=r,
         )
-        self._bytes_sent = Counter(
-            "vaporproxy_console_bytes_sent", "Bytes sent to browsers by ended consoles", registry=r
-        )
-        self._bytes_received = Counter(
-            "vaporproxy_console_bytes_received", "Bytes received from browsers by ended consoles", registry=r
-        )
+        #: Bytes of ended consoles (sent, received).
+        self._closed_bytes = [0, 0]
+        #: Consoles reported closed that may still be in the registry (so
+        #: that their bytes are not counted twice); pruned as they leave it.
+        self._closed_ids: Set[str] = set()
+        #: The last totals exported: a counter never goes down.
+        self._exported = (0, 0)
+        r.register(_ByteCounters(self))
         self._durations = Histogram(
             "vaporproxy_console_duration_seconds",
             "Durations of ended consoles",
@@ -90,14 +121,44 @@ class Metrics:
 
     def console_closed(self, outcome: Outcome) -> None:
         self._outcomes.labels(outcome.error or "ok").inc()
-        self._bytes_sent.inc(max(0, outcome.bytes_sent))
-        self._bytes_received.inc(max(0, outcome.bytes_received))
+        self._closed_bytes[0] += max(0, outcome.bytes_sent)
+        self._closed_bytes[1] += max(0, outcome.bytes_received)
+        if outcome.console_id:
+            self._closed_ids.add(outcome.console_id)
+            if len(self._closed_ids) >= CLOSED_IDS_PRUNE_AT:
+                self._live_records()  # forgets ids no longer live
         self._durations.observe(max(0.0, outcome.duration_s))
 
     def token_issued(self) -> None:
         self._tokens_issued.inc()
 
     # -- rendering ---------------------------------------------------------
+
+    def _live_records(self) -> List[Dict[str, Any]]:
+        """
+        The live consoles' records (C{as_dict}) not already counted as
+        closed; forgets closed ids that have left the registry.
+        """
+        now = self._clock.seconds()
+        records = [record.as_dict(now) for record in self._consoles.consoles()]
+        live_ids = {record.get("console_id") for record in records}
+        self._closed_ids &= live_ids
+        return [record for record in records if record.get("console_id") not in self._closed_ids]
+
+    def byte_totals(self) -> Tuple[int, int]:
+        """
+        (bytes sent, bytes received): every ended console's plus every live
+        console's count so far.  A console that closes between two reads
+        moves from the live part to the ended part, counted once.
+        """
+        sent, received = self._closed_bytes
+        for record in self._live_records():
+            sent += max(0, int(record.get("bytes_sent") or 0))
+            received += max(0, int(record.get("bytes_received") or 0))
+        # Never below what was exported (a counter that goes down looks like
+        # a restart to Prometheus).
+        self._exported = (max(sent, self._exported[0]), max(received, self._exported[1]))
+        return self._exported
 
     def render(self) -> Deferred:
         """
