@@ -108,6 +108,16 @@ class OptionsTests(SynchronousTestCase):
             "console.idle_timeout: 'soon' is not a duration (expected e.g. 500ms, 30s, 5m, 1h)",
         )
 
+    def test_badJWTKey(self) -> None:
+        """
+        When auth.jwt names a key file that cannot be used, start-up stops with a one-line error naming it.
+        """
+        key = write(self.mktemp(), "too-short")
+        path = write(self.mktemp(), f"auth: {{jwt: {{algorithms: [HS256], key_file: {key!r}}}}}\n")
+        error = self.assertRaises(usage.UsageError, options, "--config", path)
+        self.assertIn("auth.jwt", str(error))
+        self.assertNotIn("\n", str(error))
+
     def test_missingExplicitConfig(self) -> None:
         """
         When --config names a missing file, it is an error rather than defaults.
@@ -384,6 +394,20 @@ class ReloadTests(SynchronousTestCase):
             errors[0]["error"],
             "console.max_total_connections: 'none' is not a valid integer (expected an integer >= 1)",
         )
+
+    def test_badJWTKeyChangesNothing(self) -> None:
+        """
+        When a reloaded file has new limits and an unusable JWT key, nothing of it is applied.
+        """
+        key = write(self.mktemp(), "too-short")
+        write(
+            self.path,
+            CONFIG.replace("max_total_connections: 3", "max_total_connections: 2")
+            + f"auth: {{jwt: {{algorithms: [HS256], key_file: {key!r}}}}}\n",
+        )
+        self.assertFalse(self.reload.reload())
+        self.assertEqual(self.limiter.max_total, 3)
+        self.assertIsNone(self.reload.config.auth.jwt)
 
     def test_sighup(self) -> None:
         """

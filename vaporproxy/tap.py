@@ -94,6 +94,7 @@ class Options(usage.Options):
             else:
                 config = load_config(path)
             config = with_listen(config, self["listen"])
+            check_files(config)
             effective_level(config.logging.level, self.environ)
             if not self["worker_fds"]:
                 from vaporproxy.workers import check_shareable
@@ -236,6 +237,7 @@ class ReloadService(Service):
             return False
         try:
             new = with_listen(load_config(self.path), self.listen)
+            check_files(new)
         except ConfigError as e:
             log.error("SIGHUP: {path} not reloaded, keeping the running config: {error}", path=self.path, error=str(e))
             return False
@@ -312,6 +314,18 @@ def purge_tokens(token_store: Any) -> Deferred:
     d.addCallback(purged)
     d.addErrback(lambda f: log.failure("token purge failed; will retry", f, level=LogLevel.error))
     return d
+
+
+def check_files(config: Config) -> None:
+    """
+    Load the files a config refers to (the JWT key) so that a bad one stops
+    start-up with a one-line error, and a SIGHUP with a bad one changes
+    nothing, instead of failing half-way through applying it.
+    """
+    if config.auth.jwt is not None:
+        from vaporproxy.auth import load_jwt_key
+
+        load_jwt_key(config.auth.jwt)
 
 
 def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, bridge_factory: Any,
@@ -413,7 +427,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     ThreadPoolService(pool).setServiceParent(root)
     token_store, limiter, redis = _token_backend(config, reactor)
     locator = LibvirtConsoleLocator(config.hypervisors, reactor, pool)
-    host_policy = HostPolicy(config.console.allowed_hosts, reactor.nameResolver)
+    host_policy = HostPolicy(config.console.allowed_hosts, reactor.nameResolver, clock=reactor)
     registry = ConsoleRegistry(reactor)
     metrics = Metrics(registry, token_store, reactor)
     collaborators = dict(config=config, token_store=token_store, locator=locator, limiter=limiter,
