@@ -12,6 +12,10 @@ from zope.interface import implementer
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import IConsoleLocator, VMConsoles
+from vaporproxy.limits import MemoryLimiter
+from vaporproxy.tokens import MemoryTokenStore
+
+__all__ = ["FakeConsoleLocator", "MemoryLimiter", "MemoryTokenStore"]
 
 
 @implementer(IConsoleLocator)
