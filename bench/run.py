@@ -400,7 +400,7 @@ def workloads(args: argparse.Namespace) -> Dict[str, dict]:
     """
     The steady-state workloads: name -> client job (without target).
     """
-    w, d = (300, 1000) if args.quick else (500, 2000)
+    w, d = (300, 1000) if args.quick else (400, 1500)
     return {
         "down1": {"workload": "down", "consoles": 1, "warmup_ms": w, "duration_ms": d},
         "down4": {"workload": "down", "consoles": 4, "warmup_ms": w, "duration_ms": d},
@@ -478,7 +478,9 @@ def run_conc(bench: Bench, t: Target, results: dict) -> None:
                 time.sleep(0.5)
                 job = {
                     "workload": "conc", "consoles": n, "parallel": 64,
-                    "settle_ms": 2000, "hold_ms": 3000 if bench.args.quick else 5000,
+                    # shorter windows at 5,000+ (the ramp dominates there); still --conc-runs runs
+                    "settle_ms": 2000 if level < 5000 else 1500,
+                    "hold_ms": 3000 if bench.args.quick or level >= 5000 else 5000,
                     "proxy_pid": t.proc.pid if t.proc else None, "mem_key": t.mem_key,
                     "target": t.job_target(), "timeout_ms": 280000,
                 }
@@ -503,7 +505,7 @@ def run_stall(bench: Bench, t: Target, results: dict) -> None:
         t.up()
         try:
             time.sleep(0.3)
-            job = {"workload": "stall", "duration_ms": 3000 if bench.args.quick else 5000,
+            job = {"workload": "stall", "duration_ms": 3000 if bench.args.quick else 4000,
                    "proxy_pid": t.proc.pid if t.proc else None, "mem_key": t.mem_key,
                    "target": t.job_target()}
             runs.append(bench.client(job, timeout=60))
@@ -608,7 +610,9 @@ def run_worker_line(bench: Bench, results: dict) -> None:
                                     for pr in body.get("cluster", {}).get("processes", [])}
                             return seen
 
+                        wall0 = time.monotonic()
                         rs, seen = bench.clients(cjobs, timeout=60, during=sample, during_at=mid)
+                        wall = time.monotonic() - wall0
                         cpu = {str(p): round(cpu_seconds(p) - cpu0[p], 3) for p in pids}
                         key = "mib_s" if wl.startswith("down") else "per_s"
                         errs = [r["error"] for r in rs if "error" in r]
@@ -618,6 +622,8 @@ def run_worker_line(bench: Bench, results: dict) -> None:
                         busy1 = system_busy()
                         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         run["client_cpu_s"] = round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 3)
+                        run["wall_s"] = round(wall, 3)
+                        run["proxy_cores"] = round((sum(cpu.values()) + (cpu_seconds(t.proc.pid) - sup0 if workers > 1 else 0)) / wall, 3)
                         run["machine_busy_pct"] = round(100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 1)
                         run["other_cpu_s"] = {k: round(cpu_seconds(p.pid) - others0[k], 3)
                                               for k, p in (("backend", bench.backend), ("redis", bench.redis)) if p and k in others0}
@@ -749,6 +755,32 @@ def worker_table(line: Optional[dict]) -> List[str]:
         two = vs.get("vaporproxy-2w-redis")
         rows.append(f"| {label} ({unit}) | " + " | ".join(cells)
                     + f" | {ratio(two, vs.get('vaporproxy-1w-redis'))} | {ratio(two, vs.get('vaporproxy-1w-memory'))} |")
+    for wl, key, label, unit in (("down16", "mib_s", "downstream 16", "MiB/s"), ("setup8", "per_s", "setup 8", "/s")):
+        cores = {n: val(n, wl, "proxy_cores") for n in names}
+        per_core = {n: (val(n, wl, key) / cores[n]) if cores[n] and val(n, wl, key) else None for n in names}
+        rows.append(f"| {label}: proxy CPU cores used (workers + supervisor) | "
+                    + " | ".join(fmt(cores[n], "") for n in names) + " | | |")
+        two, one_r, one_m = (per_core.get(n) for n in ("vaporproxy-2w-redis", "vaporproxy-1w-redis", "vaporproxy-1w-memory"))
+        proj = lambda a, b: f"{2 * a / b:.2f} projected" if a and b else "–"  # noqa: E731
+        rows.append(f"| {label}: {unit} per proxy core | " + " | ".join(fmt(per_core[n], unit) for n in names)
+                    + f" | {proj(two, one_r)} | {proj(two, one_m)} |")
+    for wl, label in (("down16", "downstream 16"), ("setup8", "setup 8")):
+        cells = []
+        for n in names:
+            runs = line.get(n, {}).get(wl, {}).get("runs", [])
+            if not runs:
+                cells.append("–")
+                continue
+
+            def med(f: Callable[[dict], float]) -> float:
+                return statistics.median(f(r) for r in runs)
+
+            cells.append(f"{med(lambda r: sum(r.get('worker_cpu_s', {}).values()) + r.get('supervisor_cpu_s', 0)):.2f}"
+                         f" / {med(lambda r: r.get('client_cpu_s', 0)):.2f}"
+                         f" / {med(lambda r: sum(r.get('other_cpu_s', {}).values())):.2f}"
+                         f" ({med(lambda r: r.get('machine_busy_pct', 0)):.0f}%)")
+        rows.append(f"| {label}: CPU s proxy / clients / backend+redis (machine busy) | "
+                    + " | ".join(cells) + " | | |")
     two = line.get("vaporproxy-2w-redis", {})
     blank = " | ".join([""] * (len(names) + 1))
     for wl, label in (("down16", "downstream 16 consoles"), ("setup8", "setup, 8 at a time")):
@@ -775,7 +807,7 @@ def worker_table(line: Optional[dict]) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs, 1,000 consoles only")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=None, help="runs per figure (default 3; 1 with --quick)")
     p.add_argument("--conc-runs", type=int, default=None, help="runs per concurrency level (default: --runs)")
     p.add_argument("--targets", default="", help="comma list (default all)")
     p.add_argument("--workloads", default="", help="comma list of steady workloads (default all)")
@@ -792,6 +824,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", action="store_true", help="py-spy profiles of vaporproxy")
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
     if args.conc_runs is None:
         args.conc_runs = args.runs
     if not os.path.isdir(os.path.join(HERE, "node_modules", "ws")):
