@@ -54,7 +54,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from vaporproxy.config import Config
+from vaporproxy.config import Config, ConfigError
 from vaporproxy.consoles import dial_host, select_console
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 from vaporproxy.interfaces import Outcome, Redemption
@@ -450,7 +450,7 @@ class BackendProtocol(Protocol):
             console._setup_server_data(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.console._backend_lost(self)
+        self.console._backend_lost(self, reason)
 
 
 class _BackendFactory(Factory):
@@ -668,14 +668,19 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if self._finished:
             return
         graphics = select_console(vm, grant.console_type, grant.display)
-        address = await factory.host_policy.resolve(dial_host(vm, graphics))
+        host = dial_host(vm, graphics)
+        address = await factory.host_policy.resolve(host)
         if self._finished:
             return
         self._target = (address, graphics.port)
         if graphics.type == "vnc":
             if not await self._admit_owner():
                 return
-            self._guard = factory.vnc_guard(self, graphics.password)
+            vnc_tls = factory.vnc_tls.get(vm.hypervisor)
+            if vnc_tls is None:
+                self._guard = factory.vnc_guard(self, graphics.password)
+            else:
+                self._guard = factory.vnc_guard(self, graphics.password, tls=vnc_tls.for_host(host))
             self._guard_call("start")
             self._feed_held()
             self._dial()
@@ -788,12 +793,15 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def _setup_server_data(self, data: bytes) -> None:
         self._guard_call("server_data", data)
 
-    def _backend_lost(self, backend: BackendProtocol) -> None:
+    def _backend_lost(self, backend: BackendProtocol, reason: Optional[Failure] = None) -> None:
         if self._finished:
             return
         if self._relaying:
             self._end(None, "backend closed", 1000)
         else:
+            if getattr(self._guard, "server_lost", None) is not None:
+                # The RFB guard fails with why (e.g. the TLS handshake failed).
+                self._guard_call("server_lost", reason)
             self._end(ConsoleError(ErrorCode.CONNECTION_FAILED), "backend closed during handshake")
 
     # -- the guard's sink --------------------------------------------------
@@ -811,6 +819,15 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             self._backend.transport.write(data)
         else:
             self._to_server.append(data)
+
+    def start_tls(self, creator: Any) -> None:
+        """
+        VeNCrypt: TLS on the VM connection from here on (the guard sends
+        nothing more until the VM has spoken inside it).
+        """
+        if self._finished or self._backend is None:
+            return
+        self._backend.transport.startTLS(creator)
 
     def admit(self, is_main: bool) -> None:
         """
@@ -1088,10 +1105,10 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 # ---------------------------------------------------------------------------
 
 
-def _rfb_guard(sink: Any, password: Optional[str]) -> Any:
+def _rfb_guard(sink: Any, password: Optional[str], tls: Any = None) -> Any:
     from vaporproxy.rfb import RFBGuard
 
-    return RFBGuard(sink, password)
+    return RFBGuard(sink, password, tls=tls)
 
 
 def _spice_guard(sink: Any, password: Optional[str], expected_session_id: Optional[int]) -> Any:
@@ -1106,7 +1123,9 @@ class ConsoleBridgeFactory(WebSocketServerFactory):
     configuration; every connection takes the configuration of the moment
     it was accepted.
 
-    @ivar vnc_guard: C{(sink, password) -> guard}; L{vaporproxy.rfb.RFBGuard}.
+    @ivar vnc_guard: C{(sink, password[, tls=]) -> guard}; L{vaporproxy.rfb.RFBGuard}.
+    @ivar vnc_tls: C{{hypervisor URI: L{vaporproxy.rfb.VncTLS}}} from the
+        hypervisors' C{vnc_tls} sections (VeNCrypt towards their VMs).
     @ivar spice_guard: C{(sink, password, expected_session_id) -> guard};
         L{vaporproxy.spice.SpiceGuard}.
     """
@@ -1138,6 +1157,10 @@ class ConsoleBridgeFactory(WebSocketServerFactory):
         self.vnc_guard: Callable[..., Any] = _rfb_guard
         self.spice_guard: Callable[..., Any] = _spice_guard
         self.config = config
+        from vaporproxy.rfb import vnc_tls_by_uri
+
+        # Raises ConfigError at start-up when a certificate file is unusable.
+        self.vnc_tls: Dict[str, Any] = vnc_tls_by_uri(config.hypervisors)
         self._apply(config)
 
     def _apply(self, config: Config) -> None:
@@ -1159,3 +1182,10 @@ class ConsoleBridgeFactory(WebSocketServerFactory):
         """
         self.config = config
         self._apply(config)
+        from vaporproxy.rfb import vnc_tls_by_uri
+
+        try:
+            # Re-read, so renewed certificates are picked up on SIGHUP.
+            self.vnc_tls = vnc_tls_by_uri(config.hypervisors)
+        except ConfigError as e:
+            log.error("vnc_tls not reloaded, keeping the previous settings: {error}", error=str(e))
