@@ -454,6 +454,9 @@ class BackendProtocol(Protocol):
 
 
 class _BackendFactory(Factory):
+    #: One factory per console: no "Starting/Stopping factory" log lines.
+    noisy = False
+
     def __init__(self, console: "ConsoleWebSocketProtocol"):
         self.console = console
 
@@ -472,6 +475,14 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     """
 
     factory: "ConsoleBridgeFactory"
+
+    #: Autobahn's _connectionMade copies every option in CONFIG_ATTRS from
+    #: the factory and pformats the list for a debug line, which is
+    #: evaluated even when debug logging is off (about a tenth of a
+    #: console's set-up cost).  connectionMade copies them instead, the same
+    #: way, and Autobahn is given nothing to copy or format.
+    CONFIG_ATTRS: tuple = ()
+    _OPTIONS_FROM_FACTORY = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
 
     # Class defaults, so that every attribute exists before connectionMade.
     _finished = False
@@ -509,6 +520,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        for name in self._OPTIONS_FROM_FACTORY:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(factory, name))
         self._reactor = factory.reactor
         self._seconds = factory.reactor.seconds
         self._settings = factory.config
