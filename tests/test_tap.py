@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.integration.qemu_fixture import write_x509_credentials
 from vaporproxy import tap
 from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode
@@ -34,6 +35,16 @@ hypervisors: [{uri: "test:///default"}]
 server: {listen: ["tcp:0:interface=127.0.0.1"]}
 console: {max_connections_per_vm: 5, max_total_connections: 3}
 """
+
+
+def vnc_tls_config(ca_file: str) -> str:
+    """
+    CONFIG with VeNCrypt towards the hypervisor's VMs, trusting C{ca_file}.
+    """
+    return CONFIG.replace(
+        'hypervisors: [{uri: "test:///default"}]',
+        f'hypervisors: [{{uri: "test:///default", vnc_tls: {{ca_file: "{ca_file}"}}}}]',
+    )
 
 
 def collaborators_or_skip() -> None:
@@ -144,6 +155,28 @@ class OptionsTests(SynchronousTestCase):
             str(error),
             "VAPOR_LOG_LEVEL: 'loud' is not a valid choice (expected one of debug, info, warn, error)",
         )
+
+    def test_badVncTLSCertificate(self) -> None:
+        """
+        When a hypervisor's vnc_tls names a CA file that is not a certificate, start-up stops with a one-line error naming the key.
+        """
+        junk = write(self.mktemp(), "not a certificate\n")
+        path = write(self.mktemp(), vnc_tls_config(junk))
+        error = self.assertRaises(usage.UsageError, options, "--config", path)
+        self.assertEqual(
+            str(error),
+            f"hypervisors[0].vnc_tls.ca_file: {junk!r} is not a PEM certificate file"
+            " (expected one or more CERTIFICATE blocks)",
+        )
+
+    def test_goodVncTLSCertificate(self) -> None:
+        """
+        When a hypervisor's vnc_tls names a usable CA file, the config is accepted with it.
+        """
+        ca_file = write_x509_credentials(self.mktemp())["ca-cert.pem"]
+        path = write(self.mktemp(), vnc_tls_config(ca_file))
+        [hypervisor] = options("--config", path)["parsed"].hypervisors
+        self.assertEqual(hypervisor.vnc_tls.ca_file, ca_file)
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -465,6 +498,38 @@ class ReloadTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(setup.level, "error")
+
+    def test_badVncTLSCertificateChangesNothing(self) -> None:
+        """
+        When a reloaded file has new limits and an unusable vnc_tls certificate, nothing of it is applied and the error is logged.
+        """
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        bridge_factory = self.root.pieces["bridge_factory"]
+        before = bridge_factory.vnc_tls
+        junk = write(self.mktemp(), "not a certificate\n")
+        write(
+            self.path,
+            vnc_tls_config(junk).replace("max_total_connections: 3", "max_total_connections: 2"),
+        )
+        self.assertFalse(self.reload.reload())
+        self.assertEqual(self.limiter.max_total, 3)
+        self.assertIsNone(self.reload.config.hypervisors[0].vnc_tls)
+        self.assertIs(bridge_factory.vnc_tls, before)
+        [error] = [e["error"] for e in events if e.get("error")]
+        self.assertTrue(error.startswith("hypervisors[0].vnc_tls.ca_file: "), error)
+
+    def test_vncTLSReloaded(self) -> None:
+        """
+        When a reloaded file has a usable vnc_tls section, the bridge loads it for new consoles.
+        """
+        ca_file = write_x509_credentials(self.mktemp())["ca-cert.pem"]
+        write(self.path, vnc_tls_config(ca_file))
+        self.assertTrue(self.reload.reload())
+        vnc_tls = self.root.pieces["bridge_factory"].vnc_tls
+        self.assertEqual(list(vnc_tls), ["test:///default"])
+        self.assertEqual(vnc_tls["test:///default"].config.ca_file, ca_file)
 
 
 class ServiceHelpersTests(SynchronousTestCase):

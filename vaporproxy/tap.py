@@ -318,14 +318,21 @@ def purge_tokens(token_store: Any) -> Deferred:
 
 def check_files(config: Config) -> None:
     """
-    Load the files a config refers to (the JWT key) so that a bad one stops
+    Load the files a config refers to (the JWT key, the hypervisors'
+    C{vnc_tls} CA, certificate and key files) so that a bad one stops
     start-up with a one-line error, and a SIGHUP with a bad one changes
     nothing, instead of failing half-way through applying it.
+
+    @raise ConfigError: naming the key of the first unusable file.
     """
     if config.auth.jwt is not None:
         from vaporproxy.auth import load_jwt_key
 
         load_jwt_key(config.auth.jwt)
+    if any(h.vnc_tls is not None for h in config.hypervisors):
+        from vaporproxy.rfb import vnc_tls_by_uri
+
+        vnc_tls_by_uri(config.hypervisors)
 
 
 def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, bridge_factory: Any,
