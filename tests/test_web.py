@@ -607,6 +607,159 @@ class FastWebSocketRouteTests(APITestCase):
         self.assertError(response, body, 404, ErrorCode.NOT_FOUND)
 
 
+class FastInfoRouteTests(APITestCase):
+    """
+    Tests for the direct route of console-info requests past Klein: the
+    same answers as Klein's route, errors included.
+    """
+
+    #: Headers that frame the body (the direct route sends a
+    #: Content-Length, Klein chunks) or vary with the moment.
+    FRAMING = {b"content-length", b"transfer-encoding", b"date"}
+
+    def answer(self, through_klein: bool, path: str, key: Optional[str], setup: Any = None) -> Any:
+        """
+        Status, headers (without framing) and body of one request on a
+        fresh harness, the token in the body replaced by a placeholder.
+        """
+        self.h = Harness()
+        if setup is not None:
+            setup(self.h)
+        if through_klein:
+            self.h.treq = StubTreq(self.h.api.app.resource())
+        response, raw = self.request("GET", path, key)
+        headers = sorted(
+            (name.lower(), tuple(values))
+            for name, values in response.headers.getAllRawHeaders()
+            if name.lower() not in self.FRAMING
+        )
+        body = json.loads(raw)
+        if "token" in body:
+            self.assertRegex(body["token"], r"^[0-9a-f]{64}$")
+            body["token"] = "T"
+        return response.code, headers, body
+
+    def assertSameAnswer(self, path: str, key: Optional[str], status: int, setup: Any = None) -> None:
+        direct = self.answer(False, path, key, setup)
+        klein = self.answer(True, path, key, setup)
+        self.assertEqual(direct, klein)
+        self.assertEqual(direct[0], status)
+
+    def test_directRouteSkipsKlein(self) -> None:
+        """When console info is asked with GET and a plain VM id, Klein is not involved."""
+
+        class NoKlein:
+            def render(self, request: Any) -> None:
+                raise AssertionError("went through Klein")
+
+        self.h.treq = StubTreq(web._Root(self.h.api, NoKlein()))
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
+        self.assertEqual((response.code, body["type"]), (200, "vnc"))
+        self.assertEqual(response.length, len(json.dumps(body)))
+
+    def test_success(self) -> None:
+        """When a token is issued, both routes give the same answer."""
+        self.assertSameAnswer(f"{VMS}/web-1/console", USER_KEY, 200)
+        self.assertSameAnswer(f"{VMS}/db-1/console?type=spice&display=1", USER_KEY, 200)
+        self.assertSameAnswer(f"{VMS}/{WEB_UUID}/console", WEB_KEY, 200)
+
+    def test_authErrors(self) -> None:
+        """When the key is missing, unknown, not Bearer or not allowed, both routes give the same error."""
+        self.assertSameAnswer(f"{VMS}/web-1/console", None, 401)
+        self.assertSameAnswer(f"{VMS}/web-1/console", "wrong-key", 401)
+        self.assertSameAnswer(f"{VMS}/db-1/console", WEB_KEY, 403)
+        self.assertSameAnswer(f"{VMS}/nope/console", WEB_KEY, 403)
+
+    def test_requestErrors(self) -> None:
+        """When parameters are bad or the VM has no such console, both routes give the same error."""
+        self.assertSameAnswer(f"{VMS}/web-1/console?type=rdp", USER_KEY, 400)
+        self.assertSameAnswer(f"{VMS}/web-1/console?display=x", USER_KEY, 400)
+        self.assertSameAnswer(f"{VMS}/db-1/console?type=vnc&type=spice", USER_KEY, 400)
+        self.assertSameAnswer(f"{VMS}/bare-1/console", USER_KEY, 409)
+        self.assertSameAnswer(f"{VMS}/nope/console", USER_KEY, 404)
+
+    def test_backendErrors(self) -> None:
+        """When the host, hypervisor or token store fails, both routes give the same error."""
+
+        def down(h: Harness) -> None:
+            h.locator.broken = "connection refused"
+
+        def store(h: Harness) -> None:
+            h.store.issue = lambda grant: fail(ConsoleError(ErrorCode.SERVICE_UNAVAILABLE))
+
+        self.assertSameAnswer(f"{VMS}/far-1/console", USER_KEY, 403)
+        self.assertSameAnswer(f"{VMS}/lost-1/console", USER_KEY, 502)
+        self.assertSameAnswer(f"{VMS}/web-1/console", USER_KEY, 500, down)
+        self.assertSameAnswer(f"{VMS}/web-1/console", USER_KEY, 503, store)
+
+    def test_unexpectedError(self) -> None:
+        """When a collaborator raises unexpectedly, both routes answer the same 500 and log it."""
+
+        def explode(h: Harness) -> None:
+            def locate(vm_ref: str) -> Deferred:
+                raise ZeroDivisionError("secret detail")
+
+            h.locator.locate = locate
+
+        self.assertSameAnswer(f"{VMS}/web-1/console", USER_KEY, 500, explode)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+
+    def test_answerLater(self) -> None:
+        """When the VM is found later, the direct route answers then, with a Content-Length."""
+        pending: List[Deferred] = []
+        real = self.h.locator.locate
+        self.h.locator.locate = lambda vm_ref: pending.append(Deferred()) or pending[-1]
+        d = self.h.treq.request("GET", BASE + f"{VMS}/web-1/console", headers=auth(USER_KEY))
+        self.h.treq.flush()
+        self.assertNoResult(d)
+        pending[0].callback(self.successResultOf(real("web-1")))
+        self.h.treq.flush()
+        response = self.successResultOf(d)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual((response.code, body["type"]), (200, "vnc"))
+        self.assertEqual(response.length, len(json.dumps(body)))
+
+    def test_errorLater(self) -> None:
+        """When the lookup fails later, the direct route answers the JSON error then."""
+        pending: List[Deferred] = []
+        self.h.locator.locate = lambda vm_ref: pending.append(Deferred()) or pending[-1]
+        d = self.h.treq.request("GET", BASE + f"{VMS}/web-1/console", headers=auth(USER_KEY))
+        self.h.treq.flush()
+        pending[0].errback(ConsoleError(ErrorCode.SERVICE_UNAVAILABLE))
+        self.h.treq.flush()
+        response = self.successResultOf(d)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertError(response, body, 503, ErrorCode.SERVICE_UNAVAILABLE)
+
+    def test_clientGoneCancels(self) -> None:
+        """When the client goes away before the answer, the pending lookup is cancelled and nothing is issued."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        pending: List[Deferred] = []
+        self.h.locator.locate = lambda vm_ref: pending.append(Deferred()) or pending[-1]
+        request = DummyRequest([])
+        request.method = b"GET"
+        request.path = f"{VMS}/web-1/console".encode()
+        request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {USER_KEY}".encode()])
+        result = self.h.api.resource().render(request)
+        from twisted.web.server import NOT_DONE_YET
+
+        self.assertIs(result, NOT_DONE_YET)
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        request.processingFailed(Failure(ConnectionDone()))
+        self.assertTrue(pending[0].called)  # cancelled (the handler consumed the CancelledError)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(request.written, [])
+        self.assertEqual(self.successResultOf(self.h.store.count()), 0)
+
+    def test_escapedIdGoesThroughKlein(self) -> None:
+        """When the VM id has a percent-escape, Klein decodes and answers it as before."""
+        response, body = self.json_request("GET", f"{VMS}/web%2D1/console", USER_KEY)
+        self.assertEqual((response.code, body["ws_path"]), (200, f"{VMS}/web-1/console/ws"))
+
+
 class StatsTests(APITestCase):
     def test_shape(self) -> None:
         """When an admin asks for stats, the answer has the totals, the per-VM counts and each console."""

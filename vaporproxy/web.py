@@ -33,7 +33,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from urllib.parse import quote, urlsplit
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -70,6 +70,10 @@ _DISPLAY_RE = re.compile(r"^[0-9]{1,4}$")
 #: path segment for the VM, no percent-escapes (anything else goes through
 #: Klein, which decodes them).
 _WS_PATH_RE = re.compile(rb"^/api/v1/virtualization/virtualmachines/[^/%]+/console/ws$")
+#: The console-info path as raw request bytes, for its fast route: a VM id of
+#: printable ASCII without C{/} or C{%} (so that the raw bytes are exactly
+#: what Klein would decode); anything else goes through Klein.
+_INFO_PATH_RE = re.compile(rb"^/api/v1/virtualization/virtualmachines/([!-$&-.0-~]+)/console$")
 _READY_CHECK_TIMEOUT = 5.0
 _CHECK_DETAIL_MAX = 120
 
@@ -142,15 +146,18 @@ _NOT_FOUND = _JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
 
 class _Root(Resource):
     """
-    The root resource: a console WebSocket upgrade (C{GET} of the console
-    WebSocket path) goes straight to L{ConsoleAPI.console_ws}, everything
-    else to the Klein app.
+    The root resource: the two requests of every console go straight to
+    their handlers, everything else to the Klein app.
 
-    The WebSocket route has no parameters to parse and no authentication of
-    its own (the bridge reads the token from the request); skipping
-    Klein's per-request URL map binding, matching and Deferred plumbing
-    for it is a measurable part of a console's set-up cost.  The answer is
-    the same as through Klein.
+      - a console WebSocket upgrade (C{GET} of the console WebSocket path)
+        to L{ConsoleAPI.console_ws};
+      - console info (C{GET} of C{.../virtualmachines/{id}/console} with a
+        plain VM id) to L{ConsoleAPI.render_console_info}.
+
+    Skipping Klein's per-request URL map binding, matching and Deferred
+    plumbing for them is a measurable part of a console's set-up cost
+    (issue #3).  The answers, errors included, are the same as through
+    Klein (tests compare both routes).
     """
 
     isLeaf = True
@@ -161,14 +168,21 @@ class _Root(Resource):
         self._klein = klein_resource
 
     def render(self, request: IRequest) -> Any:
-        if request.method == b"GET" and _WS_PATH_RE.match(request.path):
-            try:
-                return self._api.console_ws(request, "").render(request)
-            except Exception:
-                self._api.log.failure("unexpected error opening a console WebSocket")
-                request.setResponseCode(500)
-                request.setHeader(b"content-type", JSON_CONTENT_TYPE)
-                return json.dumps(ConsoleError(ErrorCode.INTERNAL_ERROR).to_dict()).encode("utf-8")
+        if request.method == b"GET":
+            path = request.path
+            if path.endswith(b"/ws"):
+                if _WS_PATH_RE.match(path):
+                    try:
+                        return self._api.console_ws(request, "").render(request)
+                    except Exception:
+                        self._api.log.failure("unexpected error opening a console WebSocket")
+                        request.setResponseCode(500)
+                        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+                        return json.dumps(ConsoleError(ErrorCode.INTERNAL_ERROR).to_dict()).encode("utf-8")
+            else:
+                match = _INFO_PATH_RE.match(path)
+                if match is not None:
+                    return self._api.render_console_info(request, match.group(1).decode("ascii"))
         return self._klein.render(request)
 
 
@@ -338,6 +352,57 @@ class ConsoleAPI:
         Console info and a fresh token for one console of C{vm_id}.
         """
         return Deferred.fromCoroutine(self._console_info(request, vm_id))
+
+    def render_console_info(self, request: IRequest, vm_id: str) -> Any:
+        """
+        The console-info route without Klein (L{_Root}): the same handler,
+        the same error answers as Klein's error handlers give
+        (L{_console_error}, L{_unexpected}), and, as Klein does, the
+        handler is cancelled when the client goes away first.  The one
+        difference on the wire: the body goes out with a Content-Length
+        (Klein writes it chunked).
+        """
+        from twisted.web.server import NOT_DONE_YET
+
+        d = Deferred.fromCoroutine(self._console_info(request, vm_id))
+        if d.called:
+            # Answered without waiting (memory token store, cached VM).
+            result: list = []
+            d.addBoth(result.append)
+            answer = result[0]
+            if isinstance(answer, Failure):
+                return self._error_answer(request, answer)
+            return answer
+        gone: list = []
+
+        def lost(failure: Failure) -> None:
+            gone.append(True)
+            d.cancel()
+
+        request.notifyFinish().addErrback(lost)
+
+        def answered(body: Any) -> None:
+            if gone:
+                if isinstance(body, Failure) and not body.check(CancelledError):
+                    self.log.failure("console info failed after the client went away", body)
+                return
+            if isinstance(body, Failure):
+                body = self._error_answer(request, body)
+            # As twisted.web frames a body that render() returns.
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        d.addBoth(answered)
+        return NOT_DONE_YET
+
+    def _error_answer(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        The answer Klein's error handlers give to C{failure}.
+        """
+        if failure.check(ConsoleError):
+            return self._console_error(request, failure)
+        return self._unexpected(request, failure)
 
     async def _console_info(self, request: IRequest, vm_id: str) -> bytes:
         from vaporproxy.consoles import dial_host, select_console
