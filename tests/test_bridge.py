@@ -1219,3 +1219,116 @@ class RemoteSpiceChannelTests(SynchronousTestCase):
         chan.pump.flush()
         self.assertEqual(chan.closed, (4010, "SESSION_TERMINATED"))
         self.assertEqual(self.b.registry._records, {})
+
+
+class LocatorInvalidationTests(SynchronousTestCase):
+    """
+    The locator caches running VMs briefly; a console that finds the VM
+    not answering as located drops that VM from the cache.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.invalidated: List[str] = []
+        self.h.locator.invalidate = self.invalidated.append  # type: ignore[attr-defined]
+
+    def test_backendRefused(self) -> None:
+        """When the VM refuses the connection, the locator forgets the VM once."""
+        conn = self.h.open(self.h.token())
+        self.h.reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        conn.pump.flush()
+        self.assertEqual(error_of(conn)["code"], "CONNECTION_FAILED")
+        self.assertEqual(self.invalidated, [VM_UUID])
+
+    def test_guardFails(self) -> None:
+        """When the guard fails the VM's handshake, the locator forgets the VM."""
+
+        class FailingGuard(PassthroughGuard):
+            def server_connected(self) -> None:
+                self.sink.fail(ConsoleError(ErrorCode.CONNECTION_FAILED), "bad server version")
+
+        self.h.factory.vnc_guard = FailingGuard
+        conn = self.h.open(self.h.token())
+        conn.connect_backend()
+        self.assertEqual(error_of(conn)["code"], "CONNECTION_FAILED")
+        self.assertEqual(self.invalidated, [VM_UUID])
+
+    def test_guardRaises(self) -> None:
+        """When the guard refuses by raising a console error, the locator forgets the VM."""
+
+        class RefusingGuard(PassthroughGuard):
+            def server_connected(self) -> None:
+                raise ConsoleError(ErrorCode.UNAUTHORIZED)
+
+        self.h.factory.vnc_guard = RefusingGuard
+        conn = self.h.open(self.h.token())
+        conn.connect_backend()
+        self.assertEqual(error_of(conn)["code"], "UNAUTHORIZED")
+        self.assertEqual(self.invalidated, [VM_UUID])
+
+    def test_normalConsoleKeepsCache(self) -> None:
+        """When a console relays and closes normally, or a token is bad, nothing is invalidated."""
+        conn = self.h.open(self.h.token())
+        conn.connect_backend()
+        conn.from_vm(b"hello")
+        conn.vm_closes()
+        bad = self.h.open("ab" * 32)
+        self.assertEqual(error_of(bad)["code"], "INVALID_TOKEN")
+        self.assertEqual(self.invalidated, [])
+
+    def test_locatorWithoutInvalidate(self) -> None:
+        """When the locator has no invalidate, a failed connection ends the console as before."""
+        del self.h.locator.invalidate  # type: ignore[attr-defined]
+        self.assertFalse(hasattr(self.h.locator, "invalidate"))
+        conn = self.h.open(self.h.token())
+        self.h.reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        conn.pump.flush()
+        self.assertEqual(error_of(conn)["code"], "CONNECTION_FAILED")
+        self.assertEqual(self.h.limiter.live(), 0)
+
+
+class AutobahnDebugArgumentsTests(SynchronousTestCase):
+    """
+    Autobahn's per-connection debug lines are skipped, with their costly
+    arguments, unless txaio's log level is debug.
+    """
+
+    def test_noDebugFormatting(self) -> None:
+        """When debug is off, a console opens and closes without _connectionMade/_connectionLost's hltype(), and the factory's count is kept."""
+        from autobahn.websocket import protocol
+
+        calls: List[Any] = []
+        self.patch(protocol, "hltype", lambda *a: calls.append(a) or "")
+        self.patch(protocol, "hlval", lambda *a, **k: calls.append(a) or "")
+        h = Harness()
+        conn = h.open(h.token())
+        conn.connect_backend()
+        self.assertEqual(h.factory.countConnections, 1)
+        conn.client.sendClose(1000)
+        conn.pump.flush()
+        conn.pump.flush()
+        self.assertEqual(h.factory.countConnections, 0)
+        mine = [getattr(c[0], "__name__", "") for c in calls if c and getattr(c[0], "__self__", None) is conn.server]
+        self.assertNotIn("_connectionMade", mine)
+        self.assertNotIn("_connectionLost", mine)
+        self.assertIn("processHandshake", mine)  # the patch does see the server's calls
+
+    def test_debugKept(self) -> None:
+        """When txaio's level is debug, Autobahn's own methods (and their debug lines) run."""
+        import txaio
+        from autobahn.websocket import protocol
+
+        calls: List[Any] = []
+        self.patch(protocol, "hltype", lambda *a: calls.append((getattr(a[0], "__name__", ""), getattr(a[0], "__self__", None))) or "")
+        previous = txaio.get_global_log_level()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, previous)
+        h = Harness()
+        conn = h.open(h.token())
+        self.assertIn(("_connectionMade", conn.server), calls)
+        self.assertEqual(h.factory.countConnections, 1)
+        conn.client.sendClose(1000)
+        conn.pump.flush()
+        conn.pump.flush()
+        self.assertIn(("_connectionLost", conn.server), calls)
+        self.assertEqual(h.factory.countConnections, 0)

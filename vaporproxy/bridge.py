@@ -37,12 +37,13 @@ checked their session id.
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
-import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from urllib.parse import unquote, urlsplit
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -286,6 +287,14 @@ class _Call:
             self._call.cancel()
 
 
+def _autobahn_debug() -> bool:
+    """
+    Whether txaio's global log level (which Autobahn's loggers follow)
+    lets debug lines through.
+    """
+    return txaio.get_global_log_level() in ("debug", "trace")
+
+
 def _cancel(call: Optional[IDelayedCall]) -> None:
     if call is not None and call.active():
         call.cancel()
@@ -508,6 +517,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     _connect_timer: Optional[IDelayedCall] = None
     _idle_timer: Optional[IDelayedCall] = None
     _spice_attached = False
+    _located_forgotten = False
     _target: Any = None
     _console_type: Optional[str] = None
     #: The relay's frame parser, once it took over from Autobahn's.
@@ -518,6 +528,27 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     # -- Twisted / Autobahn events ----------------------------------------
 
+    # Autobahn's server-side _connectionMade and _connectionLost are the
+    # base class's plus the factory's connection count, and a debug line
+    # whose arguments (hltype() with click styling, str() of the Failure)
+    # are computed even when debug logging is off: about 1.5% of a
+    # console's set-up cost.  The same without the debug line, unless
+    # txaio's (public) global log level asks for Autobahn's debug output.
+
+    def _connectionMade(self) -> None:
+        if _autobahn_debug():
+            super()._connectionMade()
+            return
+        WebSocketProtocol._connectionMade(self)
+        self.factory.countConnections += 1
+
+    def _connectionLost(self, reason: Any) -> None:
+        if _autobahn_debug():
+            super()._connectionLost(reason)
+            return
+        WebSocketProtocol._connectionLost(self, reason)
+        self.factory.countConnections -= 1
+
     def connectionMade(self) -> None:
         factory = self.factory
         for name in self._OPTIONS_FROM_FACTORY:
@@ -527,7 +558,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._seconds = factory.reactor.seconds
         self._settings = factory.config
         self._console = factory.config.console
-        self.console_id = uuid.uuid4().hex
+        # 32 random hex digits, as uuid4().hex without building a UUID.
+        self.console_id = os.urandom(16).hex()
         self._started_at = self._last_activity = self._seconds()
         self._held: List[bytes] = []
         self._to_server: List[bytes] = []
@@ -766,6 +798,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         try:
             getattr(self._guard, method)(*args)
         except ConsoleError as e:
+            self._forget_located()
             self._end(e, f"guard refused: {e.code.name}")
         except Exception:
             log.failure("console {console_id}: guard error", console_id=self.console_id)
@@ -941,7 +974,26 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 log.failure("observer.console_opened failed")
 
     def fail(self, error: ConsoleError, reason: str) -> None:
+        self._forget_located()
         self._end(error, f"guard: {reason}")
+
+    def _forget_located(self) -> None:
+        """
+        The VM did not answer as located (connection failed, or its console
+        failed the guard's handshake): drop the locator's cached lookup of
+        it (C{invalidate}, when the locator has one), so that the next
+        console asks the hypervisor again.
+        """
+        if self._located_forgotten or self._redemption is None:
+            return
+        self._located_forgotten = True
+        invalidate = getattr(self.factory.locator, "invalidate", None)
+        if invalidate is None:
+            return
+        try:
+            invalidate(self._redemption.grant.vm_uuid)
+        except Exception:
+            log.failure("console {console_id}: locator invalidate failed", console_id=self.console_id)
 
     # -- hot path output ---------------------------------------------------
 
@@ -1015,6 +1067,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         """
         if self._finished:
             return
+        if error is not None and error.code is ErrorCode.CONNECTION_FAILED:
+            self._forget_located()
         self._finished = True
         self._relaying = False
         now = self._seconds() if self._started_at else 0.0
