@@ -378,6 +378,30 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(self.make().log_setup.level, "info")
 
 
+class AccessLogWiringTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        collaborators_or_skip()
+        self.path = write(self.mktemp(), CONFIG)
+        self.reactor = ThreadingReactor()
+
+    def test_accessLogOnByDefault(self) -> None:
+        """When the config says nothing about it, the site writes the access log."""
+        from vaporproxy.web import ConsoleSite
+
+        root = tap.makeService(options("--config", self.path, environ={}), self.reactor)
+        site = root.pieces["site"]
+        self.assertIsInstance(site, ConsoleSite)
+        self.assertTrue(site.access_log)
+
+    def test_accessLogSetting(self) -> None:
+        """When logging.access_log is false, access logging is off; absent or true, on."""
+        from types import SimpleNamespace
+
+        self.assertFalse(tap.access_log_enabled(SimpleNamespace(logging=SimpleNamespace(access_log=False))))
+        self.assertTrue(tap.access_log_enabled(SimpleNamespace(logging=SimpleNamespace(access_log=True))))
+        self.assertTrue(tap.access_log_enabled(SimpleNamespace(logging=SimpleNamespace())))
+
+
 class ReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
         collaborators_or_skip()

@@ -760,6 +760,34 @@ class FastInfoRouteTests(APITestCase):
         self.assertEqual((response.code, body["ws_path"]), (200, f"{VMS}/web-1/console/ws"))
 
 
+class ConsoleSiteTests(SynchronousTestCase):
+    """
+    Tests for L{web.ConsoleSite}'s access-log switch.
+    """
+
+    def test_accessLogSwitch(self) -> None:
+        """When access_log is on a finished request is logged in combined format; off, nothing is written."""
+        from io import BytesIO
+
+        from twisted.web.test.requesthelper import DummyRequest
+
+        site = web.ConsoleSite(web._NOT_FOUND)
+        written = BytesIO()
+        site.logFile = written  # type: ignore[assignment]
+        site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
+        request = DummyRequest([b"healthz"])
+        request.method, request.uri, request.clientproto, request.code = b"GET", b"/healthz", b"HTTP/1.1", 200
+        request.sentLength = 15
+        site.log(request)
+        site._logFile.flush()
+        self.assertIn(b'"GET /healthz HTTP/1.1" 200 15', written.getvalue())
+        site.access_log = False
+        before = written.getvalue()
+        site.log(request)
+        site._logFile.flush()
+        self.assertEqual(written.getvalue(), before)
+
+
 class StatsTests(APITestCase):
     def test_shape(self) -> None:
         """When an admin asks for stats, the answer has the totals, the per-VM counts and each console."""

@@ -109,6 +109,10 @@ class Metrics:
             registry=r,
         )
         self._live_types = set(CONSOLE_TYPES)
+        #: Labelled children by label value (C{labels()} takes a lock and
+        #: builds a key on every call; it is called twice per console).
+        self._opened_children: Dict[str, Any] = {}
+        self._outcome_children: Dict[str, Any] = {}
         for console_type in CONSOLE_TYPES:
             self._live.labels(console_type).set(0)
             self._opened.labels(console_type)
@@ -117,10 +121,18 @@ class Metrics:
     # -- IOutcomeObserver --------------------------------------------------
 
     def console_opened(self, console_type: str) -> None:
-        self._opened.labels(console_type or "unknown").inc()
+        console_type = console_type or "unknown"
+        child = self._opened_children.get(console_type)
+        if child is None:
+            child = self._opened_children[console_type] = self._opened.labels(console_type)
+        child.inc()
 
     def console_closed(self, outcome: Outcome) -> None:
-        self._outcomes.labels(outcome.error or "ok").inc()
+        code = outcome.error or "ok"
+        child = self._outcome_children.get(code)
+        if child is None:
+            child = self._outcome_children[code] = self._outcomes.labels(code)
+        child.inc()
         self._closed_bytes[0] += max(0, outcome.bytes_sent)
         self._closed_bytes[1] += max(0, outcome.bytes_received)
         if outcome.console_id:

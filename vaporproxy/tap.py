@@ -408,19 +408,25 @@ def _supervisor(root: VaporService, options: Options, reactor: Any) -> VaporServ
     return root
 
 
+def access_log_enabled(config: Config) -> bool:
+    """
+    C{logging.access_log}: whether the HTTP access log is written (default
+    on; a configuration without the key keeps it on).
+    """
+    return bool(getattr(config.logging, "access_log", True))
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Build vaporproxy's service tree from parsed L{Options}.
     """
     if reactor is None:
         from twisted.internet import reactor
-    from twisted.web.server import Site
-
     from vaporproxy.bridge import ConsoleBridgeFactory, ConsoleRegistry
     from vaporproxy.consoles import LibvirtConsoleLocator
     from vaporproxy.hosts import HostPolicy
     from vaporproxy.metrics import Metrics
-    from vaporproxy.web import ConsoleAPI
+    from vaporproxy.web import ConsoleAPI, ConsoleSite
 
     config: Config = options["parsed"]
     environ = options.environ
@@ -446,7 +452,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # Before the listeners: started before them, stopped after them.
         RedisService(redis).setServiceParent(root)
 
-    site = Site(api.resource())
+    site = ConsoleSite(api.resource())
+    site.access_log = access_log_enabled(config)
     _listen(root, site, config.server.listen, options["worker_fds"], reactor)
     cleanup = TimerService(config.console.cleanup_interval, purge_tokens, token_store)
     cleanup.clock = reactor
@@ -455,6 +462,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     def apply(new: Config) -> None:
         apply_reload(new, limiter=limiter, host_policy=host_policy, api=api, bridge_factory=bridge_factory,
                      log_setup=log_setup, environ=environ)  # fmt: skip
+        site.access_log = access_log_enabled(new)
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
     root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site)
