@@ -372,6 +372,10 @@ def direct_writer(transport: Any) -> Any:
     """
     from twisted.internet.tcp import Connection
 
+    if getattr(transport, "TLS", False):
+        # startTLS was called on it (VeNCrypt towards the VM): its bytes
+        # must go through the TLS layer, never straight to the socket.
+        return None
     if isinstance(transport, Connection) and all(
         hasattr(transport, name) for name in ("socket", "dataBuffer", "offset", "_tempDataLen", "disconnecting")
     ):

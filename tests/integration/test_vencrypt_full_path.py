@@ -25,7 +25,6 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from vaporproxy.bridge import CLOSE_HANDSHAKE_TIMEOUT
 
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_fixture import start_qemu, write_x509_credentials
@@ -201,15 +200,7 @@ class VeNCryptFullPathTests(TestCase):
         # FramebufferUpdateRequest of the whole screen, relayed to QEMU
         # inside TLS; QEMU answers with a FramebufferUpdate (type 0).
         client.send(struct.pack("!BBHHHH", 3, 0, 0, 0, width, height))
-        try:
-            got = await ws.until_length(before + 4)
-        except ConnectionError:
-            # QEMU dropped the connection (the bug of the todo below).  The
-            # proxy's closing-handshake timer (5 s) was then seen still
-            # pending after the browser's side had closed: wait it out, so
-            # the reactor is clean.
-            got = ws.received
-            await deferLater(reactor, CLOSE_HANDSHAKE_TIMEOUT + 0.5)
+        got = await ws.until_length(before + 4)
         if not ws.closed.called:
             client.sendClose(1000)
         code, _ = await ws.closed
@@ -227,12 +218,6 @@ class VeNCryptFullPathTests(TestCase):
         """
         return Deferred.fromCoroutine(self._relay())
 
-    test_relayOverTLS.todo = (  # type: ignore[attr-defined]
-        "vaporproxy.wsframes.direct_writer takes a tcp.Client after startTLS for plain TCP"
-        " (it is still a tcp.Connection, with TLS=True), so the relay's send_now writes"
-        " plaintext to the socket under the TLS session and QEMU drops the connection"
-        " (fix: direct_writer returns None when transport.TLS is set)"
-    )
 
     async def _wrong_ca(self) -> None:
         lines = capture_log_lines(self)
