@@ -1332,3 +1332,65 @@ class AutobahnDebugArgumentsTests(SynchronousTestCase):
         conn.pump.flush()
         self.assertIn(("_connectionLost", conn.server), calls)
         self.assertEqual(h.factory.countConnections, 0)
+
+
+class HandshakeGuard(PassthroughGuard):
+    """
+    A guard with a client-side handshake: established once the client has
+    sent 5 bytes (forwarded to the VM then).
+    """
+
+    def server_connected(self) -> None:
+        self.connected = True
+
+    def client_data(self, data: bytes) -> None:
+        self.pending.append(data)
+        if sum(map(len, self.pending)) >= 5:
+            self.sink.send_to_server(b"".join(self.pending))
+            self.pending = []
+            self.sink.established()
+
+
+class SetupParserTests(SynchronousTestCase):
+    """
+    The relay's frame parser reads the browser's frames from the opening on,
+    the guard's handshake included.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.h.factory.vnc_guard = HandshakeGuard
+
+    def test_handshakeThroughParser(self) -> None:
+        """When the guard's handshake runs, the client's frames reach it through the relay parser, then relay."""
+        conn = self.h.open(self.h.token())
+        backend = conn.connect_backend()
+        conn.send(b"he")
+        self.assertIsNotNone(conn.server._parser)
+        self.assertFalse(conn.server._relaying)
+        conn.send_raw(frame(2, b"ll", fin=False) + frame(0, b"o!"))
+        self.assertTrue(conn.server._relaying)
+        conn.send(b"after")
+        self.assertEqual(backend.value(), b"hello!after")
+        [record] = self.h.registry.consoles()
+        self.assertEqual(record.bytes_received, len(b"hello!after"))
+
+    def test_textDuringHandshake(self) -> None:
+        """When the client sends text during the guard's handshake, BAD_REQUEST (4000) as before."""
+        conn = self.h.open(self.h.token())
+        conn.connect_backend()
+        conn.send(b"he")
+        conn.send(b"text", binary=False)
+        self.assertEqual(error_of(conn)["code"], "BAD_REQUEST")
+        self.assertEqual(self.h.limiter.live(), 0)
+
+    def test_setupBufferBoundedThroughParser(self) -> None:
+        """When the client sends more than buffer_size before the guard exists, through the parser, BAD_REQUEST."""
+        self.h.limiter.hold = True
+        conn = self.h.open(self.h.token())
+        conn.send(b"x")
+        self.assertIsNotNone(conn.server._parser)
+        conn.send(b"y" * BUFFER)
+        self.assertEqual(error_of(conn)["code"], "BAD_REQUEST")
+        self.h.limiter.release_waiting()
+        self.assertEqual(self.h.limiter.live(), 0)

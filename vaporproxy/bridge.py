@@ -36,11 +36,12 @@ checked their session id.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import struct
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlsplit
 
 import txaio
@@ -99,6 +100,7 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_ip(text: str) -> Optional[ipaddress._BaseAddress]:
     try:
         address = ipaddress.ip_address(text.strip().strip("[]"))
@@ -110,13 +112,24 @@ def _parse_ip(text: str) -> Optional[ipaddress._BaseAddress]:
 
 
 def _networks(entries: Iterable[str]) -> List[ipaddress._BaseNetwork]:
+    if isinstance(entries, tuple):
+        return list(_networks_of(entries))
+    return list(_networks_of(tuple(entries)))
+
+
+@functools.lru_cache(maxsize=16)
+def _networks_of(entries: Tuple[str, ...]) -> Tuple[ipaddress._BaseNetwork, ...]:
+    """
+    The trusted-proxy networks (pure; memoised: parsed once per
+    configuration instead of once per request).
+    """
     networks = []
     for entry in entries:
         try:
             networks.append(ipaddress.ip_network(entry.strip(), strict=False))
         except ValueError:
             log.warn("ignoring trusted proxy entry {entry!r}: not an address or CIDR", entry=entry)
-    return networks
+    return tuple(networks)
 
 
 def _trusted(address: Optional[ipaddress._BaseAddress], networks: Sequence[Any]) -> bool:
@@ -528,6 +541,23 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     # -- Twisted / Autobahn events ----------------------------------------
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        """
+        Autobahn's C{sendData} (the opening handshake's answer, close
+        frames, pings), written straight to a plain TCP socket when
+        nothing is queued; Autobahn's own otherwise (queued, chopped or
+        octet-logged writes, a non-TCP transport, debug on).
+        """
+        direct = self._ws_direct
+        if direct is None or sync or chopsize or self.send_queue or self.logOctets or _autobahn_debug():
+            super().sendData(data, sync, chopsize)
+            return
+        send_now(direct, (data,))
+        if self.state == _OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif self.state == _CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+
     # Autobahn's server-side _connectionMade and _connectionLost are the
     # base class's plus the factory's connection count, and a debug line
     # whose arguments (hltype() with click styling, str() of the Failure)
@@ -563,6 +593,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._started_at = self._last_activity = self._seconds()
         self._held: List[bytes] = []
         self._to_server: List[bytes] = []
+        # Plain TCP: the 101 answer and the guard's bytes go straight to the
+        # socket too (one send instead of a write-readiness round trip).
+        self._ws_direct = direct_writer(self.transport)
         super().connectionMade()
         if self._console.connection_timeout > 0:
             self._connect_timer = self._reactor.callLater(
@@ -617,13 +650,14 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             parser.feed(data)
             return
         if (
-            self._relaying
+            self._opened
             and self.state == _OPEN
             and self.current_frame is None
             and not self.inside_message
         ):
-            # Autobahn's parser is between messages (what it holds is at
-            # most part of the next frame header): ours takes over.
+            # The WebSocket is open and Autobahn's parser is between
+            # messages (what it holds is at most part of the next frame
+            # header): ours takes over, for the guard's handshake too.
             parser = self._parser = ClientFrameParser(
                 self._console.max_message_size,
                 self._relay_data,
@@ -640,6 +674,12 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     def _relay_data(self, payload: bytes) -> None:
         if self._finished:
+            return
+        if not self._relaying:
+            # The guard's handshake (or held until the guard exists).
+            self._setup_message(payload, True)
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()
             return
         self._bytes_received += len(payload)
         self._last_activity = self._seconds()
@@ -830,6 +870,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             backend.transport.abortConnection()
             return
         self._backend = backend
+        self._backend_direct = direct_writer(backend.transport)
         _high_water(backend.transport, self._console.buffer_size)
         if self._to_server:
             backend.transport.writeSequence(self._to_server)
@@ -862,10 +903,12 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def send_to_server(self, data: bytes) -> None:
         if self._finished or not data:
             return
-        if self._backend is not None:
-            self._backend.transport.write(data)
-        else:
+        if self._backend is None:
             self._to_server.append(data)
+        elif self._backend_direct is not None:
+            send_now(self._backend_direct, (data,))
+        else:
+            self._backend.transport.write(data)
 
     def start_tls(self, creator: Any) -> None:
         """
@@ -874,6 +917,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         """
         if self._finished or self._backend is None:
             return
+        # From now on every byte to the VM goes through the TLS layer.
+        self._backend_direct = None
         self._backend.transport.startTLS(creator)
 
     def admit(self, is_main: bool) -> None:
