@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.logs import (
     LogSetup,
+    debug_enabled,
     classic_text_formatter,
     format_message,
     json_lines_observer,
@@ -149,3 +150,31 @@ class JSONMessageTests(SynchronousTestCase):
             observer(event)
         messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
         self.assertEqual(messages, [formatEvent(e) for e in events])
+
+
+class DebugEnabledTests(SynchronousTestCase):
+    """
+    Tests for L{debug_enabled}: the gate of costly debug lines.
+    """
+
+    def test_noSetupInstalled(self) -> None:
+        """When no setup is installed (library use, tests), debug lines are wanted."""
+        self.assertTrue(debug_enabled())
+
+    def test_followsInstalledLevel(self) -> None:
+        """When a setup is installed, debug lines are wanted only at level debug, following SIGHUP changes."""
+        setup = LogSetup("info", "text", io.StringIO())
+        setup.install()
+        self.addCleanup(setup.uninstall)
+        self.assertFalse(debug_enabled())
+        setup.set_level("debug")
+        self.assertTrue(debug_enabled())
+        setup.set_level("warn")
+        self.assertFalse(debug_enabled())
+        setup.uninstall()
+        self.assertTrue(debug_enabled())
+
+    def test_otherSetupsDoNotCount(self) -> None:
+        """When a setup is made but not installed, the gate stays open."""
+        LogSetup("error", "text", io.StringIO())
+        self.assertTrue(debug_enabled())

@@ -661,6 +661,7 @@ class LoggingTests(SynchronousTestCase):
         setup = LogSetup("info", "text", io.StringIO())
         root = tap.VaporService(setup)
         application = Application("vaporproxy")
+        self.addCleanup(setup.uninstall)
         root.setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), setup.observer)
 

@@ -50,6 +50,25 @@ ENV_LEVEL = "VAPOR_LOG_LEVEL"
 _SKIP_FIELDS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
 
 
+#: The L{LogSetup} twistd was given (L{LogSetup.install}), if any.
+_installed: list = [None]
+
+
+def debug_enabled() -> bool:
+    """
+    Whether debug events can be written: C{False} only when the installed
+    L{LogSetup} (the observer twistd writes through) filters them out.
+
+    Twisted's L{Logger} builds and publishes every event, filtered or not,
+    and a caller computes the event's fields first; a few debug lines run
+    for every console, so their callers check this first (issue #3).
+    Without an installed setup (library use, unit tests) it is C{True}:
+    whoever observes gets every event.
+    """
+    setup = _installed[0]
+    return setup is None or setup.level == "debug"
+
+
 def effective_level(config_level: str, environ: Mapping[str, str]) -> str:
     """
     The level in force: C{VAPOR_LOG_LEVEL} when set, else the config's.
@@ -228,6 +247,20 @@ class LogSetup:
             inner = LegacyLogObserverWrapper(destination)
         self.observer: ILogObserver = FilteringLogObserver(inner, [self.predicate])
 
+    def install(self) -> None:
+        """
+        This is the observer twistd writes through: L{debug_enabled}
+        follows its level from now on.
+        """
+        _installed[0] = self
+
+    def uninstall(self) -> None:
+        """
+        Undo L{install} (tests).
+        """
+        if _installed[0] is self:
+            _installed[0] = None
+
     def set_level(self, level: str) -> None:
         """
         Change the level in force (SIGHUP reload).
@@ -259,6 +292,7 @@ __all__ = [
     "LEVELS",
     "LogSetup",
     "classic_text_formatter",
+    "debug_enabled",
     "effective_level",
     "format_message",
     "json_lines_observer",

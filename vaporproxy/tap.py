@@ -126,6 +126,7 @@ class VaporService(MultiService):
     def setServiceParent(self, parent: Any) -> None:
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
             parent.setComponent(ILogObserver, self.log_setup.observer)
+            self.log_setup.install()
         super().setServiceParent(parent)
 
 

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Grant, IssuedToken, ITokenStore, Redemption
+from vaporproxy.logs import debug_enabled
 
 __all__ = [
     "MemoryTokenStore",
@@ -136,13 +137,14 @@ class MemoryTokenStore:
         digest = token_hash(token)
         stamped = stamp(grant, self._clock.seconds(), self.ttl)
         self._entries[digest] = _Entry(stamped)
-        log.debug(
-            "issued token {token_id} for {user} on {vm_uuid} ({console_type})",
-            token_id=digest[:12],
-            user=stamped.user,
-            vm_uuid=stamped.vm_uuid,
-            console_type=stamped.console_type,
-        )
+        if debug_enabled():
+            log.debug(
+                "issued token {token_id} for {user} on {vm_uuid} ({console_type})",
+                token_id=digest[:12],
+                user=stamped.user,
+                vm_uuid=stamped.vm_uuid,
+                console_type=stamped.console_type,
+            )
         return succeed(IssuedToken(token=token, grant=stamped))
 
     def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
@@ -171,7 +173,8 @@ class MemoryTokenStore:
             log.info("token {token_id} replayed", token_id=digest[:12])
             return fail(ConsoleError(ErrorCode.TOKEN_ALREADY_USED))
         entry.used = True
-        log.debug("token {token_id} redeemed", token_id=digest[:12])
+        if debug_enabled():
+            log.debug("token {token_id} redeemed", token_id=digest[:12])
         return succeed(Redemption(grant=entry.grant, first=True))
 
     def attach_spice_session(self, token: str, session_id: int) -> Deferred:

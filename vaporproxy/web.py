@@ -48,6 +48,7 @@ from vaporproxy.auth import Authenticator, Principal
 from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.interfaces import CONSOLE_TYPES, Grant
+from vaporproxy.logs import debug_enabled
 
 VM_PATH = "/api/v1/virtualization/virtualmachines"
 PASSWORD_MASK = "********"
@@ -463,13 +464,14 @@ class ConsoleAPI:
         # Debug: a console's info line is the bridge's "console ... closed"
         # (VM, user, token hash, client, outcome); the request itself is in
         # the access log.
-        self.log.debug(
-            "issued {console_type} console token {token_hash} for {vm_uuid} to {user}",
-            console_type=graphics.type,
-            token_hash=token_hash(issued.token),
-            vm_uuid=vm.uuid,
-            user=key.user,
-        )
+        if debug_enabled():
+            self.log.debug(
+                "issued {console_type} console token {token_hash} for {vm_uuid} to {user}",
+                console_type=graphics.type,
+                token_hash=token_hash(issued.token),
+                vm_uuid=vm.uuid,
+                user=key.user,
+            )
         return self._json(
             request,
             {
