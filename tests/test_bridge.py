@@ -1394,3 +1394,26 @@ class SetupParserTests(SynchronousTestCase):
         self.assertEqual(error_of(conn)["code"], "BAD_REQUEST")
         self.h.limiter.release_waiting()
         self.assertEqual(self.h.limiter.live(), 0)
+
+
+class DialTests(SynchronousTestCase):
+    """
+    The VM connection is made with C{connectTCP} on the checked address.
+    """
+
+    def test_ipv6(self) -> None:
+        """When the console listens on an IPv6 address, that literal is dialled and the console relays."""
+        h = Harness()
+        h.locator.add(replace(VM, graphics=(replace(VNC, listen="::1"),)))
+        conn = h.open(h.token())
+        self.assertEqual(h.reactor.tcpClients[0][:2], ("::1", 5901))
+        backend = conn.connect_backend()
+        conn.send(b"hi")
+        self.assertEqual(backend.value(), b"hi")
+
+    def test_peerKnown(self) -> None:
+        """When the WebSocket connects, Autobahn's peer and transport details are set as its adapter would."""
+        h = Harness()
+        conn = h.open(h.token())
+        self.assertEqual(conn.server.peer, "tcp4:198.51.100.7:40000")
+        self.assertEqual(conn.server._transport_details.peer, conn.server.peer)

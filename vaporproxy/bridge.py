@@ -47,12 +47,13 @@ from urllib.parse import unquote, urlsplit
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
+from autobahn.twisted.util import create_transport_details
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -475,7 +476,13 @@ class BackendProtocol(Protocol):
         self.console._backend_lost(self, reason)
 
 
-class _BackendFactory(Factory):
+class _BackendFactory(ClientFactory):
+    """
+    The VM connection's factory, given to C{reactor.connectTCP} directly
+    (no endpoint: no Deferred plumbing and no wrapping protocol between the
+    socket and L{BackendProtocol} on every read).
+    """
+
     #: One factory per console: no "Starting/Stopping factory" log lines.
     noisy = False
 
@@ -484,6 +491,9 @@ class _BackendFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> BackendProtocol:
         return BackendProtocol(self.console)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.console._dial_failed(reason)
 
 
 # ---------------------------------------------------------------------------
@@ -526,7 +536,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     _record: Optional[ConsoleRecord] = None
     _lease: Any = None
     _backend: Optional[BackendProtocol] = None
-    _connecting: Optional[Deferred] = None
+    #: The connector of the VM connection being made.
+    _connecting: Any = None
     _connect_timer: Optional[IDelayedCall] = None
     _idle_timer: Optional[IDelayedCall] = None
     _spice_attached = False
@@ -596,7 +607,19 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         # Plain TCP: the 101 answer and the guard's bytes go straight to the
         # socket too (one send instead of a write-readiness round trip).
         self._ws_direct = direct_writer(self.transport)
-        super().connectionMade()
+        if _autobahn_debug():
+            super().connectionMade()
+        else:
+            # Autobahn's Twisted adapter's connectionMade, without its
+            # closing debug line (hltype() computed even when debug is off).
+            details = self._transport_details = create_transport_details(self.transport, self.is_server)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self.peer = details.peer
+            try:
+                self.transport.setTcpNoDelay(self.tcpNoDelay)
+            except Exception:
+                pass  # not TCP (e.g. a Unix socket)
+            self._connectionMade()
         if self._console.connection_timeout > 0:
             self._connect_timer = self._reactor.callLater(
                 self._console.connection_timeout, self._connection_timed_out
@@ -849,15 +872,16 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             return
         address, port = self._target
         remaining = self._console.connection_timeout - (self._seconds() - self._started_at)
-        endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint = endpoint_class(self._reactor, address, port, timeout=max(1, int(remaining + 0.999)))
         self._pause_reading()
-        d = self._connecting = endpoint.connect(_BackendFactory(self))
-        d.addErrback(self._dial_failed)
+        # An address literal (the host policy's answer), IPv4 or IPv6.
+        self._connecting = self._reactor.connectTCP(
+            address, port, _BackendFactory(self), timeout=max(1, int(remaining + 0.999))
+        )
 
     def _dial_failed(self, failure: Failure) -> None:
         self._connecting = None
-        if failure.check(CancelledError) and self._finished:
+        if self._finished:
+            # Stopped by _end (or the console ended meanwhile).
             return
         self._end(
             ConsoleError(ErrorCode.CONNECTION_FAILED),
@@ -1124,7 +1148,10 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._held = []
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
-            connecting.cancel()
+            try:
+                connecting.stopConnecting()
+            except Exception:
+                pass  # connected or failed meanwhile
         if self._producers:
             self._producers = False
             for transport in (self.transport, self._backend.transport if self._backend else None):
