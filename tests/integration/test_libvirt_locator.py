@@ -185,6 +185,9 @@ class LibvirtLocatorIntegrationTests(TestCase):
             old = slot.conn
             self.assertIsNotNone(old)
             old.close()
+            # The lookup above is cached (running VMs, cache_ttl): drop it
+            # so that the next lookup goes to libvirt over the broken one.
+            locator.invalidate()
             vm = await locator.locate(UUID_VNC)
             self.assertEqual(vm.graphics[0].password, "vnc-pass")
             self.assertIsNot(slot.conn, old)
