@@ -49,13 +49,19 @@ async def http(method: str, url: str, key: str) -> Dict[str, Any]:
     return {"status": response.code, "body": json.loads(await treq.content(response))}
 
 
-async def wait_for_consoles(base_url: str, key: str, count: int, timeout: float = 20.0) -> None:
+async def wait_for_consoles(
+    base_url: str, key: str, count: int, timeout: float = 20.0, min_bytes_sent: int = 0
+) -> None:
     """
-    Wait until the proxy's stats show at least C{count} live consoles.
+    Wait until the proxy's stats show at least C{count} live consoles, each
+    having sent the browser at least C{min_bytes_sent} bytes (past the
+    handshake: the page is showing the screen).
     """
     for _ in range(int(timeout / 0.2)):
         stats = await http("GET", f"{base_url}/api/v1/console/stats", key)
-        if stats["status"] == 200 and stats["body"].get("total_connections", 0) >= count:
+        body = stats["body"] if stats["status"] == 200 else {}
+        live = [c for c in body.get("connections", []) if c.get("bytes_sent", 0) >= min_bytes_sent]
+        if body.get("total_connections", 0) >= count and len(live) >= count:
             return
         await deferLater(reactor, 0.2, lambda: None)
     raise AssertionError(f"the proxy never had {count} live consoles: {stats}")
@@ -358,7 +364,10 @@ class ConsoleLifecycleTests(E2ETestCase):
                     }
                 )
             )
-            await wait_for_consoles(proxy.base_url, self.env.key, 1)
+            # Until the page shows the screen (a framebuffer update went out),
+            # not merely until the console exists: a restart during noVNC's
+            # handshake is a failed connect, not a reconnect.
+            await wait_for_consoles(proxy.base_url, self.env.key, 1, min_bytes_sent=1000)
             proxy.stop()
             proxy.start()
             [r] = await driver
