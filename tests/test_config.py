@@ -632,8 +632,10 @@ class LoggingTests(ConfigTestMixin, SynchronousTestCase):
         """
         When level and format are valid (any case), they are kept in lower case.
         """
-        config = parse("logging: {level: DEBUG, format: json}")
+        config = parse("logging: {level: DEBUG, format: json, access_log: false}")
         self.assertEqual((config.logging.level, config.logging.format), ("debug", "json"))
+        self.assertIs(config.logging.access_log, False)
+        self.assertIs(parse("logging: {}").logging.access_log, True)
 
     def test_badLogging(self) -> None:
         """
@@ -667,7 +669,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
             "tokens.ttl: unknown key (expected one of: backend, redis_url, redis_timeout, lease_ttl)",
         )
         self.assertConfigError(
-            "logging: {file: x}", "logging.file: unknown key (expected one of: level, format)"
+            "logging: {file: x}", "logging.file: unknown key (expected one of: level, format, access_log)"
         )
 
     def test_notMappings(self) -> None:

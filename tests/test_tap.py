@@ -394,12 +394,14 @@ class AccessLogWiringTests(SynchronousTestCase):
         self.assertTrue(site.access_log)
 
     def test_accessLogSetting(self) -> None:
-        """When logging.access_log is false, access logging is off; absent or true, on."""
-        from types import SimpleNamespace
-
-        self.assertFalse(tap.access_log_enabled(SimpleNamespace(logging=SimpleNamespace(access_log=False))))
-        self.assertTrue(tap.access_log_enabled(SimpleNamespace(logging=SimpleNamespace(access_log=True))))
-        self.assertTrue(tap.access_log_enabled(SimpleNamespace(logging=SimpleNamespace())))
+        """When logging.access_log is false the site writes no access log; a SIGHUP to true turns it on."""
+        write(self.path, CONFIG + "logging: {access_log: false}\n")
+        root = tap.makeService(options("--config", self.path, environ={}), self.reactor)
+        site = root.pieces["site"]
+        self.assertFalse(site.access_log)
+        write(self.path, CONFIG + "logging: {access_log: true}\n")
+        self.assertTrue(root.getServiceNamed("reload").reload())
+        self.assertTrue(site.access_log)
 
 
 class ReloadTests(SynchronousTestCase):

@@ -787,6 +787,27 @@ class ConsoleSiteTests(SynchronousTestCase):
         site._logFile.flush()
         self.assertEqual(written.getvalue(), before)
 
+    def test_tokenRedacted(self) -> None:
+        """When a request carries a token in its query, the access log line has it redacted."""
+        from io import BytesIO
+
+        from twisted.web.test.requesthelper import DummyRequest
+
+        token = "ab" * 32
+        site = web.ConsoleSite(web._NOT_FOUND)
+        written = BytesIO()
+        site.logFile = written  # type: ignore[assignment]
+        site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
+        request = DummyRequest([b"ws"])
+        request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 400
+        request.uri = f"{VMS}/web-1/console/ws?a=1&TOKEN={token}&b=2".encode()
+        request.sentLength = 10
+        site.log(request)
+        site._logFile.flush()
+        line = written.getvalue()
+        self.assertNotIn(token.encode(), line)
+        self.assertIn(b"/console/ws?a=1&TOKEN=<redacted>&b=2 HTTP/1.1", line)
+
 
 class StatsTests(APITestCase):
     def test_shape(self) -> None:

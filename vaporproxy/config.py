@@ -125,6 +125,7 @@ class TokensConfig:
 class LoggingConfig:
     level: str = "info"
     format: str = "text"
+    access_log: bool = True  # one line per HTTP request (twisted.web's access log)
 
 
 @dataclass(frozen=True)
@@ -633,6 +634,7 @@ def _parse_logging(raw: Any) -> LoggingConfig:
         {
             "level": parse_log_level,
             "format": lambda k, v: parse_choice(k, v, LOG_FORMATS),
+            "access_log": parse_bool,
         },
     )
 

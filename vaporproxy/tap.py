@@ -409,14 +409,6 @@ def _supervisor(root: VaporService, options: Options, reactor: Any) -> VaporServ
     return root
 
 
-def access_log_enabled(config: Config) -> bool:
-    """
-    C{logging.access_log}: whether the HTTP access log is written (default
-    on; a configuration without the key keeps it on).
-    """
-    return bool(getattr(config.logging, "access_log", True))
-
-
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Build vaporproxy's service tree from parsed L{Options}.
@@ -454,7 +446,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         RedisService(redis).setServiceParent(root)
 
     site = ConsoleSite(api.resource())
-    site.access_log = access_log_enabled(config)
+    site.access_log = config.logging.access_log
     _listen(root, site, config.server.listen, options["worker_fds"], reactor)
     cleanup = TimerService(config.console.cleanup_interval, purge_tokens, token_store)
     cleanup.clock = reactor
@@ -463,7 +455,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     def apply(new: Config) -> None:
         apply_reload(new, limiter=limiter, host_policy=host_policy, api=api, bridge_factory=bridge_factory,
                      log_setup=log_setup, environ=environ)  # fmt: skip
-        site.access_log = access_log_enabled(new)
+        site.access_log = new.logging.access_log
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
     root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site)

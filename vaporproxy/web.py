@@ -38,6 +38,7 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
@@ -188,16 +189,45 @@ class _Root(Resource):
         return self._klein.render(request)
 
 
+_TOKEN_PARAM = re.compile(rb"([?&]token=)[^&#]*", re.IGNORECASE)
+
+
+class _RedactedRequest:
+    """
+    A request as the access log sees it: the value of a C{token} query
+    parameter is replaced, so no console token is ever written to a log.
+    """
+
+    def __init__(self, request: IRequest):
+        self._request = request
+        self.uri = _TOKEN_PARAM.sub(rb"\1<redacted>", request.uri)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def redacting_log_formatter(timestamp: str, request: IRequest) -> str:
+    """
+    Twisted's combined log format, with console tokens redacted.
+    """
+    return combinedLogFormatter(timestamp, _RedactedRequest(request))
+
+
 class ConsoleSite(Site):
     """
     The HTTP site: Twisted's L{Site} whose access log (one combined-format
-    line per request, through the log observer) can be switched off.
+    line per request, through the log observer, tokens redacted) can be
+    switched off.
 
     @ivar access_log: whether requests are logged (default on;
         C{logging.access_log} in the configuration, applied on SIGHUP).
     """
 
     access_log = True
+
+    def __init__(self, resource: IResource, *args: Any, **kwargs: Any):
+        kwargs.setdefault("logFormatter", redacting_log_formatter)
+        super().__init__(resource, *args, **kwargs)
 
     def log(self, request: IRequest) -> None:
         if self.access_log:
