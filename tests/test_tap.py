@@ -192,15 +192,22 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_listensOnEveryEndpoint(self) -> None:
         """
-        When started, one port per listen endpoint serves the API site; stopping stops them.
+        When started, one port per listen endpoint serves the switch in front of the API site and the bridge; stopping stops them.
         """
+        from vaporproxy.switch import SwitchFactory
+
         root = self.make("--listen", "tcp:8123:interface=127.0.0.1", "--listen", "tcp6:8124:interface=\\:\\:1")
         endpoints = [s for s in root if isinstance(s, StreamServerEndpointService)]
         self.assertEqual(len(endpoints), 2)
         root.startService()
         ports = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
         self.assertEqual(ports, [(8123, "127.0.0.1"), (8124, "::1")])
-        self.assertEqual({id(f) for _, f, _, _ in self.reactor.tcpServers}, {id(root.pieces["site"])})
+        self.assertEqual({id(f) for _, f, _, _ in self.reactor.tcpServers}, {id(root.pieces["listening"])})
+        listening = root.pieces["listening"]
+        self.assertIsInstance(listening, SwitchFactory)
+        self.assertIs(listening.http_factory, root.pieces["site"])
+        self.assertIs(listening.ws_factory, root.pieces["bridge_factory"])
+        self.assertIs(listening.clock, self.reactor)
         self.successResultOf(root.stopService())
         self.assertFalse(root.running)
 
@@ -324,7 +331,8 @@ class MakeServiceTests(SynchronousTestCase):
         adopted = [s for s in root if isinstance(s, AdoptedPortService)]
         self.assertEqual([(s.fd, s.proxy) for s in adopted], [(7, False), (8, True)])
         self.assertEqual([s for s in root if isinstance(s, StreamServerEndpointService)], [])
-        self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["site"])})
+        self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["listening"])})
+        self.assertIs(root.pieces["listening"].http_factory, root.pieces["site"])
 
     def test_workerFdsMatchListen(self) -> None:
         """

@@ -84,6 +84,11 @@ AUTO_PING_INTERVAL = 30.0
 AUTO_PING_TIMEOUT = 30.0
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 
+#: The largest opening handshake (request line and headers) accepted: as
+#: twisted.web's request line plus headers (C{HTTPChannel.MAX_LENGTH} and
+#: C{totalHeadersSize}).
+MAX_HANDSHAKE_SIZE = 2 * 16384
+
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
@@ -690,6 +695,12 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             )
             held, self.data = self.data, b""
             parser.feed(held + data if held else data)
+            return
+        if self.state == _CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_SIZE:
+            # Autobahn buffers an opening handshake without a bound; this is
+            # twisted.web's (whose parsing the listening port's switch skips).
+            self.data = b""
+            self.failHandshake("Request header fields too large", 431)
             return
         self._dataReceived(data)
 
@@ -1313,6 +1324,10 @@ class ConsoleBridgeFactory(WebSocketServerFactory):
             autoPingInterval=AUTO_PING_INTERVAL,
             autoPingTimeout=AUTO_PING_TIMEOUT,
             perMessageCompressionAccept=lambda offers: None,
+            # A GET without Upgrade is refused (426), not answered with
+            # Autobahn's status page (its version, and a 303 to any
+            # ?redirect= URL).
+            webStatus=False,
         )
 
     def reload(self, config: Config) -> None:

@@ -376,7 +376,7 @@ def log_limits(config: Config) -> None:
 
 def _listen(root: MultiService, site: Any, listen: Sequence[str], worker_fds: Sequence[int], reactor: Any) -> None:
     """
-    Serve C{site} on every endpoint, or on the sockets inherited from the
+    Serve C{site} (the listening factory) on every endpoint, or on the sockets inherited from the
     supervisor when this process is a worker.
     """
     from twisted.internet.endpoints import serverFromString
@@ -419,6 +419,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from vaporproxy.consoles import LibvirtConsoleLocator
     from vaporproxy.hosts import HostPolicy
     from vaporproxy.metrics import Metrics
+    from vaporproxy.switch import SwitchFactory
     from vaporproxy.web import ConsoleAPI, ConsoleSite
 
     config: Config = options["parsed"]
@@ -447,7 +448,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     site = ConsoleSite(api.resource())
     site.access_log = config.logging.access_log
-    _listen(root, site, config.server.listen, options["worker_fds"], reactor)
+    # Console WebSocket upgrades go from the listening port straight to the
+    # bridge; everything else to the site (vaporproxy.switch).
+    listening = SwitchFactory(site, bridge_factory, reactor)
+    _listen(root, listening, config.server.listen, options["worker_fds"], reactor)
     cleanup = TimerService(config.console.cleanup_interval, purge_tokens, token_store)
     cleanup.clock = reactor
     cleanup.setServiceParent(root)
@@ -458,7 +462,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         site.access_log = new.logging.access_log
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
-    root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site)
+    root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site,
+                       listening=listening)  # fmt: skip
     # Added last, so stopped first: live consoles get 1001 before the rest stops.
     ShutdownService(registry.close_all).setServiceParent(root)
     return root
