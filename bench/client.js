@@ -272,10 +272,16 @@ async function setup(job) {
     }
   };
   const t0 = now();
+  const cpu0 = process.cpuUsage();
   await Promise.all(Array.from({ length: job.parallel }, worker));
   const secs = (now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
   lat.sort((a, b) => a - b);
-  return { per_s: done / secs, p50_ms: pct(lat, 50), errors, error_kinds: errs };
+  return {
+    per_s: done / secs, p50_ms: pct(lat, 50), errors, error_kinds: errs, done, secs,
+    // How busy this client kept its core (CPU 1, shared with the backend).
+    client_cpu_share: (cpu.user + cpu.system) / 1e6 / secs,
+  };
 }
 
 /** N open consoles each pinging 16 bytes once a second; proxy memory before/loaded. */

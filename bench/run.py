@@ -449,14 +449,28 @@ def run_steady(bench: Bench, t: Target, names: List[str], results: dict) -> None
         runs = []
         for i in range(bench.args.runs):
             job = dict(jobs[name], target=t.job_target())
+            proxy0 = cpu_seconds(t.proc.pid) if t.proc else None
+            backend0 = cpu_seconds(bench.backend.pid) if bench.backend else None
             r = bench.client(job, timeout=60)
+            if name.startswith("setup") and "error" not in r:
+                # CPU per console: the proxy's (CPU 0), and how busy the
+                # client and the backend kept CPU 1 (the client reports its
+                # own CPU over the workload, start-up excluded).
+                done = r.get("done") or 0
+                if proxy0 is not None and done:
+                    r["proxy_cpu_ms_per_console"] = round((cpu_seconds(t.proc.pid) - proxy0) * 1000 / done, 4)
+                if backend0 is not None and r.get("secs"):
+                    r["backend_cpu_share"] = round((cpu_seconds(bench.backend.pid) - backend0) / r["secs"], 3)
             runs.append(r)
             if "error" in r:
                 print(f"  {t.name} {name} run {i + 1}: ERROR {r['error']}", file=sys.stderr)
         results.setdefault(t.name, {})[name] = {"runs": runs}
-        summary = {k: median_of(runs, k) for k in ("mib_s", "p50_us", "p99_us", "per_s", "errors")}
+        summary = {k: median_of(runs, k) for k in ("mib_s", "p50_us", "p99_us", "per_s", "errors",
+                                                   "proxy_cpu_ms_per_console", "client_cpu_share",
+                                                   "backend_cpu_share")}
         print(f"  {t.name:18} {name:7} " + " ".join(
-            f"{k}={v:.1f}" for k, v in summary.items() if v is not None), file=sys.stderr)
+            f"{k}={v:.1f}" if v >= 10 else f"{k}={v:.3f}" for k, v in summary.items() if v is not None),
+            file=sys.stderr)
 
 
 def run_conc(bench: Bench, t: Target, results: dict) -> None:
