@@ -139,10 +139,177 @@ class WsConn extends Conn {
   close() { this.closed = true; try { this.ws.terminate(); } catch (e) { /* gone */ } }
 }
 
+// ---- the set-up path without the ws library ----
+// Setup workloads open thousands of short-lived consoles; the ws library's
+// per-connection machinery (http.request, its upgrade handling, a Receiver
+// and a Sender per socket) costs the client more CPU than the proxy under
+// test spends, on the core it shares with the backend.  For those the
+// client speaks the same protocol by hand over net sockets: the info GET
+// with the Bearer key on a keep-alive connection, then the upgrade request
+// with the token (a random Sec-WebSocket-Key, the accept value checked),
+// masked client frames (a fresh random mask per frame), unmasked server
+// frames parsed.  Exactly the browser's sequence, fewer objects.
+
+const crypto = require('crypto');
+let maskBuffer = null;
+try { maskBuffer = require('bufferutil').mask; } catch (e) { /* pure JS below */ }
+const WS_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+
+/** One keep-alive HTTP/1.1 connection for console-info GETs (one per worker). */
+class InfoConn {
+  constructor(t) { this.t = t; this.sock = null; this.buf = Buffer.alloc(0); this.waiting = null; }
+
+  connect() {
+    return new Promise((resolve, reject) => {
+      const s = net.connect({ host: this.t.host, port: this.t.port, noDelay: true });
+      s.once('connect', () => { this.sock = s; resolve(); });
+      s.on('data', (d) => { this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d; this.parse(); });
+      const dead = (e) => {
+        if (this.sock === s) this.sock = null;
+        if (this.waiting) { const w = this.waiting; this.waiting = null; w.reject(e || new Error('info connection closed')); }
+        reject(e || new Error('info connection closed'));
+      };
+      s.on('error', dead);
+      s.on('close', () => dead());
+    });
+  }
+
+  parse() {
+    if (!this.waiting) return;
+    const end = this.buf.indexOf('\r\n\r\n');
+    if (end < 0) return;
+    const head = this.buf.toString('latin1', 0, end);
+    const status = Number(head.slice(9, 12));
+    const m = /\r\ncontent-length:\s*(\d+)/i.exec(head);
+    let body; let used;
+    if (m) {
+      const n = Number(m[1]);
+      if (this.buf.length < end + 4 + n) return;
+      body = this.buf.subarray(end + 4, end + 4 + n); used = end + 4 + n;
+    } else if (/\r\ntransfer-encoding:\s*chunked/i.test(head)) {
+      const parts = []; let pos = end + 4;
+      for (;;) {
+        const eol = this.buf.indexOf('\r\n', pos);
+        if (eol < 0) return;
+        const size = parseInt(this.buf.toString('latin1', pos, eol), 16);
+        if (this.buf.length < eol + 2 + size + 2) return;
+        if (size === 0) { used = eol + 4; break; }
+        parts.push(this.buf.subarray(eol + 2, eol + 2 + size)); pos = eol + 2 + size + 2;
+      }
+      body = Buffer.concat(parts);
+    } else { this.waiting.reject(new Error('console info without a length')); this.waiting = null; return; }
+    this.buf = this.buf.subarray(used);
+    const w = this.waiting; this.waiting = null;
+    w.resolve({ status, body: body.toString() });
+  }
+
+  async get(path, headers) {
+    if (!this.sock) await this.connect();
+    return new Promise((resolve, reject) => {
+      this.waiting = { resolve, reject };
+      this.sock.write(`GET ${path} HTTP/1.1\r\nHost: ${this.t.host}:${this.t.port}\r\n${headers}\r\n`);
+    });
+  }
+}
+
+async function getConsoleRaw(t, info) {
+  const path = `/api/v1/virtualization/virtualmachines/${encodeURIComponent(t.vm)}/console`;
+  const { status, body } = await info.get(path, `Authorization: Bearer ${t.apiKey}\r\n`);
+  if (status !== 200) throw new Error(`console info ${status} ${body.slice(0, 200)}`);
+  return JSON.parse(body);
+}
+
+/** A WebSocket client over a net socket, with the Conn face. */
+class RawWsConn extends Conn {
+  async open(t, info) {
+    let path = '/';
+    if (t.kind === 'vapor') {
+      const ci = await getConsoleRaw(t, info);
+      path = `${ci.ws_path}?token=${ci.token}`;
+    }
+    const key = crypto.randomBytes(16).toString('base64');
+    const accept = crypto.createHash('sha1').update(key + WS_GUID).digest('base64');
+    return new Promise((resolve, reject) => {
+      const s = net.connect({ host: t.host, port: t.port, noDelay: true });
+      this.sock = s;
+      let head = null; let rest = null;
+      s.on('connect', () => {
+        s.write(`GET ${path} HTTP/1.1\r\nHost: ${t.host}:${t.port}\r\nUpgrade: websocket\r\n`
+          + `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+      });
+      s.on('data', (d) => {
+        if (head !== null) { this.frames(d); return; }
+        rest = rest ? Buffer.concat([rest, d]) : d;
+        const end = rest.indexOf('\r\n\r\n');
+        if (end < 0) return;
+        head = rest.toString('latin1', 0, end);
+        const after = rest.subarray(end + 4); rest = null;
+        if (!head.startsWith('HTTP/1.1 101')) {
+          const e = new Error(`ws upgrade ${head.slice(9, 12)}`); reject(e); this.died(e); s.destroy(); return;
+        }
+        const m = /\r\nsec-websocket-accept:\s*(\S+)/i.exec(head);
+        if (!m || m[1] !== accept) {
+          const e = new Error('ws upgrade: bad Sec-WebSocket-Accept'); reject(e); this.died(e); s.destroy(); return;
+        }
+        resolve(this);
+        if (after.length) this.frames(after);
+      });
+      s.on('error', (e) => { reject(e); this.died(e); });
+      s.on('close', () => { reject(new Error('closed during upgrade')); this.died(this.closeError); });
+    });
+  }
+
+  /** Server frames (unmasked): binary payloads to feed(), close ends. */
+  frames(d) {
+    let b = this.partial ? Buffer.concat([this.partial, d]) : d;
+    this.partial = null;
+    while (b.length >= 2) {
+      const op = b[0] & 0x0f; let n = b[1] & 0x7f; let off = 2;
+      if (n === 126) { if (b.length < 4) break; n = b.readUInt16BE(2); off = 4; } else if (n === 127) {
+        if (b.length < 10) break; n = Number(b.readBigUInt64BE(2)); off = 10;
+      }
+      if (b.length < off + n) break;
+      const payload = b.subarray(off, off + n);
+      b = b.subarray(off + n);
+      if (op === 0x2 || op === 0x0) this.feed(payload);
+      else if (op === 0x1) this.text = payload.toString();
+      else if (op === 0x8) {
+        const code = payload.length >= 2 ? payload.readUInt16BE(0) : 1005;
+        this.closeError = new Error(`ws closed ${code} ${payload.subarray(2).toString()} ${this.text || ''}`.trim());
+        this.sock.destroy();
+        return;
+      }
+    }
+    if (b.length) this.partial = b;
+  }
+
+  write(payload) {
+    const n = payload.length;
+    const hl = n < 126 ? 2 : n < 65536 ? 4 : 10;
+    const frame = Buffer.allocUnsafe(hl + 4 + n);
+    frame[0] = 0x82;
+    if (n < 126) frame[1] = 0x80 | n;
+    else if (n < 65536) { frame[1] = 0x80 | 126; frame.writeUInt16BE(n, 2); } else { frame[1] = 0x80 | 127; frame.writeBigUInt64BE(BigInt(n), 2); }
+    const mask = crypto.randomBytes(4);
+    mask.copy(frame, hl);
+    if (maskBuffer) maskBuffer(payload, mask, frame, hl + 4, n);
+    else for (let i = 0; i < n; i++) frame[hl + 4 + i] = payload[i] ^ mask[i & 3];
+    return this.sock.write(frame);
+  }
+
+  get pending() { return this.sock.writableLength; }
+  onDrain(fn) { this.sock.once('drain', fn); }
+  pauseReading() { this.sock.pause(); }
+  close() { this.closed = true; this.sock.destroy(); }
+}
+
 /** Open one console up to the end of the RFB handshake (ServerInit read). */
-async function openConsole(t) {
-  const c = t.kind === 'tcp' ? new TcpConn() : new WsConn();
-  await c.open(t);
+async function openConsole(t, info = null) {
+  let c;
+  if (t.kind === 'tcp') c = new TcpConn();
+  else if (info) c = new RawWsConn();
+  else c = new WsConn();
+  await c.open(t, info);
   const ver = await c.read(12);
   if (!ver.toString().startsWith('RFB 003.')) throw new Error(`bad RFB version ${JSON.stringify(ver.toString())}`);
   c.write(Buffer.from('RFB 003.008\n'));
@@ -260,11 +427,15 @@ async function rtt(job) {
 async function setup(job) {
   let done = 0; let errors = 0; const lat = []; const errs = {};
   const until = now() + job.duration_ms;
+  // Setup-only consoles over raw sockets unless the job asks for the ws
+  // library (raw: false), e.g. to compare the two clients.
+  const raw = job.raw !== false && job.target.kind !== 'tcp';
   const worker = async () => {
+    const info = raw ? new InfoConn(job.target) : null;
     while (now() < until) {
       const t0 = now();
       try {
-        const c = await openConsole(job.target);
+        const c = await openConsole(job.target, info);
         lat.push(now() - t0);
         done += 1;
         c.close();
