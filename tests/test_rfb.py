@@ -788,6 +788,23 @@ class VeNCryptFailureTests(SynchronousTestCase):
         self.assertNotIn("established", sink.names())
         self.assertEqual(sink.names().count("fail"), 1)
 
+    def test_no_downgrade_to_vnc_auth(self) -> None:
+        """
+        When TLS is configured but the VM offers only VNC authentication,
+        the guard fails and no DES answer (nor anything) goes out in clear.
+        """
+        _, sink = self.run_server(version(8) + b"\x01\x02" + CHALLENGE)
+        self.assertFailed(sink, "does not offer VeNCrypt")
+        self.assertEqual(sink.to_server, version(8))
+
+    def test_no_downgrade_to_none(self) -> None:
+        """
+        When TLS is configured but the VM offers only None, the guard fails.
+        """
+        _, sink = self.run_server(version(8) + b"\x01\x01")
+        self.assertFailed(sink, "does not offer VeNCrypt")
+        self.assertEqual(sink.to_server, version(8))
+
     def test_old_vencrypt_version(self) -> None:
         """
         When the VM speaks VeNCrypt 0.1, the guard fails without answering.

@@ -568,11 +568,18 @@ class RFBGuard:
     def _choose(self, offered: list) -> int:
         """
         Pick the security type to use with the VM: VeNCrypt when TLS is
-        configured, then VNC authentication when a password is known, then
-        None.
+        configured (and then only VeNCrypt: a VM, or anyone on the path,
+        that offers plain types instead would otherwise get the password's
+        DES answer in clear), else VNC authentication when a password is
+        known, then None.
         """
-        if self._tls is not None and SEC_VENCRYPT in offered:
-            return SEC_VENCRYPT
+        if self._tls is not None:
+            if SEC_VENCRYPT in offered:
+                return SEC_VENCRYPT
+            raise _server_failure(
+                "vnc_tls is configured for this VM's hypervisor but the VM does not offer VeNCrypt"
+                " (offered %r): refusing a console without TLS" % (offered,)
+            )
         if self._password is not None and SEC_VNC_AUTH in offered:
             return SEC_VNC_AUTH
         if SEC_NONE in offered:
