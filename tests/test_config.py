@@ -604,6 +604,11 @@ class TokensTests(ConfigTestMixin, SynchronousTestCase):
             ("redis", "redis://10.0.0.9:6380/2", 0.5, 60.0),
         )
 
+    def test_redisTLS(self) -> None:
+        """When redis_url uses rediss://, it is accepted (Redis over TLS)."""
+        config = parse("tokens: {backend: redis, redis_url: 'rediss://:pw@redis.example:6380/1'}")
+        self.assertEqual(config.tokens.redis_url, "rediss://:pw@redis.example:6380/1")
+
     def test_badTokens(self) -> None:
         """
         When the backend or URL is bad, the error names the key; a URL password is hidden.

@@ -378,8 +378,8 @@ def parse_origin(key: str, value: Any) -> str:
 
 def parse_redis_url(key: str, value: Any) -> str:
     """
-    A C{redis://[:password@]host[:port][/db]} URL.  A password in it is
-    never echoed in an error.
+    A C{redis://[:password@]host[:port][/db]} URL (C{rediss://} for TLS).
+    A password in it is never echoed in an error.
     """
     expected = "expected e.g. redis://127.0.0.1:6379/0"
     if not isinstance(value, str):
@@ -394,7 +394,7 @@ def parse_redis_url(key: str, value: Any) -> str:
             raise error
     except ValueError:
         raise error from None
-    if parts.scheme != "redis" or not parts.hostname or parts.query or parts.fragment:
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment:
         raise error
     return value
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import uuid
 from dataclasses import asdict
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Set
@@ -873,7 +872,6 @@ class RedisBackend:
         local = self.limiter.local_stats()
         return {
             "node_id": self.node_id,
-            "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self._started if self._started is not None else self._reactor.seconds(),
             "updated_at": self._reactor.seconds(),
@@ -975,7 +973,7 @@ def connect_redis(
     )
     backend = RedisBackend(redis, store, limiter, reactor, tokens.lease_ttl, prefix=prefix)
     log.info(
-        "Redis backend {node_id} for {host}:{port}/{db}",
+        "Redis backend {node_id} for {host}:{port}/{db} (this process's node_id in the cluster stats)",
         node_id=limiter.node_id,
         host=redis._url["host"],
         port=redis._url["port"],
