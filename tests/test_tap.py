@@ -15,7 +15,8 @@ from typing import Any, List
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import Application
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
@@ -462,6 +463,15 @@ class ReloadTests(SynchronousTestCase):
             "console.max_total_connections: 'none' is not a valid integer (expected an integer >= 1)",
         )
 
+    def test_reloadTokenTTL(self) -> None:
+        """
+        When token_ttl changes on reload, tokens issued from then on get the new lifetime.
+        """
+        store = self.root.pieces["token_store"]
+        write(self.path, CONFIG.replace("max_total_connections: 3}", "max_total_connections: 3, token_ttl: 42s}"))
+        self.assertTrue(self.reload.reload())
+        self.assertEqual(store.ttl, 42.0)
+
     def test_badJWTKeyChangesNothing(self) -> None:
         """
         When a reloaded file has new limits and an unusable JWT key, nothing of it is applied.
@@ -522,13 +532,14 @@ class ReloadTests(SynchronousTestCase):
             log_setup=setup,
             environ={"VAPOR_LOG_LEVEL": "error"},
         )
+        # The steps that may refuse the config (they load files) come first.
         self.assertEqual(
             calls,
             [
-                ("limiter", "set_limits", (5, 100)),
-                ("hosts", "set_allowed", (("localhost", "127.0.0.1", "::1"),)),
                 ("api", "reload", (new,)),
                 ("bridge", "reload", (new,)),
+                ("limiter", "set_limits", (5, 100)),
+                ("hosts", "set_allowed", (("localhost", "127.0.0.1", "::1"),)),
             ],
         )
         self.assertEqual(setup.level, "error")
@@ -567,6 +578,50 @@ class ReloadTests(SynchronousTestCase):
 
 
 class ServiceHelpersTests(SynchronousTestCase):
+    def test_poolStopsAfterClose(self) -> None:
+        """
+        When the thread-pool service stops, it waits for before_stop (the locator closing its connections) first.
+        """
+        events: List[str] = []
+        closing: Deferred = Deferred()
+
+        class Pool:
+            def start(self) -> None:
+                events.append("start")
+
+            def stop(self) -> None:
+                events.append("stop")
+
+        service = tap.ThreadPoolService(Pool(), Clock(), before_stop=lambda: closing)  # type: ignore[arg-type]
+        service.startService()
+        d = service.stopService()
+        self.assertEqual(events, ["start"])
+        closing.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(events, ["start", "stop"])
+
+    def test_poolStopsWhenCloseHangs(self) -> None:
+        """
+        When before_stop never answers, the pool still stops after close_timeout.
+        """
+        events: List[str] = []
+        clock = Clock()
+
+        class Pool:
+            def start(self) -> None:
+                pass
+
+            def stop(self) -> None:
+                events.append("stop")
+
+        service = tap.ThreadPoolService(Pool(), clock, before_stop=Deferred)  # type: ignore[arg-type]
+        service.startService()
+        d = service.stopService()
+        clock.advance(service.close_timeout)
+        self.successResultOf(d)
+        self.assertEqual(events, ["stop"])
+        self.flushLoggedErrors()
+
     def test_purgeNeverFails(self) -> None:
         """
         When the store's purge fails, the timer body logs it and still succeeds.

@@ -626,8 +626,10 @@ class LibvirtConsoleLocator:
         Close every cached connection (at shutdown, before the pool stops).
         """
         self._cache.clear()
+        # Only hypervisors with an open connection need the pool.
+        open_uris = [uri for uri in self._order if self._slots[uri].conn is not None]
         return gatherResults(
-            [self._in_pool(self._drop, uri, None) for uri in self._order]
+            [self._in_pool(self._drop, uri, None) for uri in open_uris]
         ).addCallback(lambda _: None)
 
     # -- pool side: everything below blocks ---------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -34,7 +34,6 @@ RESTART_ONLY = (
     ("server.listen", lambda c: c.server.listen),
     ("server.workers", lambda c: c.server.workers),
     ("tokens", lambda c: c.tokens),
-    ("console.token_ttl", lambda c: c.console.token_ttl),
     ("console.cleanup_interval", lambda c: c.console.cleanup_interval),
     ("hypervisors", lambda c: c.hypervisors),
     ("logging.format", lambda c: c.logging.format),
@@ -133,18 +132,34 @@ class VaporService(MultiService):
 class ThreadPoolService(Service):
     """
     Starts and stops a thread pool with the service tree.
+
+    @ivar before_stop: called (and waited for, at most C{close_timeout}
+        seconds) before the pool stops: the locator closes its libvirt
+        connections on the pool's threads.
     """
 
-    def __init__(self, pool: ThreadPool):
+    close_timeout = 5.0
+
+    def __init__(self, pool: ThreadPool, reactor: Any = None, before_stop: Optional[Callable[[], Any]] = None):
         self.pool = pool
+        self.reactor = reactor
+        self.before_stop = before_stop
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred:
         super().stopService()
-        self.pool.stop()
+        if self.before_stop is None:
+            self.pool.stop()
+            return succeed(None)
+        d = maybeDeferred(self.before_stop)
+        if self.reactor is not None:
+            d.addTimeout(self.close_timeout, self.reactor)
+        d.addErrback(lambda f: log.failure("closing before the thread pool stops failed", f))
+        d.addBoth(lambda _: self.pool.stop())
+        return d
 
 
 class RedisService(Service):
@@ -337,15 +352,19 @@ def check_files(config: Config) -> None:
 
 
 def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, bridge_factory: Any,
-                 log_setup: LogSetup, environ: Mapping[str, str]) -> None:  # fmt: skip
+                 log_setup: LogSetup, environ: Mapping[str, str], token_store: Any = None) -> None:  # fmt: skip
     """
-    Apply what SIGHUP may change to the running pieces.
+    Apply what SIGHUP may change to the running pieces: the steps that may
+    still refuse the new config (they load files) first, so a refusal
+    leaves everything as it was.
     """
     console = config.console
-    limiter.set_limits(console.max_connections_per_vm, console.max_total_connections)
-    host_policy.set_allowed(console.allowed_hosts)
     api.reload(config)
     bridge_factory.reload(config)
+    if token_store is not None:
+        token_store.ttl = console.token_ttl  # tokens issued from now on
+    limiter.set_limits(console.max_connections_per_vm, console.max_total_connections)
+    host_policy.set_allowed(console.allowed_hosts)
     try:
         log_setup.set_level(effective_level(config.logging.level, environ))
     except ConfigError as e:
@@ -431,9 +450,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return _supervisor(root, options, reactor)
 
     pool = ThreadPool(minthreads=0, maxthreads=max(4, 2 * len(config.hypervisors)), name="vaporproxy-libvirt")
-    ThreadPoolService(pool).setServiceParent(root)
+    pool_service = ThreadPoolService(pool, reactor)
+    pool_service.setServiceParent(root)
     token_store, limiter, redis = _token_backend(config, reactor)
     locator = LibvirtConsoleLocator(config.hypervisors, reactor, pool)
+    pool_service.before_stop = locator.close
     host_policy = HostPolicy(config.console.allowed_hosts, reactor.nameResolver, clock=reactor)
     registry = ConsoleRegistry(reactor)
     metrics = Metrics(registry, token_store, reactor)
@@ -458,7 +479,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     def apply(new: Config) -> None:
         apply_reload(new, limiter=limiter, host_policy=host_policy, api=api, bridge_factory=bridge_factory,
-                     log_setup=log_setup, environ=environ)  # fmt: skip
+                     log_setup=log_setup, environ=environ, token_store=token_store)  # fmt: skip
         site.access_log = new.logging.access_log
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
