@@ -377,3 +377,43 @@ class SendNowTests(SynchronousTestCase):
         t2 = FakeTCP(PartialSocket(0, BrokenPipeError()))
         send_now(t2, [b"c"])
         self.assertEqual((t.written, t2.written), ([b"a", b"b"], [b"c"]))
+
+
+class DirectWriterTests(SynchronousTestCase):
+    """
+    Which transports the direct writer may write to.
+    """
+
+    def test_plainTCP(self) -> None:
+        """
+        When the transport is Twisted's plain TCP connection, it is used directly.
+        """
+        from twisted.internet import tcp
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        conn = tcp.Connection(a, None)
+        self.assertIs(wsframes.direct_writer(conn), conn)
+
+    def test_startTLS(self) -> None:
+        """
+        When startTLS was called on the TCP connection (VeNCrypt), its bytes
+        must go through TLS, so there is no direct writer.
+        """
+        from twisted.internet import tcp
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        conn = tcp.Connection(a, None)
+        conn.TLS = True
+        self.assertIsNone(wsframes.direct_writer(conn))
+
+    def test_notTCP(self) -> None:
+        """
+        When the transport is something else (a TLS wrapper, a test transport), there is no direct writer.
+        """
+        from twisted.internet.testing import StringTransport
+
+        self.assertIsNone(wsframes.direct_writer(StringTransport()))
