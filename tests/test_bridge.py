@@ -99,7 +99,10 @@ class FakeSpiceGuard:
     """
     A SPICE-shaped guard over a toy link protocol: the client's first
     message is C{b"MAIN"} or C{b"CHAN:<session id>"}; the VM answers a main
-    link with C{b"SESSION:<id>"}.
+    link with C{b"SESSION:<id>"}.  It refuses with the codes of the real
+    L{vaporproxy.spice.SpiceGuard}: a link that does not match the token's
+    use (a main channel twice, a later channel first, another session id)
+    is TOKEN_ALREADY_USED (4003), an unreadable link BAD_REQUEST (4012).
     """
 
     def __init__(self, sink: Any, password: Optional[str], expected: Optional[int]):
@@ -115,17 +118,23 @@ class FakeSpiceGuard:
         if self.main is not None:
             self.sink.send_to_server(data)
             return
-        if data == b"MAIN" and self.expected is None:
+        if data == b"MAIN":
+            if self.expected is not None:
+                self.sink.fail(ConsoleError(ErrorCode.TOKEN_ALREADY_USED), "second main channel")
+                return
             self.main = True
             self.sink.admit(True)
-        elif data.startswith(b"CHAN:") and self.expected is not None:
+        elif data.startswith(b"CHAN:"):
+            if self.expected is None:
+                self.sink.fail(ConsoleError(ErrorCode.TOKEN_ALREADY_USED), "first use not the main channel")
+                return
             if int(data[5:]) != self.expected:
-                self.sink.fail(ConsoleError(ErrorCode.INVALID_TOKEN), "wrong session id")
+                self.sink.fail(ConsoleError(ErrorCode.TOKEN_ALREADY_USED), "wrong session id")
                 return
             self.main = False
             self.sink.admit(False)
         else:
-            self.sink.fail(ConsoleError(ErrorCode.INVALID_TOKEN), "unexpected link")
+            self.sink.fail(ConsoleError(ErrorCode.BAD_REQUEST), "not a link message")
 
     def server_connected(self) -> None:
         self.sink.send_to_server(b"LINK-MAIN" if self.main else b"LINK-CHAN")
@@ -1120,8 +1129,36 @@ class SpiceTests(SynchronousTestCase):
         main = self.open_main()
         chan = self.h.open(self.token, protocols=["binary"])
         chan.send(b"CHAN:78")
-        self.assertEqual(chan.closed, (4001, "INVALID_TOKEN"))
+        self.assertEqual(chan.closed, (4003, "TOKEN_ALREADY_USED"))
         self.assertIsNone(main.closed)
+        self.assertEqual(self.h.reactor.tcpClients, [])
+
+    def test_firstUseNotMainRefused(self) -> None:
+        """
+        When the token's first WebSocket is not a main channel, it is
+        refused with TOKEN_ALREADY_USED (4003), as the real SPICE guard
+        does, and nothing is dialled.
+        """
+        chan = self.h.open(self.token, protocols=["binary"])
+        chan.send(b"CHAN:77")
+        self.assertEqual(chan.closed, (4003, "TOKEN_ALREADY_USED"))
+        self.assertEqual(self.h.reactor.tcpClients, [])
+
+    def test_admitMismatchRefused(self) -> None:
+        """
+        When a guard admits a later channel on the token's first use, the
+        bridge refuses it with TOKEN_ALREADY_USED (4003), the real guard's
+        code for a link that does not match the token's use.
+        """
+
+        class WrongAdmit(FakeSpiceGuard):
+            def client_data(self, data: bytes) -> None:
+                self.sink.admit(False)
+
+        self.h.factory.spice_guard = WrongAdmit
+        chan = self.h.open(self.token, protocols=["binary"])
+        chan.send(b"CHAN:77")
+        self.assertEqual(chan.closed, (4003, "TOKEN_ALREADY_USED"))
         self.assertEqual(self.h.reactor.tcpClients, [])
 
     def test_mainEndsConsole(self) -> None:

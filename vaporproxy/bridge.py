@@ -970,8 +970,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if self._finished or self._redemption is None:
             return
         if is_main != self._redemption.first:
-            code = ErrorCode.TOKEN_ALREADY_USED if is_main else ErrorCode.INVALID_TOKEN
-            self._end(ConsoleError(code), "spice channel does not match the token's use")
+            # The SPICE guard's code for a link that does not match the
+            # token's use (a second main channel, a first use not main).
+            self._end(ConsoleError(ErrorCode.TOKEN_ALREADY_USED), "spice channel does not match the token's use")
             return
         self._pause_reading()
         if is_main:
