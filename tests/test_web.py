@@ -808,6 +808,41 @@ class ConsoleSiteTests(SynchronousTestCase):
         self.assertNotIn(token.encode(), line)
         self.assertIn(b"/console/ws?a=1&TOKEN=<redacted>&b=2 HTTP/1.1", line)
 
+    def test_tokenRedactedWhateverItsSpelling(self) -> None:
+        """When the token parameter's name is percent- or case-encoded, every such value is redacted and the rest of the line kept."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        secrets = [f"{n}" * 40 for n in "abcdef"]
+        query = (
+            f"%74oken={secrets[0]}&a=1&TOKEN={secrets[1]}&to%6Ben={secrets[2]}"
+            f"&%54%4F%4B%45%4E={secrets[3]}&b=x%20y&token={secrets[4]}&+token={secrets[5]}"
+            "&tokens=kept&tok=kept&token"
+        )
+        request = DummyRequest([b"ws"])
+        request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 400
+        request.uri = f"{VMS}/web-1/console/ws?{query}#frag".encode()
+        request.sentLength = 10
+        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        for secret in secrets[:5]:
+            self.assertNotIn(secret, line)
+        self.assertIn(
+            "/console/ws?%74oken=<redacted>&a=1&TOKEN=<redacted>&to%6Ben=<redacted>"
+            "&%54%4F%4B%45%4E=<redacted>&b=x%20y&token=<redacted>"
+            f"&+token={secrets[5]}&tokens=kept&tok=kept&token#frag HTTP/1.1",
+            line,
+        )
+
+    def test_redactionLeavesQuerylessUriAlone(self) -> None:
+        """When a request has no query, its URI is logged unchanged."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b"healthz"])
+        request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 200
+        request.uri = b"/healthz"
+        request.sentLength = 15
+        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        self.assertIn('"GET /healthz HTTP/1.1" 200 15', line)
+
 
 class StatsTests(APITestCase):
     def test_shape(self) -> None:
@@ -861,6 +896,14 @@ class DeleteSessionsTests(APITestCase):
         self.h.registry.records.append(FakeRecord("c4", GONE_UUID, "vnc", "alice", NOW))
         response, body = self.json_request("DELETE", f"{VMS}/{GONE_UUID.upper()}/console/sessions", ADMIN_KEY)
         self.assertEqual(body, {"terminated": 1})
+        self.assertEqual(self.h.registry.terminated, [GONE_UUID])
+
+    def test_gone_vm_by_uuid_without_dashes(self) -> None:
+        """When a gone VM's UUID is given without dashes and in upper case, its consoles are matched by the canonical UUID."""
+        self.h.registry.records.append(FakeRecord("c4", GONE_UUID, "vnc", "alice", NOW))
+        plain = GONE_UUID.replace("-", "").upper()
+        response, body = self.json_request("DELETE", f"{VMS}/{plain}/console/sessions", ADMIN_KEY)
+        self.assertEqual((response.code, body), (200, {"terminated": 1}))
         self.assertEqual(self.h.registry.terminated, [GONE_UUID])
 
     def test_gone_vm_by_name(self) -> None:

@@ -70,7 +70,8 @@ _CONNECTION_ERROR_DOMAINS = frozenset(
     }
 )
 
-_UUID_RE = re.compile(
+#: A libvirt UUID, with or without dashes, any case.
+UUID_RE = re.compile(
     r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$",
     re.IGNORECASE,
 )
@@ -89,7 +90,7 @@ def _cache_key(vm_ref: str) -> str:
     The lookup cache key of C{vm_ref}: a UUID in any accepted spelling
     (upper case, without dashes) maps to one key; a name is itself.
     """
-    if _UUID_RE.match(vm_ref):
+    if UUID_RE.match(vm_ref):
         return "uuid:" + vm_ref.replace("-", "").lower()
     return "name:" + vm_ref
 
@@ -351,8 +352,12 @@ def hypervisor_host(uri: str) -> Optional[str]:
 
 
 @lru_cache(maxsize=1024)
-def _is_loopback(host: str) -> bool:
-    host = host.strip().strip("[]").lower().rstrip(".")
+def is_loopback(host: str) -> bool:
+    """
+    Whether C{host} (an address, bracketed or not, with or without an IPv6
+    zone, or C{localhost}) names this machine's loopback interface.
+    """
+    host = host.strip().strip("[]").split("%", 1)[0].lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -377,7 +382,7 @@ def dial_host(vm: VMConsoles, g: Graphics) -> str:
         assert g.listen is not None
         listen = g.listen.strip()
         remote = hypervisor_host(vm.hypervisor)
-        if _is_loopback(listen) and remote is not None and not _is_loopback(remote):
+        if is_loopback(listen) and remote is not None and not is_loopback(remote):
             log.warn(
                 "console of {vm_uuid} listens on {listen} of remote hypervisor {uri}; not dialling",
                 vm_uuid=vm.uuid,
@@ -722,7 +727,7 @@ class LibvirtConsoleLocator:
             raise
 
     def _lookup(self, conn: Any, vm_ref: str) -> Any:
-        if _UUID_RE.match(vm_ref):
+        if UUID_RE.match(vm_ref):
             try:
                 return conn.lookupByUUIDString(vm_ref)
             except self._libvirt.libvirtError as e:

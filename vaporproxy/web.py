@@ -22,15 +22,14 @@ logged (only the first 12 hex digits of its SHA-256).
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import json
 import os
 import re
+import uuid
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Mapping, Optional, Sequence
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
@@ -45,11 +44,14 @@ from twisted.web.server import Site
 from twisted.web.static import File
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from vaporproxy.auth import Authenticator, Principal
+from vaporproxy.auth import Authenticator, Principal, bearer_credential
+from vaporproxy.bridge import client_ip_from
 from vaporproxy.config import Config
+from vaporproxy.consoles import UUID_RE, dial_host, is_loopback, select_console
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.interfaces import CONSOLE_TYPES, Grant
 from vaporproxy.logs import debug_enabled
+from vaporproxy.tokens import token_log_id
 
 VM_PATH = "/api/v1/virtualization/virtualmachines"
 PASSWORD_MASK = "********"
@@ -65,9 +67,6 @@ CONSOLE_PAGE_CSP = (
     "base-uri 'none'; form-action 'none'; object-src 'none'"
 )
 
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
-)
 _DISPLAY_RE = re.compile(r"^[0-9]{1,4}$")
 #: The console WebSocket path as raw request bytes, for the fast route: one
 #: path segment for the VM, no percent-escapes (anything else goes through
@@ -82,14 +81,6 @@ _CHECK_DETAIL_MAX = 120
 
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_PAGE = os.path.join(_STATIC_DIR, "console.html")
-
-
-def token_hash(token: str) -> str:
-    """
-    The log-safe short hash of a token: the first 12 hex digits of its
-    SHA-256.
-    """
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
 
 def iso_utc(posix: float) -> str:
@@ -112,26 +103,15 @@ def iso_utc(posix: float) -> str:
 _ISO_LAST: list = [None, ""]
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def _client_ip(request: IRequest, trusted_proxies: Sequence[str]) -> str:
     """
     The client's address: the peer, or the X-Forwarded-For address given
-    by a trusted proxy (the bridge's rule, shared when it is available).
+    by a trusted proxy (the bridge's rule).
     """
     peer = request.getClientAddress()
     peer_host = getattr(peer, "host", None) or ""
     forwarded = request.getHeader(b"x-forwarded-for")
     forwarded_text = forwarded.decode("latin-1") if forwarded is not None else None
-    try:
-        from vaporproxy.bridge import client_ip_from
-    except ImportError:  # the bridge module has not landed yet
-        return peer_host
     return client_ip_from(peer_host, forwarded_text, trusted_proxies)
 
 
@@ -201,18 +181,47 @@ class _Root(Resource):
         return self._klein.render(request)
 
 
-_TOKEN_PARAM = re.compile(rb"([?&]token=)[^&#]*", re.IGNORECASE)
+_REDACTED = b"<redacted>"
+
+
+def _is_token_name(raw_name: bytes) -> bool:
+    """
+    Whether a raw query-parameter name decodes to C{token} (any case), as
+    the WebSocket handshake decodes it: C{+} is a space, percent-escapes
+    are decoded (C{%74oken} is C{token}).
+    """
+    name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("utf-8", "replace")
+    return name.casefold() == "token"
+
+
+def redact_uri(uri: bytes) -> bytes:
+    """
+    C{uri} with the value of every query parameter named C{token} (after
+    percent- and C{+}-decoding, in any case) replaced by C{<redacted>};
+    everything else is kept byte for byte.
+    """
+    path, question, rest = uri.partition(b"?")
+    if not question:
+        return uri
+    query, hash_, fragment = rest.partition(b"#")
+    parts = query.split(b"&")
+    for i, part in enumerate(parts):
+        name, equals, _ = part.partition(b"=")
+        if equals and _is_token_name(name):
+            parts[i] = name + b"=" + _REDACTED
+    return path + b"?" + b"&".join(parts) + hash_ + fragment
 
 
 class _RedactedRequest:
     """
-    A request as the access log sees it: the value of a C{token} query
-    parameter is replaced, so no console token is ever written to a log.
+    A request as the access log sees it: the value of every C{token} query
+    parameter is replaced (L{redact_uri}), so no console token is ever
+    written to a log.
     """
 
     def __init__(self, request: IRequest):
         self._request = request
-        self.uri = _TOKEN_PARAM.sub(rb"\1<redacted>", request.uri)
+        self.uri = redact_uri(request.uri)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)
@@ -349,19 +358,6 @@ class ConsoleAPI:
             request.setHeader(b"www-authenticate", b'Bearer realm="vaporproxy"')
         return self._json(request, error.to_dict(), error.http_status)
 
-    def _presented_key(self, request: IRequest) -> Optional[bytes]:
-        """
-        The Bearer credential of C{request}, C{None} when it has no
-        Authorization header, C{b""} when the header is not a Bearer one.
-        """
-        header = request.getHeader(b"authorization")
-        if header is None:
-            return None
-        scheme, _, credential = header.strip().partition(b" ")
-        if scheme.lower() != b"bearer":
-            return b""
-        return credential.strip()
-
     def _authenticate(self, request: IRequest) -> Principal:
         """
         The caller of C{request}: an API key or a JWT (L{Authenticator}).
@@ -465,8 +461,6 @@ class ConsoleAPI:
         return self._unexpected(request, failure)
 
     async def _console_info(self, request: IRequest, vm_id: str) -> bytes:
-        from vaporproxy.consoles import dial_host, select_console
-
         key = self._authenticate(request)
         console_type, display = self._console_params(request)
         try:
@@ -487,7 +481,6 @@ class ConsoleAPI:
                 self.log.warn("console host of {vm_uuid} is not in allowed_hosts", vm_uuid=vm.uuid)
                 raise ConsoleError(ErrorCode.UNAUTHORIZED, e.message, http_status=403)
             raise
-        port = graphics.port if graphics.port is not None else graphics.tls_port
         config = self._config
         client_ip = (
             _client_ip(request, config.server.trusted_proxies) if config.console.bind_client_ip else None
@@ -510,7 +503,7 @@ class ConsoleAPI:
             self.log.debug(
                 "issued {console_type} console token {token_hash} for {vm_uuid} to {user}",
                 console_type=graphics.type,
-                token_hash=token_hash(issued.token),
+                token_hash=token_log_id(issued.token),
                 vm_uuid=vm.uuid,
                 user=key.user,
             )
@@ -519,7 +512,7 @@ class ConsoleAPI:
             {
                 "type": graphics.type,
                 "host": address,
-                "port": port,
+                "port": graphics.port,
                 "token": issued.token,
                 "ws_path": f"{VM_PATH}/{quote(vm_id, safe='')}/console/ws",
                 "expires_at": iso_utc(issued.expires_at),
@@ -612,9 +605,10 @@ class ConsoleAPI:
         except ConsoleError as e:
             # A VM that is gone (or whose hypervisor is down) may still have
             # live consoles: accept its UUID as given.
-            if e.code not in (ErrorCode.VM_NOT_FOUND, ErrorCode.INTERNAL_ERROR) or not _UUID_RE.match(vm_id):
+            if e.code not in (ErrorCode.VM_NOT_FOUND, ErrorCode.INTERNAL_ERROR) or not UUID_RE.match(vm_id):
                 raise
-            vm_uuid = vm_id.lower()
+            # The canonical form (dashed, lower case) the registry keys on.
+            vm_uuid = str(uuid.UUID(vm_id))
         terminated = await self.terminate_vm(vm_uuid)
         self.log.info(
             "{user} terminated {count} console(s) of {vm_uuid}", user=key.user, count=terminated, vm_uuid=vm_uuid
@@ -659,7 +653,7 @@ class ConsoleAPI:
         """
         if request.getHeader(b"x-forwarded-for") is not None or request.getHeader(b"forwarded") is not None:
             return False
-        return _is_loopback(_client_ip(request, self._config.server.trusted_proxies))
+        return is_loopback(_client_ip(request, self._config.server.trusted_proxies))
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> Deferred:
@@ -669,7 +663,7 @@ class ConsoleAPI:
         return Deferred.fromCoroutine(self._metrics_text(request))
 
     async def _metrics_text(self, request: IRequest) -> bytes:
-        if self._presented_key(request) is not None or not self._is_local(request):
+        if bearer_credential(request.getHeader(b"authorization")) is not None or not self._is_local(request):
             self._require_admin(request)
         body = await self._metrics.render()
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
