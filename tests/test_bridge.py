@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from vaporproxy.bridge import (
+    MAX_SPICE_CHANNELS,
     ConsoleBridgeFactory,
     ConsoleRegistry,
     _high_water,
@@ -1179,6 +1180,39 @@ class SpiceTests(SynchronousTestCase):
         later = self.h.open(self.token, protocols=["binary"])
         self.assertEqual(later.closed, (4003, "TOKEN_ALREADY_USED"))
 
+    def open_channel(self) -> Connection:
+        chan = self.h.open(self.token, protocols=["binary"])
+        chan.send(b"CHAN:77")
+        return chan
+
+    def test_channelCap(self) -> None:
+        """
+        When a console already has MAX_SPICE_CHANNELS channels (main
+        included), a further channel is refused with MAX_CONNECTIONS_REACHED
+        (4007) before the VM is dialled; once one leaves, another may join.
+        """
+        main = self.open_main()
+        channels = []
+        for _ in range(MAX_SPICE_CHANNELS - 1):
+            chan = self.open_channel()
+            chan.connect_backend()
+            self.assertIsNone(chan.closed)
+            channels.append(chan)
+        [record] = self.h.registry.consoles()
+        self.assertEqual(len(record.channels), MAX_SPICE_CHANNELS)
+        extra = self.open_channel()
+        self.assertEqual(extra.closed, (4007, "MAX_CONNECTIONS_REACHED"))
+        self.assertEqual(error_of(extra)["code"], "MAX_CONNECTIONS_REACHED")
+        self.assertEqual(self.h.reactor.tcpClients, [])
+        self.assertIsNone(main.closed)
+        self.assertEqual(len(record.channels), MAX_SPICE_CHANNELS)
+        channels[0].client.sendClose(1000)
+        channels[0].pump.flush()
+        again = self.open_channel()
+        again.connect_backend()
+        self.assertIsNone(again.closed)
+        self.assertEqual(len(record.channels), MAX_SPICE_CHANNELS)
+
     def test_terminateClosesEveryChannel(self) -> None:
         """
         When the VM's sessions are terminated, every channel gets 4010.
@@ -1245,6 +1279,21 @@ class RemoteSpiceChannelTests(SynchronousTestCase):
         self.assertEqual(len(self.b.registry._records), 1)
         [record] = self.b.registry._records.values()
         self.assertEqual(record.channels, [first.server, second.server])
+
+    def test_remoteChannelCap(self) -> None:
+        """
+        When this process already relays MAX_SPICE_CHANNELS channels of one
+        remote console (one token and session), a further one is refused
+        with MAX_CONNECTIONS_REACHED (4007) before the VM is dialled.
+        """
+        for _ in range(MAX_SPICE_CHANNELS):
+            self.open_remote()
+        extra = self.b.open(self.token, protocols=["binary"])
+        extra.send(b"CHAN:77")
+        self.assertEqual(extra.closed, (4007, "MAX_CONNECTIONS_REACHED"))
+        self.assertEqual(self.b.reactor.tcpClients, [])
+        self.assertEqual(sum(len(r.channels) for r in self.b.registry._records.values()), MAX_SPICE_CHANNELS)
+        self.assertIsNone(self.main.closed)
 
     def test_terminateClosesRemoteChannels(self) -> None:
         """

@@ -65,6 +65,7 @@ from vaporproxy.tokens import token_log_id
 from vaporproxy.wsframes import ClientFrameParser, direct_writer, send_now
 
 __all__ = [
+    "MAX_SPICE_CHANNELS",
     "BackendProtocol",
     "ConsoleBridgeFactory",
     "ConsoleRecord",
@@ -88,6 +89,14 @@ CLOSE_HANDSHAKE_TIMEOUT = 5.0
 #: twisted.web's request line plus headers (C{HTTPChannel.MAX_LENGTH} and
 #: C{totalHeadersSize}).
 MAX_HANDSHAKE_SIZE = 2 * 16384
+
+#: The most WebSockets (channels, the main one included) one SPICE console
+#: may have in this process: spice-html5 opens 4 (6 with sound), usbredir
+#: adds more.  Later channels join without a lease, so without this cap one
+#: token could open any number of VM connections while its console lives.
+#: Channels of a console whose main channel is in another process are
+#: capped the same way, per token and session, in this process.
+MAX_SPICE_CHANNELS = 16
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -423,6 +432,19 @@ class ConsoleRegistry:
         for record in self.consoles():
             counts[record.vm_id] = counts.get(record.vm_id, 0) + 1
         return counts
+
+    def spice_channels(self, vm_id: str, session_id: int) -> int:
+        """
+        How many WebSockets of this process belong to the SPICE console of
+        C{vm_id} with C{session_id} (its main channel if here, the channels
+        that joined it, and channels of it whose main channel is in another
+        process).
+        """
+        return sum(
+            len(r.channels)
+            for r in self._records.values()
+            if r.vm_id == vm_id and r.spice_session_id == session_id
+        )
 
     def find_spice(self, vm_id: str, session_id: int) -> Optional[ConsoleRecord]:
         for record in self._records.values():
@@ -978,9 +1000,25 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if is_main:
             d = Deferred.fromCoroutine(self._admit_and_dial())
             d.addErrback(self._setup_failed)
+        elif self._channel_cap_reached():
+            self._end(
+                ConsoleError(ErrorCode.MAX_CONNECTIONS_REACHED, "Too many channels for this console"),
+                f"spice console already has {MAX_SPICE_CHANNELS} channels",
+            )
         else:
             self._join()
             self._dial()
+
+    def _channel_cap_reached(self) -> bool:
+        """
+        Whether the SPICE console this later channel would join already has
+        L{MAX_SPICE_CHANNELS} channels in this process.
+        """
+        session_id = self._redemption.spice_session_id  # type: ignore[union-attr]
+        if session_id is None:
+            return False
+        vm_uuid = self._redemption.grant.vm_uuid  # type: ignore[union-attr]
+        return self.factory.registry.spice_channels(vm_uuid, session_id) >= MAX_SPICE_CHANNELS
 
     async def _admit_and_dial(self) -> None:
         if await self._admit_owner():
