@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from tests.test_tokens import synchronously
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import ILease, ILimiter
-from vaporproxy.limits import MemoryLimiter
+from vaporproxy.limits import Lease, MemoryLimiter
 
 VM_A = "5f1c7a52-3b6e-4c1d-9a53-0f2d7c8e9b10"
 VM_B = "0b8e4f7a-1c2d-4e3f-8a9b-7c6d5e4f3a21"
@@ -221,4 +221,23 @@ class MemoryLimiterDetailTests(SynchronousTestCase):
         lease = self.successResultOf(limiter.acquire(VM_A, "c1"))
         self.assertFalse(lease.released)
         lease.release()
+        self.assertTrue(lease.released)
+
+
+class LeaseTests(SynchronousTestCase):
+    """
+    Tests for L{vaporproxy.limits.Lease}, the lease of every limiter.
+    """
+
+    def test_releaseCallsBackOnce(self) -> None:
+        """
+        When a lease is released several times, its callback runs once, with the lease.
+        """
+        released: List[Lease] = []
+        lease = Lease("member-1", VM_A, "c1", released.append)
+        verifyObject(ILease, lease)
+        self.assertEqual((lease.key, lease.vm_uuid, lease.console_id), ("member-1", VM_A, "c1"))
+        lease.release()
+        lease.release()
+        self.assertEqual(released, [lease])
         self.assertTrue(lease.released)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Dict
+from typing import Callable, Dict, Hashable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -19,32 +19,37 @@ from zope.interface import implementer
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import ILease, ILimiter
 
-__all__ = ["MemoryLimiter", "MemoryLease"]
+__all__ = ["Lease", "MemoryLimiter"]
 
 log = Logger()
 
 
 @implementer(ILease)
-class MemoryLease:
+class Lease:
     """
-    One slot of a L{MemoryLimiter}.
+    One admitted console's slot, for any limiter: C{release()} gives it
+    back through C{on_release} exactly once, however often it is called.
+
+    @ivar key: the limiter's own handle on the slot (a counter value in
+        memory, the sorted-set member in Redis).
+    @ivar released: whether the slot has been given back.
     """
 
-    def __init__(self, limiter: "MemoryLimiter", key: int, vm_uuid: str, console_id: str):
-        self._limiter = limiter
-        self._key = key
+    def __init__(self, key: Hashable, vm_uuid: str, console_id: str, on_release: Callable[["Lease"], None]):
+        self.key = key
         self.vm_uuid = vm_uuid
         self.console_id = console_id
         self.released = False
+        self._on_release = on_release
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
-        self._limiter._release(self)
+        self._on_release(self)
 
     def __repr__(self) -> str:
-        return f"<MemoryLease {self.console_id} vm={self.vm_uuid} released={self.released}>"
+        return f"<Lease {self.console_id} vm={self.vm_uuid} released={self.released}>"
 
 
 @implementer(ILimiter)
@@ -59,7 +64,7 @@ class MemoryLimiter:
     def __init__(self, max_per_vm: int, max_total: int):
         self.max_per_vm = int(max_per_vm)
         self.max_total = int(max_total)
-        self._leases: Dict[int, MemoryLease] = {}
+        self._leases: Dict[int, Lease] = {}
         self._per_vm: Counter[str] = Counter()
         self._keys = itertools.count()
 
@@ -76,13 +81,13 @@ class MemoryLimiter:
                 max_total=self.max_total,
             )
             return fail(ConsoleError(ErrorCode.MAX_CONNECTIONS_REACHED))
-        lease = MemoryLease(self, next(self._keys), vm_uuid, console_id)
-        self._leases[lease._key] = lease
+        lease = Lease(next(self._keys), vm_uuid, console_id, self._release)
+        self._leases[lease.key] = lease
         self._per_vm[vm_uuid] += 1
         return succeed(lease)
 
-    def _release(self, lease: MemoryLease) -> None:
-        if self._leases.pop(lease._key, None) is None:
+    def _release(self, lease: Lease) -> None:
+        if self._leases.pop(lease.key, None) is None:
             return
         self._per_vm[lease.vm_uuid] -= 1
         if self._per_vm[lease.vm_uuid] <= 0:

@@ -64,13 +64,13 @@ from zope.interface import implementer
 
 from vaporproxy.config import ConsoleConfig, TokensConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.interfaces import Grant, ILease, ILimiter, IssuedToken, ITokenStore, Redemption
+from vaporproxy.limits import Lease
+from vaporproxy.interfaces import Grant, ILimiter, IssuedToken, ITokenStore, Redemption
 from vaporproxy.tokens import is_well_formed, new_token, stamp, token_hash, token_log_id
 
 __all__ = [
     "RedisBackend",
     "RedisClient",
-    "RedisLease",
     "RedisLimiter",
     "RedisTokenStore",
     "connect_redis",
@@ -617,29 +617,6 @@ class RedisTokenStore:
 # ---------------------------------------------------------------------------
 
 
-@implementer(ILease)
-class RedisLease:
-    """
-    One console's slot in the cluster-wide lease sets.
-    """
-
-    def __init__(self, limiter: "RedisLimiter", member: str, vm_uuid: str, console_id: str):
-        self._limiter = limiter
-        self.member = member
-        self.vm_uuid = vm_uuid
-        self.console_id = console_id
-        self.released = False
-
-    def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        self._limiter._release(self)
-
-    def __repr__(self) -> str:
-        return f"<RedisLease {self.console_id} vm={self.vm_uuid} released={self.released}>"
-
-
 @implementer(ILimiter)
 class RedisLimiter:
     """
@@ -667,7 +644,7 @@ class RedisLimiter:
         self.node_id = node_id or uuid.uuid4().hex[:16]
         self._all = prefix + "leases"
         self._vm_prefix = prefix + "leases:vm:"
-        self._leases: Dict[str, RedisLease] = {}
+        self._leases: Dict[str, Lease] = {}
         self._releasing: Set[Deferred] = set()
         self._renewer: Optional[LoopingCall] = None
 
@@ -694,7 +671,7 @@ class RedisLimiter:
     def acquire(self, vm_uuid: str, console_id: str) -> Deferred:
         return Deferred.fromCoroutine(self._acquire(vm_uuid, console_id))
 
-    async def _acquire(self, vm_uuid: str, console_id: str) -> RedisLease:
+    async def _acquire(self, vm_uuid: str, console_id: str) -> Lease:
         member = f"{vm_uuid}|{self.node_id}|{uuid.uuid4().hex}"
         admitted = await self._redis.eval(
             _ACQUIRE,
@@ -711,17 +688,17 @@ class RedisLimiter:
                 max_total=self.max_total,
             )
             raise ConsoleError(ErrorCode.MAX_CONNECTIONS_REACHED)
-        lease = RedisLease(self, member, vm_uuid, console_id)
+        lease = Lease(member, vm_uuid, console_id, self._release)
         self._leases[member] = lease
         self.start()
         return lease
 
-    def _release(self, lease: RedisLease) -> None:
-        if self._leases.pop(lease.member, None) is None:
+    def _release(self, lease: Lease) -> None:
+        if self._leases.pop(lease.key, None) is None:
             return
         if not self._leases:
             self.stop()
-        d = self._redis.eval(_RELEASE, [self._all, self._vm_prefix + lease.vm_uuid], [lease.member])
+        d = self._redis.eval(_RELEASE, [self._all, self._vm_prefix + lease.vm_uuid], [lease.key])
         d.addErrback(
             lambda f: log.warn(
                 "lease of console {console_id} not released in Redis (it lapses within {ttl}s): {error}",
@@ -752,7 +729,7 @@ class RedisLimiter:
             await self._redis.eval(
                 _RENEW,
                 [self._all] + [self._vm_prefix + lease.vm_uuid for lease in leases],
-                [self._ttl_ms] + [lease.member for lease in leases],
+                [self._ttl_ms] + [lease.key for lease in leases],
             )
         )
         if lapsed:
