@@ -207,6 +207,37 @@ class StepReader:
         return len(self._buffer)
 
 
+def client_failure(reason: str) -> GuardFailure:
+    """
+    A handshake failure the browser caused: BAD_REQUEST, C{reason} logged.
+    """
+    return GuardFailure(ConsoleError(ErrorCode.BAD_REQUEST), reason)
+
+
+def server_failure(reason: str) -> GuardFailure:
+    """
+    A handshake failure the VM caused: CONNECTION_FAILED, C{reason} logged.
+    """
+    return GuardFailure(ConsoleError(ErrorCode.CONNECTION_FAILED), reason)
+
+
+def handshake_readers(
+    client_steps: Steps, server_steps: Steps, client_limit: int, server_limit: int
+) -> Tuple[StepReader, StepReader]:
+    """
+    The two L{StepReader}s of a guard, browser side then VM side (each
+    generator is started in that order), failing with L{client_failure} or
+    L{server_failure} when that side leaves more than its limit unconsumed.
+    """
+    client = StepReader(
+        client_steps, client_limit, lambda: client_failure("client sent too much during the handshake")
+    )
+    server = StepReader(
+        server_steps, server_limit, lambda: server_failure("server sent too much during the handshake")
+    )
+    return client, server
+
+
 class SinkQueue:
     """
     Calls on a sink, queued while a parsing step runs and made afterwards,
@@ -304,14 +335,6 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     return encryptor.update(challenge) + encryptor.finalize()
 
 
-def _client_failure(reason: str) -> GuardFailure:
-    return GuardFailure(ConsoleError(ErrorCode.BAD_REQUEST), reason)
-
-
-def _server_failure(reason: str) -> GuardFailure:
-    return GuardFailure(ConsoleError(ErrorCode.CONNECTION_FAILED), reason)
-
-
 def _u32(data: bytes) -> int:
     return struct.unpack("!I", data)[0]
 
@@ -352,15 +375,8 @@ class RFBGuard:
         self.server_version: Optional[int] = None
         self.security_type: Optional[int] = None
         self.vencrypt_subtype: Optional[int] = None
-        self._client = StepReader(
-            self._client_steps(),
-            MAX_CLIENT_BUFFER,
-            lambda: _client_failure("client sent too much during the handshake"),
-        )
-        self._server = StepReader(
-            self._server_steps(),
-            MAX_SERVER_BUFFER,
-            lambda: _server_failure("server sent too much during the handshake"),
+        self._client, self._server = handshake_readers(
+            self._client_steps(), self._server_steps(), MAX_CLIENT_BUFFER, MAX_SERVER_BUFFER
         )
 
     # -- guard protocol ----------------------------------------------------
@@ -405,8 +421,8 @@ class RFBGuard:
         def lost() -> None:
             detail = describe_connection_lost(reason)
             if self._tls_started and not self._tls_data:
-                raise _server_failure("TLS handshake with the VM failed: %s" % (detail,))
-            raise _server_failure("VM closed the connection during the handshake: %s" % (detail,))
+                raise server_failure("TLS handshake with the VM failed: %s" % (detail,))
+            raise server_failure("VM closed the connection during the handshake: %s" % (detail,))
 
         self._run(lost)
 
@@ -430,10 +446,10 @@ class RFBGuard:
         out.emit("send_to_client", RFB_VERSION_38)
         parsed = parse_version((yield 12))
         if parsed is None:
-            raise _client_failure("client sent a malformed protocol version")
+            raise client_failure("client sent a malformed protocol version")
         version = effective_version(*parsed)
         if version is None:
-            raise _client_failure("client protocol version %d.%d" % parsed)
+            raise client_failure("client protocol version %d.%d" % parsed)
         self.client_version = version
         if version == 3:
             out.emit("send_to_client", struct.pack("!I", SEC_NONE))
@@ -441,7 +457,7 @@ class RFBGuard:
             out.emit("send_to_client", bytes([1, SEC_NONE]))
             choice = (yield 1)[0]
             if choice != SEC_NONE:
-                raise _client_failure("client chose security type %d" % (choice,))
+                raise client_failure("client chose security type %d" % (choice,))
             if version == 8:
                 out.emit("send_to_client", struct.pack("!I", 0))
         client_init = yield 1
@@ -455,7 +471,7 @@ class RFBGuard:
     def _read_reason(self) -> Generator[Need, Optional[bytes], str]:
         length = _u32((yield 4))
         if length > MAX_REASON_LENGTH:
-            raise _server_failure("server reason string of %d bytes" % (length,))
+            raise server_failure("server reason string of %d bytes" % (length,))
         reason = yield length
         return reason.decode("utf-8", "replace").rstrip("\0")
 
@@ -463,10 +479,10 @@ class RFBGuard:
         out = self._out
         parsed = parse_version((yield 12))
         if parsed is None:
-            raise _server_failure("server sent a malformed protocol version")
+            raise server_failure("server sent a malformed protocol version")
         version = effective_version(*parsed)
         if version is None:
-            raise _server_failure("server protocol version %d.%d" % parsed)
+            raise server_failure("server protocol version %d.%d" % parsed)
         self.server_version = version
         out.emit("send_to_server", version_bytes(version))
 
@@ -474,13 +490,13 @@ class RFBGuard:
             offered = _u32((yield 4))
             if offered == SEC_INVALID:
                 reason = yield from self._read_reason()
-                raise _server_failure("server refused the connection: %s" % (reason,))
+                raise server_failure("server refused the connection: %s" % (reason,))
             chosen = self._choose([offered])
         else:
             count = (yield 1)[0]
             if count == 0:
                 reason = yield from self._read_reason()
-                raise _server_failure("server refused the connection: %s" % (reason,))
+                raise server_failure("server refused the connection: %s" % (reason,))
             chosen = self._choose(list((yield count)))
             out.emit("send_to_server", bytes([chosen]))
         self.security_type = chosen
@@ -501,7 +517,7 @@ class RFBGuard:
                 detail = ""
                 if version == 8:
                     detail = yield from self._read_reason()
-                raise _server_failure("%s: %s" % (AUTH_FAILED, detail or result))
+                raise server_failure("%s: %s" % (AUTH_FAILED, detail or result))
         self._server_done = True
 
     def _vencrypt_steps(self) -> Generator[Need, Optional[bytes], None]:
@@ -512,23 +528,23 @@ class RFBGuard:
         out = self._out
         major, minor = yield 2
         if (major, minor) < (0, 2):
-            raise _server_failure("VM speaks VeNCrypt %d.%d (0.2 needed)" % (major, minor))
+            raise server_failure("VM speaks VeNCrypt %d.%d (0.2 needed)" % (major, minor))
         out.emit("send_to_server", b"\x00\x02")
         if (yield 1)[0] != 0:
-            raise _server_failure("VM refused VeNCrypt version 0.2")
+            raise server_failure("VM refused VeNCrypt version 0.2")
         count = (yield 1)[0]
         if count == 0:
-            raise _server_failure("VM offered no VeNCrypt sub-type")
+            raise server_failure("VM offered no VeNCrypt sub-type")
         raw = yield 4 * count
         offered = list(struct.unpack("!%dI" % (count,), raw))
         subtype, creator = self._choose_subtype(offered)
         out.emit("send_to_server", struct.pack("!I", subtype))
         ack = (yield 1)[0]
         if ack != 1:
-            raise _server_failure("VM refused VeNCrypt sub-type %s (answer %d)" % (subtype_name(subtype), ack))
+            raise server_failure("VM refused VeNCrypt sub-type %s (answer %d)" % (subtype_name(subtype), ack))
         if self._server.buffered():
             # The client speaks first in TLS; anything here is not the VM's.
-            raise _server_failure("VM sent data before the TLS handshake")
+            raise server_failure("VM sent data before the TLS handshake")
         self.vencrypt_subtype = subtype
         self._tls_started = True
         log.debug("VeNCrypt: {subtype}, starting TLS", subtype=subtype_name(subtype))
@@ -556,14 +572,14 @@ class RFBGuard:
                 return subtype, creator
         names = ", ".join(subtype_name(t) for t in offered)
         if self._password is None and any(t in _VENCRYPT_VNC_AUTH for t in offered):
-            raise _server_failure(
+            raise server_failure(
                 "console wants VNC authentication inside VeNCrypt but no password is known (offered: %s)" % (names,)
             )
         if tls.anonymous is None and any(t in _VENCRYPT_ANONYMOUS for t in offered):
-            raise _server_failure(
+            raise server_failure(
                 "VM offers only anonymous TLS (unauthenticated; allow_anonymous is off): %s" % (names,)
             )
-        raise _server_failure("no acceptable VeNCrypt sub-type among: %s" % (names,))
+        raise server_failure("no acceptable VeNCrypt sub-type among: %s" % (names,))
 
     def _choose(self, offered: list) -> int:
         """
@@ -576,7 +592,7 @@ class RFBGuard:
         if self._tls is not None:
             if SEC_VENCRYPT in offered:
                 return SEC_VENCRYPT
-            raise _server_failure(
+            raise server_failure(
                 "vnc_tls is configured for this VM's hypervisor but the VM does not offer VeNCrypt"
                 " (offered %r): refusing a console without TLS" % (offered,)
             )
@@ -585,12 +601,12 @@ class RFBGuard:
         if SEC_NONE in offered:
             return SEC_NONE
         if SEC_VNC_AUTH in offered:
-            raise _server_failure("console wants VNC authentication but no password is known")
+            raise server_failure("console wants VNC authentication but no password is known")
         if SEC_VENCRYPT in offered:
-            raise _server_failure(
+            raise server_failure(
                 "VM wants VeNCrypt (security type 19) but no vnc_tls is configured for its hypervisor"
             )
-        raise _server_failure("no supported security type among %r" % (offered,))
+        raise server_failure("no supported security type among %r" % (offered,))
 
 
 _SUBTYPE_NAMES = {

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.logger import Logger
 
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.rfb import GuardFailure, SinkQueue, StepReader, Steps, UpTo
+from vaporproxy.rfb import GuardFailure, SinkQueue, Steps, UpTo, client_failure, handshake_readers, server_failure
 
 log = Logger()
 
@@ -76,14 +76,6 @@ MAX_BYTES_BEFORE_INIT = 1024 * 1024
 AUTH_FAILED = "console authentication failed"
 
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
-
-
-def _client_failure(reason: str) -> GuardFailure:
-    return GuardFailure(ConsoleError(ErrorCode.BAD_REQUEST), reason)
-
-
-def _server_failure(reason: str) -> GuardFailure:
-    return GuardFailure(ConsoleError(ErrorCode.CONNECTION_FAILED), reason)
 
 
 def has_cap(caps: List[int], cap: int) -> bool:
@@ -151,15 +143,8 @@ class SpiceGuard:
         self.is_main: Optional[bool] = None
         self.channel_type: Optional[int] = None
         self.session_id: Optional[int] = None
-        self._client = StepReader(
-            self._client_steps(),
-            MAX_CLIENT_BUFFER,
-            lambda: _client_failure("client sent too much during the handshake"),
-        )
-        self._server = StepReader(
-            self._server_steps(),
-            MAX_SERVER_BUFFER,
-            lambda: _server_failure("server sent too much during the handshake"),
+        self._client, self._server = handshake_readers(
+            self._client_steps(), self._server_steps(), MAX_CLIENT_BUFFER, MAX_SERVER_BUFFER
         )
 
     # -- guard protocol ----------------------------------------------------
@@ -234,14 +219,14 @@ class SpiceGuard:
         header = yield LINK_HEADER.size
         magic, major, _minor, size = LINK_HEADER.unpack(header)
         if magic != SPICE_MAGIC:
-            raise _client_failure("not a SPICE link message")
+            raise client_failure("not a SPICE link message")
         if major != SPICE_VERSION_MAJOR:
-            raise _client_failure("SPICE protocol version %d" % (major,))
+            raise client_failure("SPICE protocol version %d" % (major,))
         if not LINK_MESS.size <= size <= MAX_LINK_SIZE:
-            raise _client_failure("SPICE link message of %d bytes" % (size,))
+            raise client_failure("SPICE link message of %d bytes" % (size,))
         body = yield size
         connection_id, channel_type, _channel_id, ncommon, nchannel, offset = LINK_MESS.unpack_from(body)
-        self._client_caps, _ = _parse_caps(body, LINK_MESS.size, ncommon, nchannel, offset, _client_failure)
+        self._client_caps, _ = _parse_caps(body, LINK_MESS.size, ncommon, nchannel, offset, client_failure)
         self._admit(connection_id, channel_type)
         self.channel_type = channel_type
         self.is_main = channel_type == SPICE_CHANNEL_MAIN
@@ -252,12 +237,12 @@ class SpiceGuard:
         if self._auth_selection():
             mechanism = struct.unpack("<I", (yield 4))[0]
             if mechanism != SPICE_COMMON_CAP_AUTH_SPICE:
-                raise _client_failure("client asked for auth mechanism %d" % (mechanism,))
+                raise client_failure("client asked for auth mechanism %d" % (mechanism,))
         yield self._ticket_size  # the browser's ticket: never sent on
         try:
             ticket = encrypt_ticket(self._server_key, self._password)
         except ValueError as e:
-            raise _server_failure("cannot encrypt the ticket: %s" % (e,))
+            raise server_failure("cannot encrypt the ticket: %s" % (e,))
         if self._auth_selection():
             ticket = struct.pack("<I", SPICE_COMMON_CAP_AUTH_SPICE) + ticket
         rest = self._client.take_rest()
@@ -283,25 +268,25 @@ class SpiceGuard:
         header = yield LINK_HEADER.size
         magic, major, _minor, size = LINK_HEADER.unpack(header)
         if magic != SPICE_MAGIC:
-            raise _server_failure("server is not speaking SPICE")
+            raise server_failure("server is not speaking SPICE")
         if major != SPICE_VERSION_MAJOR:
-            raise _server_failure("server SPICE protocol version %d" % (major,))
+            raise server_failure("server SPICE protocol version %d" % (major,))
         if not 4 <= size <= MAX_LINK_SIZE:
-            raise _server_failure("SPICE link reply of %d bytes" % (size,))
+            raise server_failure("SPICE link reply of %d bytes" % (size,))
         body = yield size
         error = struct.unpack_from("<I", body)[0]
         if error != SPICE_LINK_ERR_OK:
-            raise _server_failure("server refused the link: error %d" % (error,))
+            raise server_failure("server refused the link: error %d" % (error,))
         if size < LINK_REPLY.size:
-            raise _server_failure("short SPICE link reply")
+            raise server_failure("short SPICE link reply")
         _error, key, ncommon, nchannel, offset = LINK_REPLY.unpack_from(body)
-        self._server_caps, _ = _parse_caps(body, LINK_REPLY.size, ncommon, nchannel, offset, _server_failure)
+        self._server_caps, _ = _parse_caps(body, LINK_REPLY.size, ncommon, nchannel, offset, server_failure)
         try:
             public_key = serialization.load_der_public_key(key)
         except ValueError:
-            raise _server_failure("server sent a malformed public key")
+            raise server_failure("server sent a malformed public key")
         if not isinstance(public_key, rsa.RSAPublicKey):
-            raise _server_failure("server key is not RSA")
+            raise server_failure("server key is not RSA")
         self._server_key = key
         self._ticket_size = public_key.key_size // 8
         out.emit("send_to_client", header + body)
@@ -312,7 +297,7 @@ class SpiceGuard:
         result_bytes = yield 4
         result = struct.unpack("<I", result_bytes)[0]
         if result != SPICE_LINK_ERR_OK:
-            raise _server_failure("%s: link result %d" % (AUTH_FAILED, result))
+            raise server_failure("%s: link result %d" % (AUTH_FAILED, result))
         out.emit("send_to_client", result_bytes)
 
         if self.is_main:
@@ -339,7 +324,7 @@ class SpiceGuard:
                 _serial, msg_type, msg_size, _sub_list = FULL_HEADER.unpack(header)
             if msg_type == SPICE_MSG_MAIN_INIT:
                 if msg_size < 4:
-                    raise _server_failure("short SPICE_MSG_MAIN_INIT")
+                    raise server_failure("short SPICE_MSG_MAIN_INIT")
                 first = yield 4
                 self.session_id = struct.unpack("<I", first)[0]
                 out.emit("send_to_client", header + first)
@@ -347,7 +332,7 @@ class SpiceGuard:
                 return
             seen += header_struct.size + msg_size
             if seen > MAX_BYTES_BEFORE_INIT:
-                raise _server_failure("no SPICE_MSG_MAIN_INIT from the server")
+                raise server_failure("no SPICE_MSG_MAIN_INIT from the server")
             out.emit("send_to_client", header)
             # Relay the body as it comes, without holding it.
             remaining = msg_size
