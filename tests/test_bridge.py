@@ -15,6 +15,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -235,6 +236,25 @@ class RecordingFakeTransport(iosim.FakeTransport):
         self.reading_states.append("producing")
 
 
+@implementer(ISSLTransport)
+class TLSLayer:
+    """Stands for a TLS layer (a TLSMemoryBIOProtocol) under a transport."""
+
+    def getPeerCertificate(self) -> None:
+        return None
+
+
+class SecureFakeTransport(RecordingFakeTransport):
+    """
+    An iosim transport over a TLS layer (as a protocol wrapper, e.g. the
+    PROXY-header one, over a TLSMemoryBIOProtocol).
+    """
+
+    def __init__(self, *a: Any, **kw: Any):
+        super().__init__(*a, **kw)
+        self.transport = TLSLayer()
+
+
 class ClientProtocol(WebSocketClientProtocol):
     def onConnect(self, response: Any) -> None:
         self.factory.subprotocol = response.protocol
@@ -309,8 +329,12 @@ class Harness:
         origin: Optional[str] = None,
         headers: Optional[dict] = None,
         peer: IPv4Address = PEER,
+        secure: bool = False,
+        scheme: Optional[str] = None,
     ) -> "Connection":
-        url = f"ws://{PROXY_HOST}{ws_path(vm_ref)}"
+        # The Host header the client sends follows the URL: proxy.test:443
+        # for wss (as a TLS-terminating proxy forwards it), :80 for ws.
+        url = f"{scheme or ('wss' if secure else 'ws')}://{PROXY_HOST}{ws_path(vm_ref)}"
         if token is not None:
             url += f"?token={token}"
         client_factory = WebSocketClientFactory(
@@ -328,7 +352,8 @@ class Harness:
         client_factory.subprotocol = None
         server = self.factory.buildProtocol(peer)
         client = client_factory.buildProtocol(peer)
-        server_transport = RecordingFakeTransport(server, isServer=True, peerAddress=peer)
+        transport_class = SecureFakeTransport if secure else RecordingFakeTransport
+        server_transport = transport_class(server, isServer=True, peerAddress=peer)
         client_transport = iosim.FakeTransport(client, isServer=False)
         pump = iosim.connect(server, server_transport, client, client_transport, clock=self.reactor)
         return Connection(self, server, client, client_factory, server_transport, pump)
@@ -1001,13 +1026,58 @@ class OriginTests(SynchronousTestCase):
         When origins are compared, default ports and case do not matter and
         a missing Origin is allowed.
         """
-        self.assertTrue(origin_allowed(None, "x.test", ()))
-        self.assertTrue(origin_allowed("HTTPS://X.test:443", "x.test", ()))
-        self.assertTrue(origin_allowed("http://x.test:8080", "x.test:8080", ()))
-        self.assertFalse(origin_allowed("http://x.test:8081", "x.test:8080", ()))
-        self.assertFalse(origin_allowed("null", "x.test", ()))
-        self.assertTrue(origin_allowed("https://a.test", "x.test", ("https://a.test/",)))
-        self.assertTrue(origin_allowed("https://b.test", "x.test", ("*",)))
+        self.assertTrue(origin_allowed(None, "x.test", (), secure=False))
+        self.assertTrue(origin_allowed("HTTPS://X.test:443", "x.test", (), secure=True))
+        self.assertTrue(origin_allowed("http://x.test:8080", "x.test:8080", (), secure=False))
+        self.assertFalse(origin_allowed("http://x.test:8081", "x.test:8080", (), secure=False))
+        self.assertFalse(origin_allowed("null", "x.test", (), secure=False))
+        self.assertTrue(origin_allowed("https://a.test", "x.test", ("https://a.test/",), secure=False))
+        self.assertTrue(origin_allowed("https://b.test", "x.test", ("*",), secure=True))
+
+    def test_originSchemeRules(self) -> None:
+        """
+        When the allow-list is empty, the Origin's scheme must be the
+        request's too: http or ws over plain TCP, https or wss over TLS.
+        """
+        self.assertTrue(origin_allowed("https://x.test", "x.test", (), secure=True))
+        self.assertTrue(origin_allowed("wss://x.test", "x.test", (), secure=True))
+        self.assertTrue(origin_allowed("ws://x.test", "x.test", (), secure=False))
+        self.assertFalse(origin_allowed("http://x.test", "x.test", (), secure=True))
+        self.assertFalse(origin_allowed("https://x.test", "x.test", (), secure=False))
+        self.assertFalse(origin_allowed("wss://x.test", "x.test", (), secure=False))
+        self.assertFalse(origin_allowed("ftp://x.test", "x.test", (), secure=False))
+        # Default ports follow the Origin's scheme: https://x.test is :443.
+        self.assertFalse(origin_allowed("https://x.test", "x.test:80", (), secure=True))
+
+    def test_sameOriginSchemeChecked(self) -> None:
+        """
+        When the allow-list is empty, a page of the same host but the other
+        scheme may not open the WebSocket; the scheme of the request is the
+        transport's, or a trusted proxy's X-Forwarded-Proto.
+        """
+        h = Harness()
+        self.assertFalse(h.open(h.token(), origin=f"https://{PROXY_HOST}").cf.opened)
+        self.assertTrue(h.open(h.token(), origin=f"https://{PROXY_HOST}", secure=True).cf.opened)
+        self.assertFalse(h.open(h.token(), origin=f"http://{PROXY_HOST}", secure=True).cf.opened)
+        # An untrusted peer's X-Forwarded-Proto is ignored.
+        forwarded = {"X-Forwarded-Proto": "https"}
+        self.assertFalse(h.open(h.token(), origin=f"https://{PROXY_HOST}", headers=forwarded).cf.opened)
+        self.assertFalse(
+            h.open(h.token(), origin=f"https://{PROXY_HOST}", headers=forwarded, scheme="wss").cf.opened
+        )
+        # A TLS-terminating trusted proxy: plain TCP to the proxy, the
+        # client's Host (proxy.test:443) and X-Forwarded-Proto forwarded.
+        trusted = Harness(server=ServerConfig(trusted_proxies=("198.51.100.0/24",)))
+        self.assertTrue(
+            trusted.open(trusted.token(), origin=f"https://{PROXY_HOST}", headers=forwarded, scheme="wss").cf.opened
+        )
+        self.assertFalse(
+            trusted.open(trusted.token(), origin=f"http://{PROXY_HOST}", headers=forwarded, scheme="wss").cf.opened
+        )
+        plain = {"X-Forwarded-Proto": "http"}
+        self.assertFalse(
+            trusted.open(trusted.token(), origin=f"https://{PROXY_HOST}", headers=plain, secure=True).cf.opened
+        )
 
     def test_reload(self) -> None:
         """

@@ -52,7 +52,7 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,6 +72,8 @@ __all__ = [
     "ConsoleRegistry",
     "ConsoleWebSocketProtocol",
     "client_ip_from",
+    "origin_allowed",
+    "request_secure",
 ]
 
 log = Logger()
@@ -224,13 +226,23 @@ def _host_netloc(scheme: str, host_header: str) -> Optional[str]:
     return host
 
 
-def origin_allowed(origin: Optional[str], host_header: Optional[str], allowed: Sequence[str]) -> bool:
+#: The request scheme an Origin's scheme must go with (same-origin check).
+_SCHEME_SECURE = {"http": False, "ws": False, "https": True, "wss": True}
+
+
+def origin_allowed(
+    origin: Optional[str], host_header: Optional[str], allowed: Sequence[str], *, secure: bool
+) -> bool:
     """
     Whether a WebSocket with this Origin header may open.
 
     No Origin header (a non-browser client): allowed.  An allow-list: the
     origin must be on it (C{"*"} allows every origin).  An empty list: the
-    origin must name the same host and port as the request's Host header.
+    origin must name the same scheme, host and port as the request: its
+    scheme C{https} or C{wss} when the request came over TLS, C{http} or
+    C{ws} when not, its host and port those of the Host header.
+
+    @param secure: whether the request came over TLS (L{request_secure}).
     """
     if origin is None:
         return True
@@ -243,7 +255,40 @@ def origin_allowed(origin: Optional[str], host_header: Optional[str], allowed: S
     if normal is None or not host_header:
         return False
     scheme, _, netloc = normal.partition("://")
+    if _SCHEME_SECURE.get(scheme) is not secure:
+        return False
     return netloc == _host_netloc(scheme, host_header)
+
+
+def transport_is_tls(transport: Any) -> bool:
+    """
+    Whether C{transport}, or a transport under it (through protocol
+    wrappers such as the PROXY-header one), is TLS.
+    """
+    seen = 0
+    while transport is not None and seen < 8:
+        if ISSLTransport.providedBy(transport):
+            return True
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return False
+
+
+def request_secure(
+    transport: Any, peer_host: str, x_forwarded_proto: Optional[str], trusted_proxies: Iterable[str]
+) -> bool:
+    """
+    Whether the client's request came over TLS.
+
+    From a trusted proxy that sends X-Forwarded-Proto, the header decides:
+    secure only when every entry in it is C{https} (a hop in clear makes
+    the request not secure).  Otherwise, whether the connection itself is
+    TLS (L{transport_is_tls}).
+    """
+    if x_forwarded_proto is not None and _trusted(_parse_ip(peer_host), _networks(trusted_proxies)):
+        entries = [e.strip().lower() for e in x_forwarded_proto.split(",")]
+        return all(e == "https" for e in entries)
+    return transport_is_tls(transport)
 
 
 def vm_ref_from_path(path: str) -> Optional[str]:
@@ -556,6 +601,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     _started_at = 0.0
     _held_size = 0
     _token: Optional[str] = None
+    #: Whether the client's request came over TLS (L{request_secure}).
+    _secure = False
     _vm_ref: Optional[str] = None
     _client_ip: Optional[str] = None
     _redemption: Optional[Redemption] = None
@@ -667,8 +714,14 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._in_on_connect = True
         try:
             headers = request.headers
+            server = self._settings.server
+            peer = self.transport.getPeer()
+            peer_host = getattr(peer, "host", "") or ""
+            self._secure = request_secure(
+                self.transport, peer_host, headers.get("x-forwarded-proto"), server.trusted_proxies
+            )
             if not origin_allowed(
-                headers.get("origin"), headers.get("host"), self._settings.server.allowed_origins
+                headers.get("origin"), headers.get("host"), server.allowed_origins, secure=self._secure
             ):
                 self._end(ConsoleError(ErrorCode.UNAUTHORIZED), "origin not allowed")
                 raise ConnectionDeny(403, "Origin not allowed")
@@ -678,12 +731,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 raise ConnectionDeny(404, "Not found")
             tokens = request.params.get("token") or [None]
             self._token = tokens[0]
-            peer = self.transport.getPeer()
-            self._client_ip = client_ip_from(
-                getattr(peer, "host", "") or "",
-                headers.get("x-forwarded-for"),
-                self._settings.server.trusted_proxies,
-            )
+            self._client_ip = client_ip_from(peer_host, headers.get("x-forwarded-for"), server.trusted_proxies)
         finally:
             self._in_on_connect = False
         return "binary" if "binary" in request.protocols else None
