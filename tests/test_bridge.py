@@ -1090,6 +1090,78 @@ class OriginTests(SynchronousTestCase):
         self.assertTrue(h.open(h.token(), origin="https://app.example").cf.opened)
 
 
+class RequireTLSTests(SynchronousTestCase):
+    """
+    C{console.enable_tls}: console WebSockets only over TLS.
+    """
+
+    def harness(self, **server: Any) -> Harness:
+        h = Harness(server=ServerConfig(**server) if server else None)
+        h.factory.reload(replace(h.config, console=replace(h.config.console, enable_tls=True)))
+        return h
+
+    def assertRefused(self, h: Harness, conn: Connection) -> None:
+        self.assertTrue(conn.cf.opened)
+        self.assertEqual(conn.closed, (4008, "UNAUTHORIZED"))
+        self.assertEqual(error_of(conn)["error"], "console connections require TLS")
+        self.assertEqual([entry.used for entry in h.tokens._entries.values()], [False])
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_plainRefused(self) -> None:
+        """
+        When enable_tls is on and the WebSocket is in clear, it is closed
+        with UNAUTHORIZED (4008), its token unused, nothing dialled.
+        """
+        h = self.harness()
+        self.assertRefused(h, h.open(h.token()))
+
+    def test_untrustedForwardedProtoIgnored(self) -> None:
+        """
+        When an untrusted peer in clear says X-Forwarded-Proto: https, the
+        WebSocket is still refused.
+        """
+        h = self.harness()
+        self.assertRefused(h, h.open(h.token(), headers={"X-Forwarded-Proto": "https"}))
+
+    def test_trustedProxySaysHttp(self) -> None:
+        """
+        When a trusted proxy says the client came in clear
+        (X-Forwarded-Proto: http), the WebSocket is refused.
+        """
+        h = self.harness(trusted_proxies=("198.51.100.0/24",))
+        self.assertRefused(h, h.open(h.token(), headers={"X-Forwarded-Proto": "http"}))
+
+    def test_tlsAllowed(self) -> None:
+        """
+        When enable_tls is on and the WebSocket is over TLS, it relays.
+        """
+        h = self.harness()
+        conn = h.open(h.token(), secure=True)
+        conn.connect_backend()
+        self.assertIsNone(conn.closed)
+        self.assertEqual(len(h.registry.consoles()), 1)
+
+    def test_trustedProxyHttpsAllowed(self) -> None:
+        """
+        When a trusted proxy says X-Forwarded-Proto: https, the WebSocket
+        relays.
+        """
+        h = self.harness(trusted_proxies=("198.51.100.0/24",))
+        conn = h.open(h.token(), headers={"X-Forwarded-Proto": "https"})
+        conn.connect_backend()
+        self.assertIsNone(conn.closed)
+        self.assertEqual(len(h.registry.consoles()), 1)
+
+    def test_offAllowsPlain(self) -> None:
+        """
+        When enable_tls is off, a WebSocket in clear relays.
+        """
+        h = Harness()
+        conn = h.open(h.token())
+        conn.connect_backend()
+        self.assertIsNone(conn.closed)
+
+
 class ClientAddressTests(SynchronousTestCase):
     """
     L{client_ip_from} and its use by the bridge.

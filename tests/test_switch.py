@@ -489,6 +489,40 @@ def forwarded_client(h: RoutedHarness) -> Dict[str, Any]:
     return observe(h, bad, good_closed=good.closed, dialled=len(h.reactor.tcpClients))
 
 
+def _require_tls(h: RoutedHarness, **server: Any) -> None:
+    config = replace(h.config, console=replace(h.config.console, enable_tls=True))
+    if server:
+        config = replace(config, server=ServerConfig(**server))
+    h.factory.reload(config)
+
+
+def tls_required_plain(h: RoutedHarness) -> Dict[str, Any]:
+    _require_tls(h)
+    conn = h.open(h.token())
+    unused = [not entry.used for entry in h.tokens._entries.values()]
+    return observe(h, conn, token_unused=unused, dialled=len(h.reactor.tcpClients))
+
+
+def tls_required_secure(h: RoutedHarness) -> Dict[str, Any]:
+    _require_tls(h)
+    conn = h.open(h.token(), secure=True)
+    conn.connect_backend()
+    return observe(h, conn)
+
+
+def tls_required_trusted_proxy(h: RoutedHarness) -> Dict[str, Any]:
+    _require_tls(h, trusted_proxies=("198.51.100.0/24",))
+    conn = h.open(h.token(), headers={"X-Forwarded-Proto": "https"})
+    conn.connect_backend()
+    return observe(h, conn)
+
+
+def tls_required_untrusted_proxy(h: RoutedHarness) -> Dict[str, Any]:
+    _require_tls(h)
+    conn = h.open(h.token(), headers={"X-Forwarded-Proto": "https"})
+    return observe(h, conn, dialled=len(h.reactor.tcpClients))
+
+
 SCENARIOS: Dict[str, Callable[[RoutedHarness], Dict[str, Any]]] = {
     "success": success,
     "no_subprotocol": no_subprotocol,
@@ -512,6 +546,10 @@ SCENARIOS: Dict[str, Callable[[RoutedHarness], Dict[str, Any]]] = {
     "vm_closes": vm_closes,
     "foreign_origin": foreign_origin,
     "forwarded_client": forwarded_client,
+    "tls_required_plain": tls_required_plain,
+    "tls_required_secure": tls_required_secure,
+    "tls_required_trusted_proxy": tls_required_trusted_proxy,
+    "tls_required_untrusted_proxy": tls_required_untrusted_proxy,
 }
 
 #: What each scenario must show (the close code, or the handshake refusal).
@@ -536,6 +574,10 @@ EXPECTED_CLOSE = {
     "store_unavailable": (4013, "SERVICE_UNAVAILABLE"),
     "vm_closes": (1000, None),
     "forwarded_client": (4001, "INVALID_TOKEN"),
+    "tls_required_plain": (4008, "UNAUTHORIZED"),
+    "tls_required_secure": None,
+    "tls_required_trusted_proxy": None,
+    "tls_required_untrusted_proxy": (4008, "UNAUTHORIZED"),
 }
 
 
@@ -606,6 +648,33 @@ class RouteEquivalenceTests(SynchronousTestCase):
         either route.
         """
         self.assertEqual(self.run_both("shutdown")["closed"][0], 1001)
+
+    def test_tlsRequired(self) -> None:
+        """
+        When console.enable_tls is on, a console WebSocket in clear (or
+        whose untrusted peer claims X-Forwarded-Proto: https) opens, is
+        told UNAUTHORIZED "console connections require TLS" (4008), its
+        token stays unused and nothing is dialled; over TLS, or from a
+        trusted proxy saying https, it relays; through either route.
+        """
+        plain = self.run_both("tls_required_plain")
+        self.assertTrue(plain["opened"])
+        self.assertEqual(plain["closed"], (4008, "UNAUTHORIZED"))
+        self.assertEqual(
+            [(t["code"], t["error"]) for t in plain["texts"]],
+            [("UNAUTHORIZED", "console connections require TLS")],
+        )
+        self.assertEqual(plain["token_unused"], [True])
+        self.assertEqual(plain["dialled"], 0)
+        self.assertEqual(plain["outcomes"], [("UNAUTHORIZED", None, None)])
+        untrusted = self.run_both("tls_required_untrusted_proxy")
+        self.assertEqual(untrusted["closed"], (4008, "UNAUTHORIZED"))
+        self.assertEqual(untrusted["dialled"], 0)
+        for name in ("tls_required_secure", "tls_required_trusted_proxy"):
+            result = self.run_both(name)
+            self.assertIsNone(result["closed"], name)
+            self.assertEqual(result["consoles"], 1, name)
+            self.assertEqual(result["outcomes"], [], name)
 
     def test_originRefused403(self) -> None:
         """

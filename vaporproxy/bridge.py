@@ -100,6 +100,10 @@ MAX_HANDSHAKE_SIZE = 2 * 16384
 #: capped the same way, per token and session, in this process.
 MAX_SPICE_CHANNELS = 16
 
+#: What a console WebSocket in clear is told when C{console.enable_tls} is
+#: on (UNAUTHORIZED, 4008).
+REQUIRE_TLS_MESSAGE = "console connections require TLS"
+
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
@@ -850,6 +854,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         Redeem the token, find and check the console, then start the guard
         (VNC: admit and dial at once; SPICE: wait for the guard's admit).
         """
+        if self._console.enable_tls and not self._secure:
+            # console.enable_tls: consoles only over TLS (the connection
+            # itself, or a trusted proxy's X-Forwarded-Proto: https); the
+            # token is not redeemed.
+            raise ConsoleError(ErrorCode.UNAUTHORIZED, REQUIRE_TLS_MESSAGE)
         token = self._token
         if not token:
             raise ConsoleError(ErrorCode.INVALID_TOKEN)
