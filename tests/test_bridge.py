@@ -29,6 +29,7 @@ from vaporproxy.bridge import (
     _high_water,
     _ReactorTimer,
     client_ip_from,
+    iso_utc,
     origin_allowed,
     vm_ref_from_path,
 )
@@ -1032,7 +1033,8 @@ class OriginTests(SynchronousTestCase):
         self.assertFalse(origin_allowed("http://x.test:8081", "x.test:8080", (), secure=False))
         self.assertFalse(origin_allowed("null", "x.test", (), secure=False))
         self.assertTrue(origin_allowed("https://a.test", "x.test", ("https://a.test/",), secure=False))
-        self.assertTrue(origin_allowed("https://b.test", "x.test", ("*",), secure=True))
+        # Not a wildcard (the configuration refuses "*" as an origin).
+        self.assertFalse(origin_allowed("https://b.test", "x.test", ("*",), secure=True))
 
     def test_originSchemeRules(self) -> None:
         """
@@ -1162,6 +1164,45 @@ class RequireTLSTests(SynchronousTestCase):
         self.assertIsNone(conn.closed)
 
 
+class IsoUtcTests(SynchronousTestCase):
+    """
+    L{iso_utc}: the one ISO-8601 formatter (console records and the HTTP
+    API's C{expires_at}).
+    """
+
+    def test_eachSecondItsOwn(self) -> None:
+        """
+        When times of the same and of different seconds are formatted in
+        any order, each gets its own second in UTC with a Z, fractions
+        dropped (the last answer is kept, never a stale one).
+        """
+        times = [1700000000.7, 1700000000.1, 1700000001.0, 0.0, 1700000000.99, -0.5]
+        self.assertEqual(
+            [iso_utc(t) for t in times],
+            [
+                "2023-11-14T22:13:20Z",
+                "2023-11-14T22:13:20Z",
+                "2023-11-14T22:13:21Z",
+                "1970-01-01T00:00:00Z",
+                "2023-11-14T22:13:20Z",
+                "1969-12-31T23:59:59Z",
+            ],
+        )
+
+    def test_recordTimes(self) -> None:
+        """
+        When a console record is described, its times are iso_utc's.
+        """
+        h = Harness()
+        conn = h.open(h.token())
+        conn.connect_backend()
+        [record] = h.registry.consoles()
+        info = record.as_dict(h.reactor.seconds())
+        self.assertEqual(info["started_at"], iso_utc(h.reactor.seconds()))
+        self.assertEqual(info["started_at"], "2023-11-14T22:13:20Z")
+        self.assertEqual(info["last_activity"], info["started_at"])
+
+
 class ClientAddressTests(SynchronousTestCase):
     """
     L{client_ip_from} and its use by the bridge.
@@ -1184,6 +1225,16 @@ class ClientAddressTests(SynchronousTestCase):
         self.assertEqual(client_ip_from("10.0.0.1", "10.0.0.3", ["10.0.0.0/8"]), "10.0.0.3")
         self.assertEqual(client_ip_from("10.0.0.1", "junk, 1.2.3.4", ["10.0.0.1"]), "1.2.3.4")
         self.assertEqual(client_ip_from("10.0.0.1", "junk", ["10.0.0.1"]), "10.0.0.1")
+
+    def test_addressForms(self) -> None:
+        """
+        When addresses are bracketed or IPv4-mapped they are read as
+        L{vaporproxy.hosts.parse_address} reads them; a half-bracketed
+        entry is not an address and stops the walk.
+        """
+        self.assertEqual(client_ip_from("::ffff:10.0.0.1", "[2001:db8::1]", ["10.0.0.0/8"]), "2001:db8::1")
+        self.assertEqual(client_ip_from("[::ffff:198.51.100.7]", None, ()), "198.51.100.7")
+        self.assertEqual(client_ip_from("10.0.0.1", "[1.2.3.4", ["10.0.0.0/8"]), "10.0.0.1")
 
     def test_boundToken(self) -> None:
         """

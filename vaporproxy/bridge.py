@@ -60,6 +60,7 @@ from twisted.python.failure import Failure
 from vaporproxy.config import Config, ConfigError
 from vaporproxy.consoles import dial_host, select_console
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
+from vaporproxy.hosts import parse_address
 from vaporproxy.interfaces import Outcome, Redemption
 from vaporproxy.tokens import token_log_id
 from vaporproxy.wsframes import ClientFrameParser, direct_writer, send_now
@@ -72,6 +73,7 @@ __all__ = [
     "ConsoleRegistry",
     "ConsoleWebSocketProtocol",
     "client_ip_from",
+    "iso_utc",
     "origin_allowed",
     "request_secure",
 ]
@@ -117,19 +119,34 @@ _HEADER_LONG = struct.Struct("!BBQ").pack
 # ---------------------------------------------------------------------------
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def iso_utc(posix: float) -> str:
+    """
+    A POSIX time as ISO 8601 UTC with a C{Z}, whole seconds (fractions
+    dropped): C{2024-01-15T10:30:00Z}.  The one formatter of the project's
+    times (console records here, C{expires_at} in the HTTP API).
+
+    The last answer is kept: answers of the same second (every console
+    info of that second, every console of a stats answer) cost one
+    C{strftime}.
+    """
+    global _iso_last
+    second = int(posix // 1)
+    last = _iso_last
+    if last[0] == second:
+        return last[1]
+    text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # One tuple, replaced whole: a reader never sees a second with another
+    # second's text.
+    _iso_last = (second, text)
+    return text
 
 
-@functools.lru_cache(maxsize=1024)
-def _parse_ip(text: str) -> Optional[ipaddress._BaseAddress]:
-    try:
-        address = ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+_iso_last: Tuple[Optional[int], str] = (None, "")
+
+
+#: L{parse_address}, memoised (peer addresses and X-Forwarded-For entries
+#: repeat from one request to the next).
+_parse_ip = functools.lru_cache(maxsize=1024)(parse_address)
 
 
 def _networks(entries: Iterable[str]) -> List[ipaddress._BaseNetwork]:
@@ -241,7 +258,8 @@ def origin_allowed(
     Whether a WebSocket with this Origin header may open.
 
     No Origin header (a non-browser client): allowed.  An allow-list: the
-    origin must be on it (C{"*"} allows every origin).  An empty list: the
+    origin must be on it (the configuration has no wildcard: it refuses
+    C{"*"}, which matches no origin here).  An empty list: the
     origin must name the same scheme, host and port as the request: its
     scheme C{https} or C{wss} when the request came over TLS, C{http} or
     C{ws} when not, its host and port those of the Host header.
@@ -251,8 +269,6 @@ def origin_allowed(
     if origin is None:
         return True
     if allowed:
-        if "*" in allowed:
-            return True
         normal = _normal_origin(origin)
         return normal is not None and normal in {_normal_origin(a) for a in allowed}
     normal = _normal_origin(origin)
@@ -448,9 +464,9 @@ class ConsoleRecord:
             "channels": len(self.channels),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
-            "started_at": _iso(self.started_at),
+            "started_at": iso_utc(self.started_at),
             "duration_s": round(max(0.0, now - self.started_at), 3),
-            "last_activity": _iso(self.last_activity),
+            "last_activity": iso_utc(self.last_activity),
         }
 
 
