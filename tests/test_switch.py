@@ -27,11 +27,11 @@ from twisted.python.filepath import FilePath
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from vaporproxy.config import ConsoleConfig, ServerConfig
+from vaporproxy.config import ServerConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.switch import CONSOLE_WS_REQUEST_LINE, SwitchFactory
 from vaporproxy.web import ConsoleAPI, ConsoleSite
-from tests.test_bridge import BUFFER, PEER, VM, VM2_UUID, VM_UUID, Connection, Harness, PassthroughGuard
+from tests.test_bridge import PEER, VM, VM2_UUID, VM_UUID, Connection, Harness, PassthroughGuard
 
 WS_PATH = b"/api/v1/virtualization/virtualmachines/web1/console/ws"
 WS_LINE = b"GET " + WS_PATH + b"?token=abc HTTP/1.1\r\n"

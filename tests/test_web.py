@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
@@ -34,7 +33,7 @@ from vaporproxy import web
 from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig
 from vaporproxy.hosts import HostPolicy
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.interfaces import Graphics, Outcome, VMConsoles
+from vaporproxy.interfaces import Graphics, VMConsoles
 from vaporproxy.limits import MemoryLimiter
 from vaporproxy.metrics import Metrics
 from vaporproxy.testing import FakeConsoleLocator
@@ -1283,20 +1282,3 @@ class JWTRouteTests(APITestCase):
         response, _ = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
         self.assertEqual(response.code, 200)
 
-
-class IsoUtcTests(SynchronousTestCase):
-    """
-    L{web.iso_utc}, which keeps its last answer.
-    """
-
-    def test_eachSecondItsOwn(self) -> None:
-        """
-        When times of the same and of different seconds are formatted in
-        any order, each gets its own second, fractions dropped.
-        """
-        times = [1700000000.7, 1700000000.1, 1700000001.0, 0.0, 1700000000.99, -0.5]
-        self.assertEqual(
-            [web.iso_utc(t) for t in times],
-            ["2023-11-14T22:13:20Z", "2023-11-14T22:13:20Z", "2023-11-14T22:13:21Z",
-             "1970-01-01T00:00:00Z", "2023-11-14T22:13:20Z", "1969-12-31T23:59:59Z"],
-        )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
+from twisted.internet.defer import Deferred  # noqa: F401 (named in the annotations)
 from zope.interface import Attribute, Interface
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import uuid
-from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Mapping, Optional, Sequence
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -45,7 +44,7 @@ from twisted.web.static import File
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from vaporproxy.auth import Authenticator, Principal, bearer_credential
-from vaporproxy.bridge import client_ip_from
+from vaporproxy.bridge import client_ip_from, iso_utc
 from vaporproxy.config import Config
 from vaporproxy.consoles import UUID_RE, dial_host, is_loopback, select_console
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
@@ -81,26 +80,6 @@ _CHECK_DETAIL_MAX = 120
 
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_PAGE = os.path.join(_STATIC_DIR, "console.html")
-
-
-def iso_utc(posix: float) -> str:
-    """
-    A POSIX time as ISO 8601 UTC with a C{Z}, whole seconds:
-    C{2024-01-15T10:30:00Z}.
-
-    The last answer is kept: every console-info answer of the same second
-    has the same C{expires_at} (2% of a console's set-up cost otherwise).
-    """
-    second = int(posix // 1)
-    cached = _ISO_LAST
-    if cached[0] == second:
-        return cached[1]
-    text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    _ISO_LAST[:] = [second, text]
-    return text
-
-
-_ISO_LAST: list = [None, ""]
 
 
 def _client_ip(request: IRequest, trusted_proxies: Sequence[str]) -> str:

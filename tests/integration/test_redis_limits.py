@@ -126,7 +126,7 @@ class RedisBackendTests(RedisTestMixin, TestCase):
         once, not after its first renewal period (lease_ttl / 3).
         """
         a = self.backend("a", lease_ttl=60.0)
-        b = self.backend("b", lease_ttl=60.0)
+        self.backend("b", lease_ttl=60.0)
         nodes: set = set()
         deadline = time.monotonic() + 10
         while nodes != {"a", "b"} and time.monotonic() < deadline:
