@@ -48,6 +48,19 @@ LIBVIRTD_BINARY = "/usr/sbin/libvirtd"
 _BASE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def _terminate(process: Optional["subprocess.Popen[bytes]"]) -> None:
+    """
+    SIGTERM C{process} if it still runs; SIGKILL it after 10 s.
+    """
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def repo_root() -> str:
     """
     The directory holding the C{vaporproxy} package (and C{node_modules}).
@@ -258,13 +271,7 @@ class SessionLibvirtd:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        _terminate(self.process)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -529,13 +536,7 @@ class ProxyProcess:
         self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        _terminate(self.process)
         if self._log is not None:
             self._log.close()
             self._log = None
