@@ -1592,6 +1592,23 @@ class AutobahnDebugArgumentsTests(SynchronousTestCase):
         self.assertNotIn("_connectionLost", mine)
         self.assertIn("processHandshake", mine)  # the patch does see the server's calls
 
+    def test_noDebugFormattingOnConnectionLost(self) -> None:
+        """When debug is off, the adapter's connectionLost debug lines (hltype()) are skipped and the WebSocket still learns of the loss."""
+        from autobahn.twisted import websocket
+
+        calls: List[Any] = []
+        self.patch(websocket, "hltype", lambda *a: calls.append(a) or "")
+        self.patch(websocket, "hlval", lambda *a, **k: calls.append(a) or "")
+        h = Harness()
+        conn = h.open(h.token())
+        conn.connect_backend()
+        del calls[:]
+        conn.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(calls, [])
+        self.assertEqual(h.factory.countConnections, 0)
+        self.assertEqual(h.limiter.live(), 0)
+        self.assertEqual(h.registry.consoles(), [])
+
     def test_debugKept(self) -> None:
         """When txaio's level is debug, Autobahn's own methods (and their debug lines) run."""
         import txaio
@@ -1611,6 +1628,66 @@ class AutobahnDebugArgumentsTests(SynchronousTestCase):
         conn.pump.flush()
         self.assertIn(("_connectionLost", conn.server), calls)
         self.assertEqual(h.factory.countConnections, 0)
+
+
+class GreetingGuard(PassthroughGuard):
+    """
+    A guard that greets the client as soon as it starts (as the RFB guard
+    sends its version).
+    """
+
+    def start(self) -> None:
+        self.started = True
+        self.sink.send_to_client(b"HELLO")
+
+
+class CorkTests(SynchronousTestCase):
+    """
+    On plain TCP the 101 answer and what opening the WebSocket sends at
+    once (the guard's greeting) leave in one write.
+    """
+
+    def setUp(self) -> None:
+        from vaporproxy import bridge
+
+        self.sends: List[List[bytes]] = []
+
+        def send_now(transport: Any, chunks: Any) -> None:
+            self.sends.append(list(chunks))
+            transport.writeSequence(list(chunks))
+
+        # The fake transport stands in for a plain TCP connection.
+        self.patch(bridge, "direct_writer", lambda transport: transport)
+        self.patch(bridge, "send_now", send_now)
+        self.h = Harness()
+        self.h.factory.vnc_guard = GreetingGuard
+
+    def test_answerAndGreetingInOneWrite(self) -> None:
+        """When the guard greets the client on start, the 101 answer and the greeting frame go in one write, and the client reads both."""
+        conn = self.h.open(self.h.token())
+        first = b"".join(self.sends[0])
+        self.assertTrue(first.startswith(b"HTTP/1.1 101"))
+        self.assertTrue(first.endswith(b"\x82\x05HELLO"))
+        self.assertIsNone(conn.server._cork)
+        self.assertEqual(conn.messages, [(b"HELLO", True)])
+
+    def test_laterBytesNotCorked(self) -> None:
+        """When the WebSocket is open, bytes for the client are written as they come (one write each)."""
+        conn = self.h.open(self.h.token())
+        backend = conn.connect_backend()
+        del self.sends[:]
+        conn.from_vm(b"abc")
+        conn.from_vm(b"de")
+        self.assertEqual([b"".join(c) for c in self.sends], [b"\x82\x03abc", b"\x82\x02de"])
+        self.assertEqual(conn.messages[1:], [(b"abc", True), (b"de", True)])
+        self.assertIsNotNone(backend)
+
+    def test_refusalAfterOpenNotLost(self) -> None:
+        """When the console is refused as the WebSocket opens (bad token), the 101, the error and the close frame all reach the client, in order."""
+        conn = self.h.open("0" * 64)
+        self.assertTrue(b"".join(self.sends[0]).startswith(b"HTTP/1.1 101"))
+        self.assertEqual(error_of(conn)["code"], "INVALID_TOKEN")
+        self.assertEqual(conn.closed, (4001, "INVALID_TOKEN"))
 
 
 class HandshakeGuard(PassthroughGuard):

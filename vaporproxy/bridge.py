@@ -48,12 +48,13 @@ import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
 from autobahn.twisted.util import create_transport_details
+from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -643,6 +644,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     #: The plain TCP transports that L{send_now} may write to directly.
     _ws_direct: Any = None
     _backend_direct: Any = None
+    #: The bytes for the client held while C{succeedHandshake} runs.
+    _cork: Optional[List[bytes]] = None
 
     # -- Twisted / Autobahn events ----------------------------------------
 
@@ -653,6 +656,16 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         nothing is queued; Autobahn's own otherwise (queued, chopped or
         octet-logged writes, a non-TCP transport, debug on).
         """
+        cork = self._cork
+        if cork is not None:
+            if not (sync or chopsize):
+                cork.append(data)
+                return
+            # Autobahn's synchronous or chopped writes: what is corked
+            # goes first, to keep the order.
+            if cork:
+                send_now(self._ws_direct, list(cork))
+                cork.clear()
         direct = self._ws_direct
         if direct is None or sync or chopsize or self.send_queue or self.logOctets or _autobahn_debug():
             super().sendData(data, sync, chopsize)
@@ -683,6 +696,47 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             return
         WebSocketProtocol._connectionLost(self, reason)
         self.factory.countConnections -= 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Autobahn's Twisted adapter's C{connectionLost} (a TLS failure logged
+        as an error, then the WebSocket's C{_connectionLost}) without its
+        debug lines, whose arguments (hltype() with click styling) it
+        computes even when debug logging is off.
+        """
+        if _autobahn_debug():
+            super().connectionLost(reason)
+            return
+        if _is_tls_error(reason.value):
+            self.log.error(_maybe_tls_reason(reason.value))
+        self._connectionLost(reason)
+
+    def succeedHandshake(self, res: Any) -> None:
+        """
+        Autobahn's C{succeedHandshake} (the 101 answer, then C{onOpen}),
+        with the bytes for the client corked until it returns: on plain TCP
+        the 101 and whatever opening the WebSocket sends at once (the RFB
+        guard's greeting when the token store and the locator answer
+        without waiting) leave in one write instead of one each.
+        """
+        direct = self._ws_direct
+        if direct is None or self.send_queue or self.logOctets or _autobahn_debug():
+            super().succeedHandshake(res)
+            return
+        self._cork = []
+        try:
+            super().succeedHandshake(res)
+        finally:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        """
+        Send what was corked (L{succeedHandshake}) in one write; from now on
+        bytes for the client leave as they come.
+        """
+        cork, self._cork = self._cork, None
+        if cork:
+            send_now(self._ws_direct, cork)
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -903,6 +957,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             else:
                 self._guard = factory.vnc_guard(self, graphics.password, tls=vnc_tls.for_host(host))
             self._guard_call("start")
+            # The 101 and the guard's greeting leave now, before the dial.
+            self._uncork()
             self._feed_held()
             self._dial()
         else:
@@ -1210,6 +1266,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             header = _HEADER_MEDIUM(0x82, 126, n)
         else:
             header = _HEADER_LONG(0x82, 127, n)
+        cork = self._cork
+        if cork is not None:
+            cork.append(header)
+            cork.append(data)
+            return
         direct = self._ws_direct
         if direct is not None:
             send_now(direct, (header, data))
