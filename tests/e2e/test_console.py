@@ -405,7 +405,7 @@ class ConsoleLifecycleTests(E2ETestCase):
                     }
                 )
             )
-            await wait_for_consoles(proxy.base_url, self.env.key, 1)
+            await wait_for_consoles(proxy.base_url, self.env.key, 1, min_bytes_sent=1000)
             answer = await http(
                 "DELETE", f"{proxy.base_url}{API_PREFIX}{VM_NAME}/console/sessions", self.env.key
             )
