@@ -518,13 +518,6 @@ class RedisTokenStore:
                 int((self.ttl + self.grace) * 1000),
             ],
         )
-        log.debug(
-            "issued token {token_id} for {user} on {vm_uuid} ({console_type})",
-            token_id=digest[:12],
-            user=stamped.user,
-            vm_uuid=stamped.vm_uuid,
-            console_type=stamped.console_type,
-        )
         return IssuedToken(token=token, grant=stamped)
 
     def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:

@@ -136,15 +136,8 @@ class MemoryTokenStore:
         token = new_token()
         digest = token_hash(token)
         stamped = stamp(grant, self._clock.seconds(), self.ttl)
+        # Logged once, by the API that issues it (web.py), with its context.
         self._entries[digest] = _Entry(stamped)
-        if debug_enabled():
-            log.debug(
-                "issued token {token_id} for {user} on {vm_uuid} ({console_type})",
-                token_id=digest[:12],
-                user=stamped.user,
-                vm_uuid=stamped.vm_uuid,
-                console_type=stamped.console_type,
-            )
         return succeed(IssuedToken(token=token, grant=stamped))
 
     def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
