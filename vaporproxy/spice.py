@@ -249,15 +249,15 @@ class SpiceGuard:
         self._ticket_sent = True
         out.emit("send_to_server", ticket + rest)
 
+    def _negotiated(self, cap: int) -> bool:
+        """Whether both the browser and the VM announced common cap C{cap}."""
+        return has_cap(self._client_caps, cap) and has_cap(self._server_caps, cap)
+
     def _auth_selection(self) -> bool:
-        return has_cap(self._client_caps, SPICE_COMMON_CAP_PROTOCOL_AUTH_SELECTION) and has_cap(
-            self._server_caps, SPICE_COMMON_CAP_PROTOCOL_AUTH_SELECTION
-        )
+        return self._negotiated(SPICE_COMMON_CAP_PROTOCOL_AUTH_SELECTION)
 
     def _mini_header(self) -> bool:
-        return has_cap(self._client_caps, SPICE_COMMON_CAP_MINI_HEADER) and has_cap(
-            self._server_caps, SPICE_COMMON_CAP_MINI_HEADER
-        )
+        return self._negotiated(SPICE_COMMON_CAP_MINI_HEADER)
 
     def _server_steps(self) -> Steps:
         out = self._out
