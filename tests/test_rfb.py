@@ -4,10 +4,11 @@ Tests for L{vaporproxy.rfb}: the VNC security handshake done by the proxy.
 
 from __future__ import annotations
 
-import struct
-from typing import List, Optional, Sequence
-
+import gc
 import os
+import struct
+import weakref
+from typing import List, Optional, Sequence
 
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -35,6 +36,7 @@ from vaporproxy.rfb import (
     VENCRYPT_X509_VNC,
     AnonymousTLSCreator,
     RFBGuard,
+    StepReader,
     VeNCryptTLS,
     VncTLS,
     describe_connection_lost,
@@ -1132,3 +1134,86 @@ class VncTLSTests(SynchronousTestCase):
         )
         self.assertEqual(list(found), ["qemu+tls://h2/system"])
         self.assertIsInstance(found["qemu+tls://h2/system"], VncTLS)
+
+
+class CloseTests(SynchronousTestCase):
+    """
+    L{StepReader.close} and L{RFBGuard.close}: a guard the bridge is done
+    with lets go of its suspended generators, and is freed by reference
+    counting (not left in a cycle for the garbage collector).
+    """
+
+    def setUp(self) -> None:
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+
+    def test_readerClose(self) -> None:
+        """
+        A closed reader's generator is closed where it waited, what was
+        buffered is dropped and nothing more is parsed.
+        """
+        seen: List[bytes] = []
+        closed: List[bool] = []
+
+        def steps():
+            try:
+                while True:
+                    seen.append((yield 2))
+            finally:
+                closed.append(True)
+
+        reader = StepReader(steps(), 100, lambda: AssertionError("overflow"))
+        reader.feed(b"abc")
+        self.assertEqual((seen, closed), ([b"ab"], []))
+        reader.close()
+        self.assertEqual(closed, [True])
+        self.assertTrue(reader.done)
+        self.assertEqual(reader.take_rest(), b"", "what was buffered is dropped")
+        reader.feed(b"de")
+        self.assertEqual(seen, [b"ab"], "nothing more is parsed")
+
+    def test_guardFreedOnceClosed(self) -> None:
+        """
+        A guard in the middle of its handshake (both parsers waiting) is
+        freed as soon as it is closed and dropped.
+        """
+        sink = RecordingSink()
+        guard = RFBGuard(sink, PASSWORD)
+        guard.start()
+        guard.server_connected()
+        self.assertEqual(sink.to_client, version(8), "greeted; both sides wait")
+        ref = weakref.ref(guard)
+        guard.close()
+        del guard
+        self.assertIsNone(ref())
+
+    def test_guardWithoutCloseIsACycle(self) -> None:
+        """
+        Without C{close}, a guard whose parsers wait is kept alive by its
+        own generators: what C{close} is for.
+        """
+        guard = RFBGuard(RecordingSink(), PASSWORD)
+        guard.start()
+        ref = weakref.ref(guard)
+        del guard
+        self.assertIsNotNone(ref())
+        gc.collect()
+        self.assertIsNone(ref())
+
+    def test_finishedHandshakeLeavesNoCycle(self) -> None:
+        """
+        After a whole handshake the guard is freed when dropped, even
+        without C{close}: the last wait condition (a closure over the
+        guard) is not kept.
+        """
+        sink = RecordingSink()
+        guard = RFBGuard(sink, None)
+        guard.start()
+        guard.server_connected()
+        guard.server_data(server_script(8, [1], 1))
+        guard.client_data(client_script(8))
+        self.assertEqual(sink.names()[-1], "established")
+        ref = weakref.ref(guard)
+        del guard
+        self.assertIsNone(ref())

@@ -4,7 +4,9 @@ Tests for L{vaporproxy.spice}: SPICE channel admission and ticket injection.
 
 from __future__ import annotations
 
+import gc
 import struct
+import weakref
 from typing import List, Optional
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -516,3 +518,25 @@ class CapsTests(SynchronousTestCase):
         self.assertFalse(has_cap([0b1000], 2))
         self.assertTrue(has_cap([0, 1], 32))
         self.assertFalse(has_cap([], 0))
+
+
+class CloseTests(SynchronousTestCase):
+    """
+    L{SpiceGuard.close}: a guard the bridge is done with lets go of its
+    waiting generators and is freed by reference counting.
+    """
+
+    def test_freedOnceClosed(self) -> None:
+        """
+        A channel waiting for the VM's link reply is freed as soon as its
+        guard is closed and dropped.
+        """
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        channel = Channel().link(link_message())
+        self.assertEqual(channel.sink.names(), ["admit"])
+        ref = weakref.ref(channel.guard)
+        channel.guard.close()
+        del channel
+        self.assertIsNone(ref())

@@ -566,7 +566,11 @@ class BackendProtocol(Protocol):
             console._setup_server_data(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.console._backend_lost(self, reason)
+        # The console and this protocol refer to each other; this side is
+        # done with it (no reference cycle left for the garbage collector).
+        console, self.console = self.console, None
+        if console is not None:
+            console._backend_lost(self, reason)
 
 
 class _BackendFactory(ClientFactory):
@@ -586,7 +590,18 @@ class _BackendFactory(ClientFactory):
         return BackendProtocol(self.console)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.console._dial_failed(reason)
+        console, self.console = self.console, None
+        if console is not None:
+            console._dial_failed(reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        """
+        The VM connection is over (its protocol was told first): let go of
+        the console, and of the transport, which Twisted's connector and
+        transport otherwise keep in a reference cycle.
+        """
+        self.console = None
+        connector.transport = None
 
 
 # ---------------------------------------------------------------------------
@@ -706,10 +721,30 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         """
         if _autobahn_debug():
             super().connectionLost(reason)
+        else:
+            if _is_tls_error(reason.value):
+                self.log.error(_maybe_tls_reason(reason.value))
+            self._connectionLost(reason)
+        self._release()
+
+    def _release(self) -> None:
+        """
+        The browser's connection is gone and the console has ended: drop
+        the references that tie this console's objects into cycles (the
+        relay parser's bound methods, the console record's owner, the
+        guard, Autobahn's C{is_closed} resolved with this protocol), so
+        that they are freed at once rather than by the cyclic garbage
+        collector, whose passes over every console's leftovers were a
+        visible share of a console's set-up cost (issue #3).
+        """
+        if not self._finished:
             return
-        if _is_tls_error(reason.value):
-            self.log.error(_maybe_tls_reason(reason.value))
-        self._connectionLost(reason)
+        self._parser = None
+        self._drop_guard()
+        self._record = None
+        self._ws_direct = self._backend_direct = None
+        self._backend_write = None
+        self.is_closed = self.is_open = None
 
     def succeedHandshake(self, res: Any) -> None:
         """
@@ -1023,6 +1058,19 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 return
             self._guard_call("client_data", chunk)
 
+    def _drop_guard(self) -> None:
+        """
+        Done with the guard: tell it (C{close}, when it has one) so that it
+        stops its parsers, and forget it.
+        """
+        guard, self._guard = self._guard, None
+        close = getattr(guard, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.failure("console {console_id}: guard close failed", console_id=self.console_id)
+
     def _guard_call(self, method: str, *args: Any) -> None:
         if self._finished or self._guard is None:
             return
@@ -1194,7 +1242,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         """
         if self._finished or self._backend is None:
             return
-        self._guard = None
+        self._drop_guard()
         _cancel(self._connect_timer)
         self._connect_timer = None
         ws_transport = self.transport
@@ -1334,7 +1382,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         _cancel(self._connect_timer)
         _cancel(self._idle_timer)
         self._connect_timer = self._idle_timer = None
-        self._guard = None
+        self._drop_guard()
         self._held = []
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None

@@ -324,6 +324,13 @@ class IProtocolGuard(Interface):
         L{Failure}); lets the guard log why (e.g. a TLS verification error).
         """
 
+    def close() -> None:
+        """
+        Optional: the bridge is done with the guard (the handshake is over
+        or failed, or the console ended) and will not call it again; the
+        guard lets go of what it holds (its parsers refer back to it).
+        """
+
 
 class IGuardSink(Interface):
     """

@@ -155,6 +155,8 @@ class StepReader:
             self._need = self._steps.send(value)
         except StopIteration:
             self.done = True
+            # The last wait condition may be a closure over the guard.
+            self._need = 0
 
     def feed(self, data: bytes) -> None:
         """
@@ -191,6 +193,16 @@ class StepReader:
                 self._advance(chunk)
             else:
                 return
+
+    def close(self) -> None:
+        """
+        Stop: the generator is closed where it waits (its frame, which
+        refers to the guard, is freed with it) and nothing more is read.
+        """
+        self.done = True
+        self._need = 0
+        self._buffer.clear()
+        self._steps.close()
 
     def take_rest(self) -> bytes:
         """
@@ -236,6 +248,25 @@ def handshake_readers(
         server_steps, server_limit, lambda: server_failure("server sent too much during the handshake")
     )
     return client, server
+
+
+class TwoSidedGuard:
+    """
+    What the RFB and SPICE guards share: a L{StepReader} per side.
+    """
+
+    _client: StepReader
+    _server: StepReader
+
+    def close(self) -> None:
+        """
+        The bridge is done with this guard (the handshake is over, failed,
+        or the console ended): both parsers stop where they are, so the
+        guard and its suspended generators, which refer to each other,
+        are freed at once rather than by the cyclic garbage collector.
+        """
+        self._client.close()
+        self._server.close()
 
 
 class SinkQueue:
@@ -339,7 +370,7 @@ def _u32(data: bytes) -> int:
     return struct.unpack("!I", data)[0]
 
 
-class RFBGuard:
+class RFBGuard(TwoSidedGuard):
     """
     The RFB handshake of one VNC console, done by the proxy.
 

@@ -40,7 +40,16 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.logger import Logger
 
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.rfb import GuardFailure, SinkQueue, Steps, UpTo, client_failure, handshake_readers, server_failure
+from vaporproxy.rfb import (
+    GuardFailure,
+    SinkQueue,
+    Steps,
+    TwoSidedGuard,
+    UpTo,
+    client_failure,
+    handshake_readers,
+    server_failure,
+)
 
 log = Logger()
 
@@ -115,7 +124,7 @@ def encrypt_ticket(public_key_der: bytes, password: Optional[str]) -> bytes:
     return key.encrypt(plain, _OAEP)
 
 
-class SpiceGuard:
+class SpiceGuard(TwoSidedGuard):
     """
     The link handshake of one SPICE channel, with admission and ticket
     injection.

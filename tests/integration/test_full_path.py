@@ -11,16 +11,19 @@ both ways; stats, replay, DELETE sessions, and the error paths.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import struct
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from vaporproxy.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT
@@ -323,6 +326,85 @@ class FullPathVNCTests(VNCStackMixin, TestCase):
         info answers 403 and no token is issued.
         """
         return Deferred.fromCoroutine(self._far())
+
+
+class FreedWithoutCollectorTests(VNCStackMixin, TestCase):
+    """
+    When a console ends, its objects (both protocols and transports, the
+    guard) are freed by reference counting as soon as both connections
+    are gone: none is left in a reference cycle for the cyclic garbage
+    collector, whose passes over every console's leftovers were a visible
+    share of a console's set-up cost (issue #3).  The collector is off
+    while these tests run.
+    """
+
+    def setUp(self) -> Deferred:
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        return super().setUp()
+
+    async def _alive_after(self, ws: ConsoleClientFactory, refs: Dict[str, Any]) -> List[str]:
+        """
+        The browser goes away without a closing handshake (a closed tab);
+        answer which of C{refs} are still alive once the proxy has closed
+        the VM connection too.
+        """
+        [session] = self.vnc.sessions
+        ws.client.dropConnection(abort=False)
+        await ws.closed
+        await session.closed
+        for _ in range(20):
+            if all(ref() is None for ref in refs.values()):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        return sorted(name for name, ref in refs.items() if ref() is not None)
+
+    @staticmethod
+    def _refs(owner: Any) -> Dict[str, Any]:
+        refs = {"websocket": owner, "websocket transport": owner.transport, "guard": owner._guard}
+        if owner._backend is not None:
+            refs.update(backend=owner._backend, backend_transport=owner._backend.transport)
+        return {name: weakref.ref(obj) for name, obj in refs.items() if obj is not None}
+
+    async def _relaying(self) -> None:
+        info, ws, client = await self._live_console()
+        [record] = self.stack.pieces["registry"].consoles()
+        refs = self._refs(record.owner)
+        self.assertEqual(sorted(refs), ["backend", "backend_transport", "websocket", "websocket transport"])
+        del record, client
+        self.assertEqual(await self._alive_after(ws, refs), [])
+
+    def test_relayingConsole(self) -> Deferred:
+        """
+        A console that was relaying: freed once both sides are closed.
+        """
+        return Deferred.fromCoroutine(self._relaying())
+
+    async def _mid_handshake(self) -> None:
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-vnc/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        ws = await self.stack.websocket(info["ws_path"], info["token"])
+        await ws.until_length(12)
+        [record] = self.stack.pieces["registry"].consoles()
+        for _ in range(100):
+            if record.owner._backend is not None:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        refs = self._refs(record.owner)
+        self.assertEqual(
+            sorted(refs), ["backend", "backend_transport", "guard", "websocket", "websocket transport"],
+            "the VM is connected and the guard's handshake is under way",
+        )
+        del record
+        self.assertEqual(await self._alive_after(ws, refs), [])
+
+    def test_consoleEndedMidHandshake(self) -> Deferred:
+        """
+        A console whose browser left in the middle of the RFB handshake:
+        the guard, whose parsers were waiting, is freed with the rest.
+        """
+        return Deferred.fromCoroutine(self._mid_handshake())
 
 
 class LimitTests(VNCStackMixin, TestCase):
