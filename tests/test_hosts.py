@@ -237,6 +237,30 @@ class HostPolicyTests(SynchronousTestCase):
         self.assertEqual(self.resolved(policy, "10.0.0.11"), "10.0.0.11")
         self.refused(policy, "127.0.0.1")
 
+    def test_allowedLiteralRememberedUntilReload(self) -> None:
+        """
+        An allowed literal's answer is remembered per text (normalised the
+        same way every time) and forgotten when the allowed entries change.
+        """
+        policy = self.policy("127.0.0.1")
+        for _ in range(2):
+            self.assertEqual(self.resolved(policy, "127.0.0.1"), "127.0.0.1")
+            self.assertEqual(self.resolved(policy, "[::ffff:127.0.0.1]"), "127.0.0.1")
+        policy.set_allowed(["10.0.0.0/8"])
+        self.refused(policy, "127.0.0.1")
+        self.refused(policy, "[::ffff:127.0.0.1]")
+
+    def test_allowedLiteralsBounded(self) -> None:
+        """
+        However many allowed literals are seen, at most 1,024 answers are
+        kept.
+        """
+        policy = self.policy("10.0.0.0/8")
+        for i in range(3000):
+            host = f"10.0.{i // 256}.{i % 256}"
+            self.assertEqual(self.resolved(policy, host), host)
+        self.assertLessEqual(len(policy._allowed_literals), 1024)
+
     def test_setAllowedBadEntryKeepsOld(self) -> None:
         """
         When a reload has a bad entry, ValueError is raised and the old

@@ -169,6 +169,9 @@ class HostPolicy:
         self._cache: Dict[str, Tuple[float, Tuple[IPAddress, ...]]] = {}
         #: name -> Deferreds waiting for the lookup in flight
         self._pending: Dict[str, List[Deferred]] = {}
+        #: host text -> the address to dial, for address literals found in
+        #: the allowed networks (the check is pure; this skips re-parsing).
+        self._allowed_literals: Dict[str, str] = {}
         self.set_allowed(allowed)
 
     def set_allowed(self, allowed: Sequence[str]) -> None:
@@ -179,6 +182,7 @@ class HostPolicy:
         """
         self._networks, self._names = parse_allowed(allowed)
         self._cache.clear()
+        self._allowed_literals = {}
 
     def _lookup(self, name: str) -> "Deferred[List[IPAddress]]":
         """
@@ -238,10 +242,18 @@ class HostPolicy:
         is allowed, C{ConsoleError(CONNECTION_FAILED)} when C{host} does
         not resolve.
         """
+        known = self._allowed_literals.get(host) if isinstance(host, str) else None
+        if known is not None:
+            return succeed(known)
         literal = parse_address(host) if isinstance(host, str) else None
         if literal is not None and any(literal in network for network in self._networks):
-            # The common case (a console on an allowed address): no lookup.
-            return succeed(str(literal))
+            # The common case (a console on an allowed address): no lookup,
+            # and the answer is kept (bounded) for the next console.
+            address = str(literal)
+            if len(self._allowed_literals) >= _NAME_CACHE_SWEEP_AT:
+                self._allowed_literals.clear()
+            self._allowed_literals[host] = address
+            return succeed(address)
         return Deferred.fromCoroutine(self._resolve(host))
 
     async def _resolve(self, host: str) -> str:
