@@ -9,11 +9,18 @@ import io
 import json
 from typing import Any, Dict, List
 
-from twisted.logger import LogLevel, formatEvent, textFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.logs import (
+    LevelFilter,
     LogSetup,
     debug_enabled,
     classic_text_formatter,
@@ -131,6 +138,43 @@ class ClassicTextFormatterTests(SynchronousTestCase):
         setup.observer(event)
         textFileLogObserver(reference)(event)
         self.assertEqual(out.getvalue(), reference.getvalue())
+
+
+class LevelFilterTests(SynchronousTestCase):
+    """
+    Tests for L{LevelFilter}: it passes exactly the events Twisted's
+    L{FilteringLogObserver} with a L{LogLevelFilterPredicate} passes.
+    """
+
+    def events(self) -> List[Dict[str, Any]]:
+        events: List[Dict[str, Any]] = []
+        for level in [None, *LogLevel.iterconstants()]:
+            for namespace in [None, "", "vaporproxy.bridge", "twisted.python.log"]:
+                event: Dict[str, Any] = {"log_format": "x"}
+                if level is not None:
+                    event["log_level"] = level
+                if namespace is not None:
+                    event["log_namespace"] = namespace
+                events.append(event)
+        return events
+
+    def test_sameAsTwisted(self) -> None:
+        """
+        For every level it is set to, the events passed are those Twisted's
+        level filter passes (none without a level or a namespace), also
+        after a level change.
+        """
+        for level in LogLevel.iterconstants():
+            ours: List[Any] = []
+            theirs: List[Any] = []
+            fast = LevelFilter(ours.append, LogLevel.critical)
+            fast.set_level(level)
+            reference = FilteringLogObserver(theirs.append, [LogLevelFilterPredicate(level)])
+            for event in self.events():
+                fast(event)
+                reference(event)
+            self.assertEqual(ours, theirs)
+            self.assertTrue(ours, level)
 
 
 class JSONMessageTests(SynchronousTestCase):

@@ -5,7 +5,7 @@ output.
 twistd starts logging right after C{makeService} returns, with the
 L{ILogObserver} component of its application if there is one (the way a
 C{.tac} file sets its own observer).  L{LogSetup} builds that observer:
-a L{FilteringLogObserver} whose level can change on SIGHUP, in front of a
+a level filter (L{LevelFilter}) whose level can change on SIGHUP, in front of a
 text (twistd's usual lines) or JSON-lines formatter, writing where
 twistd's own options (C{--nodaemon}, C{--logfile}, C{--syslog}) say.
 C{tap.VaporService} hands it to the application when twistd parents it.
@@ -22,17 +22,15 @@ from typing import IO, Any, Callable, Mapping, Optional
 
 from twisted.logger import (
     FileLogObserver,
-    FilteringLogObserver,
     ILogObserver,
     LegacyLogObserverWrapper,
     LogLevel,
-    LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     timeFormatRFC3339,
 )
-from zope.interface import provider
+from zope.interface import implementer, provider
 
 from vaporproxy.config import ConfigError, parse_log_level
 
@@ -218,6 +216,33 @@ def twistd_destination(twistd_options: Optional[Mapping[str, Any]]) -> Any:
     return LogFile.fromFullPath(logfile or "twistd.log")
 
 
+@implementer(ILogObserver)
+class LevelFilter:
+    """
+    Passes the events at or above a level on to C{observer}: what Twisted's
+    L{FilteringLogObserver} with a L{LogLevelFilterPredicate} does for one
+    level for every namespace (events without a level or a namespace are
+    dropped), with one set lookup per event instead of a walk up the
+    namespace and comparisons of level constants: every console logs, so
+    that was a visible share of a console's set-up cost (issue #3).
+    """
+
+    def __init__(self, observer: ILogObserver, level: LogLevel):
+        self._observer = observer
+        self._passing: frozenset = frozenset()
+        self.set_level(level)
+
+    def set_level(self, level: LogLevel) -> None:
+        """
+        From now on pass C{level} and the levels above it.
+        """
+        self._passing = frozenset(other for other in LogLevel.iterconstants() if not other < level)
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        if event.get("log_level") in self._passing and event.get("log_namespace"):
+            self._observer(event)
+
+
 class LogSetup:
     """
     vaporproxy's log observer: a level filter in front of a formatter.
@@ -234,7 +259,6 @@ class LogSetup:
         @param destination: a writable text file, or a legacy observer
             (syslog) which then formats by itself.
         """
-        self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
         self.level = level
         self.log_file = destination if hasattr(destination, "rotate") else None
         if hasattr(destination, "write"):
@@ -245,7 +269,8 @@ class LogSetup:
             )
         else:
             inner = LegacyLogObserverWrapper(destination)
-        self.observer: ILogObserver = FilteringLogObserver(inner, [self.predicate])
+        self._filter = LevelFilter(inner, LEVELS[level])
+        self.observer: ILogObserver = self._filter
 
     def install(self) -> None:
         """
@@ -265,7 +290,7 @@ class LogSetup:
         """
         Change the level in force (SIGHUP reload).
         """
-        self.predicate.setLogLevelForNamespace(None, LEVELS[level])
+        self._filter.set_level(LEVELS[level])
         self.level = level
 
 
@@ -290,6 +315,7 @@ __all__ = [
     "ConfigError",
     "ENV_LEVEL",
     "LEVELS",
+    "LevelFilter",
     "LogSetup",
     "classic_text_formatter",
     "debug_enabled",
