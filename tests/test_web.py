@@ -786,6 +786,42 @@ class ConsoleSiteTests(SynchronousTestCase):
         site._logFile.flush()
         self.assertEqual(written.getvalue(), before)
 
+    def test_accessLogEvents(self) -> None:
+        """
+        When the site writes to the global log (no log file of its own),
+        every finished request is one info event of the
+        C{vaporproxy.access} namespace whose text is the combined-format
+        line, tokens redacted; with access_log off there is none.
+        """
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+        from twisted.python import log as legacy_log
+        from twisted.web.test.requesthelper import DummyRequest
+
+        token = "cd" * 32
+        site = web.ConsoleSite(web._NOT_FOUND)
+        site._logFile = legacy_log.logfile
+        site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
+        request = DummyRequest([b"ws"])
+        request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 200
+        request.uri = f"{VMS}/web-1/console/ws?token={token}".encode()
+        request.sentLength = 7
+        plain = DummyRequest([b"healthz"])
+        plain.method, plain.uri, plain.clientproto, plain.code = b"GET", b"/healthz", b"HTTP/1.1", 200
+        plain.sentLength = 15
+        with capturedLogs() as events:
+            site.log(request)
+            site.log(plain)
+            site.access_log = False
+            site.log(plain)
+        self.assertEqual(
+            [(e["log_namespace"], e["log_level"]) for e in events],
+            [("vaporproxy.access", LogLevel.info)] * 2,
+        )
+        first, second = (formatEvent(e) for e in events)
+        self.assertNotIn(token, first)
+        self.assertIn('"GET /api/v1/virtualization/virtualmachines/web-1/console/ws?token=<redacted> HTTP/1.1" 200 7', first)
+        self.assertEqual(second, '"-" - - [01/Jan/2024:00:00:00 +0000] "GET /healthz HTTP/1.1" 200 15 "-" "-"')
+
     def test_tokenRedacted(self) -> None:
         """When a request carries a token in its query, the access log line has it redacted."""
         from io import BytesIO

@@ -35,6 +35,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python import log as _legacy_log
 from twisted.python.failure import Failure
 from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
@@ -210,7 +211,14 @@ def redacting_log_formatter(timestamp: str, request: IRequest) -> str:
     """
     Twisted's combined log format, with console tokens redacted.
     """
+    if b"?" not in request.uri:
+        # No query, no token: nothing to redact.
+        return combinedLogFormatter(timestamp, request)
     return combinedLogFormatter(timestamp, _RedactedRequest(request))
+
+
+#: The access log: one line per request (C{logging.access_log}).
+access_log = Logger(namespace="vaporproxy.access")
 
 
 class ConsoleSite(Site):
@@ -230,7 +238,18 @@ class ConsoleSite(Site):
         super().__init__(resource, *args, **kwargs)
 
     def log(self, request: IRequest) -> None:
-        if self.access_log:
+        """
+        The request's line, to the log (namespace C{vaporproxy.access}), or
+        to the log file this site was given (Twisted's C{logPath}).
+        """
+        if not self.access_log:
+            return
+        if self._logFile is _legacy_log.logfile:
+            # What Site.log does when no log file is set (it writes to the
+            # global log's file object, which makes the same event of each
+            # line), without that detour.
+            access_log.info("{log_io}", log_io=self._logFormatter(self._logDateTime, request))
+        else:
             Site.log(self, request)
 
 
