@@ -175,24 +175,28 @@ class StepReader:
         Run the generator as far as the buffered bytes and its wait
         conditions allow.
         """
+        buffer = self._buffer
         while not self.done:
             need = self._need
-            if isinstance(need, UpTo):
-                if not self._buffer:
+            if type(need) is int:
+                # The common step: exactly that many bytes.
+                if len(buffer) < need:
                     return
-                chunk = bytes(self._buffer[: need.n])
-                del self._buffer[: need.n]
+                chunk = bytes(buffer[:need])
+                del buffer[:need]
+                self._advance(chunk)
+            elif isinstance(need, UpTo):
+                if not buffer:
+                    return
+                chunk = bytes(buffer[: need.n])
+                del buffer[: need.n]
                 self._advance(chunk)
             elif callable(need):
                 if not need():
                     return
                 self._advance(None)
-            elif len(self._buffer) >= need:
-                chunk = bytes(self._buffer[:need])
-                del self._buffer[:need]
-                self._advance(chunk)
             else:
-                return
+                raise TypeError(f"a handshake step yielded {need!r}")
 
     def close(self) -> None:
         """
@@ -423,7 +427,7 @@ class RFBGuard(TwoSidedGuard):
         """
         Bytes from the browser.
         """
-        self._run(lambda: self._client.feed(data))
+        self._run(self._client.feed, data)
 
     def server_connected(self) -> None:
         """
@@ -437,7 +441,7 @@ class RFBGuard(TwoSidedGuard):
         """
         if self._tls_started and data:
             self._tls_data = True
-        self._run(lambda: self._server.feed(data))
+        self._run(self._server.feed, data)
 
     def server_lost(self, reason: object = None) -> None:
         """
@@ -459,11 +463,11 @@ class RFBGuard(TwoSidedGuard):
 
     # -- internals ---------------------------------------------------------
 
-    def _run(self, step: Callable[[], None]) -> None:
+    def _run(self, step: Callable[..., None], *args: Any) -> None:
         if self._out.failed or self._out.finished:
             return
         try:
-            step()
+            step(*args)
             # A step on one side may unblock the other.
             self._client.pump()
         except GuardFailure as failure:

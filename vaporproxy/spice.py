@@ -33,7 +33,7 @@ Wire layouts (spice-protocol C{spice/protocol.h}, all little-endian)::
 from __future__ import annotations
 
 import struct
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -174,7 +174,7 @@ class SpiceGuard(TwoSidedGuard):
                 self._out.emit("send_to_server", data)
                 self._out.flush()
             return
-        self._run(lambda: self._client.feed(data))
+        self._run(self._client.feed, data)
 
     def server_connected(self) -> None:
         """
@@ -187,15 +187,15 @@ class SpiceGuard(TwoSidedGuard):
         """
         Bytes from the VM.
         """
-        self._run(lambda: self._server.feed(data))
+        self._run(self._server.feed, data)
 
     # -- internals ---------------------------------------------------------
 
-    def _run(self, step: Callable[[], None]) -> None:
+    def _run(self, step: Callable[..., None], *args: Any) -> None:
         if self._out.failed or self._out.finished:
             return
         try:
-            step()
+            step(*args)
             # Progress on one side may unblock the other.
             self._client.pump()
             self._server.pump()

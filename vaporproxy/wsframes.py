@@ -18,7 +18,7 @@ reactor turn), and falls back to the transport's own buffered C{write}.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, Set
 
 __all__ = [
     "CLOSE_PROTOCOL_ERROR",
@@ -365,20 +365,29 @@ def _rotate(mask: bytes, n: int) -> bytes:
 # ---------------------------------------------------------------------------
 
 
+#: Transport classes whose instances L{send_now} may write to (found from
+#: a first live instance; a class not found so is checked every time).
+_DIRECT_CLASSES: Set[type] = set()
+
+
 def direct_writer(transport: Any) -> Any:
     """
     C{transport} when L{send_now} may write to its socket directly (a plain
     TCP connection of Twisted's, not TLS), else C{None}.
     """
-    from twisted.internet.tcp import Connection
-
     if getattr(transport, "TLS", False):
         # startTLS was called on it (VeNCrypt towards the VM): its bytes
         # must go through the TLS layer, never straight to the socket.
         return None
+    cls = type(transport)
+    if cls in _DIRECT_CLASSES:
+        return transport
+    from twisted.internet.tcp import Connection
+
     if isinstance(transport, Connection) and all(
         hasattr(transport, name) for name in ("socket", "dataBuffer", "offset", "_tempDataLen", "disconnecting")
     ):
+        _DIRECT_CLASSES.add(cls)
         return transport
     return None
 
