@@ -473,6 +473,44 @@ def run_steady(bench: Bench, t: Target, names: List[str], results: dict) -> None
             file=sys.stderr)
 
 
+def run_rtt_interleaved(bench: Bench, targets: List[Target], results: dict) -> None:
+    """
+    The RTT workload of every target, interleaved: run 1 of each target,
+    then run 2 of each, and so on, with all of them started.  Tail latency
+    swings with whatever else the host runs; measured target after target
+    (minutes apart) the p99 ratios compared different minutes, not
+    different proxies.  An idle target costs nothing while another is
+    measured.
+    """
+    job = workloads(bench.args)["rtt"]
+    started: List[Target] = []
+    try:
+        for t in targets:
+            if t.workloads is not None and "rtt" not in t.workloads:
+                continue
+            try:
+                t.up()
+            except Exception as e:  # reported like the other workloads' failures
+                results.setdefault(t.name, {})["rtt"] = {"runs": [{"error": f"did not start: {str(e)[:300]}"}]}
+                continue
+            started.append(t)
+        runs: Dict[str, List[dict]] = {t.name: [] for t in started}
+        for i in range(bench.args.runs):
+            for t in started:
+                r = bench.client(dict(job, target=t.job_target()), timeout=60)
+                runs[t.name].append(r)
+                if "error" in r:
+                    print(f"  {t.name} rtt run {i + 1}: ERROR {r['error']}", file=sys.stderr)
+    finally:
+        for t in started:
+            t.down()
+    for t in started:
+        results.setdefault(t.name, {})["rtt"] = {"runs": runs[t.name], "interleaved": True}
+        summary = {k: median_of(runs[t.name], k) for k in ("p50_us", "p99_us", "errors")}
+        print(f"  {t.name:18} rtt     " + " ".join(
+            f"{k}={v:.1f}" for k, v in summary.items() if v is not None), file=sys.stderr)
+
+
 def run_conc(bench: Bench, t: Target, results: dict) -> None:
     if bench.args.levels:
         levels = [int(x) for x in bench.args.levels.split(",")]
@@ -858,8 +896,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ran = []
     started = time.monotonic()
     elapsed = results["meta"]["elapsed_s"] = {}
+    # RTT runs interleaved across the targets, after the rest (see
+    # run_rtt_interleaved); the other steady workloads target by target.
+    interleave_rtt = "rtt" in names
+    steady = [n for n in names if n != "rtt"]
+    targets = bench.targets()
     try:
-        for t in bench.targets():
+        for t in targets:
             t_start = time.monotonic()
             print(f"== {t.name}", file=sys.stderr)
             try:
@@ -870,7 +913,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             ran.append(t.name)
             try:
-                run_steady(bench, t, names, results)
+                run_steady(bench, t, steady, results)
             finally:
                 t.down()
             if t.workloads is None:
@@ -881,6 +924,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.profile and t.name == "vaporproxy":
                 profile(bench, t, ["down1", "up4k", "setup8"], results)
             elapsed[t.name] = round(time.monotonic() - t_start, 1)
+        if interleave_rtt and ran:
+            t_start = time.monotonic()
+            print("== RTT, interleaved: " + ", ".join(ran), file=sys.stderr)
+            run_rtt_interleaved(bench, [t for t in targets if t.name in ran], results)
+            elapsed["rtt_interleaved"] = round(time.monotonic() - t_start, 1)
         if args.workers2 or (not args.no_workers2 and not args.targets):
             t_start = time.monotonic()
             run_worker_line(bench, results)
