@@ -1768,11 +1768,20 @@ class DialTests(SynchronousTestCase):
         self.assertEqual(backend.value(), b"hi")
 
     def test_peerKnown(self) -> None:
-        """When the WebSocket connects, Autobahn's peer and transport details are set as its adapter would."""
+        """
+        When the WebSocket connects, Autobahn's peer is set as its adapter
+        would; the transport details (built on first use) describe the
+        connection as the adapter's would.
+        """
         h = Harness()
         conn = h.open(h.token())
         self.assertEqual(conn.server.peer, "tcp4:198.51.100.7:40000")
-        self.assertEqual(conn.server._transport_details.peer, conn.server.peer)
+        details = conn.server.transport_details
+        self.assertEqual(
+            (details.peer, details.is_server, details.is_secure, details.channel_framing),
+            (conn.server.peer, True, False, details.CHANNEL_FRAMING_WEBSOCKET),
+        )
+        self.assertIs(conn.server.transport_details, details)
 
 
 class ProtocolOptionsTests(SynchronousTestCase):

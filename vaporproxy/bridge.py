@@ -47,7 +47,7 @@ from urllib.parse import unquote, urlsplit
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
-from autobahn.twisted.util import create_transport_details
+from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.types import ConnectionDeny
@@ -661,6 +661,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     _backend_direct: Any = None
     #: The bytes for the client held while C{succeedHandshake} runs.
     _cork: Optional[List[bytes]] = None
+    #: Whether L{transport_details} were built.
+    _details_built = False
 
     # -- Twisted / Autobahn events ----------------------------------------
 
@@ -801,9 +803,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         else:
             # Autobahn's Twisted adapter's connectionMade, without its
             # closing debug line (hltype() computed even when debug is off).
-            details = self._transport_details = create_transport_details(self.transport, self.is_server)
-            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-            self.peer = details.peer
+            # The transport details are built on first use (transport_details).
+            self.peer = peer2str(self.transport)
             try:
                 self.transport.setTcpNoDelay(self.tcpNoDelay)
             except Exception:
@@ -813,6 +814,21 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             self._connect_timer = self._reactor.callLater(
                 self._console.connection_timeout, self._connection_timed_out
             )
+
+    @property
+    def transport_details(self) -> Optional[TransportDetails]:
+        """
+        Autobahn's details of this connection (peer, TLS, ...), built on
+        first use: nothing in vaporproxy reads them, and building them for
+        every console (two system calls and a validated object) was a
+        visible share of a console's set-up cost (issue #3).
+        """
+        if not self._details_built and self.transport is not None:
+            details = create_transport_details(self.transport, self.is_server)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self._transport_details = details
+            self._details_built = True
+        return self._transport_details
 
     def onConnect(self, request: Any) -> Optional[str]:
         """
