@@ -536,15 +536,19 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual([lease.releases for lease in self.h.limiter.leases], [1])
         self.assertEqual(self.h.limiter.live(), 0)
 
-    def test_readsPausedUntilBackend(self) -> None:
+    def test_readsGoOnWhileDialling(self) -> None:
         """
-        When the WebSocket opens, reads from it are paused until the VM
-        connection is made.
+        While the VM is being dialled, the browser's bytes are read and
+        given to the guard (its handshake with the browser goes on
+        meanwhile); reads are never paused for it.
         """
         conn = self.h.open(self.h.token())
-        self.assertEqual(conn.transport.reading_states, ["paused"])
+        self.assertEqual(len(self.h.reactor.tcpClients), 1, "dialling")
+        conn.send(b"RFB 003.008\n")
+        [guard] = PassthroughGuard.instances
+        self.assertEqual(guard.pending, [b"RFB 003.008\n"])
         conn.connect_backend()
-        self.assertEqual(conn.transport.reading_states[:2], ["paused", "producing"])
+        self.assertEqual(conn.transport.reading_states, [])
 
 
 class RelayParserTests(SynchronousTestCase):

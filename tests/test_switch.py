@@ -829,7 +829,7 @@ class TLSTests(SynchronousTestCase):
         self.assertTrue(cf.opened)
         [bridge] = built
         self.assertIs(server.wrappedProtocol, bridge)
-        self.assertTrue(bridge._transport_details.is_secure)
+        self.assertTrue(bridge.transport_details.is_secure)
         host, port, factory, _, _ = h.reactor.tcpClients.pop(0)
         backend = factory.buildProtocol(IPv4Address("TCP", host, port))
         backend_transport = StringTransport()

@@ -865,7 +865,10 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if self._finished:
             return
         self._opened = True
-        self._pause_reading()
+        # Reads go on while the token is redeemed and the VM dialled: what
+        # the browser sends before the guard exists is held (at most
+        # buffer_size), then the guard's handshake with the browser runs
+        # alongside the dial (a VNC browser speaks only when spoken to).
         d = Deferred.fromCoroutine(self._setup())
         d.addErrback(self._setup_failed)
 
@@ -1104,7 +1107,6 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             return
         address, port = self._target
         remaining = self._console.connection_timeout - (self._seconds() - self._started_at)
-        self._pause_reading()
         # An address literal (the host policy's answer), IPv4 or IPv6.
         self._connecting = self._reactor.connectTCP(
             address, port, _BackendFactory(self), timeout=max(1, int(remaining + 0.999))
