@@ -339,6 +339,7 @@ def _is_wildcard(address: Optional[str]) -> bool:
         return False
 
 
+@lru_cache(maxsize=256)
 def hypervisor_host(uri: str) -> Optional[str]:
     """
     The host part of a libvirt URI (C{qemu+ssh://root@h1/system} is
