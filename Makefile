@@ -60,6 +60,8 @@ $(STAMPS)/npm: package.json $(STAMPS)/apt
 
 $(STAMPS)/bench: $(STAMPS)/pip
 	$(PYTHON) -m pip install -q --disable-pip-version-check websockify==0.13.0 numpy
+	@dpkg -s valgrind >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends valgrind)
 	@touch $@
 
 clean:
