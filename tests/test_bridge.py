@@ -815,10 +815,13 @@ class ErrorTests(SynchronousTestCase):
     def test_connectionTimeout(self) -> None:
         """
         When the VM does not answer within C{connection_timeout}, the
-        connection attempt is cancelled and CONNECTION_FAILED (4006).
+        connection attempt is cancelled and CONNECTION_FAILED (4006): the
+        console's connection timer does it (the dial has no timer of its
+        own).
         """
         conn = self.h.open(self.h.token())
         connector = self.h.reactor.connectors[0]
+        self.assertIsNone(self.h.reactor.tcpClients[0][3], "no connect timeout of the dial's own")
         self.h.reactor.advance(9.9)
         conn.pump.flush()
         self.assertIsNone(conn.closed)

@@ -1106,11 +1106,15 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if self._finished:
             return
         address, port = self._target
-        remaining = self._console.connection_timeout - (self._seconds() - self._started_at)
+        # The connection timer (connectionMade) ends the console at the
+        # deadline, the dial included; the connector needs a timeout of its
+        # own only without one (one timer fewer per console).
+        timeout: Optional[int] = None
+        if self._connect_timer is None:
+            remaining = self._console.connection_timeout - (self._seconds() - self._started_at)
+            timeout = max(1, int(remaining + 0.999))
         # An address literal (the host policy's answer), IPv4 or IPv6.
-        self._connecting = self._reactor.connectTCP(
-            address, port, _BackendFactory(self), timeout=max(1, int(remaining + 0.999))
-        )
+        self._connecting = self._reactor.connectTCP(address, port, _BackendFactory(self), timeout=timeout)
 
     def _dial_failed(self, failure: Failure) -> None:
         self._connecting = None
