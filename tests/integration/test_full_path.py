@@ -15,6 +15,7 @@ import gc
 import hashlib
 import json
 import os
+import socket
 import struct
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
@@ -405,6 +406,55 @@ class FreedWithoutCollectorTests(VNCStackMixin, TestCase):
         the guard, whose parsers were waiting, is freed with the rest.
         """
         return Deferred.fromCoroutine(self._mid_handshake())
+
+
+class SilentVMTests(TestCase):
+    """
+    A VM whose console port takes the TCP connection and never speaks (a
+    listening socket nobody accepts on): the browser's half of the RFB
+    handshake goes on meanwhile, and what it sends beyond it is bounded.
+    """
+
+    timeout = 20
+    if libvirt is None:
+        skip = "libvirt-python is not installed"
+
+    def setUp(self) -> None:
+        self.silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(self.silent.close)
+        self.silent.bind(("127.0.0.1", 0))
+        self.silent.listen(8)
+        port = self.silent.getsockname()[1]
+        self.stack = start_stack(self, [domain_xml("vm-silent", UUID_VNC, [graphics_xml("vnc", port)])])
+
+    async def _flood(self) -> None:
+        status, info = await self.stack.get_json(f"{VM_PATH}/vm-silent/console", key=ALICE_KEY)
+        self.assertEqual(status, 200, info)
+        ws = await self.stack.websocket(info["ws_path"], info["token"])
+        client = ws.client
+        got = await ws.until_length(12)
+        self.assertEqual(got, b"RFB 003.008\n")
+        client.send(b"RFB 003.008\n")
+        got = await ws.until_length(14)
+        self.assertEqual(got[12:14], b"\x01\x01", "security types while the VM is silent")
+        client.send(b"\x01")
+        got = await ws.until_length(18)
+        self.assertEqual(got[14:18], b"\0\0\0\0", "SecurityResult while the VM is silent")
+        client.send(b"\x01")  # ClientInit: held until the VM side is done
+        for _ in range(8):
+            client.send(b"k" * 16384)  # 128 KiB the guard may not hold
+        self.assertEqual(await ws.closed, (4012, "BAD_REQUEST"))
+        self.assertEqual(error_of(ws)["code"], "BAD_REQUEST")
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        self.assertEqual(stats["total_connections"], 0)
+
+    def test_browserFloodWhileVMSilent(self) -> Deferred:
+        """
+        While the VM has not spoken, the proxy answers the browser's
+        version and security choice; a browser that then sends more than
+        the guard holds is refused with 4012 BAD_REQUEST and frees its slot.
+        """
+        return Deferred.fromCoroutine(self._flood())
 
 
 class LimitTests(VNCStackMixin, TestCase):
