@@ -256,11 +256,33 @@ def handshake_readers(
 
 class TwoSidedGuard:
     """
-    What the RFB and SPICE guards share: a L{StepReader} per side.
+    What the RFB and SPICE guards share: a L{StepReader} per side, a
+    L{SinkQueue} (C{_out}), how one step is run, and C{close}.
     """
+
+    #: Names the protocol in the debug line of a failed handshake.
+    protocol_name = ""
 
     _client: StepReader
     _server: StepReader
+    _out: "SinkQueue"
+
+    def _run(self, step: Callable[..., None], *args: Any) -> None:
+        """
+        Run C{step(*args)}, let both sides go as far as that allows (a step
+        on one side may unblock the other), then make the queued sink calls;
+        a L{GuardFailure} becomes the sink's one C{fail}.
+        """
+        if self._out.failed or self._out.finished:
+            return
+        try:
+            step(*args)
+            self._client.pump()
+            self._server.pump()
+        except GuardFailure as failure:
+            log.debug("{protocol} handshake failed: {reason}", protocol=self.protocol_name, reason=failure.reason)
+            self._out.emit("fail", failure.error, failure.reason)
+        self._out.flush()
 
     def close(self) -> None:
         """
@@ -398,6 +420,8 @@ class RFBGuard(TwoSidedGuard):
     @ivar vencrypt_subtype: the VeNCrypt sub-type in use, or C{None}.
     """
 
+    protocol_name = "VNC"
+
     def __init__(self, sink: object, password: Optional[str], tls: Optional["VeNCryptTLS"] = None):
         self._password = password if password else None
         self._tls = tls
@@ -462,18 +486,6 @@ class RFBGuard(TwoSidedGuard):
         self._run(lost)
 
     # -- internals ---------------------------------------------------------
-
-    def _run(self, step: Callable[..., None], *args: Any) -> None:
-        if self._out.failed or self._out.finished:
-            return
-        try:
-            step(*args)
-            # A step on one side may unblock the other.
-            self._client.pump()
-        except GuardFailure as failure:
-            log.debug("VNC handshake failed: {reason}", reason=failure.reason)
-            self._out.emit("fail", failure.error, failure.reason)
-        self._out.flush()
 
     def _client_steps(self) -> Steps:
         out = self._out

@@ -33,7 +33,7 @@ Wire layouts (spice-protocol C{spice/protocol.h}, all little-endian)::
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -137,6 +137,8 @@ class SpiceGuard(TwoSidedGuard):
         channel that later channels must name.
     """
 
+    protocol_name = "SPICE"
+
     def __init__(self, sink: object, password: Optional[str], expected_session_id: Optional[int]):
         self._password = password
         self._expected = expected_session_id
@@ -190,19 +192,6 @@ class SpiceGuard(TwoSidedGuard):
         self._run(self._server.feed, data)
 
     # -- internals ---------------------------------------------------------
-
-    def _run(self, step: Callable[..., None], *args: Any) -> None:
-        if self._out.failed or self._out.finished:
-            return
-        try:
-            step(*args)
-            # Progress on one side may unblock the other.
-            self._client.pump()
-            self._server.pump()
-        except GuardFailure as failure:
-            log.debug("SPICE handshake failed: {reason}", reason=failure.reason)
-            self._out.emit("fail", failure.error, failure.reason)
-        self._out.flush()
 
     def _admit(self, connection_id: int, channel_type: int) -> None:
         is_main = channel_type == SPICE_CHANNEL_MAIN
