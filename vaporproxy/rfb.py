@@ -356,6 +356,23 @@ def effective_version(major: int, minor: int) -> Optional[int]:
     return 3
 
 
+def peer_version(data: bytes, peer: str, failure: Callable[[str], GuardFailure]) -> int:
+    """
+    The handshake (3, 7 or 8) a peer's ProtocolVersion message stands for.
+
+    @param peer: C{"client"} or C{"server"}, for the failure's reason.
+    @raise GuardFailure: from C{failure} when the message is malformed or
+        the version is below 3.
+    """
+    parsed = parse_version(data)
+    if parsed is None:
+        raise failure(f"{peer} sent a malformed protocol version")
+    version = effective_version(*parsed)
+    if version is None:
+        raise failure("%s protocol version %d.%d" % (peer, *parsed))
+    return version
+
+
 def version_bytes(minor: int) -> bytes:
     """
     The ProtocolVersion message for RFB 3.C{minor}.
@@ -491,12 +508,7 @@ class RFBGuard(TwoSidedGuard):
         out = self._out
         yield lambda: self._started
         out.emit("send_to_client", RFB_VERSION_38)
-        parsed = parse_version((yield 12))
-        if parsed is None:
-            raise client_failure("client sent a malformed protocol version")
-        version = effective_version(*parsed)
-        if version is None:
-            raise client_failure("client protocol version %d.%d" % parsed)
+        version = peer_version((yield 12), "client", client_failure)
         self.client_version = version
         if version == 3:
             out.emit("send_to_client", struct.pack("!I", SEC_NONE))
@@ -524,12 +536,7 @@ class RFBGuard(TwoSidedGuard):
 
     def _server_steps(self) -> Steps:
         out = self._out
-        parsed = parse_version((yield 12))
-        if parsed is None:
-            raise server_failure("server sent a malformed protocol version")
-        version = effective_version(*parsed)
-        if version is None:
-            raise server_failure("server protocol version %d.%d" % parsed)
+        version = peer_version((yield 12), "server", server_failure)
         self.server_version = version
         out.emit("send_to_server", version_bytes(version))
 
