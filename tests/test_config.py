@@ -722,36 +722,17 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
 
 def _self_signed_pem(path: str) -> str:
     """
-    Write a self-signed key and certificate for localhost into one PEM
-    file at C{path}; answer C{path}.
+    Write a self-signed key and certificate for localhost
+    (L{tests.integration.stack.self_signed}) into one PEM file at C{path};
+    answer C{path}.
     """
-    import datetime
+    from tests.integration.stack import self_signed
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    with open(path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    directory = path + ".d"
+    os.makedirs(directory)
+    key_path, cert_path, _ = self_signed(directory)
+    with open(path, "wb") as out:
+        for part in (key_path, cert_path):
+            with open(part, "rb") as f:
+                out.write(f.read())
     return path

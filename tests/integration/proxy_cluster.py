@@ -38,7 +38,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest
 from twisted.web.client import HTTPConnectionPool
 
-from tests.integration.redis_server import free_port
+from tests.integration.redis_server import free_port, stop_process
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VM_PATH = "/api/v1/virtualization/virtualmachines"
@@ -158,14 +158,7 @@ class ProxyProcess:
         """
         SIGTERM (then SIGKILL after 5 s) by PID, and reap.
         """
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_process(self.process)
 
 
 class HTTP:

@@ -16,7 +16,22 @@ from typing import Optional
 
 from twisted.trial.unittest import SkipTest
 
-__all__ = ["RedisServer", "free_port"]
+__all__ = ["RedisServer", "free_port", "stop_process"]
+
+
+def stop_process(process: Optional[subprocess.Popen], grace: float = 5.0) -> None:
+    """
+    Stop a child process by its PID: SIGTERM, then SIGKILL after C{grace}
+    seconds; reap it.  Nothing when it is not running.
+    """
+    if process is None or process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def free_port() -> int:
@@ -90,14 +105,7 @@ class RedisServer:
         Stop the server (SIGTERM, then SIGKILL) by its PID and reap it.
         """
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(5)
+        stop_process(process)
 
     def cleanup(self) -> None:
         """
