@@ -71,6 +71,20 @@ def ws_url(base_url: str, info: Dict[str, Any]) -> str:
     return base_url.replace("http://", "ws://") + info["ws_path"] + "?token=" + info["token"]
 
 
+async def open_once(base_url: str, info: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    The browser opens the console WebSocket of C{info} once (the Origin is
+    the proxy's own); answer the driver's result for it.
+    """
+    [r] = await run_driver(
+        {
+            "timeout_ms": 20000,
+            "steps": [{"kind": "ws", "origin": base_url + "/healthz", "ws_url": ws_url(base_url, info)}],
+        }
+    )
+    return r
+
+
 class E2ETestCase(unittest.TestCase):
     """
     Shared helpers; the environment is created by the first test.
@@ -243,18 +257,7 @@ class WebSocketErrorTests(E2ETestCase):
             info = await mint(proxy.base_url, self.env.key, VM_NAME, "vnc")
             self.assertEqual(info["status"], 200, info)
             await deferLater(reactor, 1.6, lambda: None)
-            [r] = await run_driver(
-                {
-                    "timeout_ms": 20000,
-                    "steps": [
-                        {
-                            "kind": "ws",
-                            "origin": proxy.base_url + "/healthz",
-                            "ws_url": ws_url(proxy.base_url, info["body"]),
-                        }
-                    ],
-                }
-            )
+            r = await open_once(proxy.base_url, info["body"])
             self.assert_closed_with(r, 4002, "TOKEN_EXPIRED", self.explain("short-ttl", r))
 
         return Deferred.fromCoroutine(go())
@@ -317,18 +320,7 @@ class WebSocketErrorTests(E2ETestCase):
                 probe = await mint(proxy.base_url, self.env.key, VM_NAME, "vnc")
                 if probe["status"] != 200:
                     break
-            [r] = await run_driver(
-                {
-                    "timeout_ms": 20000,
-                    "steps": [
-                        {
-                            "kind": "ws",
-                            "origin": proxy.base_url + "/healthz",
-                            "ws_url": ws_url(proxy.base_url, info["body"]),
-                        }
-                    ],
-                }
-            )
+            r = await open_once(proxy.base_url, info["body"])
             self.assert_closed_with(r, 4008, "UNAUTHORIZED", self.explain("hosts", r))
 
         return Deferred.fromCoroutine(go())
