@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -231,7 +231,12 @@ class Bench:
 
     def vapor_target(self, name: str, nvx: bool = True, workers: int = 1,
                      workloads: Optional[List[str]] = None, redis: bool = False,
-                     cpu: str = PROXY_CPU) -> Target:
+                     cpu: str = PROXY_CPU, wrapper: Sequence[str] = (),
+                     start_timeout: float = 30) -> Target:
+        """
+        vaporproxy under C{twistd}, run through C{wrapper} (e.g. valgrind)
+        when given.
+        """
         port = free_port()
         log = os.path.join(self.work, f"{name}.log")
 
@@ -241,10 +246,10 @@ class Bench:
             env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
             if not nvx:
                 env["AUTOBAHN_USE_NVX"] = "0"
-            p = spawn(["twistd", "-n", "--pidfile=", "vaporproxy", "--config", conf],
+            p = spawn([*wrapper, "twistd", "-n", "--pidfile=", "vaporproxy", "--config", conf],
                       cpu, env, log)
             try:
-                wait_port(port, p, timeout=30)
+                wait_port(port, p, timeout=start_timeout)
             except RuntimeError as e:
                 stop(p)
                 with open(log, "rb") as f:
@@ -525,18 +530,12 @@ def run_instructions(bench: Bench, results: dict) -> None:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         entry["setup8_instr"] = {"skipped": "valgrind not installed"}
         return
-    port = free_port()
-    conf = bench.vapor_files(port)
     out = os.path.join(bench.work, "callgrind.out")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = spawn(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                  "twistd", "-n", "--pidfile=", "vaporproxy", "--config", conf],
-                 PROXY_CPU, env, os.path.join(bench.work, "callgrind.log"))
-    target = Target("vaporproxy", "vapor", lambda: proc, lambda: port,
-                    extra={"vm": VM_NAME, "apiKey": bench.api_key})
+    target = bench.vapor_target("vaporproxy-callgrind", start_timeout=600,
+                                wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
     try:
-        wait_port(port, proc, timeout=600)
+        target.up()
+        proc = target.proc
         job = dict(workloads(bench.args)["setup8"], target=target.job_target())
         bench.client(dict(job, duration_ms=3000), timeout=300)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, timeout=60)
@@ -562,7 +561,7 @@ def run_instructions(bench: Bench, results: dict) -> None:
     except Exception as e:  # reported, the rest of the bench goes on
         entry["setup8_instr"] = {"runs": [{"error": str(e)[:500]}]}
     finally:
-        stop(proc)
+        target.down()
 
 
 def run_conc(bench: Bench, t: Target, results: dict) -> None:
