@@ -21,7 +21,7 @@ test: deps
 	bash scripts/run-tests.sh $(TESTS)
 
 test-unit: deps
-	$(TRIAL) $$(ls tests/test_*.py | sed 's,/,.,;s,\.py$$,,')
+	$(TRIAL) $$(find tests -name 'test_*.py' -not -path 'tests/integration/*' -not -path 'tests/e2e/*' | sed 's,/,.,g;s,\.py$$,,')
 
 test-integration: deps
 	$(TRIAL) tests.integration

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from vaporproxy.interfaces import Grant, IOutcomeObserver, Outcome
 from vaporproxy.metrics import Metrics
-from vaporproxy.tokens import MemoryTokenStore
+from vaporproxy.stores.tokens import MemoryTokenStore
 
 VM = "6f1c2a4e-3b5d-4c8e-9a7f-0123456789ab"
 

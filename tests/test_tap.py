@@ -21,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.logfile import LogFile
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.qemu_fixture import write_x509_credentials
 from vaporproxy import tap
@@ -46,17 +46,6 @@ def vnc_tls_config(ca_file: str) -> str:
         'hypervisors: [{uri: "test:///default"}]',
         f'hypervisors: [{{uri: "test:///default", vnc_tls: {{ca_file: "{ca_file}"}}}}]',
     )
-
-
-def collaborators_or_skip() -> None:
-    """
-    Skip when a module that makeService wires is not importable yet.
-    """
-    for name in ("bridge", "consoles", "hosts", "metrics", "web", "tokens", "limits"):
-        try:
-            __import__(f"vaporproxy.{name}")
-        except ImportError as e:
-            raise SkipTest(f"vaporproxy.{name} is not importable yet: {e}")
 
 
 class ThreadingReactor(MemoryReactorClock):
@@ -182,7 +171,6 @@ class OptionsTests(SynchronousTestCase):
 
 class MakeServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
-        collaborators_or_skip()
         self.path = write(self.mktemp(), CONFIG)
         self.reactor = ThreadingReactor()
 
@@ -195,7 +183,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         When started, one port per listen endpoint serves the switch in front of the API site and the bridge; stopping stops them.
         """
-        from vaporproxy.switch import SwitchFactory
+        from vaporproxy.ws.switch import SwitchFactory
 
         root = self.make("--listen", "tcp:8123:interface=127.0.0.1", "--listen", "tcp6:8124:interface=\\:\\:1")
         endpoints = [s for s in root if isinstance(s, StreamServerEndpointService)]
@@ -216,8 +204,8 @@ class MakeServiceTests(SynchronousTestCase):
         """
         When built with the memory backend, the agreed pieces are wired with the config's values.
         """
-        from vaporproxy.limits import MemoryLimiter
-        from vaporproxy.tokens import MemoryTokenStore
+        from vaporproxy.stores.limits import MemoryLimiter
+        from vaporproxy.stores.tokens import MemoryTokenStore
 
         root = self.make()
         pieces = root.pieces
@@ -233,7 +221,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         When tokens.backend is redis, the Redis store and limiter are wired and dial the URL.
         """
-        from vaporproxy.redis_tokens import RedisLimiter, RedisTokenStore
+        from vaporproxy.stores.redis import RedisLimiter, RedisTokenStore
 
         write(self.path, CONFIG + "tokens: {backend: redis, redis_url: 'redis://127.0.0.1:6390/0'}\n")
         root = self.make()
@@ -263,9 +251,9 @@ class MakeServiceTests(SynchronousTestCase):
         """
         When Redis relays a terminate request it reaches the registry; starting starts the backend, stopping closes it.
         """
-        import vaporproxy.redis_tokens
-        from vaporproxy.limits import MemoryLimiter
-        from vaporproxy.tokens import MemoryTokenStore
+        import vaporproxy.stores.redis
+        from vaporproxy.stores.limits import MemoryLimiter
+        from vaporproxy.stores.tokens import MemoryTokenStore
 
         class FakeBackend:
             def __init__(self, reactor: Any) -> None:
@@ -292,7 +280,7 @@ class MakeServiceTests(SynchronousTestCase):
             backends.append(FakeBackend(reactor))
             return backends[-1]
 
-        self.patch(vaporproxy.redis_tokens, "connect_redis", connect_redis)
+        self.patch(vaporproxy.stores.redis, "connect_redis", connect_redis)
         write(self.path, CONFIG + "tokens: {backend: redis}\n")
         root = self.make()
         [backend] = backends
@@ -308,7 +296,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         When server.workers > 1, the process only supervises workers: no API of its own.
         """
-        from vaporproxy.workers import WorkerSupervisor
+        from vaporproxy.app.workers import WorkerSupervisor
 
         write(self.path, CONFIG.replace("server: {", "server: {workers: 2, ") + "tokens: {backend: redis}\n")
         root = self.make("--listen", "tcp:0:interface=127.0.0.1", "--listen", "haproxy:tcp:0:interface=127.0.0.1")
@@ -326,7 +314,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         When run as a worker, the process serves the inherited sockets instead of listening, with the PROXY wrapper where its endpoint has it.
         """
-        from vaporproxy.workers import AdoptedPortService
+        from vaporproxy.app.workers import AdoptedPortService
 
         root = self.make("--worker-fds", "7,8", "--listen", "tcp:0", "--listen", "haproxy:tcp:0")
         adopted = [s for s in root if isinstance(s, AdoptedPortService)]
@@ -389,13 +377,12 @@ class MakeServiceTests(SynchronousTestCase):
 
 class AccessLogWiringTests(SynchronousTestCase):
     def setUp(self) -> None:
-        collaborators_or_skip()
         self.path = write(self.mktemp(), CONFIG)
         self.reactor = ThreadingReactor()
 
     def test_accessLogOnByDefault(self) -> None:
         """When the config says nothing about it, the site writes the access log."""
-        from vaporproxy.web import ConsoleSite
+        from vaporproxy.http.api import ConsoleSite
 
         root = tap.makeService(options("--config", self.path, environ={}), self.reactor)
         site = root.pieces["site"]
@@ -415,7 +402,6 @@ class AccessLogWiringTests(SynchronousTestCase):
 
 class ReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
-        collaborators_or_skip()
         self.path = write(self.mktemp(), CONFIG)
         self.reactor = ThreadingReactor()
         self.root = tap.makeService(options("--config", self.path, environ={}), self.reactor)
@@ -783,9 +769,6 @@ def run_twistd(test: SynchronousTestCase, argv: List[str], environ: dict, until:
 
 
 class TwistdTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        collaborators_or_skip()
-
     def test_help(self) -> None:
         """
         When `twistd vaporproxy --help` runs with the repo on PYTHONPATH, it lists --config and --listen.

@@ -300,8 +300,8 @@ class IOutcomeObserver(Interface):
 class IProtocolGuard(Interface):
     """
     A sans-IO guard for one console WebSocket: it performs the security
-    handshake with the VM on the browser's behalf (L{vaporproxy.rfb.RFBGuard},
-    L{vaporproxy.spice.SpiceGuard}) and talks to the bridge through an
+    handshake with the VM on the browser's behalf (L{vaporproxy.guards.rfb.RFBGuard},
+    L{vaporproxy.guards.spice.SpiceGuard}) and talks to the bridge through an
     L{IGuardSink}.  Once it calls C{sink.established()} the bridge relays raw
     bytes and never calls the guard again.
     """

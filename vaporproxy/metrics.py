@@ -62,7 +62,7 @@ class Metrics:
     """
     The metrics of this process.
 
-    @param registry: the live consoles (a L{vaporproxy.bridge.ConsoleRegistry}:
+    @param registry: the live consoles (a L{vaporproxy.ws.bridge.ConsoleRegistry}:
         C{consoles()} giving records with C{as_dict(now)}).
     @param token_store: an L{ITokenStore} (its C{count()}).
     @param clock: the clock used for the records' C{as_dict(now)}.

@@ -75,7 +75,7 @@ class Options(usage.Options):
 
     def opt_worker_fds(self, fds: str) -> None:
         """(internal) Listening descriptors inherited from the supervisor (server.workers > 1)."""
-        from vaporproxy.workers import parse_worker_fds
+        from vaporproxy.app.workers import parse_worker_fds
 
         try:
             self["worker_fds"] = parse_worker_fds(fds)
@@ -96,7 +96,7 @@ class Options(usage.Options):
             check_files(config)
             effective_level(config.logging.level, self.environ)
             if not self["worker_fds"]:
-                from vaporproxy.workers import check_shareable
+                from vaporproxy.app.workers import check_shareable
 
                 check_shareable(config.server.listen, config.server.workers)
             elif len(self["worker_fds"]) != len(config.server.listen):
@@ -304,12 +304,12 @@ def _token_backend(config: Config, reactor: Any) -> Any:
     (token_store, limiter, redis backend or None) for C{tokens.backend}.
     """
     if config.tokens.backend == "redis":
-        from vaporproxy.redis_tokens import connect_redis
+        from vaporproxy.stores.redis import connect_redis
 
         backend = connect_redis(config.tokens, config.console, reactor)
         return backend.token_store, backend.limiter, backend
-    from vaporproxy.limits import MemoryLimiter
-    from vaporproxy.tokens import MemoryTokenStore
+    from vaporproxy.stores.limits import MemoryLimiter
+    from vaporproxy.stores.tokens import MemoryTokenStore
 
     store = MemoryTokenStore(reactor, config.console.token_ttl)
     limiter = MemoryLimiter(config.console.max_connections_per_vm, config.console.max_total_connections)
@@ -342,11 +342,11 @@ def check_files(config: Config) -> None:
     @raise ConfigError: naming the key of the first unusable file.
     """
     if config.auth.jwt is not None:
-        from vaporproxy.auth import load_jwt_key
+        from vaporproxy.http.auth import load_jwt_key
 
         load_jwt_key(config.auth.jwt)
     if any(h.vnc_tls is not None for h in config.hypervisors):
-        from vaporproxy.rfb import vnc_tls_by_uri
+        from vaporproxy.guards.rfb import vnc_tls_by_uri
 
         vnc_tls_by_uri(config.hypervisors)
 
@@ -401,7 +401,7 @@ def _listen(root: MultiService, site: Any, listen: Sequence[str], worker_fds: Se
     from twisted.internet.endpoints import serverFromString
 
     if worker_fds:
-        from vaporproxy.workers import AdoptedPortService, is_proxy_endpoint
+        from vaporproxy.app.workers import AdoptedPortService, is_proxy_endpoint
 
         # The N-th descriptor is the N-th endpoint (checked in Options),
         # which tells whether connections start with a PROXY header.
@@ -414,11 +414,11 @@ def _listen(root: MultiService, site: Any, listen: Sequence[str], worker_fds: Se
 
 def _supervisor(root: VaporService, options: Options, reactor: Any) -> VaporService:
     """
-    The parent of C{server.workers} worker processes (see L{vaporproxy.workers}).
+    The parent of C{server.workers} worker processes (see L{vaporproxy.app.workers}).
     """
     from twisted.internet.endpoints import serverFromString
 
-    from vaporproxy.workers import WorkerSupervisor, worker_argv
+    from vaporproxy.app.workers import WorkerSupervisor, worker_argv
 
     config: Config = options["parsed"]
     endpoints = [serverFromString(reactor, s) for s in config.server.listen]
@@ -434,12 +434,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    from vaporproxy.bridge import ConsoleBridgeFactory, ConsoleRegistry
-    from vaporproxy.consoles import LibvirtConsoleLocator
-    from vaporproxy.hosts import HostPolicy
+    from vaporproxy.ws.bridge import ConsoleBridgeFactory, ConsoleRegistry
+    from vaporproxy.vm.libvirt import LibvirtConsoleLocator
+    from vaporproxy.vm.hosts import HostPolicy
     from vaporproxy.metrics import Metrics
-    from vaporproxy.switch import SwitchFactory
-    from vaporproxy.web import ConsoleAPI, ConsoleSite
+    from vaporproxy.ws.switch import SwitchFactory
+    from vaporproxy.http.api import ConsoleAPI, ConsoleSite
 
     config: Config = options["parsed"]
     environ = options.environ
@@ -470,7 +470,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     site = ConsoleSite(api.resource())
     site.access_log = config.logging.access_log
     # Console WebSocket upgrades go from the listening port straight to the
-    # bridge; everything else to the site (vaporproxy.switch).
+    # bridge; everything else to the site (vaporproxy.ws.switch).
     listening = SwitchFactory(site, bridge_factory, reactor)
     _listen(root, listening, config.server.listen, options["worker_fds"], reactor)
     cleanup = TimerService(config.console.cleanup_interval, purge_tokens, token_store)

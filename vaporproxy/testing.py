@@ -12,8 +12,8 @@ from zope.interface import implementer
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import IConsoleLocator, VMConsoles
-from vaporproxy.limits import MemoryLimiter
-from vaporproxy.tokens import MemoryTokenStore
+from vaporproxy.stores.limits import MemoryLimiter
+from vaporproxy.stores.tokens import MemoryTokenStore
 
 __all__ = ["FakeConsoleLocator", "MemoryLimiter", "MemoryTokenStore"]
 

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from tests.integration.test_bridge_loopback import Proxy, client_factory
-from vaporproxy.bridge import _write_buffered
+from vaporproxy.relay.fastwrite import write_buffered
 from vaporproxy.config import ConsoleConfig
 
 BUFFER = 64 * 1024
@@ -110,8 +110,8 @@ class BackpressureTests(TestCase):
         samples = []
         written = []
         for _ in range(5):
-            ws_buffered = _write_buffered(bridge.transport)
-            vm_buffered = _write_buffered(bridge._backend.transport)
+            ws_buffered = write_buffered(bridge.transport)
+            vm_buffered = write_buffered(bridge._backend.transport)
             samples.append(ws_buffered + vm_buffered)
             written.append(streamers[0].written)
             await sleep(0.1)

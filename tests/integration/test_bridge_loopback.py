@@ -17,13 +17,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
-from vaporproxy.bridge import ConsoleBridgeFactory, ConsoleRegistry
+from vaporproxy.ws.bridge import ConsoleBridgeFactory, ConsoleRegistry
 from vaporproxy.config import Config, ConsoleConfig
-from vaporproxy.hosts import HostPolicy
+from vaporproxy.vm.hosts import HostPolicy
 from vaporproxy.interfaces import Grant, Graphics, VMConsoles
-from vaporproxy.limits import MemoryLimiter
+from vaporproxy.stores.limits import MemoryLimiter
 from vaporproxy.testing import FakeConsoleLocator
-from vaporproxy.tokens import MemoryTokenStore
+from vaporproxy.stores.tokens import MemoryTokenStore
 
 VM_UUID = "0d4c2b1a-2222-4333-8444-955566667777"
 

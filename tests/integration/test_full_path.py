@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from vaporproxy.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT
+from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT
 
 from .fake_vnc import SERVER_INIT, FakeVNCServer, expected_response
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file

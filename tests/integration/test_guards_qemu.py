@@ -22,8 +22,8 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration.qemu_fixture import start_qemu
 from vaporproxy.errors import ErrorCode
-from vaporproxy.rfb import RFBGuard
-from vaporproxy.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT, SpiceGuard
+from vaporproxy.guards.rfb import RFBGuard
+from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT, SpiceGuard
 
 VNC_PASSWORD = "vnc-pw-1"
 SPICE_PASSWORD = "spice-pw-1"

@@ -1,5 +1,5 @@
 """
-Integration tests for L{vaporproxy.consoles.LibvirtConsoleLocator} against
+Integration tests for L{vaporproxy.vm.libvirt.LibvirtConsoleLocator} against
 libvirt's own test driver (node files written here), with a real thread
 pool and the real reactor.
 """
@@ -15,7 +15,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from vaporproxy.config import HypervisorConfig
-from vaporproxy.consoles import LibvirtConsoleLocator
+from vaporproxy.vm.libvirt import LibvirtConsoleLocator
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics
 

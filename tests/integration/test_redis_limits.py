@@ -1,5 +1,5 @@
 """
-L{vaporproxy.redis_tokens.RedisLimiter} and L{RedisBackend} against a real
+L{vaporproxy.stores.redis.RedisLimiter} and L{RedisBackend} against a real
 C{redis-server}: the shared limiter suite over two "processes", lapsing
 leases of a dead process, Redis outages, terminate requests over pub/sub and
 cluster figures.
@@ -15,11 +15,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.integration.test_redis_tokens import PREFIX, RedisTestMixin
-from tests.test_limits import VM_A, VM_B, LimiterTestsMixin
+from tests.stores.test_limits import VM_A, VM_B, LimiterTestsMixin
 from vaporproxy.config import ConsoleConfig, TokensConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.redis_tokens import RedisBackend, RedisLimiter, connect_redis
-from tests.test_tokens import GRANT
+from vaporproxy.stores.redis import RedisBackend, RedisLimiter, connect_redis
+from tests.stores.test_tokens import GRANT
 
 
 class RedisLimiterTests(RedisTestMixin, LimiterTestsMixin, TestCase):

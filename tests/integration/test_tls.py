@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from vaporproxy import tap
-from vaporproxy.bridge import _write_buffered
+from vaporproxy.relay.fastwrite import write_buffered
 
 from .fake_vnc import STREAM_CHUNK, FakeVNCServer
 from .libvirt_fixtures import domain_xml, graphics_xml
@@ -149,7 +149,7 @@ class TLSBackPressureTests(TestCase):
         console = record.owner
         samples, streamed = [], []
         for _ in range(5):
-            samples.append(_write_buffered(console.transport) + _write_buffered(console._backend.transport))
+            samples.append(write_buffered(console.transport) + write_buffered(console._backend.transport))
             streamed.append(session.streamed)
             await deferLater(reactor, 0.1, lambda: None)
         # The proxy holds at most a few buffer_size (plus one read that

@@ -1,0 +1,3 @@
+"""
+Process services: worker processes, reload, shutdown.
+"""

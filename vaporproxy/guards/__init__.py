@@ -1,0 +1,3 @@
+"""
+Sans-IO protocol handshakes (RFB, VeNCrypt, SPICE) the proxy performs for the browser.
+"""

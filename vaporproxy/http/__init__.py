@@ -1,0 +1,3 @@
+"""
+The HTTP side: the Klein console API, the Site, authentication, pure request helpers.
+"""

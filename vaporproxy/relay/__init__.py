@@ -1,0 +1,3 @@
+"""
+The byte path between the browser's WebSocket and the VM's socket.
+"""

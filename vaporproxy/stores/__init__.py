@@ -1,0 +1,3 @@
+"""
+Tokens and limits: memory and Redis implementations of the store interfaces.
+"""

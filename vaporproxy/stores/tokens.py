@@ -1,0 +1,214 @@
+"""
+One-time console tokens: the in-memory L{ITokenStore}.
+
+A token is 256 bits from L{secrets}, written as 64 lower-case hex
+characters.  The store keeps only its SHA-256: the raw token exists only in
+the L{IssuedToken} handed to the caller of L{MemoryTokenStore.issue}.
+
+Redemption rules (shared with L{vaporproxy.stores.redis.RedisTokenStore}):
+
+ 1. malformed, never issued, issued for another VM, or bound to another
+    client address: C{INVALID_TOKEN};
+ 2. consumed, with a SPICE session attached: C{Redemption(first=False,
+    spice_session_id=...)} (a later channel of the same SPICE console);
+ 3. past its expiry: C{TOKEN_EXPIRED};
+ 4. consumed: C{TOKEN_ALREADY_USED};
+ 5. otherwise the token is consumed: C{Redemption(first=True)}.
+
+A used token is remembered until its expiry (then removed by L{purge});
+an entry with a SPICE session attached survives L{purge} until the session
+is detached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.interfaces import Grant, IssuedToken, ITokenStore, Redemption
+from vaporproxy.logs import debug_enabled
+
+__all__ = [
+    "MemoryTokenStore",
+    "TOKEN_BYTES",
+    "is_well_formed",
+    "new_token",
+    "token_hash",
+    "token_log_id",
+]
+
+log = Logger(namespace="vaporproxy.tokens")
+
+#: Bytes of randomness in a token (256 bits).
+TOKEN_BYTES = 32
+
+_TOKEN_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def new_token() -> str:
+    """
+    A fresh token: 64 lower-case hex characters from L{secrets}.
+    """
+    return secrets.token_hex(TOKEN_BYTES)
+
+
+def is_well_formed(token: object) -> bool:
+    """
+    Whether C{token} is a string of exactly 64 lower-case hex characters.
+    """
+    return isinstance(token, str) and _TOKEN_RE.fullmatch(token) is not None
+
+
+def token_hash(token: str) -> str:
+    """
+    The lower-case hex SHA-256 of C{token}: the only form a store keeps.
+    """
+    return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
+
+
+def token_log_id(token: str) -> str:
+    """
+    A short, log-safe identifier for C{token}: the first 12 hex characters
+    of its SHA-256.
+    """
+    return token_hash(token)[:12]
+
+
+def bound_ip_matches(grant: Grant, client_ip: Optional[str]) -> bool:
+    """
+    Whether C{client_ip} may present a token issued for C{grant}: always
+    when the grant is not bound to an address, else only from that address.
+    """
+    if grant.client_ip is None:
+        return True
+    return client_ip is not None and client_ip == grant.client_ip
+
+
+def stamp(grant: Grant, now: float, ttl: float) -> Grant:
+    """
+    C{grant} with C{issued_at} and C{expires_at} filled in from C{now}.
+    """
+    return replace(grant, issued_at=now, expires_at=now + ttl)
+
+
+@dataclass
+class _Entry:
+    """
+    What the memory store knows of one token (keyed by its SHA-256).
+
+    @ivar used: the token was consumed.
+    @ivar spice_session_id: the SPICE session attached by the console that
+        consumed it, or C{None}.
+    """
+
+    grant: Grant
+    used: bool = False
+    spice_session_id: Optional[int] = None
+
+
+@implementer(ITokenStore)
+class MemoryTokenStore:
+    """
+    An L{ITokenStore} in this process's memory (a single node).
+
+    Every call completes synchronously (the returned L{Deferred} has already
+    fired), so redemptions are trivially atomic under the reactor's single
+    thread.
+
+    @ivar ttl: seconds a token is valid after issue.
+    """
+
+    def __init__(self, clock: IReactorTime, ttl: float):
+        self._clock = clock
+        self.ttl = float(ttl)
+        self._entries: Dict[str, _Entry] = {}
+
+    def issue(self, grant: Grant) -> Deferred:
+        token = new_token()
+        digest = token_hash(token)
+        stamped = stamp(grant, self._clock.seconds(), self.ttl)
+        # Logged once, by the API that issues it (web.py), with its context.
+        self._entries[digest] = _Entry(stamped)
+        return succeed(IssuedToken(token=token, grant=stamped))
+
+    def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
+        if not is_well_formed(token):
+            return fail(ConsoleError(ErrorCode.INVALID_TOKEN))
+        digest = token_hash(token)
+        entry = self._entries.get(digest)
+        if (
+            entry is None
+            or not entry.grant.matches_vm(vm_ref)
+            or not bound_ip_matches(entry.grant, client_ip)
+        ):
+            log.debug("token {token_id} refused: invalid", token_id=digest[:12])
+            return fail(ConsoleError(ErrorCode.INVALID_TOKEN))
+        if entry.used and entry.spice_session_id is not None:
+            return succeed(
+                Redemption(
+                    grant=entry.grant,
+                    first=False,
+                    spice_session_id=entry.spice_session_id,
+                )
+            )
+        if self._clock.seconds() >= entry.grant.expires_at:
+            return fail(ConsoleError(ErrorCode.TOKEN_EXPIRED))
+        if entry.used:
+            log.info("token {token_id} replayed", token_id=digest[:12])
+            return fail(ConsoleError(ErrorCode.TOKEN_ALREADY_USED))
+        entry.used = True
+        if debug_enabled():
+            log.debug("token {token_id} redeemed", token_id=digest[:12])
+        return succeed(Redemption(grant=entry.grant, first=True))
+
+    def attach_spice_session(self, token: str, session_id: int) -> Deferred:
+        entry = self._entries.get(token_hash(token)) if is_well_formed(token) else None
+        if entry is None or not entry.used:
+            log.warn(
+                "SPICE session for unknown or unused token {token_id} not attached",
+                token_id=token_log_id(token) if isinstance(token, str) else "?",
+            )
+            return succeed(None)
+        entry.spice_session_id = int(session_id)
+        return succeed(None)
+
+    def detach_spice_session(self, token: str) -> Deferred:
+        entry = self._entries.get(token_hash(token)) if is_well_formed(token) else None
+        if entry is not None:
+            entry.spice_session_id = None
+        return succeed(None)
+
+    def count(self) -> Deferred:
+        now = self._clock.seconds()
+        return succeed(
+            sum(
+                1
+                for entry in self._entries.values()
+                if not entry.used and now < entry.grant.expires_at
+            )
+        )
+
+    def purge(self) -> Deferred:
+        now = self._clock.seconds()
+        doomed = [
+            digest
+            for digest, entry in self._entries.items()
+            if now >= entry.grant.expires_at and entry.spice_session_id is None
+        ]
+        for digest in doomed:
+            del self._entries[digest]
+        if doomed:
+            log.debug("purged {n} expired tokens", n=len(doomed))
+        return succeed(len(doomed))
+
+    def check(self) -> Deferred:
+        return succeed(None)
