@@ -663,7 +663,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
         """
         self.assertConfigError(
             "consoel: {}",
-            "consoel: unknown key (expected one of: console, server, auth, hypervisors, tokens, logging)",
+            "consoel: unknown key (expected one of: console, server, auth, hypervisors, tokens, logging, audit)",
         )
         self.assertConfigError(
             "server: {port: 80}",
@@ -684,7 +684,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
         self.assertConfigError(
             "- a\n- b\n",
             "vapor.conf: ['a', 'b'] is not a mapping"
-            " (expected keys: console, server, auth, hypervisors, tokens, logging)",
+            " (expected keys: console, server, auth, hypervisors, tokens, logging, audit)",
         )
         self.assertConfigError(
             "console: 5",
@@ -736,3 +736,23 @@ def _self_signed_pem(path: str) -> str:
             with open(part, "rb") as f:
                 out.write(f.read())
     return path
+
+
+class AuditConfigTests(SynchronousTestCase):
+    def test_default(self):
+        """
+        When vapor.conf has no audit section, there is no audit file.
+        """
+        self.assertIsNone(parse_config("").audit.file)
+
+    def test_file(self):
+        """
+        When audit.file is an absolute path, it is kept; a relative one is refused naming the key.
+        """
+        self.assertEqual(parse_config("audit: {file: /var/log/vp/audit.jsonl}").audit.file, "/var/log/vp/audit.jsonl")
+        with self.assertRaises(ConfigError) as e:
+            parse_config("audit: {file: audit.jsonl}")
+        self.assertEqual(
+            str(e.exception),
+            "audit.file: 'audit.jsonl' is not an absolute path (expected e.g. /var/log/vaporproxy/audit.jsonl)",
+        )

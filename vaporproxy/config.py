@@ -129,6 +129,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    #: The JSON-lines audit file, or None: events go to the log only.
+    file: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Config:
     console: ConsoleConfig = ConsoleConfig()
     server: ServerConfig = ServerConfig()
@@ -136,6 +142,7 @@ class Config:
     hypervisors: Tuple[HypervisorConfig, ...] = (HypervisorConfig("qemu:///system"),)
     tokens: TokensConfig = TokensConfig()
     logging: LoggingConfig = LoggingConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 # ---------------------------------------------------------------------------
@@ -639,6 +646,13 @@ def _parse_logging(raw: Any) -> LoggingConfig:
     )
 
 
+def _parse_audit_file(key: str, value: Any) -> Optional[str]:
+    path = parse_optional_str(key, value)
+    if path is not None and not os.path.isabs(path):
+        raise _bad(key, value, "an absolute path", "expected e.g. /var/log/vaporproxy/audit.jsonl")
+    return path
+
+
 def parse_log_level(key: str, value: Any) -> str:
     """
     A log level: debug, info, warn or error (case-insensitive).
@@ -685,7 +699,7 @@ def _load_yaml(text: str) -> Any:
         raise ConfigError(f"vapor.conf: not valid YAML{where}: {problem}") from None
 
 
-SECTIONS = ("console", "server", "auth", "hypervisors", "tokens", "logging")
+SECTIONS = ("console", "server", "auth", "hypervisors", "tokens", "logging", "audit")
 
 
 def parse_config(text: str) -> Config:
@@ -703,6 +717,7 @@ def parse_config(text: str) -> Config:
         "auth": _parse_auth(document.get("auth")),
         "tokens": _parse_tokens(document.get("tokens")),
         "logging": _parse_logging(document.get("logging")),
+        "audit": _section("audit", document.get("audit"), AuditConfig, {"file": _parse_audit_file}),
     }
     if document.get("hypervisors") is not None:
         values["hypervisors"] = _list_of(_parse_hypervisor, allow_empty=False)(

@@ -108,6 +108,14 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self._audit_events = Counter(
+            "vaporproxy_audit_events", "Audit events written, by event", ["event"], registry=r
+        )
+        self._audit_dropped = Counter(
+            "vaporproxy_audit_dropped",
+            "Times the audit file was given up (disk full, too slow); events still reach the log",
+            registry=r,
+        )
         self._live_types = set(CONSOLE_TYPES)
         #: Labelled children by label value (C{labels()} takes a lock and
         #: builds a key on every call; it is called twice per console).
@@ -143,6 +151,16 @@ class Metrics:
 
     def token_issued(self) -> None:
         self._tokens_issued.inc()
+
+    # -- the audit trail ---------------------------------------------------
+
+    def audit_event(self, event: str) -> None:
+        """An audit event was emitted (L{vaporproxy.audit.AuditTrail}'s C{counted})."""
+        self._audit_events.labels(event).inc()
+
+    def audit_dropped(self, why: str = "") -> None:
+        """The audit file was given up."""
+        self._audit_dropped.inc()
 
     # -- rendering ---------------------------------------------------------
 
