@@ -7,7 +7,8 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from vaporproxy.relay.rfbclient import RFBClientFilter, RFBClientPolicy, RFBClientViolation
+from vaporproxy.relay.policy import InputPolicy, PolicyViolation
+from vaporproxy.relay.rfbclient import RFBClientFilter
 
 SET_PIXEL_FORMAT = bytes([0, 0, 0, 0]) + bytes(range(16))
 SET_ENCODINGS = struct.pack("!BBHiii", 2, 0, 3, 7, -223, 0)
@@ -51,21 +52,21 @@ class RFBClientFilterTests(SynchronousTestCase):
         """
         When a view-only console's browser sends the messages that draw the screen, all reach the VM unchanged.
         """
-        self.check(RFBClientPolicy(view_only=True), SCREEN, SCREEN, [])
+        self.check(InputPolicy(view_only=True), SCREEN, SCREEN, [])
 
     def test_viewOnlyDropsInput(self):
         """
         When a view-only console's browser sends input, desktop-size, XVP and QEMU messages, none reaches the VM.
         """
         messages = [FB_UPDATE_REQUEST] + INPUT + [FB_UPDATE_REQUEST]
-        self.check(RFBClientPolicy(view_only=True), messages, [FB_UPDATE_REQUEST] * 2, ["input"] * len(INPUT))
+        self.check(InputPolicy(view_only=True), messages, [FB_UPDATE_REQUEST] * 2, ["input"] * len(INPUT))
 
     def test_viewOnlyDropsClipboard(self):
         """
         When a view-only console's browser sends plain and extended ClientCutText, neither reaches the VM.
         """
         self.check(
-            RFBClientPolicy(view_only=True), CLIPBOARD + [KEY_EVENT, FENCE], [FENCE], ["clipboard", "clipboard", "input"]
+            InputPolicy(view_only=True), CLIPBOARD + [KEY_EVENT, FENCE], [FENCE], ["clipboard", "clipboard", "input"]
         )
 
     def test_controlPassesEverything(self):
@@ -73,28 +74,28 @@ class RFBClientFilterTests(SynchronousTestCase):
         When a control console filters only oversized clipboard, every other message reaches the VM.
         """
         messages = SCREEN + INPUT + CLIPBOARD
-        self.check(RFBClientPolicy(), messages, messages, [])
+        self.check(InputPolicy(), messages, messages, [])
 
     def test_clipboardToVmOff(self):
         """
         When clipboard to_vm is off, ClientCutText of both kinds is dropped and input still passes.
         """
         messages = [KEY_EVENT] + CLIPBOARD + [POINTER_EVENT]
-        self.check(RFBClientPolicy(clipboard_to_vm=False), messages, [KEY_EVENT, POINTER_EVENT], ["clipboard"] * 2)
+        self.check(InputPolicy(clipboard_to_vm=False), messages, [KEY_EVENT, POINTER_EVENT], ["clipboard"] * 2)
 
     def test_clipboardMaxSize(self):
         """
         When a transfer is longer than max_size, it is dropped whole; a shorter one passes.
         """
         big = struct.pack("!BxxxI", 6, 100) + b"x" * 100
-        policy = RFBClientPolicy(clipboard_max=5)
+        policy = InputPolicy(clipboard_max=5)
         self.check(policy, [big, CUT_TEXT, KEY_EVENT], [CUT_TEXT, KEY_EVENT], ["clipboard"])
 
     def test_largeTextNotBuffered(self):
         """
         When a large allowed transfer arrives in pieces, its text is passed as it comes, nothing held back.
         """
-        f = RFBClientFilter(RFBClientPolicy(clipboard_max=10**6))
+        f = RFBClientFilter(InputPolicy(clipboard_max=10**6))
         header = struct.pack("!BxxxI", 6, 300000)
         self.assertEqual(f.feed(header + b"a" * 1000), header + b"a" * 1000)
         self.assertEqual(f.feed(b"b" * 5000), b"b" * 5000)
@@ -104,20 +105,20 @@ class RFBClientFilterTests(SynchronousTestCase):
         """
         When SetEncodings offers ExtendedMouseButtons, it is removed so that every PointerEvent is 6 bytes for both sides.
         """
-        self.check(RFBClientPolicy(view_only=True), [SET_ENCODINGS_EXT_MOUSE], [SET_ENCODINGS], [])
+        self.check(InputPolicy(view_only=True), [SET_ENCODINGS_EXT_MOUSE], [SET_ENCODINGS], [])
 
     def test_unknownTypeFailsClosed(self):
         """
         When the browser sends a message type the filter does not know, it raises instead of guessing a size.
         """
-        f = RFBClientFilter(RFBClientPolicy(view_only=True))
+        f = RFBClientFilter(InputPolicy(view_only=True))
         self.assertEqual(f.feed(FB_UPDATE_REQUEST), FB_UPDATE_REQUEST)
-        self.assertRaises(RFBClientViolation, f.feed, bytes([253, 0, 0, 0]))
-        self.assertRaises(RFBClientViolation, RFBClientFilter(RFBClientPolicy()).feed, bytes([255, 9]))
+        self.assertRaises(PolicyViolation, f.feed, bytes([253, 0, 0, 0]))
+        self.assertRaises(PolicyViolation, RFBClientFilter(InputPolicy()).feed, bytes([255, 9]))
 
     def test_tooManyEncodings(self):
         """
         When SetEncodings claims more encodings than the bound, the filter refuses it before buffering them.
         """
-        f = RFBClientFilter(RFBClientPolicy(view_only=True))
-        self.assertRaises(RFBClientViolation, f.feed, struct.pack("!BBH", 2, 0, 60000))
+        f = RFBClientFilter(InputPolicy(view_only=True))
+        self.assertRaises(PolicyViolation, f.feed, struct.pack("!BBH", 2, 0, 60000))

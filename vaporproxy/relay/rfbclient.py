@@ -7,7 +7,7 @@ SetPixelFormat (0), SetEncodings (2), FramebufferUpdateRequest (3),
 EnableContinuousUpdates (150) and Fence (248).  Input (KeyEvent,
 PointerEvent, QEMU's extended key event), clipboard (ClientCutText, plain
 and extended), SetDesktopSize, XVP and QEMU's audio control are dropped.  A
-message type this module does not know fails closed: L{RFBClientViolation}
+message type this module does not know fails closed: L{PolicyViolation}
 (the console closes with 4012 BAD_REQUEST), since the proxy could not tell
 where the next message starts.
 
@@ -26,10 +26,11 @@ PointerEvent is 6 bytes on both sides (filtered consoles lose mouse buttons
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Callable, Optional
 
-__all__ = ["RFBClientFilter", "RFBClientPolicy", "RFBClientViolation"]
+from vaporproxy.relay.policy import InputPolicy, PolicyViolation
+
+__all__ = ["RFBClientFilter"]
 
 #: ExtendedMouseButtons, as it appears in a SetEncodings message.
 EXTENDED_MOUSE_BUTTONS = struct.pack("!i", -316)
@@ -44,24 +45,6 @@ _U16 = struct.Struct("!H").unpack_from
 _S32 = struct.Struct("!i").unpack_from
 
 
-class RFBClientViolation(Exception):
-    """The browser sent what the filter cannot frame (fail closed: 4012)."""
-
-
-@dataclass(frozen=True)
-class RFBClientPolicy:
-    """What a console's browser may send to the VM."""
-
-    view_only: bool = False
-    clipboard_to_vm: bool = True
-    clipboard_max: int = 64 * 1024
-
-    @property
-    def filters(self) -> bool:
-        """Whether any message can be dropped (else no filter is needed)."""
-        return self.view_only or not self.clipboard_to_vm or self.clipboard_max < 2**31
-
-
 def _size_fixed(size: int) -> Callable[[bytes], Optional[int]]:
     return lambda buf: size
 
@@ -71,7 +54,7 @@ def _size_set_encodings(buf: bytes) -> Optional[int]:
         return None
     count = _U16(buf, 2)[0]
     if count > MAX_ENCODINGS:
-        raise RFBClientViolation(f"SetEncodings lists {count} encodings (at most {MAX_ENCODINGS})")
+        raise PolicyViolation(f"SetEncodings lists {count} encodings (at most {MAX_ENCODINGS})")
     return 4 + 4 * count
 
 
@@ -96,8 +79,8 @@ def _size_qemu(buf: bytes) -> Optional[int]:
             return 4
         if operation == 2:
             return 10
-        raise RFBClientViolation(f"unknown QEMU audio operation {operation}")
-    raise RFBClientViolation(f"unknown QEMU client message {buf[1]}")
+        raise PolicyViolation(f"unknown QEMU audio operation {operation}")
+    raise PolicyViolation(f"unknown QEMU client message {buf[1]}")
 
 
 #: Message type -> (kind, size of the whole message from its first bytes,
@@ -124,7 +107,7 @@ class RFBClientFilter:
         dropped message (metrics).
     """
 
-    def __init__(self, policy: RFBClientPolicy, on_drop: Optional[Callable[[str], None]] = None):
+    def __init__(self, policy: InputPolicy, on_drop: Optional[Callable[[str], None]] = None):
         self.policy = policy
         self._on_drop = on_drop
         self._buf = b""
@@ -137,7 +120,7 @@ class RFBClientFilter:
         Bytes from the browser, in any fragmentation; answer the bytes for
         the VM.
 
-        @raise RFBClientViolation: on a message type that cannot be framed.
+        @raise PolicyViolation: on a message type that cannot be framed.
         """
         out = []
         buf = self._buf + data if self._buf else data
@@ -172,7 +155,7 @@ class RFBClientFilter:
         if kind_size is None:
             if buf[pos] == 6:
                 return self._cut_text(buf, pos, out)
-            raise RFBClientViolation(f"unknown RFB client message type {buf[pos]}")
+            raise PolicyViolation(f"unknown RFB client message type {buf[pos]}")
         kind, size_of = kind_size
         size = size_of(buf[pos : pos + 12] if buf[pos] != 2 else buf[pos : pos + 4])
         if size is None or len(buf) - pos < size:
