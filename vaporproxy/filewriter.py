@@ -32,7 +32,7 @@ __all__ = ["AppendHandle", "DiskWriter"]
 log = Logger(namespace="vaporproxy.filewriter")
 
 #: What the thread is told to do.
-_OPEN, _WRITE, _CLOSE, _STOP = range(4)
+_OPEN, _WRITE, _CLOSE, _REPLACE, _STOP = range(5)
 
 
 class AppendHandle:
@@ -122,6 +122,14 @@ class DiskWriter(Service):
         self._put(_OPEN, handle, None)
         return handle
 
+    def replace(self, path: str, data: bytes) -> None:
+        """
+        Write a small file whole, replacing C{path} atomically (a temporary
+        file renamed over it), after everything queued before.  A failure
+        is logged.
+        """
+        self._put(_REPLACE, None, (path, data))  # type: ignore[arg-type]
+
     # -- the reactor's side ------------------------------------------------
 
     def _put_write(self, handle: AppendHandle, data: bytes) -> bool:
@@ -193,6 +201,9 @@ class DiskWriter(Service):
                 self._flush_dirty()
 
     def _do(self, op: int, handle: AppendHandle, data: Optional[bytes]) -> None:
+        if op == _REPLACE:
+            self._replace(*data)  # type: ignore[misc]
+            return
         try:
             if op == _OPEN:
                 fd = os.open(handle.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -217,6 +228,16 @@ class DiskWriter(Service):
         except OSError as e:
             self._dirty.pop(handle, None)
             self._fail(handle, e)
+
+    def _replace(self, path: str, data: bytes) -> None:
+        temporary = path + ".tmp"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(temporary, path)
+        except OSError as e:
+            log.error("could not write {path}: {error}", path=path, error=e.strerror or str(e))
 
     def _flush_dirty(self) -> None:
         self._last_flush = time.monotonic()
