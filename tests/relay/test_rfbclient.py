@@ -122,3 +122,19 @@ class RFBClientFilterTests(SynchronousTestCase):
         """
         f = RFBClientFilter(InputPolicy(view_only=True))
         self.assertRaises(PolicyViolation, f.feed, struct.pack("!BBH", 2, 0, 60000))
+
+    def test_pacedUpdateRequests(self):
+        """
+        When a pacer is given, update requests closer than its interval are held and the latest is sent later; other messages pass at once.
+        """
+        from twisted.internet.task import Clock
+
+        from vaporproxy.relay.pacing import UpdatePacer
+
+        clock, later = Clock(), []
+        f = RFBClientFilter(InputPolicy(view_only=True), pacer=UpdatePacer(1.0, clock, later.append))
+        second = struct.pack("!BBHHHH", 3, 0, 0, 0, 10, 10)
+        out = f.feed(FB_UPDATE_REQUEST + FENCE + FB_UPDATE_REQUEST + second)
+        self.assertEqual(out, FB_UPDATE_REQUEST + FENCE)
+        clock.advance(1.0)
+        self.assertEqual(later, [second])

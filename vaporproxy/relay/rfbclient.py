@@ -26,7 +26,7 @@ PointerEvent is 6 bytes on both sides (filtered consoles lose mouse buttons
 from __future__ import annotations
 
 import struct
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from vaporproxy.relay.policy import InputPolicy, PolicyViolation
 
@@ -105,11 +105,17 @@ class RFBClientFilter:
 
     @param on_drop: called with C{"input"} or C{"clipboard"} for each
         dropped message (metrics).
+    @param pacer: an L{vaporproxy.relay.pacing.UpdatePacer} that decides
+        when each FramebufferUpdateRequest reaches the VM
+        (C{min_update_interval}), or C{None}.
     """
 
-    def __init__(self, policy: InputPolicy, on_drop: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self, policy: InputPolicy, on_drop: Optional[Callable[[str], None]] = None, pacer: Optional[Any] = None
+    ):
         self.policy = policy
         self._on_drop = on_drop
+        self._pacer = pacer
         self._buf = b""
         #: Text bytes of the current ClientCutText still to pass (> 0) or
         #: to skip (< 0).
@@ -165,6 +171,10 @@ class RFBClientFilter:
             self._dropped("input")
         elif buf[pos] == 2:
             out.append(_without_extended_mouse(message))
+        elif buf[pos] == 3 and self._pacer is not None:
+            paced = self._pacer.offer(message)
+            if paced is not None:
+                out.append(paced)
         else:
             out.append(message)
         return size
