@@ -24,13 +24,14 @@ from vaporproxy.recordings.format import RecordingFormatError, read_recording
 from vaporproxy.recordings.recorder import DATA_SUFFIX, META_SUFFIX, ConsoleRecorder, recording_path
 from vaporproxy.timestamps import iso_utc
 
-__all__ = ["RecordingStore", "cleanup_directory", "list_directory"]
+__all__ = ["RecordingStore", "cleanup_directory", "is_recording_id", "list_directory"]
 
 #: How much of a file is read to learn its header when it has no metadata.
 HEADER_PROBE = 64 * 1024 + 16
 
 
-def _is_id(text: str) -> bool:
+def is_recording_id(text: str) -> bool:
+    """Whether C{text} has the form of an id the proxy makes (so it is safe in a path)."""
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
@@ -64,7 +65,7 @@ def list_directory(directory: str, live: Iterable[str] = ()) -> List[Dict[str, A
         names = os.listdir(directory)
     except OSError:
         return []
-    ids = [n[: -len(DATA_SUFFIX)] for n in names if n.endswith(DATA_SUFFIX) and _is_id(n[: -len(DATA_SUFFIX)])]
+    ids = [n[: -len(DATA_SUFFIX)] for n in names if n.endswith(DATA_SUFFIX) and is_recording_id(n[: -len(DATA_SUFFIX)])]
     found = [m for m in (_describe(directory, i, live) for i in ids) if m is not None]
     found.sort(key=lambda m: (m.get("started_at_s") or 0, m["id"]))
     return found
@@ -169,7 +170,7 @@ class RecordingStore:
         return self._run(list_directory, self.directory, list(self.live))
 
     def delete(self, recording_id: str) -> Deferred:
-        if not _is_id(recording_id) or recording_id in self.live:
+        if not is_recording_id(recording_id) or recording_id in self.live:
             return succeed(False)
         return self._run(delete_files, self.directory, recording_id)
 
