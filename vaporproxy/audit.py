@@ -43,6 +43,27 @@ def _utc_ms(posix: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def _console(
+    console_id: str,
+    user: Optional[str],
+    vm_uuid: Optional[str],
+    vm_name: Optional[str],
+    client: str,
+    console_type: Optional[str],
+    mode: str,
+) -> Dict[str, Any]:
+    """The fields that name a console in its opened and closed events."""
+    return {
+        "console_id": console_id,
+        "user": user,
+        "vm_uuid": vm_uuid,
+        "vm_name": vm_name,
+        "client": client,
+        "type": console_type,
+        "mode": mode,
+    }
+
+
 class AuditTrail:
     """
     Writes audit events to a file handle (or none) and to the log.
@@ -110,18 +131,7 @@ class AuditTrail:
         mode: str,
     ) -> None:
         """A console started relaying."""
-        self._emit(
-            "console_opened",
-            {
-                "console_id": console_id,
-                "user": user,
-                "vm_uuid": vm_uuid,
-                "vm_name": vm_name,
-                "client": client,
-                "type": console_type,
-                "mode": mode,
-            },
-        )
+        self._emit("console_opened", _console(console_id, user, vm_uuid, vm_name, client, console_type, mode))
 
     def console_closed(
         self,
@@ -144,24 +154,18 @@ class AuditTrail:
         A console ended (C{outcome}: the error code, or C{None} for a
         normal close).
         """
-        self._emit(
-            "console_closed",
+        fields = _console(console_id, user, vm_uuid, vm_name, client, console_type, mode)
+        fields.update(
             {
-                "console_id": console_id,
-                "user": user,
-                "vm_uuid": vm_uuid,
-                "vm_name": vm_name,
-                "client": client,
-                "type": console_type,
-                "mode": mode,
                 "bytes_to_client": bytes_to_client,
                 "bytes_from_client": bytes_from_client,
                 "duration_s": round(duration_s, 3),
                 "outcome": outcome,
                 "reason": reason,
                 "recording_id": recording_id,
-            },
+            }
         )
+        self._emit("console_closed", fields)
 
     def share_created(
         self,

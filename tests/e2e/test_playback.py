@@ -29,6 +29,7 @@ from vaporproxy.filewriter import DiskWriter
 from vaporproxy.http.api import CONSOLE_PAGE_CSP
 from vaporproxy.http.recordings import RecordingsAPI, playback_page_path
 from vaporproxy.recordings.store import RecordingStore
+from tests.http.test_recordings import arg, respond
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOVNC = os.path.join(REPO, "node_modules", "@novnc", "novnc")
@@ -164,15 +165,6 @@ class PlaybackTests(TestCase):
         def require_admin(request):
             if request.getHeader(b"authorization") != f"Bearer {ADMIN_KEY}".encode():
                 raise ConsoleError(ErrorCode.UNAUTHORIZED, "Administrator access required", http_status=403)
-
-        def respond(request, body, status):
-            request.setResponseCode(status)
-            request.setHeader(b"content-type", b"application/json")
-            return json.dumps(body).encode()
-
-        def arg(request, name):
-            values = request.args.get(name)
-            return values[0].decode() if values else None
 
         recordings = RecordingsAPI(store, require_admin, respond, arg, playback_page_path(), CONSOLE_PAGE_CSP.encode())
         app = Klein()

@@ -11,6 +11,8 @@
 // header.  State for people and tests: window.vaporAdmin.
 "use strict";
 
+import { takeFromFragment } from "./fragment.js";
+
 const KEY_STORAGE = "vapor.key";
 const REFRESH_MS = 3000;
 const VM_PATH = "/api/v1/virtualization/virtualmachines/";
@@ -28,14 +30,7 @@ const admin = {
 };
 window.vaporAdmin = admin;
 
-function takeKey() {
-  const match = /(?:^|[#&])key=([^&]+)/.exec(window.location.hash);
-  if (match) {
-    sessionStorage.setItem(KEY_STORAGE, decodeURIComponent(match[1]));
-    history.replaceState(null, "", window.location.pathname + window.location.search);
-  }
-  return sessionStorage.getItem(KEY_STORAGE);
-}
+const takeKey = () => takeFromFragment("key", KEY_STORAGE);
 
 const key = takeKey();
 const headers = () => (key ? { Authorization: `Bearer ${key}` } : {});

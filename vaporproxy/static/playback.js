@@ -12,6 +12,8 @@
 // State for people and tests: the status line and window.vaporPlayback.
 "use strict";
 
+import { takeFromFragment } from "./fragment.js";
+
 const API = "/api/v1/console/recordings/";
 const KEY_STORAGE = "vapor.key";
 const KIND_TO_BROWSER = 0;
@@ -38,14 +40,7 @@ function setStatus(state, text) {
   el.textContent = text || state;
 }
 
-function takeKey() {
-  const match = /(?:^|[#&])key=([^&]+)/.exec(window.location.hash);
-  if (match) {
-    sessionStorage.setItem(KEY_STORAGE, decodeURIComponent(match[1]));
-    history.replaceState(null, "", window.location.pathname + window.location.search);
-  }
-  return sessionStorage.getItem(KEY_STORAGE);
-}
+const takeKey = () => takeFromFragment("key", KEY_STORAGE);
 
 // -- the file --------------------------------------------------------------
 
