@@ -485,10 +485,38 @@ function disconnect() {
   setButtons(false);
 }
 
+// --- sound ----------------------------------------------------------------
+
+// spice-html5 plays a SPICE console's sound through an <audio> element it
+// adds under #screen when the VM opens a playback channel.  The Mute button
+// appears with the first one and mutes every one (later ones too).
+vapor.audio = { elements: 0, muted: false };
+
+function applyMute() {
+  for (const audio of $("screen").querySelectorAll("audio")) audio.muted = vapor.audio.muted;
+  const button = $("mute");
+  button.textContent = vapor.audio.muted ? "Unmute" : "Mute";
+  button.setAttribute("aria-pressed", String(vapor.audio.muted));
+}
+
+function watchAudio() {
+  new MutationObserver(() => {
+    const count = $("screen").querySelectorAll("audio").length;
+    if (count > vapor.audio.elements) vapor.audio.elements = count;
+    $("mute").hidden = vapor.audio.elements === 0;
+    applyMute();
+  }).observe($("screen"), { childList: true, subtree: true });
+  $("mute").addEventListener("click", () => {
+    vapor.audio.muted = !vapor.audio.muted;
+    applyMute();
+  });
+}
+
 // --- start ----------------------------------------------------------------
 
 function main() {
   takeKeyFromFragment();
+  watchAudio();
   vapor.vmId = vmIdFromPath(window.location.pathname);
   $("reconnect").addEventListener("click", () => {
     vapor.attempt = 0;
