@@ -172,7 +172,7 @@ class OutputQueue:
             call (the outer call hands it out).
         """
         pending = self._pending
-        if not pending or self._handing_out:
+        if not pending or self._handing_out or self.failed:
             return []
         sink = self._sink
         handed: List[Output] = []
