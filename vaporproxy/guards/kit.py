@@ -158,7 +158,7 @@ class OutputQueue:
     def __init__(self, sink: Optional[object]):
         self._sink = sink
         self._pending: Deque[Output] = deque()
-        #: Queue one output (the list's own C{append}: no call in between).
+        #: Queue one output (the deque's own C{append}: no Python call).
         self.emit: Callable[[Output], None] = self._pending.append
         self._handing_out = False
         self.failed = False
