@@ -346,7 +346,7 @@ def check_files(config: Config) -> None:
 
         load_jwt_key(config.auth.jwt)
     if any(h.vnc_tls is not None for h in config.hypervisors):
-        from vaporproxy.guards.rfb import vnc_tls_by_uri
+        from vaporproxy.guards.vencrypt import vnc_tls_by_uri
 
         vnc_tls_by_uri(config.hypervisors)
 
