@@ -136,6 +136,15 @@ class VendorTests(SynchronousTestCase):
         self.assertEqual(tree(self.destination), expected)
         self.assertEqual(count, len(expected))
 
+    def test_replacesStaleCopy(self) -> None:
+        """
+        When the destination holds a file from an earlier build, it is gone after vendoring again.
+        """
+        write_tree(self.destination, {"core/removed-upstream.js": "old\n"})
+        self.vendor(self.library)
+        self.assertNotIn("core/removed-upstream.js", tree(self.destination))
+        self.assertIn("core/rfb.js", tree(self.destination))
+
     def test_missingSourceNamesTheFix(self) -> None:
         """
         When no copy of the library exists, the build error names every place tried and the fix.

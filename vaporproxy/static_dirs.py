@@ -142,11 +142,14 @@ def vendor(
         raise VendorError(f"cannot vendor {library.name}: no licence file ({', '.join(library.licences)}) in {source}")
     copies = {name: os.path.join(source, name) for name in served}
     copies.update(licences)
-    if os.path.realpath(source) != os.path.realpath(destination):
-        for name, path in copies.items():
-            target = os.path.join(destination, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copyfile(path, target)
+    if os.path.realpath(source) == os.path.realpath(destination):
+        return source, len(copies)
+    # A fresh copy: nothing left over from an earlier build of another version.
+    shutil.rmtree(destination, ignore_errors=True)
+    for name, path in copies.items():
+        target = os.path.join(destination, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(path, target)
     return source, len(copies)
 
 
