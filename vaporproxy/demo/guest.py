@@ -237,11 +237,14 @@ def _run(argv: Sequence[str], cwd: Optional[str] = None) -> str:
     return result.stdout
 
 
-def kernel_package() -> str:
+def kernel_package(depends_output: Optional[str] = None) -> str:
     """
-    The versioned kernel package C{linux-image-amd64} depends on now.
+    The versioned kernel package C{linux-image-amd64} depends on, read from
+    C{apt-cache depends} (its output may be given).
     """
-    for line in _run(["apt-cache", "depends", KERNEL_META]).splitlines():
+    if depends_output is None:
+        depends_output = _run(["apt-cache", "depends", KERNEL_META])
+    for line in depends_output.splitlines():
         name = line.strip().partition("Depends: ")[2]
         if name.startswith("linux-image-6"):
             return name
