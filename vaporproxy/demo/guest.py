@@ -269,7 +269,13 @@ def _download_parts(cache: str) -> None:
     """
     with tempfile.TemporaryDirectory(prefix="download-", dir=cache) as work:
         os.chmod(work, 0o755)  # apt's _apt user writes the .debs here
-        _run(["apt-get", "download", "-q", kernel_package(), BUSYBOX_PACKAGE], cwd=work)
+        try:
+            kernel = kernel_package()
+        except RuntimeError:
+            # A fresh machine may have empty package lists.
+            _run(["apt-get", "update", "-q"])
+            kernel = kernel_package()
+        _run(["apt-get", "download", "-q", kernel, BUSYBOX_PACKAGE], cwd=work)
         debs = sorted(name for name in os.listdir(work) if name.endswith(".deb"))
         for deb in debs:
             _run(["dpkg-deb", "-x", os.path.join(work, deb), os.path.join(work, "root")])
