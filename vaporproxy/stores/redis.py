@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from vaporproxy.config import ConsoleConfig, TokensConfig
 from vaporproxy.errors import ConsoleError
 from vaporproxy.stores.periodic import periodic
-from vaporproxy.stores.redis_client import DEFAULT_PREFIX, LUA_NOW_MS, RedisClient
+from vaporproxy.stores.redis_client import DEFAULT_PREFIX, LUA_NOW_MS, DirectTarget, RedisClient
 from vaporproxy.stores.redis_limits import RedisLimiter
 from vaporproxy.stores.redis_tokens import RedisTokenStore
 
@@ -235,7 +235,7 @@ def connect_redis(
 
     @raise ValueError: for a C{redis_url} that cannot be used.
     """
-    redis = RedisClient(tokens.redis_url, reactor, tokens.redis_timeout)
+    redis = RedisClient(_target(tokens), reactor, tokens.redis_timeout)
     store = RedisTokenStore(redis, reactor, console.token_ttl, tokens.lease_ttl, prefix=prefix)
     limiter = RedisLimiter(
         redis,
@@ -248,10 +248,20 @@ def connect_redis(
     )
     backend = RedisBackend(redis, store, limiter, reactor, tokens.lease_ttl, prefix=prefix)
     log.info(
-        "Redis backend {node_id} for {host}:{port}/{db} (this process's node_id in the cluster stats)",
+        "Redis backend {node_id} for {where} (this process's node_id in the cluster stats)",
         node_id=limiter.node_id,
-        host=redis._url["host"],
-        port=redis._url["port"],
-        db=redis._url["db"],
+        where=redis.describe(),
     )
     return backend
+
+
+def _target(tokens: TokensConfig) -> Any:
+    """
+    Where the Redis of C{tokens} is: the master its sentinels name, or the
+    server of its C{redis_url}.
+    """
+    if tokens.redis_sentinel is not None:
+        from vaporproxy.stores.redis_sentinel import SentinelTarget
+
+        return SentinelTarget(tokens.redis_sentinel, tokens.redis_timeout)
+    return DirectTarget(tokens.redis_url)

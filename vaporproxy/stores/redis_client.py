@@ -11,11 +11,11 @@ Endpoints and every timer of ours use the injected reactor.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence, Union
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 
-__all__ = ["DEFAULT_PREFIX", "LUA_NOW_MS", "RedisClient", "parse_redis_url"]
+__all__ = ["DEFAULT_PREFIX", "LUA_NOW_MS", "LUA_REPLICAS", "DirectTarget", "RedisClient", "parse_redis_url"]
 
 log = Logger(namespace="vaporproxy.redis_tokens")
 
@@ -36,6 +36,10 @@ LUA_NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
+
+#: Lua expression: how many replicas are connected to this master (the
+#: most a C{WAIT} after the script can hope for).
+LUA_REPLICAS = "tonumber(string.match(redis.call('INFO', 'replication'), 'connected_slaves:(%d+)') or '0')"
 
 
 def parse_redis_url(url: str) -> Dict[str, Any]:
@@ -110,6 +114,45 @@ def _endpoint(reactor: Any, url: Dict[str, Any], timeout: float) -> Any:
     return endpoint
 
 
+class DirectTarget:
+    """
+    The one Redis server of C{tokens.redis_url}.  (The other target, a
+    master found through Sentinel, is
+    L{vaporproxy.stores.redis_sentinel.SentinelTarget}.)
+
+    @ivar wait_replicas: replicas that must acknowledge a write (none here).
+    """
+
+    wait_replicas = 0
+
+    def __init__(self, redis_url: str):
+        self.url = parse_redis_url(redis_url)
+        self.db = self.url["db"]
+        self.username = self.url["username"]
+        self.password = self.url["password"]
+
+    def endpoint(self, reactor: Any, timeout: float) -> Any:
+        return _endpoint(reactor, self.url, timeout)
+
+    def command_factory(self, timeout: float) -> txredisapi.RedisFactory:
+        return _Factory(
+            f"{self.url['host']}:{self.url['port']}",
+            self.db,
+            1,
+            isLazy=True,
+            password=self.password,
+            username=self.username,
+            replyTimeout=timeout,
+            convertNumbers=False,
+        )
+
+    def describe(self) -> str:
+        return f"{self.url['host']}:{self.url['port']}/{self.db}"
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+
 class RedisClient:
     """
     One lazy, reconnecting Redis connection with a timeout on every call.
@@ -118,22 +161,24 @@ class RedisClient:
         failure, the call fails with C{ConsoleError(SERVICE_UNAVAILABLE)}.
     """
 
-    def __init__(self, redis_url: str, reactor: Any, timeout: float):
+    def __init__(self, redis_url: Union[str, Any], reactor: Any, timeout: float):
+        """
+        @param redis_url: a C{redis://} URL, or a target such as
+            L{DirectTarget} or C{SentinelTarget} (where to connect, with
+            which password and database).
+        """
         self._reactor = reactor
         self.timeout = float(timeout)
-        self._url = parse_redis_url(redis_url)
-        self._factory = _Factory(
-            f"{self._url['host']}:{self._url['port']}",
-            self._url["db"],
-            1,
-            isLazy=True,
-            password=self._url["password"],
-            username=self._url["username"],
-            replyTimeout=self.timeout,
-            convertNumbers=False,
-        )
+        self._target = DirectTarget(redis_url) if isinstance(redis_url, str) else redis_url
+        self._factory = self._target.command_factory(self.timeout)
         self._handler = self._factory.handler
         self._connecting = False
+
+    def describe(self) -> str:
+        """
+        Where this client connects, for a log line (never a password).
+        """
+        return str(self._target.describe())
 
     def connect(self) -> None:
         """
@@ -143,7 +188,7 @@ class RedisClient:
         """
         if not self._connecting:
             self._connecting = True
-            self._factory.startConnecting(_endpoint(self._reactor, self._url, self.timeout))
+            self._factory.startConnecting(self._target.endpoint(self._reactor, self.timeout))
 
     def _guard(self, what: str, call: Callable[[], Deferred]) -> Deferred:
         try:
@@ -157,6 +202,8 @@ class RedisClient:
         def unavailable(f: Failure) -> Failure:
             if f.check(ConsoleError):
                 return f
+            if "READONLY" in f.getErrorMessage():
+                self._drop()
             log.warn(
                 "Redis {what} failed: {error}",
                 what=what,
@@ -165,6 +212,38 @@ class RedisClient:
             raise ConsoleError(ErrorCode.SERVICE_UNAVAILABLE)
 
         return d.addErrback(unavailable)
+
+    def _drop(self) -> None:
+        """
+        Close the connection to a server that became a replica (a failover
+        happened while it stayed up); the reconnection asks again where the
+        master is.
+        """
+        for conn in list(self._factory.pool):
+            conn.transport.loseConnection()
+
+    def replicated(self, connected: int) -> Deferred:
+        """
+        Fire once the target's C{wait_replicas} replicas (at most the
+        C{connected} ones, as a script's L{LUA_REPLICAS} found them) have
+        every write made on this connection so far (Redis C{WAIT}); fail
+        with SERVICE_UNAVAILABLE when they do not acknowledge within half
+        the timeout.  Fires at once when no replica is awaited.
+        """
+        wanted = min(int(self._target.wait_replicas), int(connected))
+        if wanted <= 0:
+            return succeed(None)
+
+        def check(acknowledged: Any) -> None:
+            if int(acknowledged) < wanted:
+                log.warn(
+                    "Redis write acknowledged by {n} of {wanted} replicas: refused",
+                    n=int(acknowledged),
+                    wanted=wanted,
+                )
+                raise ConsoleError(ErrorCode.SERVICE_UNAVAILABLE)
+
+        return self.execute("WAIT", wanted, max(1, int(self.timeout * 500))).addCallback(check)
 
     def execute(self, *args: Any) -> Deferred:
         """
@@ -187,11 +266,11 @@ class RedisClient:
         factory = _SubscriberFactory(
             channel,
             received,
-            dbid=self._url["db"],
-            password=self._url["password"],
-            username=self._url["username"],
+            dbid=self._target.db,
+            password=self._target.password,
+            username=self._target.username,
         )
-        factory.startConnecting(_endpoint(self._reactor, self._url, self.timeout))
+        factory.startConnecting(self._target.endpoint(self._reactor, self.timeout))
         return factory
 
     def close(self) -> Deferred:
@@ -199,4 +278,5 @@ class RedisClient:
         Stop reconnecting and close the connection (if one was started).
         """
         self._connecting = True  # never (re)connect after this
-        return self._factory.disconnect()
+        closing = [self._factory.disconnect(), self._target.close()]
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Grant, IssuedToken, ITokenStore, Redemption
 from vaporproxy.stores.periodic import periodic
-from vaporproxy.stores.redis_client import DEFAULT_PREFIX, RedisClient
+from vaporproxy.stores.redis_client import DEFAULT_PREFIX, LUA_REPLICAS, RedisClient
 from vaporproxy.stores.tokens import is_well_formed, new_token, stamp, token_hash, token_log_id
 
 __all__ = ["RedisTokenStore"]
@@ -38,17 +38,19 @@ log = Logger(namespace="vaporproxy.redis_tokens")
 
 # KEYS: tok key, tokens, tokens:fresh
 # ARGV: sha256, grant JSON, vm_ref, vm_uuid, ip or "", exp, key ttl (ms)
+# Answers the number of connected replicas.
 _ISSUE = """
 redis.call('HSET', KEYS[1], 'grant', ARGV[2], 'vm_ref', ARGV[3],
            'vm_uuid', ARGV[4], 'ip', ARGV[5], 'exp', ARGV[6], 'used', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-return 1
+return """ + LUA_REPLICAS + """
 """
 
 # KEYS: tok key, tokens:fresh
 # ARGV: sha256, now, vm_ref, client ip or ""
+# Answers {verdict, ...}; 'OK' with the grant and the connected replicas.
 _REDEEM = """
 local t = redis.call('HMGET', KEYS[1], 'grant', 'vm_ref', 'vm_uuid', 'ip', 'exp', 'used', 'sid')
 if not t[1] then return {'INVALID'} end
@@ -59,7 +61,7 @@ if tonumber(ARGV[2]) >= tonumber(t[5]) then return {'EXPIRED'} end
 if t[6] == '1' then return {'USED'} end
 redis.call('HSET', KEYS[1], 'used', '1')
 redis.call('ZREM', KEYS[2], ARGV[1])
-return {'OK', t[1]}
+return {'OK', t[1], """ + LUA_REPLICAS + """}
 """
 
 # KEYS: tok key.  ARGV: session id, keep-alive (ms).
@@ -183,7 +185,7 @@ class RedisTokenStore:
         token = new_token()
         digest = token_hash(token)
         stamped = stamp(grant, self._clock.seconds(), self.ttl)
-        await self._redis.eval(
+        replicas = await self._redis.eval(
             _ISSUE,
             [self._key(digest), self._all, self._fresh],
             [
@@ -196,6 +198,7 @@ class RedisTokenStore:
                 int((self.ttl + self.grace) * 1000),
             ],
         )
+        await self._redis.replicated(int(replicas))
         return IssuedToken(token=token, grant=stamped)
 
     def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
@@ -215,6 +218,9 @@ class RedisTokenStore:
         )
         verdict = answer[0]
         if verdict == "OK":
+            # Under Sentinel: not answered before a replica has the mark,
+            # so a failover cannot bring the token back unused.
+            await self._redis.replicated(int(answer[2]))
             log.debug("token {token_id} redeemed", token_id=digest[:12])
             return Redemption(grant=_grant_from(answer[1]), first=True)
         if verdict == "SESSION":
