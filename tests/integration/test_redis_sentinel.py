@@ -250,7 +250,7 @@ class SentinelProxyFailoverTests(SentinelGroupMixin, TestCase):
     @_deferred
     async def test_failover(self) -> None:
         """
-        When the master is SIGKILLed, the API answers 503 SERVICE_UNAVAILABLE until the replica is promoted, then mints and redeems again by itself; the live console relays throughout, its token stays used, a token minted before the kill still opens a console, and the live console's lease is renewed on the new master.
+        When the master is SIGKILLed, the API answers 503 SERVICE_UNAVAILABLE (WebSockets 4013, /readyz 503) until the replica is promoted, then mints and redeems again by itself; the live console relays throughout, its token stays used, a token minted before the kill still opens a console, and the live console's lease is renewed on the new master.
         """
         await self.http.wait_ready(self.proxy)
         live_token = await self.http.token(self.proxy, "vnc-vm")
@@ -259,6 +259,7 @@ class SentinelProxyFailoverTests(SentinelGroupMixin, TestCase):
         self.group.master.kill()
         killed = time.monotonic()
         answers: List[Tuple[int, Any]] = []
+        during: List[Any] = []
         while True:
             code, body = await self.http.console_info(self.proxy, "vnc-vm")
             answers.append((code, body.get("code") if isinstance(body, dict) else body))
@@ -266,8 +267,15 @@ class SentinelProxyFailoverTests(SentinelGroupMixin, TestCase):
                 break
             self.assertLess(time.monotonic() - killed, RECOVERY, f"no recovery: {answers[-3:]}\n{self.proxy.log_tail()}")
             self.assertEqual(await echo(live, b"during"), b"during")
+            if not during:
+                # Within the failover (down-after-milliseconds alone is 1 s):
+                # not ready, and new WebSockets are refused.
+                code, _ = await self.http.request("GET", self.proxy.base + "/readyz")
+                _, factory = await self.open(live_token)
+                during += [code, await factory.closed]
             await sleep(0.1)
         self.assertIn((503, "SERVICE_UNAVAILABLE"), answers)
+        self.assertEqual(during, [503, (4013, "SERVICE_UNAVAILABLE")])
         self.assertEqual({a for a in answers if a[0] != 200}, {(503, "SERVICE_UNAVAILABLE")})
         self.assertTrue(self.failed_over())
         # The token minted before the kill survived; the used one stayed used.
