@@ -16,8 +16,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from vaporproxy.config import ConfigError, RedisSentinelConfig, parse_config
+from vaporproxy.config import ConfigError, ConsoleConfig, RedisSentinelConfig, parse_config
 from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.stores.redis import connect_redis
 from vaporproxy.stores.redis_client import RedisClient
 from vaporproxy.stores.redis_sentinel import SentinelTarget
 
@@ -245,6 +246,16 @@ class SentinelTargetTests(SynchronousTestCase):
         self.assertIsInstance(factory, txredisapi.SentinelConnectionFactory)
         self.assertTrue(factory.is_master)
         self.assertEqual((factory.password, factory.dbid), (SECRET, 2))
+
+    def test_wiredByConfig(self) -> None:
+        """
+        When tokens.redis_sentinel is set, the Redis backend connects through the sentinels, and not before it starts.
+        """
+        tokens = parse_config(SENTINEL_CONFIG).tokens
+        backend = connect_redis(tokens, ConsoleConfig(), self.reactor)
+        self.assertIsInstance(backend.token_store._redis._target, SentinelTarget)
+        self.assertIn("master vaporproxy of sentinels 10.0.0.1:26379", backend.token_store._redis.describe())
+        self.assertEqual(FakeSentinel.made, [])
 
     def test_describeAndClose(self) -> None:
         """
