@@ -259,7 +259,7 @@ class SentinelTargetTests(SynchronousTestCase):
 
     def test_describeAndClose(self) -> None:
         """
-        When described, the target names the sentinels and no password; closing closes the sentinel connections.
+        When described, the target names the sentinels and no password; closing closes the sentinel connections for good.
         """
         text = self.target.describe()
         self.assertIn("127.0.0.1:26379", text)
@@ -269,6 +269,10 @@ class SentinelTargetTests(SynchronousTestCase):
         sentinel = self.target._manager()
         self.successResultOf(self.target.close())
         self.assertEqual(sentinel.disconnected, 1)
+        # Closed for good: a late reconnection attempt asks no sentinel.
+        failure = self.failureResultOf(self.target.endpoint(self.reactor, 0.5).connect(Factory.forProtocol(Protocol)))
+        failure.trap(txredisapi.MasterNotFoundError)
+        self.assertEqual(len(FakeSentinel.made), 1)
 
 
 class FakeHandler:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 import txredisapi
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -83,6 +83,7 @@ class SentinelTarget:
         self.password = config.password
         self._timeout = float(timeout)
         self._sentinel: Optional[txredisapi.Sentinel] = None
+        self._closed = False
         self.master_address: Optional[Tuple[str, int]] = None
 
     def _manager(self) -> txredisapi.Sentinel:
@@ -107,6 +108,8 @@ class SentinelTarget:
         The master's C{(host, port)}, as the first sentinel with a healthy
         one answers; fails with L{txredisapi.MasterNotFoundError}.
         """
+        if self._closed:
+            return fail(txredisapi.MasterNotFoundError("closed"))
         d = self._manager().discover_master(self.config.master)
 
         def found(address: Tuple[str, int]) -> Tuple[str, int]:
@@ -157,6 +160,7 @@ class SentinelTarget:
         """
         Close the connections to the sentinels.
         """
+        self._closed = True
         sentinel, self._sentinel = self._sentinel, None
         if sentinel is None:
             return succeed(None)
