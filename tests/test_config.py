@@ -672,7 +672,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
         )
         self.assertConfigError(
             "tokens: {ttl: 5m}",
-            "tokens.ttl: unknown key (expected one of: backend, redis_url, redis_timeout, lease_ttl)",
+            "tokens.ttl: unknown key (expected one of: backend, redis_url, redis_timeout, lease_ttl, redis_sentinel)",
         )
         self.assertConfigError(
             "logging: {file: x}", "logging.file: unknown key (expected one of: level, format, access_log)"

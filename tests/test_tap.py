@@ -221,7 +221,8 @@ class MakeServiceTests(SynchronousTestCase):
         """
         When tokens.backend is redis, the Redis store and limiter are wired and dial the URL.
         """
-        from vaporproxy.stores.redis import RedisLimiter, RedisTokenStore
+        from vaporproxy.stores.redis_limits import RedisLimiter
+        from vaporproxy.stores.redis_tokens import RedisTokenStore
 
         write(self.path, CONFIG + "tokens: {backend: redis, redis_url: 'redis://127.0.0.1:6390/0'}\n")
         root = self.make()

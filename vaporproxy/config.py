@@ -114,11 +114,27 @@ class HypervisorConfig:
 
 
 @dataclass(frozen=True)
+class RedisSentinelConfig:
+    """
+    Find the Redis master through Sentinel instead of C{tokens.redis_url}.
+    """
+
+    sentinels: Tuple[Tuple[str, int], ...]  # (host, port) of each sentinel
+    master: str  # the name the sentinels monitor it by
+    password: Optional[str] = None  # the master's (and replicas') password, as in redis_url
+    username: Optional[str] = None  # its ACL user, as in redis_url
+    db: int = 0  # the database number, as in redis_url's /db
+    sentinel_password: Optional[str] = None  # the sentinels' own requirepass
+    wait_replicas: int = 1  # replicas that must acknowledge a mint or a redemption
+
+
+@dataclass(frozen=True)
 class TokensConfig:
     backend: str = "memory"  # or "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout: float = 2.0  # seconds, every Redis call
     lease_ttl: float = 15.0  # seconds a Redis lease lives without renewal
+    redis_sentinel: Optional[RedisSentinelConfig] = None  # instead of redis_url
 
 
 @dataclass(frozen=True)
@@ -419,6 +435,26 @@ def parse_redis_url(key: str, value: Any) -> str:
     return value
 
 
+def parse_host_port(key: str, value: Any) -> Tuple[str, int]:
+    """
+    C{host:port} (C{[v6]:port} for an IPv6 address), e.g. a sentinel's.
+    """
+    expected = "expected host:port, e.g. 10.0.0.5:26379 or [::1]:26379"
+    if not isinstance(value, str):
+        raise _bad(key, value, "a host:port", expected)
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _bad(key, value, "a host:port", expected)
+    try:
+        return parse_host(key, host), int(port)
+    except ConfigError:
+        raise _bad(key, value, "a host:port", expected) from None
+
+
 def parse_libvirt_uri(key: str, value: Any) -> str:
     expected = "expected a libvirt URI such as qemu:///system"
     if not isinstance(value, str) or "://" not in value:
@@ -632,8 +668,39 @@ def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
     )
 
 
-def _parse_tokens(raw: Any) -> TokensConfig:
+def _parse_secret(key: str, value: Any) -> Optional[str]:
+    """
+    An optional password: a non-empty string, never echoed in an error.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _hidden(key, "a password", "expected a non-empty string, or no key")
+    return value
+
+
+def _parse_redis_sentinel(key: str, raw: Any) -> Optional[RedisSentinelConfig]:
+    if raw is None:
+        return None
     return _section(
+        key,
+        raw,
+        RedisSentinelConfig,
+        {
+            "sentinels": _list_of(parse_host_port, allow_empty=False),
+            "master": parse_str,
+            "password": _parse_secret,
+            "username": parse_optional_str,
+            "db": lambda k, v: parse_int(k, v, minimum=0),
+            "sentinel_password": _parse_secret,
+            "wait_replicas": lambda k, v: parse_int(k, v, minimum=0),
+        },
+        required=("sentinels", "master"),
+    )
+
+
+def _parse_tokens(raw: Any) -> TokensConfig:
+    tokens = _section(
         "tokens",
         raw,
         TokensConfig,
@@ -642,8 +709,21 @@ def _parse_tokens(raw: Any) -> TokensConfig:
             "redis_url": parse_redis_url,
             "redis_timeout": parse_duration,
             "lease_ttl": parse_duration,
+            "redis_sentinel": _parse_redis_sentinel,
         },
     )
+    if tokens.redis_sentinel is not None:
+        if tokens.backend != "redis":
+            raise ConfigError(
+                f"tokens.redis_sentinel: needs tokens.backend: redis (backend is {tokens.backend};"
+                " expected backend: redis, or no redis_sentinel)"
+            )
+        if "redis_url" in (raw or {}):
+            raise ConfigError(
+                "tokens.redis_url: not used with tokens.redis_sentinel (expected one of them:"
+                " the sentinels name the master; its password and db go in redis_sentinel)"
+            )
+    return tokens
 
 
 def _parse_logging(raw: Any) -> LoggingConfig:

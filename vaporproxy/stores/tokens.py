@@ -5,7 +5,7 @@ A token is 256 bits from L{secrets}, written as 64 lower-case hex
 characters.  The store keeps only its SHA-256: the raw token exists only in
 the L{IssuedToken} handed to the caller of L{MemoryTokenStore.issue}.
 
-Redemption rules (shared with L{vaporproxy.stores.redis.RedisTokenStore}):
+Redemption rules (shared with L{vaporproxy.stores.redis_tokens.RedisTokenStore}):
 
  1. malformed, never issued, issued for another VM, or bound to another
     client address: C{INVALID_TOKEN};
