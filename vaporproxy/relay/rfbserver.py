@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Generator, Optional, Tuple
+from typing import Callable, Dict, Generator, Optional, Tuple
 
 from vaporproxy.relay.policy import PolicyViolation
 
@@ -168,6 +168,8 @@ class RFBServerFilter:
         #: Header bytes the parser waits for, and whether they are held.
         self._need = 0
         self._hold = False
+        #: Rectangles framed so far, by encoding (which ones the VM uses).
+        self.rectangles: Dict[int, int] = {}
         self._parser = self._messages()
         self._ask(next(self._parser))
 
@@ -290,6 +292,7 @@ class RFBServerFilter:
             framer = _RECTS.get(encoding)
             if framer is None:
                 raise PolicyViolation(f"unknown RFB encoding {encoding}")
+            self.rectangles[encoding] = self.rectangles.get(encoding, 0) + 1
             yield from framer(self, width, height)
 
     def _raw(self, width: int, height: int) -> Parser:

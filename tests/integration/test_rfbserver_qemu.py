@@ -1,0 +1,219 @@
+"""
+L{vaporproxy.relay.rfbserver} framing a real QEMU's VNC stream.
+
+A plain QEMU (no password, SeaBIOS on a std VGA, reset now and then over
+QMP so the screen changes mode and redraws) is dialled by a small blocking
+RFB client: version 3.8, security None, shared ClientInit, then
+SetPixelFormat and a SetEncodings restricted by L{restrict_encodings}, then
+update requests for a few seconds.  The bytes received are fed, in the
+pieces they arrived in and byte at a time, to an L{RFBServerFilter} that
+lets the clipboard through: the output must equal the input, end at a
+message boundary, and have framed rectangles of the encoding QEMU chose.
+With C{from_vm} off, the extended-clipboard capabilities QEMU 7 sends when
+offered ExtendedClipboard are the only bytes dropped.  The blocking client runs in set-up, outside the code
+under test, which is pure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from typing import List, Tuple
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.integration.qemu_fixture import QemuProcess, qemu_available
+from vaporproxy.relay.rfbserver import EXTENDED_CLIPBOARD, OutputPolicy, RFBServerFilter, restrict_encodings
+
+#: noVNC's SetPixelFormat (32 bits, depth 24) and a 16-bit 565 one.
+PF_32 = struct.pack("!BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
+PF_16 = struct.pack("!BBBBHHHBBBxxx", 16, 16, 0, 1, 31, 63, 31, 11, 5, 0)
+
+#: noVNC's encodings (quality 6, compression 2) and QEMU's audio ack.
+NOVNC_ENCODINGS = [
+    1, 7, -260, 16, 21, 5, 2, 6, 0, -26, -254, -223, -224, -258, -261, -308, -309, -312, -313,
+    -307, EXTENDED_CLIPBOARD, -316, 0x574D5664, -239, -259,
+]
+
+#: How long to ask for updates, and the quiet that ends a capture.
+CAPTURE_SECONDS = 3.0
+QUIET_SECONDS = 0.7
+
+
+def set_encodings(encodings: List[int]) -> bytes:
+    return struct.pack("!BxH", 2, len(encodings)) + b"".join(struct.pack("!i", e) for e in encodings)
+
+
+def start_plain_qemu(testcase: SynchronousTestCase) -> QemuProcess:
+    """
+    QEMU with VNC (no password) on 127.0.0.1 and QMP, killed at clean-up.
+    """
+    binary = qemu_available()
+    if binary is None:
+        raise SkipTest("qemu-system-x86_64 is not installed")
+    workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
+    qmp_path = os.path.join(workdir, "qmp.sock")
+    args = [
+        binary, "-machine", "pc,accel=tcg", "-m", "128", "-nodefaults", "-vga", "std",
+        "-display", "none", "-vnc", "127.0.0.1:10,to=90",
+        "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
+    ]
+    with open(os.path.join(workdir, "qemu.log"), "wb") as log:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        qemu = QemuProcess(process, qmp_path, workdir, spice_port=0)
+    except BaseException:
+        process.kill()
+        process.wait(timeout=10)
+        raise
+    testcase.addCleanup(qemu.stop)
+    return qemu
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("VNC server closed during the handshake")
+        data += chunk
+    return data
+
+
+def handshake(sock: socket.socket) -> bytes:
+    """
+    RFB 3.8 with security None and a shared ClientInit; answer the
+    ServerInit's pixel format.
+    """
+    version = recv_exactly(sock, 12)
+    assert version.startswith(b"RFB 003."), version
+    sock.sendall(b"RFB 003.008\n")
+    count = recv_exactly(sock, 1)[0]
+    types = recv_exactly(sock, count)
+    assert 1 in types, types
+    sock.sendall(b"\x01")
+    assert recv_exactly(sock, 4) == b"\0\0\0\0"
+    sock.sendall(b"\x01")
+    server_init = recv_exactly(sock, 24)
+    recv_exactly(sock, struct.unpack_from("!I", server_init, 20)[0])
+    return server_init[4:20]
+
+
+def capture(qemu: QemuProcess, pixel_format: bytes, encodings: bytes) -> Tuple[bytes, List[bytes]]:
+    """
+    Connect, set C{pixel_format} and C{encodings}, ask for updates (a full
+    one every few requests) while resetting the VM twice, then read until
+    the VM is quiet; answer the ServerInit's pixel format and the pieces
+    received after the handshake.
+    """
+    pieces: List[bytes] = []
+    with socket.create_connection(("127.0.0.1", qemu.vnc_port), timeout=10) as sock:
+        server_format = handshake(sock)
+        sock.sendall(struct.pack("!Bxxx", 0) + pixel_format + encodings)
+        sock.settimeout(0.05)
+        start = time.monotonic()
+        resets = [0.8, 1.8]
+        requests = 0
+        while time.monotonic() - start < CAPTURE_SECONDS:
+            if resets and time.monotonic() - start > resets[0]:
+                resets.pop(0)
+                qemu.qmp("system_reset")
+            incremental = 0 if requests % 4 == 0 else 1
+            sock.sendall(struct.pack("!BBHHHH", 3, incremental, 0, 0, 2048, 2048))
+            requests += 1
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise EOFError("VNC server closed")
+            pieces.append(chunk)
+        sock.settimeout(QUIET_SECONDS)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            pieces.append(chunk)
+    return server_format, pieces
+
+
+def without_clipboard_caps(stream: bytes, encodings: List[int]) -> bytes:
+    """
+    C{stream} without the extended-clipboard capabilities QEMU sends (a
+    ServerCutText with a negative length) when the client offers
+    ExtendedClipboard.
+    """
+    if EXTENDED_CLIPBOARD not in encodings:
+        return stream
+    at = stream.find(b"\x03\x00\x00\x00\xff\xff\xff")
+    assert at >= 0, "no extended clipboard capabilities from QEMU"
+    length = -struct.unpack_from("!i", stream, at + 4)[0]
+    return stream[:at] + stream[at + 8 + length :]
+
+
+class RFBServerFilterQemuTests(SynchronousTestCase):
+    """
+    The filter frames what a real QEMU sends, with every encoding it picks.
+    """
+
+    def setUp(self) -> None:
+        self.qemu = start_plain_qemu(self)
+
+    def frame(self, pixel_format: bytes, encodings: List[int], expected_encoding: int) -> None:
+        restricted = restrict_encodings(set_encodings(encodings))
+        server_format, pieces = capture(self.qemu, pixel_format, restricted)
+        stream = b"".join(pieces)
+        self.assertGreater(len(stream), 2000)
+        f = RFBServerFilter(OutputPolicy(), server_format)
+        f.set_pixel_format(pixel_format)
+        self.assertEqual(b"".join(f.feed(p) for p in pieces), stream)
+        self.assertEqual((f._buf, f._stream), (b"", 0))
+        self.assertGreater(f.rectangles.get(expected_encoding, 0), 0)
+        self.assertIn(-258, f.rectangles)
+        prefix = stream[:100000]
+        f = RFBServerFilter(OutputPolicy(), server_format)
+        f.set_pixel_format(pixel_format)
+        self.assertEqual(b"".join(f.feed(prefix[i : i + 1]) for i in range(len(prefix))), prefix)
+        drops = []
+        dropping = RFBServerFilter(OutputPolicy(clipboard_from_vm=False), server_format, drops.append)
+        dropping.set_pixel_format(pixel_format)
+        self.assertEqual(dropping.feed(stream), without_clipboard_caps(stream, encodings))
+        self.assertEqual(drops, ["clipboard"] if EXTENDED_CLIPBOARD in encodings else [])
+        self.assertEqual((dropping._buf, dropping._stream, dropping._need, dropping._hold), (b"", 0, 1, True))
+
+    def test_tight(self):
+        """
+        When noVNC's encodings are restricted, QEMU picks Tight and its whole stream is framed and passed unchanged.
+        """
+        self.frame(PF_32, NOVNC_ENCODINGS, 7)
+
+    def test_tight16(self):
+        """
+        When the browser asks for 16-bit pixels, QEMU's Tight stream (two-byte TPIXELs) is framed and passed unchanged.
+        """
+        self.frame(PF_16, NOVNC_ENCODINGS, 7)
+
+    def test_zrle(self):
+        """
+        When Tight is not offered, QEMU picks ZRLE and its whole stream is framed and passed unchanged.
+        """
+        self.frame(PF_32, [e for e in NOVNC_ENCODINGS if e != 7], 16)
+
+    def test_zlib(self):
+        """
+        When only Zlib and Raw are offered, QEMU picks Zlib and its whole stream is framed and passed unchanged.
+        """
+        self.frame(PF_32, [6, 0, -223, -258, -261, -308], 6)
+
+    def test_raw(self):
+        """
+        When only Raw is offered, QEMU's Raw stream is framed and passed unchanged.
+        """
+        self.frame(PF_32, [0, -223, -258, -261, -308, -307], 0)
