@@ -174,7 +174,7 @@ class RFBServerFilterQemuTests(SynchronousTestCase):
         f = RFBServerFilter(OutputPolicy(), server_format)
         f.set_pixel_format(pixel_format)
         self.assertEqual(b"".join(f.feed(p) for p in pieces), stream)
-        self.assertEqual((f._buf, f._stream), (b"", 0))
+        self.assertTrue(f.at_message_boundary)
         self.assertGreater(f.rectangles.get(expected_encoding, 0), 0)
         self.assertIn(-258, f.rectangles)
         prefix = stream[:100000]
@@ -186,7 +186,7 @@ class RFBServerFilterQemuTests(SynchronousTestCase):
         dropping.set_pixel_format(pixel_format)
         self.assertEqual(dropping.feed(stream), without_clipboard_caps(stream, encodings))
         self.assertEqual(drops, ["clipboard"] if EXTENDED_CLIPBOARD in encodings else [])
-        self.assertEqual((dropping._buf, dropping._stream, dropping._need, dropping._hold), (b"", 0, 1, True))
+        self.assertTrue(dropping.at_message_boundary)
 
     def test_tight(self):
         """

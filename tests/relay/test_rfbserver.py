@@ -196,6 +196,19 @@ class FramingTests(SynchronousTestCase):
         messages = [update(RAW, TIGHT_FILL, LAST_RECT, count=0xFFFF), BELL]
         self.check(messages, messages)
 
+    def test_messageBoundary(self):
+        """
+        When the fed bytes end inside a message, the filter says it is not at a message boundary; after the message, it is.
+        """
+        f = RFBServerFilter(OutputPolicy(), PF_32)
+        self.assertTrue(f.at_message_boundary)
+        for stream in (update(RAW), CUT_TEXT, FENCE, update(TIGHT_JPEG)):
+            for i in range(1, len(stream)):
+                f.feed(stream[i - 1 : i])
+                self.assertFalse(f.at_message_boundary, (stream, i))
+            f.feed(stream[-1:])
+            self.assertTrue(f.at_message_boundary)
+
     def test_emptyUpdate(self):
         """
         When an update has no rectangles, the next message is framed as a message.

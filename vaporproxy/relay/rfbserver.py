@@ -180,6 +180,11 @@ class RFBServerFilter:
         """
         self._bpp, self._tpixel = pixel_sizes(pixel_format)
 
+    @property
+    def at_message_boundary(self) -> bool:
+        """Whether everything fed so far ends with a whole message."""
+        return not self._buf and not self._stream and self._hold and self._need == 1
+
     def feed(self, data: bytes) -> bytes:
         """
         Bytes from the VM, in any fragmentation; answer the bytes for the
@@ -200,7 +205,8 @@ class RFBServerFilter:
                 if stream:
                     take = min(abs(stream), end - pos)
                     if stream > 0:
-                        out.append(buf if pos == 0 and take == end else buf[pos : pos + take])
+                        # A view, not a copy: the join below copies once.
+                        out.append(buf if pos == 0 and take == end else memoryview(buf)[pos : pos + take])
                         self._stream -= take
                     else:
                         self._stream += take
