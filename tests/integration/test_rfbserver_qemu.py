@@ -1,8 +1,10 @@
 """
 L{vaporproxy.relay.rfbserver} framing a real QEMU's VNC stream.
 
-A plain QEMU (no password, SeaBIOS on a std VGA, reset now and then over
-QMP so the screen changes mode and redraws) is dialled by a small blocking
+A plain QEMU (no password, SeaBIOS on a std VGA showing a smooth colour
+boot splash, reset now and then over QMP so the screen changes mode and
+redraws; VNC with C{lossy=on,non-adaptive=on} so that Tight uses JPEG and
+the gradient filter too) is dialled by a small blocking
 RFB client: version 3.8, security None, shared ClientInit, then
 SetPixelFormat and a SetEncodings restricted by L{restrict_encodings}, then
 update requests for a few seconds.  The bytes received are fed, in the
@@ -22,11 +24,13 @@ import struct
 import subprocess
 import tempfile
 import time
-from typing import List, Tuple
+from collections import Counter
+from typing import Callable, List, Tuple
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.integration.qemu_fixture import QemuProcess, qemu_available
+from vaporproxy.relay import rfbserver
 from vaporproxy.relay.rfbserver import EXTENDED_CLIPBOARD, OutputPolicy, RFBServerFilter, restrict_encodings
 
 #: noVNC's SetPixelFormat (32 bits, depth 24) and a 16-bit 565 one.
@@ -48,18 +52,40 @@ def set_encodings(encodings: List[int]) -> bytes:
     return struct.pack("!BxH", 2, len(encodings)) + b"".join(struct.pack("!i", e) for e in encodings)
 
 
+def splash_bmp(width: int = 640, height: int = 480) -> bytes:
+    """
+    A 24-bit BMP of smooth colour gradients: Tight sends such a picture
+    as JPEG, or through its gradient filter.
+    """
+    pad = b"\0" * ((4 - width * 3 % 4) % 4)
+    rows = []
+    for y in range(height - 1, -1, -1):
+        rows.append(
+            b"".join(bytes((x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height))) for x in range(width))
+            + pad
+        )
+    data = b"".join(rows)
+    header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, len(data), 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + len(data), 0, 0, 54) + header + data
+
+
 def start_plain_qemu(testcase: SynchronousTestCase) -> QemuProcess:
     """
-    QEMU with VNC (no password) on 127.0.0.1 and QMP, killed at clean-up.
+    QEMU with VNC (no password, lossy encodings allowed) on 127.0.0.1, a
+    boot splash and QMP, killed at clean-up.
     """
     binary = qemu_available()
     if binary is None:
         raise SkipTest("qemu-system-x86_64 is not installed")
     workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
     qmp_path = os.path.join(workdir, "qmp.sock")
+    splash = os.path.join(workdir, "splash.bmp")
+    with open(splash, "wb") as f:
+        f.write(splash_bmp())
     args = [
         binary, "-machine", "pc,accel=tcg", "-m", "128", "-nodefaults", "-vga", "std",
-        "-display", "none", "-vnc", "127.0.0.1:10,to=90",
+        "-display", "none", "-vnc", "127.0.0.1:10,to=90,lossy=on,non-adaptive=on",
+        "-boot", "menu=on,splash=%s,splash-time=3000" % (splash,),
         "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
     ]
     with open(os.path.join(workdir, "qemu.log"), "wb") as log:
@@ -158,6 +184,37 @@ def without_clipboard_caps(stream: bytes, encodings: List[int]) -> bytes:
     return stream[:at] + stream[at + 8 + length :]
 
 
+def count_tight_modes(testcase: SynchronousTestCase) -> Counter:
+    """
+    Count the Tight rectangles framed during C{testcase} by mode (fill,
+    jpeg, copy, palette, gradient), by wrapping the Tight framer.
+    """
+    counts: Counter = Counter()
+    original: Callable = rfbserver._RECTS[7]
+
+    def counting(self, width, height):
+        framer = original(self, width, height)
+        request = next(framer)
+        control = yield request
+        mode = control[0] >> 4
+        try:
+            request = framer.send(control)
+            if mode & 12 == 4:
+                chosen = yield request
+                counts[("copy", "palette", "gradient")[chosen[0]]] += 1
+                request = framer.send(chosen)
+            else:
+                counts["fill" if mode == 8 else "jpeg" if mode == 9 else "copy"] += 1
+            while True:
+                request = framer.send((yield request))
+        except StopIteration:
+            return
+
+    rfbserver._RECTS[7] = counting
+    testcase.addCleanup(rfbserver._RECTS.__setitem__, 7, original)
+    return counts
+
+
 class RFBServerFilterQemuTests(SynchronousTestCase):
     """
     The filter frames what a real QEMU sends, with every encoding it picks.
@@ -190,9 +247,20 @@ class RFBServerFilterQemuTests(SynchronousTestCase):
 
     def test_tight(self):
         """
-        When noVNC's encodings are restricted, QEMU picks Tight and its whole stream is framed and passed unchanged.
+        When noVNC's encodings are restricted, QEMU picks Tight, JPEG among its modes, and its whole stream is framed and passed unchanged.
         """
+        modes = count_tight_modes(self)
         self.frame(PF_32, NOVNC_ENCODINGS, 7)
+        self.assertGreater(modes["jpeg"], 0, modes)
+        self.assertGreater(modes["copy"], 0, modes)
+
+    def test_tightGradient(self):
+        """
+        When no JPEG quality is offered and compression is at its highest, QEMU's Tight uses the gradient filter and the stream is framed and passed unchanged.
+        """
+        modes = count_tight_modes(self)
+        self.frame(PF_32, [e for e in NOVNC_ENCODINGS if e not in (-26, -254)] + [-247], 7)
+        self.assertGreater(modes["gradient"], 0, modes)
 
     def test_tight16(self):
         """
