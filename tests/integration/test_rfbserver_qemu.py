@@ -36,6 +36,8 @@ from vaporproxy.relay.rfbserver import EXTENDED_CLIPBOARD, OutputPolicy, RFBServ
 #: noVNC's SetPixelFormat (32 bits, depth 24) and a 16-bit 565 one.
 PF_32 = struct.pack("!BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
 PF_16 = struct.pack("!BBBBHHHBBBxxx", 16, 16, 0, 1, 31, 63, 31, 11, 5, 0)
+#: An 8-bit colour map: QEMU answers with SetColourMapEntries.
+PF_8_MAP = struct.pack("!BBBBHHHBBBxxx", 8, 8, 0, 0, 0, 0, 0, 0, 0, 0)
 
 #: noVNC's encodings (quality 6, compression 2) and QEMU's audio ack.
 NOVNC_ENCODINGS = [
@@ -223,7 +225,11 @@ class RFBServerFilterQemuTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.qemu = start_plain_qemu(self)
 
-    def frame(self, pixel_format: bytes, encodings: List[int], expected_encoding: int) -> None:
+    def frame(self, pixel_format: bytes, encodings: List[int], expected_encoding: int) -> bytes:
+        """
+        Capture QEMU's stream with C{pixel_format} and C{encodings} and
+        check the filter frames it; answer the stream.
+        """
         restricted = restrict_encodings(set_encodings(encodings))
         server_format, pieces = capture(self.qemu, pixel_format, restricted)
         stream = b"".join(pieces)
@@ -244,6 +250,7 @@ class RFBServerFilterQemuTests(SynchronousTestCase):
         self.assertEqual(dropping.feed(stream), without_clipboard_caps(stream, encodings))
         self.assertEqual(drops, ["clipboard"] if EXTENDED_CLIPBOARD in encodings else [])
         self.assertTrue(dropping.at_message_boundary)
+        return stream
 
     def test_tight(self):
         """
@@ -267,6 +274,13 @@ class RFBServerFilterQemuTests(SynchronousTestCase):
         When the browser asks for 16-bit pixels, QEMU's Tight stream (two-byte TPIXELs) is framed and passed unchanged.
         """
         self.frame(PF_16, NOVNC_ENCODINGS, 7)
+
+    def test_colourMap(self):
+        """
+        When the browser asks for an 8-bit colour map, QEMU's SetColourMapEntries and one-byte Tight pixels are framed and passed unchanged.
+        """
+        stream = self.frame(PF_8_MAP, NOVNC_ENCODINGS, 7)
+        self.assertEqual(stream[:1], b"\x01")
 
     def test_zrle(self):
         """
