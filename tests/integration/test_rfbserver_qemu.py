@@ -12,7 +12,12 @@ pieces they arrived in and byte at a time, to an L{RFBServerFilter} that
 lets the clipboard through: the output must equal the input, end at a
 message boundary, and have framed rectangles of the encoding QEMU chose.
 With C{from_vm} off, the extended-clipboard capabilities QEMU 7 sends when
-offered ExtendedClipboard are the only bytes dropped.  The blocking client runs in set-up, outside the code
+offered ExtendedClipboard are the only bytes dropped.
+
+A real clipboard transfer comes from QEMU too: a second VNC client sets
+QEMU's clipboard, and QEMU tells the watcher (extended clipboard: notify,
+then the zlib text on request); the filter passes it, drops it with
+C{from_vm} off, or drops only the text over C{max_size}.  The blocking client runs in set-up, outside the code
 under test, which is pure.
 """
 
@@ -24,6 +29,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from collections import Counter
 from typing import Callable, List, Tuple
 
@@ -172,6 +178,59 @@ def capture(qemu: QemuProcess, pixel_format: bytes, encodings: bytes) -> Tuple[b
     return server_format, pieces
 
 
+def drain(sock: socket.socket, quiet: float = QUIET_SECONDS) -> bytes:
+    """What C{sock} receives until it has been quiet for C{quiet} seconds."""
+    sock.settimeout(quiet)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        pass
+    return data
+
+
+def capture_clipboard(qemu: QemuProcess, text: bytes) -> Tuple[bytes, bytes]:
+    """
+    Connect a watcher offering ExtendedClipboard and ask for one update;
+    connect a second client that sets QEMU's clipboard to C{text} with a
+    plain ClientCutText; have the watcher request the text.  Answer the
+    ServerInit's pixel format and the watcher's stream: an update, QEMU's
+    clipboard capabilities, its notify and its provide (zlib) messages.
+    """
+    with socket.create_connection(("127.0.0.1", qemu.vnc_port), timeout=10) as watcher:
+        server_format = handshake(watcher)
+        encodings = restrict_encodings(set_encodings([16, 0, -258, EXTENDED_CLIPBOARD]))
+        update_request = struct.pack("!BBHHHH", 3, 0, 0, 0, 2048, 2048)
+        watcher.sendall(struct.pack("!Bxxx", 0) + PF_32 + encodings + update_request)
+        with socket.create_connection(("127.0.0.1", qemu.vnc_port), timeout=10) as other:
+            handshake(other)
+            stream = drain(watcher)
+            other.sendall(struct.pack("!BxxxI", 6, len(text)) + text)
+            stream += drain(watcher)
+            request_text = struct.pack("!Bxxxi", 6, -4) + struct.pack("!I", 1 << 25 | 1)
+            watcher.sendall(request_text)
+            stream += drain(watcher)
+    return server_format, stream
+
+
+def cut_texts(stream: bytes) -> List[Tuple[int, int]]:
+    """
+    Where the extended ServerCutText messages of C{stream} start and end,
+    found by their header (a test of the filter must not use the filter).
+    """
+    found = []
+    at = stream.find(b"\x03\x00\x00\x00\xff\xff\xff")
+    while at >= 0:
+        end = at + 8 - struct.unpack_from("!i", stream, at + 4)[0]
+        found.append((at, end))
+        at = stream.find(b"\x03\x00\x00\x00\xff\xff\xff", end)
+    return found
+
+
 def without_clipboard_caps(stream: bytes, encodings: List[int]) -> bytes:
     """
     C{stream} without the extended-clipboard capabilities QEMU sends (a
@@ -299,3 +358,54 @@ class RFBServerFilterQemuTests(SynchronousTestCase):
         When only Raw is offered, QEMU's Raw stream is framed and passed unchanged.
         """
         self.frame(PF_32, [0, -223, -258, -261, -308, -307], 0)
+
+
+class ClipboardFromQemuTests(SynchronousTestCase):
+    """
+    A real clipboard transfer from QEMU, dropped or passed by policy.
+    """
+
+    TEXT = b"text copied in another VNC client"
+
+    def setUp(self) -> None:
+        self.server_format, self.stream = capture_clipboard(start_plain_qemu(self), self.TEXT)
+        self.messages = cut_texts(self.stream)
+        self.assertEqual(len(self.messages), 3, self.stream[:200])
+
+    def feed(self, policy: OutputPolicy) -> Tuple[bytes, List[str]]:
+        drops: List[str] = []
+        f = RFBServerFilter(policy, self.server_format, drops.append)
+        f.set_pixel_format(PF_32)
+        out = b"".join(f.feed(self.stream[i : i + 1000]) for i in range(0, len(self.stream), 1000))
+        self.assertTrue(f.at_message_boundary)
+        self.assertGreater(f.rectangles.get(16, 0), 0)
+        return out, drops
+
+    def test_fromVmOn(self):
+        """
+        When clipboard from_vm is on, QEMU's extended clipboard messages reach the browser unchanged, the text inside.
+        """
+        out, drops = self.feed(OutputPolicy())
+        self.assertEqual((out, drops), (self.stream, []))
+        provide_start, provide_end = self.messages[2]
+        self.assertIn(self.TEXT, zlib.decompress(out[provide_start + 12 : provide_end]))
+
+    def test_fromVmOff(self):
+        """
+        When clipboard from_vm is off, none of QEMU's clipboard messages reaches the browser, and the update does.
+        """
+        out, drops = self.feed(OutputPolicy(clipboard_from_vm=False))
+        expected = self.stream
+        for start, end in reversed(self.messages):
+            expected = expected[:start] + expected[end:]
+        self.assertEqual((out, drops), (expected, ["clipboard"] * 3))
+        self.assertNotIn(b"\x03\x00\x00\x00\xff\xff\xff", out)
+
+    def test_maxSize(self):
+        """
+        When the transfer holding the text is longer than max_size, only it is dropped; the short capabilities and notify pass.
+        """
+        provide_start, provide_end = self.messages[2]
+        out, drops = self.feed(OutputPolicy(clipboard_max=provide_end - provide_start - 9))
+        self.assertEqual(out, self.stream[:provide_start] + self.stream[provide_end:])
+        self.assertEqual(drops, ["clipboard"])
