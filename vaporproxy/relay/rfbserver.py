@@ -103,7 +103,7 @@ def pixel_sizes(pixel_format: bytes) -> Tuple[int, int]:
     The bytes of one pixel, and of one Tight TPIXEL, in the 16-byte RFB
     PIXEL_FORMAT C{pixel_format}: a TPIXEL is 3 bytes when the format is
     true colour, 32 bits per pixel, depth 24 and 255 for every colour max
-    (as RFC 6143's Tight and noVNC read it), else one pixel.
+    (as the community RFB protocol's Tight, and noVNC, read it), else one pixel.
 
     @raise PolicyViolation: for a bits-per-pixel other than 8, 16 or 32.
     """
@@ -129,7 +129,10 @@ class OutputPolicy:
 
     @property
     def filters(self) -> bool:
-        """Whether any ServerCutText can be dropped (else no filter is needed)."""
+        """
+        Whether any ServerCutText can be dropped (else no filter is
+        needed).  A finite C{max_size}, as by default, is enough.
+        """
         return not self.clipboard_from_vm or self.clipboard_max < 2**31
 
 
