@@ -11,7 +11,9 @@ and rectangles come in many encodings.  Two pieces keep that tractable:
     why each one is kept); everything else the browser offers is removed.
   - L{RFBServerFilter} frames the server messages and drops ServerCutText
     (plain, and extended: a negative length) when C{from_vm} is off or the
-    transfer is longer than C{max_size}.
+    transfer is longer than C{max_size}.  An extended transfer is
+    measured as sent (flags and zlib data), as rfbclient measures the
+    browser's.
 
 The filter buffers only headers: rectangle data and clipboard text are
 passed (or skipped) as they arrive, so memory stays bounded whatever the
