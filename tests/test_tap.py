@@ -25,6 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.qemu_fixture import write_x509_credentials
 from vaporproxy import tap
+from vaporproxy.app.reload import ReloadService, apply_reload
+from vaporproxy.app.services import ShutdownService, ThreadPoolService, VaporService, purge_tokens
 from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.logs import LogSetup, log_setup_for, twistd_destination
@@ -174,7 +176,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.path = write(self.mktemp(), CONFIG)
         self.reactor = ThreadingReactor()
 
-    def make(self, *argv: str, environ: Any = None) -> tap.VaporService:
+    def make(self, *argv: str, environ: Any = None) -> VaporService:
         root = tap.makeService(options("--config", self.path, *argv, environ=environ), self.reactor)
         self.addCleanup(lambda: root.running and root.stopService())
         return root
@@ -215,7 +217,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(pieces["reactor"], self.reactor)
         timers = [s for s in root if isinstance(s, TimerService)]
         self.assertEqual([t.step for t in timers], [60.0])
-        self.assertIsInstance(root.getServiceNamed("reload"), tap.ReloadService)
+        self.assertIsInstance(root.getServiceNamed("reload"), ReloadService)
 
     def test_redisBackend(self) -> None:
         """
@@ -382,7 +384,7 @@ class AccessLogWiringTests(SynchronousTestCase):
 
     def test_accessLogOnByDefault(self) -> None:
         """When the config says nothing about it, the site writes the access log."""
-        from vaporproxy.http.api import ConsoleSite
+        from vaporproxy.http.site import ConsoleSite
 
         root = tap.makeService(options("--config", self.path, environ={}), self.reactor)
         site = root.pieces["site"]
@@ -509,7 +511,7 @@ class ReloadTests(SynchronousTestCase):
 
         setup = LogSetup("info", "text", io.StringIO())
         new = Config()
-        tap.apply_reload(
+        apply_reload(
             new,
             limiter=Fake("limiter"),
             host_policy=Fake("hosts"),
@@ -578,7 +580,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def stop(self) -> None:
                 events.append("stop")
 
-        service = tap.ThreadPoolService(Pool(), Clock(), before_stop=lambda: closing)  # type: ignore[arg-type]
+        service = ThreadPoolService(Pool(), Clock(), before_stop=lambda: closing)  # type: ignore[arg-type]
         service.startService()
         d = service.stopService()
         self.assertEqual(events, ["start"])
@@ -600,7 +602,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def stop(self) -> None:
                 events.append("stop")
 
-        service = tap.ThreadPoolService(Pool(), clock, before_stop=Deferred)  # type: ignore[arg-type]
+        service = ThreadPoolService(Pool(), clock, before_stop=Deferred)  # type: ignore[arg-type]
         service.startService()
         d = service.stopService()
         clock.advance(service.close_timeout)
@@ -617,7 +619,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def purge(self) -> Any:
                 return fail(ConsoleError(ErrorCode.SERVICE_UNAVAILABLE))
 
-        self.assertIsNone(self.successResultOf(tap.purge_tokens(Broken())))
+        self.assertIsNone(self.successResultOf(purge_tokens(Broken())))
         self.assertEqual(len(self.flushLoggedErrors(ConsoleError)), 1)
 
     def test_purgeRaisesSynchronously(self) -> None:
@@ -629,7 +631,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def purge(self) -> Any:
                 raise RuntimeError("boom")
 
-        self.assertIsNone(self.successResultOf(tap.purge_tokens(Raising())))
+        self.assertIsNone(self.successResultOf(purge_tokens(Raising())))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_shutdownSteps(self) -> None:
@@ -642,7 +644,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             ran.append("bad")
             raise RuntimeError("x")
 
-        service = tap.ShutdownService(lambda: ran.append("a"), bad, lambda: succeed(ran.append("c")))
+        service = ShutdownService(lambda: ran.append("a"), bad, lambda: succeed(ran.append("c")))
         service.startService()
         self.successResultOf(service.stopService())
         self.assertEqual(ran, ["a", "bad", "c"])
@@ -710,7 +712,7 @@ class LoggingTests(SynchronousTestCase):
         When twistd parents the root service to its application, the application gets our observer.
         """
         setup = LogSetup("info", "text", io.StringIO())
-        root = tap.VaporService(setup)
+        root = VaporService(setup)
         application = Application("vaporproxy")
         self.addCleanup(setup.uninstall)
         root.setServiceParent(application)

@@ -30,6 +30,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from vaporproxy.http import api as web
+from vaporproxy.http import site as web_site
+from vaporproxy.timestamps import iso_utc
 from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig
 from vaporproxy.vm.hosts import HostPolicy
 from vaporproxy.errors import ConsoleError, ErrorCode
@@ -155,9 +157,9 @@ class FakeRecord:
             "user": self.user,
             "bytes_sent": 10,
             "bytes_received": 20,
-            "started_at": web.iso_utc(self.started_at),
+            "started_at": iso_utc(self.started_at),
             "duration_s": now - self.started_at,
-            "last_activity": web.iso_utc(now),
+            "last_activity": iso_utc(now),
         }
 
 
@@ -651,7 +653,7 @@ class FastInfoRouteTests(APITestCase):
             def render(self, request: Any) -> None:
                 raise AssertionError("went through Klein")
 
-        self.h.treq = StubTreq(web._Root(self.h.api, NoKlein()))
+        self.h.treq = StubTreq(web.Root(self.h.api, NoKlein()))
         response, body = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
         self.assertEqual((response.code, body["type"]), (200, "vnc"))
         self.assertEqual(response.length, len(json.dumps(body)))
@@ -761,7 +763,7 @@ class FastInfoRouteTests(APITestCase):
 
 class ConsoleSiteTests(SynchronousTestCase):
     """
-    Tests for L{web.ConsoleSite}'s access-log switch.
+    Tests for L{web_site.ConsoleSite}'s access-log switch.
     """
 
     def test_accessLogSwitch(self) -> None:
@@ -770,7 +772,7 @@ class ConsoleSiteTests(SynchronousTestCase):
 
         from twisted.web.test.requesthelper import DummyRequest
 
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         written = BytesIO()
         site.logFile = written  # type: ignore[assignment]
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
@@ -798,7 +800,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         token = "cd" * 32
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         site._logFile = legacy_log.logfile
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
         request = DummyRequest([b"ws"])
@@ -829,7 +831,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         token = "ab" * 32
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         written = BytesIO()
         site.logFile = written  # type: ignore[assignment]
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
@@ -857,7 +859,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 400
         request.uri = f"{VMS}/web-1/console/ws?{query}#frag".encode()
         request.sentLength = 10
-        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        line = web_site.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
         for secret in secrets[:5]:
             self.assertNotIn(secret, line)
         self.assertIn(
@@ -875,7 +877,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 200
         request.uri = b"/healthz"
         request.sentLength = 15
-        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        line = web_site.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
         self.assertIn('"GET /healthz HTTP/1.1" 200 15', line)
 
 
@@ -986,7 +988,7 @@ class MetricsRouteTests(APITestCase):
 
     def test_remote_without_key(self) -> None:
         """When a non-loopback client asks without a key, the answer is 401."""
-        self.patch(web, "_client_ip", lambda request, trusted: "203.0.113.9")
+        self.patch(web, "request_client_ip", lambda request, trusted: "203.0.113.9")
         response, body = self.json_request("GET", "/metrics")
         self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
 
@@ -1057,7 +1059,7 @@ class StaticTests(APITestCase):
         self.patch(_producer_helpers, "cooperate", cooperator.cooperate)
         self.page = root.child("console.html")
         self.page.setContent(b"<!DOCTYPE html><title>console</title>")
-        self.patch(web, "_STATIC_PAGE", self.page.path)
+        self.patch(web, "STATIC_PAGE", self.page.path)
 
     def test_page(self) -> None:
         """When the console page is asked for, it is served as HTML with a strict CSP."""
@@ -1207,7 +1209,7 @@ class ClusterTests(APITestCase):
         self.assertEqual(cluster["total_connections"], 3)
         self.assertEqual([p["node_id"] for p in cluster["processes"]], ["node-a", "node-b"])
         self.assertEqual(cluster["processes"][1]["connections_per_vm"], {WEB_UUID: 1, DB_UUID: 1})
-        self.assertEqual(cluster["processes"][0]["started_at"], web.iso_utc(NOW - 100))
+        self.assertEqual(cluster["processes"][0]["started_at"], iso_utc(NOW - 100))
 
     def test_statsRedisDown(self) -> None:
         """When Redis is unreachable, stats answer 503 SERVICE_UNAVAILABLE."""

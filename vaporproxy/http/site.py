@@ -1,0 +1,162 @@
+"""
+The HTTP site of vaporproxy: L{ConsoleSite} (twisted.web's L{Site} with an
+access log that never shows a console token), and the resources that serve
+files (L{StaticFiles}) and fixed JSON errors (L{JSONError}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+from urllib.parse import unquote_to_bytes
+
+from twisted.logger import Logger
+from twisted.python import log as _legacy_log
+from twisted.web.http import combinedLogFormatter
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Site
+from twisted.web.static import File
+
+from vaporproxy.errors import ErrorCode, error_body
+
+JSON_CONTENT_TYPE = b"application/json"
+
+#: The package's own static files (the console page, its script and style).
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+STATIC_PAGE = os.path.join(STATIC_DIR, "console.html")
+
+
+class JSONError(Resource):
+    """
+    A leaf resource answering one JSON error (used inside static trees).
+    """
+
+    isLeaf = True
+
+    def __init__(self, code: ErrorCode, status: int, message: Optional[str] = None):
+        super().__init__()
+        self._status = status
+        self._body = json.dumps(error_body(code, message)).encode("utf-8")
+
+    def render(self, request: IRequest) -> bytes:
+        request.setResponseCode(self._status)
+        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+        return self._body
+
+    def getChild(self, path: bytes, request: IRequest) -> Resource:
+        return self
+
+
+NOT_FOUND = JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
+
+
+_REDACTED = b"<redacted>"
+
+
+def _is_token_name(raw_name: bytes) -> bool:
+    """
+    Whether a raw query-parameter name decodes to C{token} (any case), as
+    the WebSocket handshake decodes it: C{+} is a space, percent-escapes
+    are decoded (C{%74oken} is C{token}).
+    """
+    name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("utf-8", "replace")
+    return name.casefold() == "token"
+
+
+def redact_uri(uri: bytes) -> bytes:
+    """
+    C{uri} with the value of every query parameter named C{token} (after
+    percent- and C{+}-decoding, in any case) replaced by C{<redacted>};
+    everything else is kept byte for byte.
+    """
+    path, question, rest = uri.partition(b"?")
+    if not question:
+        return uri
+    query, hash_, fragment = rest.partition(b"#")
+    parts = query.split(b"&")
+    for i, part in enumerate(parts):
+        name, equals, _ = part.partition(b"=")
+        if equals and _is_token_name(name):
+            parts[i] = name + b"=" + _REDACTED
+    return path + b"?" + b"&".join(parts) + hash_ + fragment
+
+
+class _RedactedRequest:
+    """
+    A request as the access log sees it: the value of every C{token} query
+    parameter is replaced (L{redact_uri}), so no console token is ever
+    written to a log.
+    """
+
+    def __init__(self, request: IRequest):
+        self._request = request
+        self.uri = redact_uri(request.uri)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def redacting_log_formatter(timestamp: str, request: IRequest) -> str:
+    """
+    Twisted's combined log format, with console tokens redacted.
+    """
+    if b"?" not in request.uri:
+        # No query, no token: nothing to redact.
+        return combinedLogFormatter(timestamp, request)
+    return combinedLogFormatter(timestamp, _RedactedRequest(request))
+
+
+#: The access log: one line per request (C{logging.access_log}).
+access_log = Logger(namespace="vaporproxy.access")
+
+
+class ConsoleSite(Site):
+    """
+    The HTTP site: Twisted's L{Site} whose access log (one combined-format
+    line per request, through the log observer, tokens redacted) can be
+    switched off.
+
+    @ivar access_log: whether requests are logged (default on;
+        C{logging.access_log} in the configuration, applied on SIGHUP).
+    """
+
+    access_log = True
+
+    def __init__(self, resource: IResource, *args: Any, **kwargs: Any):
+        kwargs.setdefault("logFormatter", redacting_log_formatter)
+        super().__init__(resource, *args, **kwargs)
+
+    def log(self, request: IRequest) -> None:
+        """
+        The request's line, to the log (namespace C{vaporproxy.access}), or
+        to the log file this site was given (Twisted's C{logPath}).
+        """
+        if not self.access_log:
+            return
+        if self._logFile is _legacy_log.logfile:
+            # What Site.log does when no log file is set (it writes to the
+            # global log's file object, which makes the same event of each
+            # line), without that detour.
+            access_log.info("{log_io}", log_io=self._logFormatter(self._logDateTime, request))
+        else:
+            Site.log(self, request)
+
+
+class StaticFiles(File):
+    """
+    A L{File} that never lists directories and answers JSON 404s.
+    """
+
+    childNotFound = NOT_FOUND
+    forbidden = JSONError(ErrorCode.UNAUTHORIZED, 403, "Forbidden")
+    contentTypes = dict(File.contentTypes)
+    contentTypes.update({".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json"})
+
+    def directoryListing(self) -> Resource:
+        return NOT_FOUND
+
+    def render_GET(self, request: IRequest) -> Any:
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return super().render_GET(request)
