@@ -183,7 +183,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_listensOnEveryEndpoint(self) -> None:
         """
-        When started, one port per listen endpoint serves the switch in front of the API site and the bridge; stopping stops them.
+        When started, one port per listen endpoint serves the guard, then the switch in front of the API site and the bridge; stopping stops them.
         """
         from vaporproxy.ws.switch import SwitchFactory
 
@@ -193,8 +193,9 @@ class MakeServiceTests(SynchronousTestCase):
         root.startService()
         ports = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
         self.assertEqual(ports, [(8123, "127.0.0.1"), (8124, "::1")])
-        self.assertEqual({id(f) for _, f, _, _ in self.reactor.tcpServers}, {id(root.pieces["listening"])})
+        self.assertEqual({id(f) for _, f, _, _ in self.reactor.tcpServers}, {id(root.pieces["guard"])})
         listening = root.pieces["listening"]
+        self.assertIs(root.pieces["guard"].wrappedFactory, listening)
         self.assertIsInstance(listening, SwitchFactory)
         self.assertIs(listening.http_factory, root.pieces["site"])
         self.assertIs(listening.ws_factory, root.pieces["bridge_factory"])
@@ -322,7 +323,7 @@ class MakeServiceTests(SynchronousTestCase):
         adopted = [s for s in root if isinstance(s, AdoptedPortService)]
         self.assertEqual([(s.fd, s.proxy) for s in adopted], [(7, False), (8, True)])
         self.assertEqual([s for s in root if isinstance(s, StreamServerEndpointService)], [])
-        self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["listening"])})
+        self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["guard"])})
         self.assertIs(root.pieces["listening"].http_factory, root.pieces["site"])
 
     def test_workerFdsMatchListen(self) -> None:

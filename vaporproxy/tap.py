@@ -13,19 +13,18 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Mapping, Optional
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from vaporproxy.app.listen import listen, supervisor
+from vaporproxy.app.listen import guarded, listen, supervisor
 from vaporproxy.app.reload import ReloadService, apply_reload, check_files, log_startup
 from vaporproxy.app.services import (
     RedisService,
     ShutdownService,
     ThreadPoolService,
     VaporService,
-    purge_tokens,
+    purge_timer,
     token_backend,
 )
 from vaporproxy.config import Config, ConfigError, load_config, with_listen
@@ -176,20 +175,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     site.access_log = config.logging.access_log
     # Console WebSocket upgrades go from the listening port straight to the
     # bridge; everything else to the site (vaporproxy.ws.switch).
+    # Both behind the guard of pending connections (vaporproxy.http.guard).
     listening = SwitchFactory(site, bridge_factory, reactor)
-    listen(root, listening, config.server.listen, options["worker_fds"], reactor)
-    cleanup = TimerService(config.console.cleanup_interval, purge_tokens, token_store)
-    cleanup.clock = reactor
-    cleanup.setServiceParent(root)
+    guard = guarded(listening, config.server, reactor)
+    listen(root, guard, config.server.listen, options["worker_fds"], reactor)
+    purge_timer(config.console.cleanup_interval, token_store, reactor).setServiceParent(root)
 
     def apply(new: Config) -> None:
         apply_reload(new, limiter=limiter, host_policy=host_policy, api=api, bridge_factory=bridge_factory,
-                     log_setup=log_setup, environ=environ, token_store=token_store)  # fmt: skip
+                     log_setup=log_setup, environ=environ, token_store=token_store, guard=guard)  # fmt: skip
         site.access_log = new.logging.access_log
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
     root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site,
-                       listening=listening)  # fmt: skip
+                       listening=listening, guard=guard)  # fmt: skip
     # Added last, so stopped first: live consoles get 1001 before the rest stops.
     ShutdownService(registry.close_all).setServiceParent(root)
     return root

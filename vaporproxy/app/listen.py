@@ -46,3 +46,15 @@ def supervisor(root: MultiService, options: Any, reactor: Any) -> MultiService:
     argv = worker_argv(options["config_path"], [arg for d in config.server.listen for arg in ("--listen", d)])
     WorkerSupervisor(config.server.workers, endpoints, argv, reactor).setServiceParent(root)
     return root
+
+
+def guarded(listening: Any, server: Any, clock: Any) -> Any:
+    """
+    C{listening} behind the guard of pending connections, with the
+    C{server.request_timeout} and C{server.max_pending_*} caps.
+    """
+    from vaporproxy.http.guard import GuardFactory
+
+    return GuardFactory(listening, clock, request_timeout=server.request_timeout,
+                        max_pending=server.max_pending_connections,
+                        max_pending_per_client=server.max_pending_per_client)  # fmt: skip

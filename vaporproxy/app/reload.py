@@ -113,7 +113,8 @@ def check_files(config: Config) -> None:
 
 
 def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, bridge_factory: Any,
-                 log_setup: LogSetup, environ: Mapping[str, str], token_store: Any = None) -> None:  # fmt: skip
+                 log_setup: LogSetup, environ: Mapping[str, str], token_store: Any = None,
+                 guard: Any = None) -> None:  # fmt: skip
     """
     Apply what SIGHUP may change to the running pieces: the steps that may
     still refuse the new config (they load files) first, so a refusal
@@ -126,6 +127,9 @@ def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, br
         token_store.ttl = console.token_ttl  # tokens issued from now on
     limiter.set_limits(console.max_connections_per_vm, console.max_total_connections)
     host_policy.set_allowed(console.allowed_hosts)
+    if guard is not None:
+        server = config.server
+        guard.set_limits(server.request_timeout, server.max_pending_connections, server.max_pending_per_client)
     try:
         log_setup.set_level(effective_level(config.logging.level, environ))
     except ConfigError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import ILogObserver, Logger, LogLevel
@@ -146,3 +147,12 @@ def purge_tokens(token_store: Any) -> Deferred:
     d.addCallback(purged)
     d.addErrback(lambda f: log.failure("token purge failed; will retry", f, level=LogLevel.error))
     return d
+
+
+def purge_timer(interval: float, token_store: Any, clock: Any) -> TimerService:
+    """
+    The service that purges expired tokens every C{interval} seconds.
+    """
+    timer = TimerService(interval, purge_tokens, token_store)
+    timer.clock = clock
+    return timer

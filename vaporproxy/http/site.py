@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Optional, Pattern, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
@@ -16,7 +17,7 @@ from twisted.python import log as _legacy_log
 from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from vaporproxy.errors import ErrorCode, error_body
@@ -112,6 +113,81 @@ def redacting_log_formatter(timestamp: str, request: IRequest) -> str:
 access_log = Logger(namespace="vaporproxy.access")
 
 
+#: The request bodies routes take: (method, raw path pattern, most bytes).
+#: Every other request may carry no body at all (issue #11).
+BODY_LIMITS: Sequence[Tuple[bytes, Pattern[bytes], int]] = (
+    (b"POST", re.compile(rb"^/api/v1/virtualization/virtualmachines/[^/?]+/console/shares$"), 4096),
+)
+
+_TOO_LARGE = json.dumps(error_body(ErrorCode.BAD_REQUEST, "Request body too large")).encode("utf-8")
+
+
+def body_limit(method: bytes, path: bytes) -> int:
+    """
+    The most body bytes a request of C{method} to C{path} (the raw request
+    target, query included) may carry.
+    """
+    path = path.split(b"?", 1)[0]
+    for allowed_method, pattern, limit in BODY_LIMITS:
+        if method == allowed_method and pattern.match(path):
+            return limit
+    return 0
+
+
+class ConsoleRequest(Request):
+    """
+    twisted.web's request, but a body larger than its route takes
+    (L{body_limit}) is answered 413 and the connection closed before the
+    body is read or stored (twisted.web would spool it to a temporary file
+    first), and answers name no server software.
+    """
+
+    _body_limit = 0
+    _body_seen = 0
+    _refused = False
+
+    def gotLength(self, length: Optional[int]) -> None:
+        channel = self.channel
+        self._body_limit = body_limit(getattr(channel, "_command", b""), getattr(channel, "_path", b""))
+        if length is not None and length > self._body_limit:
+            self._refuse()
+            return
+        # Small in memory, as twisted.web does for short bodies.
+        super().gotLength(min(length, self._body_limit) if length is not None else self._body_limit)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_seen += len(data)
+        if self._body_seen > self._body_limit:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return  # answered 413 already; the connection is closing
+        super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        """
+        Answer 413 on the raw connection and close it: the body is not read.
+        """
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the answer
+        channel = self.channel
+        channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
+        )
+        channel.loseConnection()
+
+    def setHeader(self, name: Any, value: Any) -> None:
+        if isinstance(name, bytes) and name.lower() == b"server":
+            return  # twisted.web's "TwistedWeb/<version>"
+        super().setHeader(name, value)
+
+
 class ConsoleSite(Site):
     """
     The HTTP site: Twisted's L{Site} whose access log (one combined-format
@@ -123,6 +199,7 @@ class ConsoleSite(Site):
     """
 
     access_log = True
+    requestFactory = ConsoleRequest
 
     def __init__(self, resource: IResource, *args: Any, **kwargs: Any):
         kwargs.setdefault("logFormatter", redacting_log_formatter)

@@ -1,0 +1,201 @@
+"""
+Hostile clients against a real C{twistd vaporproxy} process on loopback
+(issue #11): slow-header floods, huge request bodies, token minting floods.
+The process runs with the common 1024-descriptor limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Callable, List, Optional, Tuple
+
+from twisted.trial.unittest import TestCase
+
+from tests.integration.redis_server import stop_process
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: Seconds any one step may take (a loaded 2-core machine starts twistd slowly).
+STEP = 90.0
+FD_LIMIT = 1024
+SLOW_CLIENTS = 1100
+KEY = "hostile-test-key"
+VM = "test"  # the test:///default driver's VM
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(condition: Callable[[], bool], timeout: float = STEP) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def open_files(pid: int, under: str) -> List[str]:
+    """
+    The files under C{under} (deleted ones too) process C{pid} holds open.
+    """
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(under):
+            found.append(target)
+    return found
+
+
+def limit_descriptors() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+class HostileTests(TestCase):
+    """
+    One vaporproxy process (memory tokens, libvirt's test driver) per test.
+    """
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        self.tmp = os.path.join(self.dir, "tmp")
+        os.makedirs(self.tmp)
+        self.port = free_port()
+        self.log = os.path.join(self.dir, "twistd.log")
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, extra: str = "") -> subprocess.Popen:
+        config = os.path.join(self.dir, "vapor.conf")
+        digest = hashlib.sha256(KEY.encode()).hexdigest()
+        with open(config, "w") as f:
+            f.write(
+                'hypervisors: [{uri: "test:///default"}]\n'
+                f'server: {{listen: ["tcp:{self.port}:interface=127.0.0.1"]}}\n'
+                f'auth: {{api_keys: [{{user: flood, sha256: "{digest}"}}]{extra}}}\n'
+                "logging: {access_log: false}\n"
+            )
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=self.tmp)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             "--logfile", self.log, "vaporproxy", "--config", config],
+            env=env, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=limit_descriptors,
+        )  # fmt: skip
+        self.addCleanup(stop_process, self.process)
+        if not wait(self.healthy):
+            self.fail("vaporproxy did not start: " + self.tail())
+        return self.process
+
+    def tail(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+    def healthy(self, timeout: float = 5.0) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=timeout) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def test_slow_header_flood(self) -> None:
+        """When 1,100 clients hold slow, unfinished requests open, a process with 1,024 descriptors still answers a fresh client at once."""
+        process = self.start()
+        flood: List[socket.socket] = []
+        self.addCleanup(lambda: [s.close() for s in flood])
+        for _ in range(SLOW_CLIENTS):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.port))
+            flood.append(s)
+        time.sleep(1.0)
+        for s in flood:
+            try:
+                s.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            except OSError:
+                pass  # shed already
+        time.sleep(0.5)
+        started = time.monotonic()
+        self.assertTrue(self.healthy(timeout=10.0), self.tail())
+        answered_in = time.monotonic() - started
+        self.assertLess(answered_in, 5.0)
+        self.assertLess(len(os.listdir(f"/proc/{process.pid}/fd")), FD_LIMIT - 100)
+        for s in flood:  # a byte more from every slow client: the fresh client is still answered
+            try:
+                s.send(b"X")
+            except OSError:
+                pass
+        self.assertTrue(self.healthy(timeout=10.0), self.tail())
+
+    def _send_body(self, head: bytes, chunks: int, chunk: bytes) -> Tuple[int, bytes]:
+        """
+        Send C{head} then up to C{chunks} times C{chunk}; answer the bytes
+        of the body sent and what the server answered.
+        """
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sent = 0
+        with s:
+            s.sendall(head)
+            try:
+                for _ in range(chunks):
+                    s.sendall(chunk)
+                    sent += len(chunk)
+            except OSError as e:
+                self.assertIn(e.errno, (errno.EPIPE, errno.ECONNRESET))
+            answer = b""
+            try:
+                answer = s.recv(4096)
+            except OSError:
+                pass
+        return sent, answer
+
+    def test_huge_chunked_body(self) -> None:
+        """When a client sends a 256 MB chunked body, neither temporary files nor the process's memory grow past a few MB."""
+        process = self.start()
+        before = rss_kb(process.pid)
+        piece = b"x" * (1024 * 1024)
+        chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+        head = b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sent, answer = self._send_body(head, 256, chunk)
+        self.assertLess(sent, 64 * 1024 * 1024)
+        self.assertEqual(open_files(process.pid, self.tmp), [])
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertLess(rss_kb(process.pid) - before, 8 * 1024)
+        if answer:
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+
+    def test_declared_huge_body(self) -> None:
+        """When a request declares a 256 MB body, it is answered 413 before the body is read."""
+        self.start()
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        with s:
+            s.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 268435456\r\n\r\n")
+            answer = s.recv(4096)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["code"], "BAD_REQUEST")
