@@ -957,8 +957,14 @@ class DeleteSessionsTests(APITestCase):
 
 
 class MetricsRouteTests(APITestCase):
+    def test_loopback_without_key_refused(self) -> None:
+        """When a loopback client asks without a key and server.metrics_local is off (the default), the answer is 401."""
+        response, body = self.json_request("GET", "/metrics")
+        self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
+
     def test_loopback_without_key(self) -> None:
-        """When a loopback client asks without a key, the Prometheus text is answered."""
+        """When server.metrics_local is on and a loopback client asks without a key, the Prometheus text is answered."""
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
         response, body = self.request("GET", "/metrics")
         self.assertEqual(response.code, 200)
         self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=0.0.4"))
@@ -982,12 +988,14 @@ class MetricsRouteTests(APITestCase):
 
     def test_forwarded_without_key(self) -> None:
         """When a loopback reverse proxy forwards a request without a key, the answer is 401."""
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
         for header in ("X-Forwarded-For", "Forwarded"):
             response, body = self.json_request("GET", "/metrics", headers={header: ["198.51.100.4"]})
             self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
 
     def test_remote_without_key(self) -> None:
         """When a non-loopback client asks without a key, the answer is 401."""
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
         self.patch(web, "request_client_ip", lambda request, trusted: "203.0.113.9")
         response, body = self.json_request("GET", "/metrics")
         self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
@@ -1016,11 +1024,18 @@ class HealthTests(APITestCase):
         self.assertIs(body["ready"], False)
 
     def test_hypervisor_host_hidden(self) -> None:
-        """When a hypervisor URI names a remote host, readiness hides the host and the query."""
+        """When a hypervisor URI names a remote host, readiness hides the host, the path and the query."""
         self.h.locator.uri = "qemu+ssh://root@kvm-7.internal/system?keyfile=/etc/k"
         response, body = self.json_request("GET", "/readyz")
-        self.assertEqual(body["checks"]["hypervisors"], {"qemu+ssh://\N{HORIZONTAL ELLIPSIS}/system": "ok"})
+        self.assertEqual(body["checks"]["hypervisors"], {"qemu+ssh://\N{HORIZONTAL ELLIPSIS}/\N{HORIZONTAL ELLIPSIS}": "ok"})
         self.assertNotIn("kvm-7", json.dumps(body))
+        self.assertNotIn("system", json.dumps(body))
+
+    def test_hypervisor_path_hidden(self) -> None:
+        """When a hypervisor URI has a local path (a test driver's node file), readiness hides it."""
+        self.h.locator.uri = "test:///srv/private/node.xml"
+        response, body = self.json_request("GET", "/readyz")
+        self.assertEqual(body["checks"]["hypervisors"], {"test:///\N{HORIZONTAL ELLIPSIS}": "ok"})
 
     def test_store_down(self) -> None:
         """When the token store fails its check, readiness is 503 with a short safe reason."""

@@ -29,6 +29,7 @@ import json
 import os
 import uuid
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -43,7 +44,7 @@ from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.http.admin import ConsoleAdmin
 from vaporproxy.http.auth import Authenticator, Principal, bearer_credential
-from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, console_params
+from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, console_params
 from vaporproxy.http.health import readiness
 from vaporproxy.http.request import client_ip_from
 from vaporproxy.http.routing import Root, render_deferred
@@ -190,6 +191,7 @@ class ConsoleAPI:
         return self._unexpected(request, failure)
 
     async def _console_info(self, request: IRequest, vm_id: str) -> bytes:
+        check_id(vm_id)
         key = self._authenticate(request)
         console_type, display = console_params(request)
         config = self._config
@@ -205,10 +207,12 @@ class ConsoleAPI:
     def console_ws(self, request: IRequest, vm_id: str) -> IResource:
         """
         The console WebSocket: the bridge factory reads the token, the VM
-        id and the client address from the request itself.
+        id and the client address from the request itself.  An id with a
+        control character is refused here (400), before the bridge logs it.
         """
         from autobahn.twisted.resource import WebSocketResource
 
+        check_id(vm_id)
         return WebSocketResource(self._bridge_factory)
 
     # -- admin -------------------------------------------------------------
@@ -233,6 +237,7 @@ class ConsoleAPI:
 
     async def _delete_sessions(self, request: IRequest, vm_id: str) -> bytes:
         key = self._require_admin(request)
+        check_id(vm_id)
         try:
             vm = await self._locator.locate(vm_id)
             vm_uuid = vm.uuid
@@ -268,12 +273,14 @@ class ConsoleAPI:
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> Deferred:
         """
-        Prometheus text: for an admin key, or from loopback without a key.
+        Prometheus text: for an admin key, or, with C{server.metrics_local},
+        from loopback without a key.
         """
         return Deferred.fromCoroutine(self._metrics_text(request))
 
     async def _metrics_text(self, request: IRequest) -> bytes:
-        if bearer_credential(request.getHeader(b"authorization")) is not None or not self._is_local(request):
+        keyless = bearer_credential(request.getHeader(b"authorization")) is None
+        if not (keyless and self._config.server.metrics_local and self._is_local(request)):
             self._require_admin(request)
         body = await self._metrics.render()
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
@@ -309,6 +316,7 @@ class ConsoleAPI:
         The bundled console page; it picks noVNC or spice-html5 from the
         console info it fetches.
         """
+        check_id(vm_id)
         try:
             with open(STATIC_PAGE, "rb") as f:
                 page = f.read()
@@ -369,12 +377,27 @@ class ConsoleAPI:
             request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
         return self._json(request, error_body(ErrorCode.METHOD_NOT_ALLOWED, "Method not allowed"), 405)
 
+    def _redirect(self, request: IRequest, redirect: Any) -> bytes:
+        """
+        Werkzeug's redirect (e.g. C{/console//x} to C{/console/x}) with a
+        path-only Location: werkzeug's absolute URL would reflect the Host
+        header the client sent.
+        """
+        target = urlsplit(redirect.new_url)
+        location = "/" + target.path.lstrip("/") + (f"?{target.query}" if target.query else "")
+        request.setResponseCode(redirect.code)
+        request.setHeader(b"location", location.encode("utf-8"))
+        return self._json(request, {"location": location}, redirect.code)
+
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> Any:
         from werkzeug.exceptions import HTTPException
+        from werkzeug.routing import RequestRedirect
 
+        if failure.check(RequestRedirect):
+            return self._redirect(request, failure.value)
         if failure.check(HTTPException):
-            return failure  # werkzeug's own answer (e.g. a redirect)
+            return failure  # werkzeug's own answer
         self.log.failure("unexpected error answering {method} {path}", failure,
                          method=request.method, path=request.path)
         return self._error(request, ConsoleError(ErrorCode.INTERNAL_ERROR))

@@ -28,6 +28,21 @@ _DISPLAY_RE = re.compile(r"^[0-9]{1,4}$")
 log = Logger(namespace="vaporproxy.web.ConsoleAPI")
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_id(vm_id: str) -> str:
+    """
+    C{vm_id}, when it has no control character (NUL, CR, LF...): such an
+    id names no VM and must not reach libvirt or a log line.
+
+    @raise ConsoleError: BAD_REQUEST otherwise.
+    """
+    if _CONTROL_RE.search(vm_id):
+        raise ConsoleError(ErrorCode.BAD_REQUEST, "VM id holds a control character")
+    return vm_id
+
+
 def key_allows(key: Principal, *names: str) -> bool:
     """
     Whether one of C{key}'s VM patterns matches one of C{names}.

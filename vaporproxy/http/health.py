@@ -62,10 +62,12 @@ async def readiness(token_store: Any, locator: Any, hypervisor_uris: Sequence[st
 
 def public_uri(uri: str) -> str:
     """
-    A hypervisor URI as /readyz (open to anyone) may show it: the host part
-    and the query (socket paths, key files) are hidden, so no internal host
-    name reaches a client.
+    A hypervisor URI as /readyz (open to anyone) may show it: the scheme
+    only; the host, the path (a node file, C{/system} or C{/session}) and the
+    query (socket paths, key files) are hidden, so nothing internal reaches
+    a client.  (Two hypervisors of one scheme are told apart by number.)
     """
     parts = urlsplit(uri)
     netloc = "\N{HORIZONTAL ELLIPSIS}" if parts.netloc else ""
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    path = "/\N{HORIZONTAL ELLIPSIS}" if (parts.path.strip("/") or parts.query) else parts.path
+    return f"{parts.scheme}://{netloc}{path}"

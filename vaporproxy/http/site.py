@@ -105,8 +105,23 @@ def redacting_log_formatter(timestamp: str, request: IRequest) -> str:
     """
     if b"?" not in request.uri:
         # No query, no token: nothing to redact.
-        return combinedLogFormatter(timestamp, request)
-    return combinedLogFormatter(timestamp, _RedactedRequest(request))
+        line = combinedLogFormatter(timestamp, request)
+    else:
+        line = combinedLogFormatter(timestamp, _RedactedRequest(request))
+    return escape_controls(line)
+
+
+_CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def escape_controls(text: str) -> str:
+    """
+    C{text} with every control character written as C{\\xNN}: nothing a
+    client sends can start a new log line.
+    """
+    if _CONTROL_TEXT.search(text) is None:
+        return text
+    return _CONTROL_TEXT.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
 #: The access log: one line per request (C{logging.access_log}).
@@ -119,6 +134,7 @@ BODY_LIMITS: Sequence[Tuple[bytes, Pattern[bytes], int]] = (
     (b"POST", re.compile(rb"^/api/v1/virtualization/virtualmachines/[^/?]+/console/shares$"), 4096),
 )
 
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _TOO_LARGE = json.dumps(error_body(ErrorCode.BAD_REQUEST, "Request body too large")).encode("utf-8")
 
 
@@ -223,13 +239,19 @@ class ConsoleSite(Site):
 
 class StaticFiles(File):
     """
-    A L{File} that never lists directories and answers JSON 404s.
+    A L{File} that never lists directories and answers JSON 404s, also for
+    a name with a control character (NUL would make C{os.stat} raise).
     """
 
     childNotFound = NOT_FOUND
     forbidden = JSONError(ErrorCode.UNAUTHORIZED, 403, "Forbidden")
     contentTypes = dict(File.contentTypes)
     contentTypes.update({".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json"})
+
+    def getChild(self, path: bytes, request: IRequest) -> Resource:
+        if _CONTROL_BYTES.search(path):
+            return NOT_FOUND
+        return super().getChild(path, request)
 
     def directoryListing(self) -> Resource:
         return NOT_FOUND
