@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Tuple
 
 from twisted.trial.unittest import TestCase
 
+from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from tests.integration.redis_server import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +29,8 @@ STEP = 90.0
 FD_LIMIT = 1024
 SLOW_CLIENTS = 1100
 KEY = "hostile-test-key"
-VM = "test"  # the test:///default driver's VM
+VM = "flood-vm"
+VM_UUID = "5c3a4a1e-2f0b-4d8e-9a77-1b2c3d4e5f60"
 
 
 def free_port() -> int:
@@ -73,9 +75,10 @@ def limit_descriptors() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
 
-class HostileTests(TestCase):
+class ProcessCase(TestCase):
     """
-    One vaporproxy process (memory tokens, libvirt's test driver) per test.
+    One vaporproxy process (memory tokens, libvirt's test driver with one
+    VNC VM) per test.
     """
 
     timeout = 300
@@ -91,9 +94,10 @@ class HostileTests(TestCase):
     def start(self, extra: str = "") -> subprocess.Popen:
         config = os.path.join(self.dir, "vapor.conf")
         digest = hashlib.sha256(KEY.encode()).hexdigest()
+        node = write_node_file(self.dir, [domain_xml(VM, VM_UUID, [graphics_xml("vnc", 5999)])])
         with open(config, "w") as f:
             f.write(
-                'hypervisors: [{uri: "test:///default"}]\n'
+                f'hypervisors: [{{uri: "{node_uri(node)}"}}]\n'
                 f'server: {{listen: ["tcp:{self.port}:interface=127.0.0.1"]}}\n'
                 f'auth: {{api_keys: [{{user: flood, sha256: "{digest}"}}]{extra}}}\n'
                 "logging: {access_log: false}\n"
@@ -123,6 +127,13 @@ class HostileTests(TestCase):
                 return r.status == 200
         except OSError:
             return False
+
+
+
+class HostileTests(ProcessCase):
+    """
+    Slow clients and big bodies.
+    """
 
     def test_slow_header_flood(self) -> None:
         """When 1,100 clients hold slow, unfinished requests open, a process with 1,024 descriptors still answers a fresh client at once."""
@@ -199,3 +210,61 @@ class HostileTests(TestCase):
             answer = s.recv(4096)
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
         self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["code"], "BAD_REQUEST")
+
+
+#: Token requests in the minting flood, sent pipelined in batches.
+MINT_REQUESTS = 200_000
+MINT_BATCH = 500
+
+
+def count_answers(sock: socket.socket, expected: int, buffered: bytes) -> Tuple[int, int, bytes]:
+    """
+    Read until C{expected} answers have come; answer (200s, 429s, rest).
+    """
+    data = buffered
+    while data.count(b"HTTP/1.1 ") < expected:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise AssertionError("connection closed mid-flood")
+        data += chunk
+    # Cut after the expected-th answer's start; the rest belongs to the next batch.
+    starts = []
+    index = data.find(b"HTTP/1.1 ")
+    while index >= 0 and len(starts) <= expected:
+        starts.append(index)
+        index = data.find(b"HTTP/1.1 ", index + 1)
+    done = data if len(starts) <= expected else data[: starts[expected]]
+    return done.count(b"HTTP/1.1 200 "), done.count(b"HTTP/1.1 429 "), data[len(done):]
+
+
+class MintFloodTests(ProcessCase):
+    """
+    One key asking for tokens as fast as it can.
+    """
+
+    timeout = 900
+
+    def test_mint_flood(self) -> None:
+        """When one key asks for 200,000 tokens as fast as it can, it meets 429s and the process's memory grows by less than 32 MB."""
+        process = self.start()
+        request = (f"GET /api/v1/virtualization/virtualmachines/{VM}/console HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {KEY}\r\n\r\n").encode()  # fmt: skip
+        ok = limited = 0
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=60) as s:
+            s.sendall(request)
+            first_ok, first_limited, rest = count_answers(s, 1, b"")
+            self.assertEqual((first_ok, first_limited), (1, 0), self.tail())
+            before = rss_kb(process.pid)
+            for _ in range(MINT_REQUESTS // MINT_BATCH):
+                s.sendall(request * MINT_BATCH)
+                batch_ok, batch_limited, rest = count_answers(s, MINT_BATCH, rest)
+                ok += batch_ok
+                limited += batch_limited
+        elapsed = time.monotonic() - started
+        grown = rss_kb(process.pid) - before
+        print(f"\nmint flood: {ok} tokens, {limited} refused 429 in {elapsed:.1f}s; RSS +{grown} KB")
+        self.assertEqual(ok + limited, MINT_REQUESTS)
+        self.assertGreater(limited, MINT_REQUESTS * 0.9)
+        self.assertLessEqual(ok, 100)  # auth.max_outstanding_tokens
+        self.assertLess(grown, 32 * 1024)

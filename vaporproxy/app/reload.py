@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from vaporproxy.config import Config, ConfigError, load_config, with_listen
 from vaporproxy.logs import LogSetup, effective_level
+from vaporproxy.stores.limits import MemoryLimiter
 
 log = Logger(namespace="vaporproxy.tap")
 
@@ -125,7 +126,11 @@ def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, br
     bridge_factory.reload(config)
     if token_store is not None:
         token_store.ttl = console.token_ttl  # tokens issued from now on
-    limiter.set_limits(console.max_connections_per_vm, console.max_total_connections)
+    if isinstance(limiter, MemoryLimiter):
+        limiter.set_limits(console.max_connections_per_vm, console.max_total_connections,
+                           console.max_connections_per_user, console.max_connections_per_client)  # fmt: skip
+    else:  # the Redis limiter has no per-user/per-client caps yet
+        limiter.set_limits(console.max_connections_per_vm, console.max_total_connections)
     host_policy.set_allowed(console.allowed_hosts)
     if guard is not None:
         server = config.server

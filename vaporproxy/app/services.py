@@ -129,7 +129,9 @@ def token_backend(config: Config, reactor: Any) -> Any:
     from vaporproxy.stores.tokens import MemoryTokenStore
 
     store = MemoryTokenStore(reactor, config.console.token_ttl)
-    limiter = MemoryLimiter(config.console.max_connections_per_vm, config.console.max_total_connections)
+    console = config.console
+    limiter = MemoryLimiter(console.max_connections_per_vm, console.max_total_connections,
+                            console.max_connections_per_user, console.max_connections_per_client)  # fmt: skip
     return store, limiter, None
 
 

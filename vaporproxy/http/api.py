@@ -46,6 +46,7 @@ from vaporproxy.http.admin import ConsoleAdmin
 from vaporproxy.http.auth import Authenticator, Principal, bearer_credential
 from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, console_params
 from vaporproxy.http.health import readiness
+from vaporproxy.http.mint import MintLimits
 from vaporproxy.http.request import client_ip_from
 from vaporproxy.http.routing import Root, render_deferred
 from vaporproxy.http.site import JSON_CONTENT_TYPE, STATIC_DIR, STATIC_PAGE, JSONError, StaticFiles
@@ -102,7 +103,9 @@ class ConsoleAPI:
         self._metrics = metrics
         self._reactor = reactor
         self._static_dirs = dict(static_dirs)
-        self._issuer = ConsoleIssuer(token_store=token_store, locator=locator, host_policy=host_policy, metrics=metrics)
+        self._mint = MintLimits(reactor, config.auth)
+        self._issuer = ConsoleIssuer(token_store=token_store, locator=locator, host_policy=host_policy,
+                                     metrics=metrics, mint=self._mint)  # fmt: skip
         self._admin = ConsoleAdmin(limiter=limiter, token_store=token_store, registry=registry, reactor=reactor,
                                    cluster=cluster)  # fmt: skip
         self.reload(config)
@@ -132,6 +135,9 @@ class ConsoleAPI:
         else:
             authenticator.reload(config.auth)
         self._config = config
+        mint = getattr(self, "_mint", None)
+        if mint is not None:
+            mint.reload(config.auth)
 
     # -- helpers -------------------------------------------------------------
 
@@ -145,6 +151,9 @@ class ConsoleAPI:
     def _error(self, request: IRequest, error: ConsoleError) -> bytes:
         if error.code is ErrorCode.UNAUTHORIZED and error.http_status == 401:
             request.setHeader(b"www-authenticate", b'Bearer realm="vaporproxy"')
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % retry_after)
         return self._json(request, error.to_dict(), error.http_status)
 
     def _authenticate(self, request: IRequest) -> Principal:

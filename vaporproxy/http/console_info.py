@@ -89,7 +89,8 @@ class ConsoleIssuer:
     one-time token.
     """
 
-    def __init__(self, *, token_store: Any, locator: Any, host_policy: Any, metrics: Any):
+    def __init__(self, *, token_store: Any, locator: Any, host_policy: Any, metrics: Any, mint: Any):
+        self._mint = mint
         self._token_store = token_store
         self._locator = locator
         self._host_policy = host_policy
@@ -113,6 +114,7 @@ class ConsoleIssuer:
         """
         The console-info body for C{key} and C{vm_id}, with a fresh token.
         """
+        self._mint.take(key.key_id)
         vm = await self._locate(key, vm_id)
         graphics = select_console(vm, console_type, display)
         try:
@@ -122,8 +124,9 @@ class ConsoleIssuer:
                 log.warn("console host of {vm_uuid} is not in allowed_hosts", vm_uuid=vm.uuid)
                 raise ConsoleError(ErrorCode.UNAUTHORIZED, e.message, http_status=403)
             raise
+        await self._mint.check_outstanding(self._token_store, key.key_id)
         grant = Grant(vm_ref=vm_id, vm_uuid=vm.uuid, console_type=graphics.type, display=graphics.index,
-                      user=key.user, client_ip=client_ip)  # fmt: skip
+                      user=key.user, client_ip=client_ip, key_id=key.key_id, vm_name=vm.name)  # fmt: skip
         issued = await self._token_store.issue(grant)
         self._metrics.token_issued()
         # Debug: a console's info line is the bridge's "console ... closed"
