@@ -212,7 +212,7 @@ class MakeServiceTests(SynchronousTestCase):
 
         root = self.make()
         pieces = root.pieces
-        self.assertIsInstance(pieces["token_store"], MemoryTokenStore)
+        self.assertIsInstance(pieces["token_store"].wrapped, MemoryTokenStore)
         self.assertIsInstance(pieces["limiter"], MemoryLimiter)
         self.assertEqual((pieces["limiter"].max_per_vm, pieces["limiter"].max_total), (5, 3))
         self.assertIs(pieces["reactor"], self.reactor)
@@ -228,7 +228,7 @@ class MakeServiceTests(SynchronousTestCase):
 
         write(self.path, CONFIG + "tokens: {backend: redis, redis_url: 'redis://127.0.0.1:6390/0'}\n")
         root = self.make()
-        self.assertIsInstance(root.pieces["token_store"], RedisTokenStore)
+        self.assertIsInstance(root.pieces["token_store"].wrapped, RedisTokenStore)
         self.assertIsInstance(root.pieces["limiter"], RedisLimiter)
         root.startService()
         self.assertEqual({(host, port) for host, port, *_ in self.reactor.tcpClients}, {("127.0.0.1", 6390)})

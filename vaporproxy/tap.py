@@ -183,8 +183,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     def apply(new: Config) -> None:
         apply_reload(new, limiter=limiter, host_policy=host_policy, api=api, bridge_factory=bridge_factory,
-                     log_setup=log_setup, environ=environ, token_store=token_store, guard=guard)  # fmt: skip
-        site.access_log = new.logging.access_log
+                     log_setup=log_setup, environ=environ, token_store=token_store, guard=guard, site=site,
+                     registry=registry)  # fmt: skip
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
     root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site,

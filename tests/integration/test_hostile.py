@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -87,21 +88,29 @@ class ProcessCase(TestCase):
         self.dir = os.path.abspath(self.mktemp())
         self.tmp = os.path.join(self.dir, "tmp")
         os.makedirs(self.tmp)
-        self.port = free_port()
+        self.port, self.vnc_port = free_port(), free_port()
         self.log = os.path.join(self.dir, "twistd.log")
         self.process: Optional[subprocess.Popen] = None
 
-    def start(self, extra: str = "") -> subprocess.Popen:
+    def write_config(self, keys: Tuple[Tuple[str, str], ...] = (("flood", KEY),)) -> str:
+        """
+        Write vapor.conf with API keys C{(user, key)}; answer its path.
+        """
         config = os.path.join(self.dir, "vapor.conf")
-        digest = hashlib.sha256(KEY.encode()).hexdigest()
-        node = write_node_file(self.dir, [domain_xml(VM, VM_UUID, [graphics_xml("vnc", 5999)])])
+        node = write_node_file(self.dir, [domain_xml(VM, VM_UUID, [graphics_xml("vnc", self.vnc_port)])])
+        api_keys = ", ".join(f'{{user: {user}, sha256: "{hashlib.sha256(key.encode()).hexdigest()}"}}'
+                             for user, key in keys)  # fmt: skip
         with open(config, "w") as f:
             f.write(
                 f'hypervisors: [{{uri: "{node_uri(node)}"}}]\n'
                 f'server: {{listen: ["tcp:{self.port}:interface=127.0.0.1"]}}\n'
-                f'auth: {{api_keys: [{{user: flood, sha256: "{digest}"}}]{extra}}}\n'
+                f"auth: {{api_keys: [{api_keys}]}}\n"
                 "logging: {access_log: false}\n"
             )
+        return config
+
+    def start(self, keys: Tuple[Tuple[str, str], ...] = (("flood", KEY),)) -> subprocess.Popen:
+        config = self.write_config(keys)
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=self.tmp)
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
@@ -268,3 +277,106 @@ class MintFloodTests(ProcessCase):
         self.assertGreater(limited, MINT_REQUESTS * 0.9)
         self.assertLessEqual(ok, 100)  # auth.max_outstanding_tokens
         self.assertLess(grown, 32 * 1024)
+
+
+def console_info(port: int, key: str) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/virtualization/virtualmachines/{VM}/console",
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+class Console:
+    """
+    A console WebSocket's socket and the bytes read past its handshake.
+    """
+
+    def __init__(self, sock: socket.socket, pending: bytes):
+        self.sock = sock
+        self.pending = pending
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_console(port: int, token: str) -> Console:
+    """
+    A console WebSocket with C{token}, its handshake answered 101.
+    """
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(
+        (f"GET /api/v1/virtualization/virtualmachines/{VM}/console/ws?token={token} HTTP/1.1\r\n"
+         f"Host: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+         "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n").encode()
+    )  # fmt: skip
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise AssertionError(f"closed during the handshake: {head!r}")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101 "):
+        raise AssertionError(head)
+    return Console(s, head.split(b"\r\n\r\n", 1)[1])
+
+
+def close_code(console: Console) -> int:
+    """
+    Read server frames until the close frame; answer its code.
+    """
+    s, data = console.sock, console.pending
+
+    def need(n: int) -> None:
+        nonlocal data
+        while len(data) < n:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise AssertionError("closed without a close frame")
+            data += chunk
+
+    while True:
+        need(2)
+        opcode, length, offset = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            need(4)
+            length, offset = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            need(10)
+            length, offset = int.from_bytes(data[2:10], "big"), 10
+        need(offset + length)
+        payload, data = data[offset:offset + length], data[offset + length:]
+        if opcode == 8:
+            return int.from_bytes(payload[:2], "big")
+
+
+class RevocationTests(ProcessCase):
+    """
+    A SIGHUP that removes a key, for real.
+    """
+
+    def test_removed_key(self) -> None:
+        """When a SIGHUP removes a key, its unredeemed token is refused (4001 revoked) and its live console is closed with 4010; another key's console stays."""
+        vnc = socket.socket()
+        vnc.bind(("127.0.0.1", self.vnc_port))
+        vnc.listen(8)  # accepted by the kernel, silent: the console waits for the VM's handshake
+        self.addCleanup(vnc.close)
+        keys = (("flood", KEY), ("mallory", "mallory-key-to-revoke"))
+        process = self.start(keys)
+        unredeemed = console_info(self.port, keys[1][1])["token"]
+        live = open_console(self.port, console_info(self.port, keys[1][1])["token"])
+        other = open_console(self.port, console_info(self.port, KEY)["token"])
+        self.addCleanup(live.close)
+        self.addCleanup(other.close)
+        time.sleep(1.0)  # both consoles admitted and dialling
+        self.write_config(keys[:1])
+        os.kill(process.pid, signal.SIGHUP)
+        self.assertTrue(wait(lambda: "SIGHUP: reloaded" in self.tail()), self.tail())
+        self.assertEqual(close_code(live), 4010)
+        late = open_console(self.port, unredeemed)
+        self.addCleanup(late.close)
+        self.assertEqual(close_code(late), 4001)
+        other.sock.settimeout(0.5)
+        self.assertRaises(socket.timeout, other.sock.recv, 1 << 16)

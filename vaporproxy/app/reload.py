@@ -115,7 +115,7 @@ def check_files(config: Config) -> None:
 
 def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, bridge_factory: Any,
                  log_setup: LogSetup, environ: Mapping[str, str], token_store: Any = None,
-                 guard: Any = None) -> None:  # fmt: skip
+                 guard: Any = None, site: Any = None, registry: Any = None) -> None:  # fmt: skip
     """
     Apply what SIGHUP may change to the running pieces: the steps that may
     still refuse the new config (they load files) first, so a refusal
@@ -132,6 +132,15 @@ def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, br
     else:  # the Redis limiter has no per-user/per-client caps yet
         limiter.set_limits(console.max_connections_per_vm, console.max_total_connections)
     host_policy.set_allowed(console.allowed_hosts)
+    revocation = getattr(token_store, "revocation", None)
+    if revocation is not None:
+        from vaporproxy.http.revocation import close_revoked
+
+        revocation.reload(config.auth)
+        if registry is not None:
+            close_revoked(registry, revocation.allows)
+    if site is not None:
+        site.access_log = config.logging.access_log
     if guard is not None:
         server = config.server
         guard.set_limits(server.request_timeout, server.max_pending_connections, server.max_pending_per_client)

@@ -118,13 +118,18 @@ class ShutdownService(Service):
 
 def token_backend(config: Config, reactor: Any) -> Any:
     """
-    (token_store, limiter, redis backend or None) for C{tokens.backend}.
+    (token_store, limiter, redis backend or None) for C{tokens.backend};
+    the token store refuses tokens whose credential a reload revoked
+    (L{vaporproxy.http.revocation}).
     """
+    from vaporproxy.http.revocation import Revocation, RevokingTokenStore
+
+    revocation = Revocation(config.auth)
     if config.tokens.backend == "redis":
         from vaporproxy.stores.redis import connect_redis
 
         backend = connect_redis(config.tokens, config.console, reactor)
-        return backend.token_store, backend.limiter, backend
+        return RevokingTokenStore(backend.token_store, revocation), backend.limiter, backend
     from vaporproxy.stores.limits import MemoryLimiter
     from vaporproxy.stores.tokens import MemoryTokenStore
 
@@ -132,7 +137,7 @@ def token_backend(config: Config, reactor: Any) -> Any:
     console = config.console
     limiter = MemoryLimiter(console.max_connections_per_vm, console.max_total_connections,
                             console.max_connections_per_user, console.max_connections_per_client)  # fmt: skip
-    return store, limiter, None
+    return RevokingTokenStore(store, revocation), limiter, None
 
 
 def purge_tokens(token_store: Any) -> Deferred:
