@@ -132,3 +132,29 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual((first.aborted, second.aborted), (True, False))
         self.clock.advance(2.0)
         self.assertTrue(second.aborted)
+
+
+class ProxyHeaderTests(SynchronousTestCase):
+    """
+    The guard behind a C{haproxy:} endpoint's PROXY-header wrapper.
+    """
+
+    def test_client_from_header_and_shed(self) -> None:
+        """When connections come through the PROXY-header wrapper, they count against the header's client address and are shed through the wrapper."""
+        from twisted.protocols.haproxy import proxyEndpoint  # noqa: F401 (the wrapper's package)
+        from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+        clock = Clock()
+        guard = GuardFactory(Factory.forProtocol(Server), clock, request_timeout=TIMEOUT, max_pending=10,
+                             max_pending_per_client=1)  # fmt: skip
+        outer = HAProxyWrappingFactory(guard)
+        balancer = IPv4Address("TCP", "127.0.0.1", 50000)
+        transports = []
+        for port in (1, 2):
+            transport = StringTransport(peerAddress=balancer)
+            protocol = outer.buildProtocol(balancer)
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"PROXY TCP4 203.0.113.5 127.0.0.1 %d 8080\r\nGET" % port)
+            transports.append(transport)
+        self.assertEqual(guard.pending_count("203.0.113.5"), 1)
+        self.assertEqual([t.disconnecting for t in transports], [True, False])

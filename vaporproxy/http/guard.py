@@ -34,6 +34,20 @@ log = Logger(namespace="vaporproxy.guard")
 _SWITCHING = b"HTTP/1.1 101 "
 
 
+def abort(transport: Any) -> None:
+    """
+    Abort C{transport} at once; a protocol wrapper without
+    C{abortConnection} (the PROXY-header wrapper) is seen through to the
+    transport under it.
+    """
+    while getattr(transport, "abortConnection", None) is None and getattr(transport, "transport", None) is not None:
+        transport = transport.transport
+    if getattr(transport, "abortConnection", None) is not None:
+        transport.abortConnection()
+    else:
+        transport.loseConnection()
+
+
 class GuardedProtocol(ProtocolWrapper):
     """
     One connection: pending (counted, with a deadline) until it is an open
@@ -70,7 +84,7 @@ class GuardedProtocol(ProtocolWrapper):
         Drop this connection at once (its descriptor is freed now).
         """
         self.factory.forget(self)
-        self.transport.abortConnection()
+        abort(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.pending:
@@ -161,10 +175,11 @@ class GuardFactory(WrappingFactory):
         protocol.client = client
         if protocol not in self._pending:
             return
-        mine = self._by_client.setdefault(client, OrderedDict())
-        while self.max_pending_per_client > 0 and len(mine) >= self.max_pending_per_client:
+        mine = self._by_client.get(client)
+        while mine and 0 < self.max_pending_per_client <= len(mine):
             self._shed_oldest(mine, "server.max_pending_per_client")
-        mine[protocol] = None
+        # (Shedding the last one forgets the address's queue: take it anew.)
+        self._by_client.setdefault(client, OrderedDict())[protocol] = None
 
     def _shed_oldest(self, queue: "OrderedDict[GuardedProtocol, None]", cap: str) -> None:
         oldest = next(iter(queue))
