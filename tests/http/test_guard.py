@@ -158,3 +158,25 @@ class ProxyHeaderTests(SynchronousTestCase):
             transports.append(transport)
         self.assertEqual(guard.pending_count("203.0.113.5"), 1)
         self.assertEqual([t.disconnecting for t in transports], [True, False])
+
+
+class ShedLogTests(SynchronousTestCase):
+    """
+    Logging under a flood.
+    """
+
+    def test_one_line_per_interval(self) -> None:
+        """When a flood sheds many connections, at most one warning is logged per LOG_EVERY seconds."""
+        from twisted.logger import capturedLogs
+
+        from vaporproxy.http.guard import LOG_EVERY
+
+        clock = Clock()
+        guard = GuardFactory(Factory.forProtocol(Server), clock, max_pending=1, max_pending_per_client=0)
+        with capturedLogs() as events:
+            for _ in range(100):
+                Connection(guard, CLIENT_A)
+            clock.advance(LOG_EVERY)
+            Connection(guard, CLIENT_A)
+        lines = [e for e in events if e.get("log_namespace") == "vaporproxy.guard"]
+        self.assertEqual((len(lines), guard.shed_count), (2, 100))

@@ -30,6 +30,9 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 log = Logger(namespace="vaporproxy.guard")
 
+#: Seconds between two log lines about shed connections.
+LOG_EVERY = 10.0
+
 #: The status line that makes a connection an open console.
 _SWITCHING = b"HTTP/1.1 101 "
 
@@ -142,6 +145,7 @@ class GuardFactory(WrappingFactory):
         self._by_client: Dict[str, "OrderedDict[GuardedProtocol, None]"] = {}
         #: Connections shed by a cap (for metrics and tests).
         self.shed_count = 0
+        self._quiet_until = 0.0
 
     def set_limits(self, request_timeout: float, max_pending: int, max_pending_per_client: int) -> None:
         self.request_timeout = float(request_timeout)
@@ -184,8 +188,12 @@ class GuardFactory(WrappingFactory):
     def _shed_oldest(self, queue: "OrderedDict[GuardedProtocol, None]", cap: str) -> None:
         oldest = next(iter(queue))
         self.shed_count += 1
-        log.info("{cap} reached: the oldest pending connection from {client} is closed",
-                 cap=cap, client=oldest.client or "?")  # fmt: skip
+        now = self.clock.seconds()
+        if now >= self._quiet_until:
+            # At most one line per LOG_EVERY seconds, however hard the flood.
+            self._quiet_until = now + LOG_EVERY
+            log.warn("{cap} reached: oldest pending connections closed ({count} so far; last from {client})",
+                     cap=cap, count=self.shed_count, client=oldest.client or "?")  # fmt: skip
         oldest.shed()
 
     def forget(self, protocol: GuardedProtocol) -> None:
