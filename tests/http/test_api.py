@@ -1074,7 +1074,7 @@ class StaticTests(APITestCase):
         self.patch(_producer_helpers, "cooperate", cooperator.cooperate)
         self.page = root.child("console.html")
         self.page.setContent(b"<!DOCTYPE html><title>console</title>")
-        self.patch(web, "STATIC_PAGE", self.page.path)
+        self.patch(web_site, "STATIC_PAGE", self.page.path)
 
     def test_page(self) -> None:
         """When the console page is asked for, it is served as HTML with a strict CSP."""

@@ -141,7 +141,6 @@ class ProxyHeaderTests(SynchronousTestCase):
 
     def test_client_from_header_and_shed(self) -> None:
         """When connections come through the PROXY-header wrapper, they count against the header's client address and are shed through the wrapper."""
-        from twisted.protocols.haproxy import proxyEndpoint  # noqa: F401 (the wrapper's package)
         from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
         clock = Clock()

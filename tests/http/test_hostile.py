@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, List
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -76,7 +77,7 @@ class SiteTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.site = ConsoleSite(Harness().api.resource())
+        self.site = ConsoleSite(Harness().api.resource(), reactor=Clock())
 
     def test_no_server_header(self) -> None:
         """When the site answers, no Server header names twisted.web or its version."""
@@ -151,7 +152,7 @@ class LogEscapeTests(SynchronousTestCase):
         events: List[Any] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        site = ConsoleSite(Harness().api.resource())
+        site = ConsoleSite(Harness().api.resource(), reactor=Clock())
         site.startFactory()
         self.addCleanup(site.stopFactory)
         exchange(site, b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: a\x0bb\x1b[31m\r\n\r\n")

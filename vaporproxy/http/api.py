@@ -26,10 +26,8 @@ L{vaporproxy.http.admin}; readiness L{vaporproxy.http.health}.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from typing import Any, Mapping, Optional
-from urllib.parse import urlsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -48,20 +46,12 @@ from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, conso
 from vaporproxy.http.health import readiness
 from vaporproxy.http.mint import MintLimits
 from vaporproxy.http.request import client_ip_from
-from vaporproxy.http.routing import Root, render_deferred
-from vaporproxy.http.site import JSON_CONTENT_TYPE, STATIC_DIR, STATIC_PAGE, JSONError, StaticFiles
+from vaporproxy.http.routing import Root, relative_redirect, render_deferred
+from vaporproxy.http.site import JSON_CONTENT_TYPE, STATIC_DIR, console_page_body, static_tree
 from vaporproxy.vm.libvirt import UUID_RE, is_loopback
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
-#: The Content-Security-Policy of the bundled console page: scripts and
-#: styles from this origin only, WebSockets to any host (the page may sit
-#: behind a proxy that rewrites the host), nothing else.
-CONSOLE_PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data: blob:; font-src 'self'; connect-src 'self' ws: wss:; "
-    "base-uri 'none'; form-action 'none'; object-src 'none'"
-)
 
 
 def request_client_ip(request: IRequest, trusted_proxies: Any) -> str:
@@ -74,6 +64,17 @@ def request_client_ip(request: IRequest, trusted_proxies: Any) -> str:
     forwarded = request.getHeader(b"x-forwarded-for")
     forwarded_text = forwarded.decode("latin-1") if forwarded is not None else None
     return client_ip_from(peer_host, forwarded_text, trusted_proxies)
+
+
+def is_local(request: IRequest, trusted_proxies: Any) -> bool:
+    """
+    Whether C{request} comes from this machine itself.  A forwarded request
+    is never local: a reverse proxy on loopback carries other people's
+    requests.
+    """
+    if request.getHeader(b"x-forwarded-for") is not None or request.getHeader(b"forwarded") is not None:
+        return False
+    return is_loopback(request_client_ip(request, trusted_proxies))
 
 
 class ConsoleAPI:
@@ -269,16 +270,6 @@ class ConsoleAPI:
         """
         return await self._admin.terminate_vm(vm_uuid)
 
-    def _is_local(self, request: IRequest) -> bool:
-        """
-        Whether C{request} comes from this machine itself.  A forwarded
-        request is never local: a reverse proxy on loopback carries other
-        people's requests.
-        """
-        if request.getHeader(b"x-forwarded-for") is not None or request.getHeader(b"forwarded") is not None:
-            return False
-        return is_loopback(request_client_ip(request, self._config.server.trusted_proxies))
-
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> Deferred:
         """
@@ -289,7 +280,7 @@ class ConsoleAPI:
 
     async def _metrics_text(self, request: IRequest) -> bytes:
         keyless = bearer_credential(request.getHeader(b"authorization")) is None
-        if not (keyless and self._config.server.metrics_local and self._is_local(request)):
+        if not (keyless and self._config.server.metrics_local and is_local(request, self._config.server.trusted_proxies)):
             self._require_admin(request)
         body = await self._metrics.render()
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
@@ -326,32 +317,17 @@ class ConsoleAPI:
         console info it fetches.
         """
         check_id(vm_id)
-        try:
-            with open(STATIC_PAGE, "rb") as f:
-                page = f.read()
-        except OSError:
-            raise ConsoleError(ErrorCode.NOT_FOUND, "Console page not installed")
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"content-security-policy", CONSOLE_PAGE_CSP.encode("ascii"))
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        request.setHeader(b"referrer-policy", b"no-referrer")
-        request.setHeader(b"cache-control", b"no-cache")
-        return page
+        return console_page_body(request)
 
     def _static(self, name: str) -> IResource:
-        directory = self._static_dirs.get(name)
-        if not directory or not os.path.isdir(directory):
-            return JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
-        return StaticFiles(directory)
+        return static_tree(self._static_dirs.get(name))
 
     @app.route("/static/app/", branch=True, methods=["GET", "HEAD"])
     def static_app(self, request: IRequest) -> IResource:
         """
         The console page's own script and style (the package's C{static}).
         """
-        if not os.path.isdir(STATIC_DIR):
-            return JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
-        return StaticFiles(STATIC_DIR)
+        return static_tree(STATIC_DIR)
 
     @app.route("/static/novnc/", branch=True, methods=["GET", "HEAD"])
     def static_novnc(self, request: IRequest) -> IResource:
@@ -386,25 +362,13 @@ class ConsoleAPI:
             request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
         return self._json(request, error_body(ErrorCode.METHOD_NOT_ALLOWED, "Method not allowed"), 405)
 
-    def _redirect(self, request: IRequest, redirect: Any) -> bytes:
-        """
-        Werkzeug's redirect (e.g. C{/console//x} to C{/console/x}) with a
-        path-only Location: werkzeug's absolute URL would reflect the Host
-        header the client sent.
-        """
-        target = urlsplit(redirect.new_url)
-        location = "/" + target.path.lstrip("/") + (f"?{target.query}" if target.query else "")
-        request.setResponseCode(redirect.code)
-        request.setHeader(b"location", location.encode("utf-8"))
-        return self._json(request, {"location": location}, redirect.code)
-
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> Any:
         from werkzeug.exceptions import HTTPException
         from werkzeug.routing import RequestRedirect
 
         if failure.check(RequestRedirect):
-            return self._redirect(request, failure.value)
+            return self._json(request, *relative_redirect(request, failure.value))
         if failure.check(HTTPException):
             return failure  # werkzeug's own answer
         self.log.failure("unexpected error answering {method} {path}", failure,

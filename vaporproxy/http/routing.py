@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Tuple
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
@@ -106,3 +107,16 @@ def render_deferred(request: IRequest, d: Deferred, error_answer: Callable[[IReq
 
     d.addBoth(answered)
     return NOT_DONE_YET
+
+
+def relative_redirect(request: IRequest, redirect: Any) -> Tuple[Dict[str, str], int]:
+    """
+    Werkzeug's redirect (e.g. C{/console//x} to C{/console/x}) with a
+    path-only Location (werkzeug's absolute URL would reflect the Host
+    header the client sent, and a leading C{//} would make it another
+    host's); answer the JSON body and the status.
+    """
+    target = urlsplit(redirect.new_url)
+    location = "/" + target.path.lstrip("/") + (f"?{target.query}" if target.query else "")
+    request.setHeader(b"location", location.encode("utf-8"))
+    return {"location": location}, redirect.code

@@ -20,7 +20,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
-from vaporproxy.errors import ErrorCode, error_body
+from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -259,3 +259,41 @@ class StaticFiles(File):
     def render_GET(self, request: IRequest) -> Any:
         request.setHeader(b"x-content-type-options", b"nosniff")
         return super().render_GET(request)
+
+
+#: The Content-Security-Policy of the bundled console page: scripts and
+#: styles from this origin only, WebSockets to any host (the page may sit
+#: behind a proxy that rewrites the host), nothing else.
+CONSOLE_PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self'; connect-src 'self' ws: wss:; "
+    "base-uri 'none'; form-action 'none'; object-src 'none'"
+)
+
+
+def console_page_body(request: IRequest) -> bytes:
+    """
+    The bundled console page, with its headers set (a strict CSP).
+
+    @raise ConsoleError: NOT_FOUND when the page is not installed.
+    """
+    try:
+        with open(STATIC_PAGE, "rb") as f:
+            page = f.read()
+    except OSError:
+        raise ConsoleError(ErrorCode.NOT_FOUND, "Console page not installed")
+    request.setHeader(b"content-type", b"text/html; charset=utf-8")
+    request.setHeader(b"content-security-policy", CONSOLE_PAGE_CSP.encode("ascii"))
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"referrer-policy", b"no-referrer")
+    request.setHeader(b"cache-control", b"no-cache")
+    return page
+
+
+def static_tree(directory: Optional[str]) -> IResource:
+    """
+    The files under C{directory}, or a JSON 404 when it is missing.
+    """
+    if not directory or not os.path.isdir(directory):
+        return JSONError(ErrorCode.NOT_FOUND, 404, "Not found")
+    return StaticFiles(directory)
