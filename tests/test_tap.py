@@ -435,6 +435,40 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.reload.config.console.max_total_connections, 2)
         lease.release()
 
+    def test_reloadHostileLimits(self) -> None:
+        """
+        When the file changes the request deadline, pending caps, per-user console cap and token limits, reload applies them all.
+        """
+        text = CONFIG.replace("max_total_connections: 3}", "max_total_connections: 3, max_connections_per_user: 2}")
+        text = text.replace('interface=127.0.0.1"]}', 'interface=127.0.0.1"], request_timeout: 5s,'
+                            " max_pending_connections: 9, max_pending_per_client: 4, metrics_local: true}")
+        write(self.path, text + "auth: {max_outstanding_tokens: 7, mint_rate: 1, mint_burst: 2}\n")
+        self.assertTrue(self.reload.reload())
+        guard = self.root.pieces["guard"]
+        self.assertEqual((guard.request_timeout, guard.max_pending, guard.max_pending_per_client), (5.0, 9, 4))
+        self.assertEqual(self.limiter.max_per_user, 2)
+        mint = self.root.pieces["api"]._mint
+        self.assertEqual((mint.max_outstanding, mint.rate, mint.burst), (7, 1.0, 2))
+
+    def test_reloadRevokes(self) -> None:
+        """
+        When the file removes an API key, the token store refuses that key's grants from then on.
+        """
+        from vaporproxy.http.auth import key_id_of
+        from vaporproxy.config import ApiKey
+        from vaporproxy.interfaces import Grant
+
+        digest = "a" * 64
+        write(self.path, CONFIG + f'auth: {{api_keys: [{{user: alice, sha256: "{digest}"}}]}}\n')
+        self.assertTrue(self.reload.reload())
+        revocation = self.root.pieces["token_store"].revocation
+        grant = Grant(vm_ref="vm", vm_uuid="u", console_type="vnc", display=0, user="alice",
+                      key_id=key_id_of(ApiKey("alice", digest)))  # fmt: skip
+        self.assertTrue(revocation.allows(grant))
+        write(self.path, CONFIG)
+        self.assertTrue(self.reload.reload())
+        self.assertFalse(revocation.allows(grant))
+
     def test_badFileKeepsOldConfig(self) -> None:
         """
         When the file is bad on reload, the error is logged and the old config stays.
