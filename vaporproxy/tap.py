@@ -132,9 +132,7 @@ def static_dirs(environ: Mapping[str, str]) -> Dict[str, str]:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """
-    Build vaporproxy's service tree from parsed L{Options}.
-    """
+    """Build vaporproxy's service tree from parsed L{Options}."""
     if reactor is None:
         from twisted.internet import reactor
     from vaporproxy.ws.bridge import ConsoleBridgeFactory, ConsoleRegistry
@@ -173,9 +171,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     site = ConsoleSite(api.resource())
     site.access_log = config.logging.access_log
-    # Console WebSocket upgrades go from the listening port straight to the
-    # bridge; everything else to the site (vaporproxy.ws.switch).
-    # Both behind the guard of pending connections (vaporproxy.http.guard).
+    # Console WebSocket upgrades go from the listening port straight to the bridge, everything else
+    # to the site (vaporproxy.ws.switch); both behind the guard (vaporproxy.http.guard).
     listening = SwitchFactory(site, bridge_factory, reactor)
     guard = guarded(listening, config.server, reactor)
     listen(root, guard, config.server.listen, options["worker_fds"], reactor)

@@ -179,3 +179,19 @@ class ShedLogTests(SynchronousTestCase):
             Connection(guard, CLIENT_A)
         lines = [e for e in events if e.get("log_namespace") == "vaporproxy.guard"]
         self.assertEqual((len(lines), guard.shed_count), (2, 100))
+
+
+class InterimAnswerTests(SynchronousTestCase):
+    """
+    "100 Continue" is not an answer.
+    """
+
+    def test_continue_keeps_deadline(self) -> None:
+        """When the server sends 100 Continue, the request deadline still runs (the body is still to come)."""
+        clock = Clock()
+        guard = GuardFactory(Factory.forProtocol(Server), clock, request_timeout=TIMEOUT)
+        connection = Connection(guard, CLIENT_A)
+        connection.protocol.dataReceived(b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\n")
+        connection.server.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        clock.advance(TIMEOUT)
+        self.assertTrue(connection.aborted)

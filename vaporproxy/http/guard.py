@@ -35,6 +35,7 @@ LOG_EVERY = 10.0
 
 #: The status line that makes a connection an open console.
 _SWITCHING = b"HTTP/1.1 101 "
+_INTERIM = b"HTTP/1.1 1"
 
 
 def abort(transport: Any) -> None:
@@ -106,7 +107,8 @@ class GuardedProtocol(ProtocolWrapper):
             self.pending = False
             self._disarm()
             self.factory.forget(self)
-        elif not self._answered:
+        elif not self._answered and not data.startswith(_INTERIM):
+            # The answer has begun (a "100 Continue" is not one: the body is still to come).
             self._answered = True
             self._disarm()
 
