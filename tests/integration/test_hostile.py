@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Tuple
 from twisted.trial.unittest import TestCase
 
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
-from tests.integration.redis_server import stop_process
+from tests.integration.redis_server import RedisServer, stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: Seconds any one step may take (a loaded 2-core machine starts twistd slowly).
@@ -92,47 +92,54 @@ class ProcessCase(TestCase):
         self.log = os.path.join(self.dir, "twistd.log")
         self.process: Optional[subprocess.Popen] = None
 
-    def write_config(self, keys: Tuple[Tuple[str, str], ...] = (("flood", KEY),)) -> str:
+    def write_config(self, keys: Tuple[Tuple[str, str], ...] = (("flood", KEY),), port: Optional[int] = None,
+                     redis_url: Optional[str] = None, name: str = "") -> str:  # fmt: skip
         """
-        Write vapor.conf with API keys C{(user, key)}; answer its path.
+        Write vapor{name}.conf with API keys C{(user, key)} (memory tokens,
+        or Redis at C{redis_url}); answer its path.
         """
-        config = os.path.join(self.dir, "vapor.conf")
+        config = os.path.join(self.dir, f"vapor{name}.conf")
         node = write_node_file(self.dir, [domain_xml(VM, VM_UUID, [graphics_xml("vnc", self.vnc_port)])])
         api_keys = ", ".join(f'{{user: {user}, sha256: "{hashlib.sha256(key.encode()).hexdigest()}"}}'
                              for user, key in keys)  # fmt: skip
+        tokens = f'tokens: {{backend: redis, redis_url: "{redis_url}"}}\n' if redis_url else ""
         with open(config, "w") as f:
             f.write(
                 f'hypervisors: [{{uri: "{node_uri(node)}"}}]\n'
-                f'server: {{listen: ["tcp:{self.port}:interface=127.0.0.1"]}}\n'
+                f'server: {{listen: ["tcp:{port or self.port}:interface=127.0.0.1"]}}\n'
                 f"auth: {{api_keys: [{api_keys}]}}\n"
-                "logging: {access_log: false}\n"
+                "logging: {access_log: false}\n" + tokens
             )
         return config
 
-    def start(self, keys: Tuple[Tuple[str, str], ...] = (("flood", KEY),)) -> subprocess.Popen:
-        config = self.write_config(keys)
+    def start(self, keys: Tuple[Tuple[str, str], ...] = (("flood", KEY),), port: Optional[int] = None,
+              redis_url: Optional[str] = None, name: str = "") -> subprocess.Popen:  # fmt: skip
+        config = self.write_config(keys, port, redis_url, name)
+        log = os.path.join(self.dir, f"twistd{name}.log")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=self.tmp)
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "--logfile", self.log, "vaporproxy", "--config", config],
+             "--logfile", log, "vaporproxy", "--config", config],
             env=env, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=limit_descriptors,
         )  # fmt: skip
-        self.addCleanup(stop_process, self.process)
-        if not wait(self.healthy):
-            self.fail("vaporproxy did not start: " + self.tail())
-        return self.process
+        self.addCleanup(stop_process, process)
+        if not wait(lambda: self.healthy(port=port)):
+            self.fail("vaporproxy did not start: " + self.tail(log))
+        if not name:
+            self.process = process
+        return process
 
-    def tail(self) -> str:
+    def tail(self, log: Optional[str] = None) -> str:
         try:
-            with open(self.log) as f:
+            with open(log or self.log) as f:
                 return f.read()[-3000:]
         except OSError:
             return ""
 
-    def healthy(self, timeout: float = 5.0) -> bool:
+    def healthy(self, timeout: float = 5.0, port: Optional[int] = None) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=timeout) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port or self.port}/healthz", timeout=timeout) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -380,3 +387,31 @@ class RevocationTests(ProcessCase):
         self.assertEqual(close_code(late), 4001)
         other.sock.settimeout(0.5)
         self.assertRaises(socket.timeout, other.sock.recv, 1 << 16)
+
+    def test_removed_key_on_redis(self) -> None:
+        """When two nodes on one Redis reload without a key, a token it minted on one node is refused on the other (4001), and its console on the other node is closed with 4010."""
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.cleanup)
+        self.addCleanup(redis.stop)
+        vnc = socket.socket()
+        vnc.bind(("127.0.0.1", self.vnc_port))
+        vnc.listen(8)
+        self.addCleanup(vnc.close)
+        keys = (("flood", KEY), ("mallory", "mallory-key-to-revoke"))
+        port_b = free_port()
+        node_a = self.start(keys, redis_url=redis.url, name="-a")
+        node_b = self.start(keys, port=port_b, redis_url=redis.url, name="-b")
+        unredeemed = console_info(self.port, keys[1][1])["token"]
+        live = open_console(port_b, console_info(self.port, keys[1][1])["token"])
+        self.addCleanup(live.close)
+        time.sleep(1.0)
+        for node, name in ((node_a, "-a"), (node_b, "-b")):
+            self.write_config(keys[:1], self.port if name == "-a" else port_b, redis.url, name)
+            os.kill(node.pid, signal.SIGHUP)
+        log_b = os.path.join(self.dir, "twistd-b.log")
+        self.assertTrue(wait(lambda: "SIGHUP: reloaded" in self.tail(log_b)), self.tail(log_b))
+        self.assertEqual(close_code(live), 4010)
+        late = open_console(port_b, unredeemed)
+        self.addCleanup(late.close)
+        self.assertEqual(close_code(late), 4001)
