@@ -668,7 +668,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
         )
         self.assertConfigError(
             "server: {port: 80}",
-            "server.port: unknown key (expected one of: listen, allowed_origins, trusted_proxies, workers)",
+            "server.port: unknown key (expected one of: listen, allowed_origins, trusted_proxies, workers, request_timeout, max_pending_connections, max_pending_per_client, metrics_local)",
         )
         self.assertConfigError(
             "tokens: {ttl: 5m}",
@@ -691,7 +691,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
             "console: 5",
             "console: 5 is not a mapping (expected keys: max_connections_per_vm, max_total_connections,"
             " token_ttl, connection_timeout, idle_timeout, allowed_hosts, enable_tls, buffer_size,"
-            " cleanup_interval, bind_client_ip, max_message_size)",
+            " cleanup_interval, bind_client_ip, max_message_size, max_connections_per_user, max_connections_per_client)",
         )
 
     def test_badYaml(self) -> None:

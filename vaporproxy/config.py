@@ -47,6 +47,9 @@ class ConsoleConfig:
     # Caps on what one client may send (not in the original; SPEC: "every
     # WebSocket message and frame has a size cap").
     max_message_size: int = 1024 * 1024  # bytes
+    # Issue #11: one user or one client address cannot take every slot (0: unlimited).
+    max_connections_per_user: int = 0
+    max_connections_per_client: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class ServerConfig:
     allowed_origins: Tuple[str, ...] = ()
     trusted_proxies: Tuple[str, ...] = ()
     workers: int = 1
+    # Issue #11 (hostile clients): every connection that is not an open console.
+    request_timeout: float = 30.0  # seconds for a request, headers and body included
+    max_pending_connections: int = 512  # in total (safe on a 1024-descriptor process)
+    max_pending_per_client: int = 128  # per client address (0: no per-address cap)
+    metrics_local: bool = False  # /metrics without a key from loopback
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,10 @@ class JWTConfig:
 class AuthConfig:
     api_keys: Tuple[ApiKey, ...] = ()
     jwt: Optional[JWTConfig] = None
+    # Issue #11: per credential (0: unlimited).
+    max_outstanding_tokens: int = 100
+    mint_rate: float = 10.0  # tokens a second, sustained
+    mint_burst: int = 50
 
 
 @dataclass(frozen=True)
@@ -533,6 +545,8 @@ def _parse_console(raw: Any) -> ConsoleConfig:
             "cleanup_interval": parse_duration,
             "bind_client_ip": parse_bool,
             "max_message_size": parse_size,
+            "max_connections_per_user": lambda k, v: parse_int(k, v, minimum=0),
+            "max_connections_per_client": lambda k, v: parse_int(k, v, minimum=0),
         },
     )
 
@@ -547,6 +561,10 @@ def _parse_server(raw: Any) -> ServerConfig:
             "allowed_origins": _list_of(parse_origin),
             "trusted_proxies": _list_of(lambda k, v: parse_network(k, v, names=False)),
             "workers": parse_int,
+            "request_timeout": parse_duration,
+            "max_pending_connections": parse_int,
+            "max_pending_per_client": lambda k, v: parse_int(k, v, minimum=0),
+            "metrics_local": parse_bool,
         },
     )
 
@@ -616,8 +634,28 @@ def _parse_api_keys(key: str, value: Any) -> Tuple[ApiKey, ...]:
     return keys
 
 
+def _parse_rate(key: str, value: Any) -> float:
+    """
+    A rate per second: a number or C{N/s}, zero or more (0: unlimited).
+    """
+    text = value[:-2] if isinstance(value, str) and value.endswith("/s") else value
+    try:
+        rate = float(text) if not isinstance(text, bool) else -1.0
+    except (TypeError, ValueError):
+        rate = -1.0
+    if not 0 <= rate < float("inf"):
+        raise _bad(key, value, "a rate", "expected tokens a second, e.g. 10 or 10/s; 0 for unlimited")
+    return rate
+
+
 def _parse_auth(raw: Any) -> AuthConfig:
-    return _section("auth", raw, AuthConfig, {"api_keys": _parse_api_keys, "jwt": _parse_jwt})
+    return _section("auth", raw, AuthConfig, {
+        "api_keys": _parse_api_keys,
+        "jwt": _parse_jwt,
+        "max_outstanding_tokens": lambda k, v: parse_int(k, v, minimum=0),
+        "mint_rate": _parse_rate,
+        "mint_burst": parse_int,
+    })  # fmt: skip
 
 
 def _parse_pem_file(key: str, value: Any) -> Optional[str]:

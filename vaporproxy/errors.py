@@ -46,6 +46,8 @@ class ErrorCode(enum.Enum):
     # HTTP only: an unknown route, or a known route with the wrong method.
     NOT_FOUND = (404, 4014, "Not found")
     METHOD_NOT_ALLOWED = (405, 4015, "Method not allowed")
+    # Issue #11: a credential past auth.mint_rate or auth.max_outstanding_tokens.
+    RATE_LIMITED = (429, 4017, "Too many requests")
 
     @property
     def code(self) -> str:

@@ -30,6 +30,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from vaporproxy.http import api as web
+from vaporproxy.http import site as web_site
+from vaporproxy.timestamps import iso_utc
 from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig
 from vaporproxy.vm.hosts import HostPolicy
 from vaporproxy.errors import ConsoleError, ErrorCode
@@ -155,9 +157,9 @@ class FakeRecord:
             "user": self.user,
             "bytes_sent": 10,
             "bytes_received": 20,
-            "started_at": web.iso_utc(self.started_at),
+            "started_at": iso_utc(self.started_at),
             "duration_s": now - self.started_at,
-            "last_activity": web.iso_utc(now),
+            "last_activity": iso_utc(now),
         }
 
 
@@ -651,7 +653,7 @@ class FastInfoRouteTests(APITestCase):
             def render(self, request: Any) -> None:
                 raise AssertionError("went through Klein")
 
-        self.h.treq = StubTreq(web._Root(self.h.api, NoKlein()))
+        self.h.treq = StubTreq(web.Root(self.h.api, NoKlein()))
         response, body = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
         self.assertEqual((response.code, body["type"]), (200, "vnc"))
         self.assertEqual(response.length, len(json.dumps(body)))
@@ -761,7 +763,7 @@ class FastInfoRouteTests(APITestCase):
 
 class ConsoleSiteTests(SynchronousTestCase):
     """
-    Tests for L{web.ConsoleSite}'s access-log switch.
+    Tests for L{web_site.ConsoleSite}'s access-log switch.
     """
 
     def test_accessLogSwitch(self) -> None:
@@ -770,7 +772,7 @@ class ConsoleSiteTests(SynchronousTestCase):
 
         from twisted.web.test.requesthelper import DummyRequest
 
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         written = BytesIO()
         site.logFile = written  # type: ignore[assignment]
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
@@ -798,7 +800,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         token = "cd" * 32
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         site._logFile = legacy_log.logfile
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
         request = DummyRequest([b"ws"])
@@ -829,7 +831,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         token = "ab" * 32
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         written = BytesIO()
         site.logFile = written  # type: ignore[assignment]
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
@@ -857,7 +859,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 400
         request.uri = f"{VMS}/web-1/console/ws?{query}#frag".encode()
         request.sentLength = 10
-        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        line = web_site.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
         for secret in secrets[:5]:
             self.assertNotIn(secret, line)
         self.assertIn(
@@ -875,7 +877,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 200
         request.uri = b"/healthz"
         request.sentLength = 15
-        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        line = web_site.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
         self.assertIn('"GET /healthz HTTP/1.1" 200 15', line)
 
 
@@ -955,8 +957,14 @@ class DeleteSessionsTests(APITestCase):
 
 
 class MetricsRouteTests(APITestCase):
+    def test_loopback_without_key_refused(self) -> None:
+        """When a loopback client asks without a key and server.metrics_local is off (the default), the answer is 401."""
+        response, body = self.json_request("GET", "/metrics")
+        self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
+
     def test_loopback_without_key(self) -> None:
-        """When a loopback client asks without a key, the Prometheus text is answered."""
+        """When server.metrics_local is on and a loopback client asks without a key, the Prometheus text is answered."""
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
         response, body = self.request("GET", "/metrics")
         self.assertEqual(response.code, 200)
         self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=0.0.4"))
@@ -980,13 +988,15 @@ class MetricsRouteTests(APITestCase):
 
     def test_forwarded_without_key(self) -> None:
         """When a loopback reverse proxy forwards a request without a key, the answer is 401."""
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
         for header in ("X-Forwarded-For", "Forwarded"):
             response, body = self.json_request("GET", "/metrics", headers={header: ["198.51.100.4"]})
             self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
 
     def test_remote_without_key(self) -> None:
         """When a non-loopback client asks without a key, the answer is 401."""
-        self.patch(web, "_client_ip", lambda request, trusted: "203.0.113.9")
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
+        self.patch(web, "request_client_ip", lambda request, trusted: "203.0.113.9")
         response, body = self.json_request("GET", "/metrics")
         self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
 
@@ -1014,11 +1024,18 @@ class HealthTests(APITestCase):
         self.assertIs(body["ready"], False)
 
     def test_hypervisor_host_hidden(self) -> None:
-        """When a hypervisor URI names a remote host, readiness hides the host and the query."""
+        """When a hypervisor URI names a remote host, readiness hides the host, the path and the query."""
         self.h.locator.uri = "qemu+ssh://root@kvm-7.internal/system?keyfile=/etc/k"
         response, body = self.json_request("GET", "/readyz")
-        self.assertEqual(body["checks"]["hypervisors"], {"qemu+ssh://\N{HORIZONTAL ELLIPSIS}/system": "ok"})
+        self.assertEqual(body["checks"]["hypervisors"], {"qemu+ssh://\N{HORIZONTAL ELLIPSIS}/\N{HORIZONTAL ELLIPSIS}": "ok"})
         self.assertNotIn("kvm-7", json.dumps(body))
+        self.assertNotIn("system", json.dumps(body))
+
+    def test_hypervisor_path_hidden(self) -> None:
+        """When a hypervisor URI has a local path (a test driver's node file), readiness hides it."""
+        self.h.locator.uri = "test:///srv/private/node.xml"
+        response, body = self.json_request("GET", "/readyz")
+        self.assertEqual(body["checks"]["hypervisors"], {"test:///\N{HORIZONTAL ELLIPSIS}": "ok"})
 
     def test_store_down(self) -> None:
         """When the token store fails its check, readiness is 503 with a short safe reason."""
@@ -1057,7 +1074,7 @@ class StaticTests(APITestCase):
         self.patch(_producer_helpers, "cooperate", cooperator.cooperate)
         self.page = root.child("console.html")
         self.page.setContent(b"<!DOCTYPE html><title>console</title>")
-        self.patch(web, "_STATIC_PAGE", self.page.path)
+        self.patch(web_site, "STATIC_PAGE", self.page.path)
 
     def test_page(self) -> None:
         """When the console page is asked for, it is served as HTML with a strict CSP."""
@@ -1207,7 +1224,7 @@ class ClusterTests(APITestCase):
         self.assertEqual(cluster["total_connections"], 3)
         self.assertEqual([p["node_id"] for p in cluster["processes"]], ["node-a", "node-b"])
         self.assertEqual(cluster["processes"][1]["connections_per_vm"], {WEB_UUID: 1, DB_UUID: 1})
-        self.assertEqual(cluster["processes"][0]["started_at"], web.iso_utc(NOW - 100))
+        self.assertEqual(cluster["processes"][0]["started_at"], iso_utc(NOW - 100))
 
     def test_statsRedisDown(self) -> None:
         """When Redis is unreachable, stats answer 503 SERVICE_UNAVAILABLE."""

@@ -111,12 +111,31 @@ class Principal:
     @ivar vms: the VM name/UUID patterns it may open consoles of.
     @ivar admin: whether it may use the admin routes.
     @ivar method: C{"api_key"} or C{"jwt"}.
+    @ivar key_id: the credential's identity for limits and revocation
+        (L{key_id_of}): tokens carry it.
     """
 
     user: str
     vms: Tuple[str, ...] = ()
     admin: bool = False
     method: str = "api_key"
+    key_id: str = ""
+
+
+def key_id_of(api_key: ApiKey) -> str:
+    """
+    The identity of a configured API key: its stored SHA-256's first 16
+    hex digits (the SHA-256 of a hash: no secret).
+    """
+    return "key:" + hashlib.sha256(api_key.sha256.encode("ascii")).hexdigest()[:16]
+
+
+def jwt_key_id(user: str) -> str:
+    """
+    The identity of a JWT caller: the issuer's tokens are one credential
+    per user (C{sub}).
+    """
+    return "jwt:" + user
 
 
 def credential_hash(credential: Union[str, bytes]) -> str:
@@ -330,7 +349,7 @@ class Authenticator:
         key = self._match_key(credential)
         if key is None:
             self._refuse("unknown credential", token_hash=credential_hash(credential))
-        return Principal(user=key.user, vms=tuple(key.vms), admin=key.admin, method="api_key")
+        return Principal(user=key.user, vms=tuple(key.vms), admin=key.admin, method="api_key", key_id=key_id_of(key))
 
     def _refuse(self, why: str, **fields: Any) -> Any:
         self.log.info("rejected API request: {why}", why=why, **fields)
@@ -465,7 +484,7 @@ def principal_from_claims(claims: Mapping[str, Any], require_mfa: bool = False) 
     vms = claims.get("vms", [])
     if not isinstance(vms, list) or not all(isinstance(v, str) and v for v in vms):
         raise _Refused("vms claim is not a list of strings")
-    return Principal(user=user, vms=tuple(vms), admin=_is_admin(claims), method="jwt")
+    return Principal(user=user, vms=tuple(vms), admin=_is_admin(claims), method="jwt", key_id=jwt_key_id(user))
 
 
 def _is_admin(claims: Mapping[str, Any]) -> bool:
