@@ -52,6 +52,9 @@ from vaporproxy.vm.libvirt import UUID_RE, is_loopback
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
+#: Module level: a Logger on a class takes the class's own name as namespace.
+log = Logger(namespace="vaporproxy.web.ConsoleAPI")
+
 
 
 def request_client_ip(request: IRequest, trusted_proxies: Any) -> str:
@@ -86,7 +89,6 @@ class ConsoleAPI:
     """
 
     app = Klein()
-    log = Logger(namespace="vaporproxy.web.ConsoleAPI")
 
     def __init__(self, *, config: Config, token_store: Any, locator: Any, limiter: Any, host_policy: Any,
                  registry: Any, bridge_factory: Any, metrics: Any, reactor: IReactorTime,
@@ -190,7 +192,7 @@ class ConsoleAPI:
         (Klein writes it chunked).
         """
         d = Deferred.fromCoroutine(self._console_info(request, vm_id))
-        return render_deferred(request, d, self._error_answer, self.log)
+        return render_deferred(request, d, self._error_answer, log)
 
     def _error_answer(self, request: IRequest, failure: Failure) -> bytes:
         """
@@ -259,7 +261,7 @@ class ConsoleAPI:
             # The canonical form (dashed, lower case) the registry keys on.
             vm_uuid = str(uuid.UUID(vm_id))
         terminated = await self.terminate_vm(vm_uuid)
-        self.log.info(
+        log.info(
             "{user} terminated {count} console(s) of {vm_uuid}", user=key.user, count=terminated, vm_uuid=vm_uuid
         )
         return self._json(request, {"terminated": terminated})
@@ -348,7 +350,7 @@ class ConsoleAPI:
     @app.handle_errors(ConsoleError)
     def _console_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
-        self.log.debug("answered {code}: {message}", code=error.code.name, message=error.message)
+        log.debug("answered {code}: {message}", code=error.code.name, message=error.message)
         return self._error(request, error)
 
     @app.handle_errors(NotFound)
@@ -371,6 +373,6 @@ class ConsoleAPI:
             return self._json(request, *relative_redirect(request, failure.value))
         if failure.check(HTTPException):
             return failure  # werkzeug's own answer
-        self.log.failure("unexpected error answering {method} {path}", failure,
+        log.failure("unexpected error answering {method} {path}", failure,
                          method=request.method, path=request.path)
         return self._error(request, ConsoleError(ErrorCode.INTERNAL_ERROR))

@@ -101,6 +101,9 @@ PublicKey = Union[
     rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey
 ]
 
+#: Module level: a Logger on a class takes the class's own name as namespace.
+log = Logger(namespace="vaporproxy.auth.Authenticator")
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -303,7 +306,6 @@ class Authenticator:
     @ivar clock: the time source for JWT C{exp}/C{nbf}/C{iat}.
     """
 
-    log = Logger(namespace="vaporproxy.auth.Authenticator")
 
     def __init__(self, auth: AuthConfig, clock: IReactorTime):
         """
@@ -352,7 +354,7 @@ class Authenticator:
         return Principal(user=key.user, vms=tuple(key.vms), admin=key.admin, method="api_key", key_id=key_id_of(key))
 
     def _refuse(self, why: str, **fields: Any) -> Any:
-        self.log.info("rejected API request: {why}", why=why, **fields)
+        log.info("rejected API request: {why}", why=why, **fields)
         raise ConsoleError(ErrorCode.UNAUTHORIZED)
 
     def _match_key(self, credential: str) -> Optional[ApiKey]:
@@ -374,14 +376,14 @@ class Authenticator:
             claims = self._verify(verifier, credential)
             principal = principal_from_claims(claims, require_mfa=verifier.config.require_mfa)
         except _Refused as e:
-            self.log.info(
+            log.info(
                 "rejected JWT {token_hash} claiming sub {sub!r}: {reason}",
                 reason=e.reason,
                 sub=_claimed_sub(credential),
                 token_hash=credential_hash(credential),
             )
             raise ConsoleError(ErrorCode.UNAUTHORIZED) from None
-        self.log.debug(
+        log.debug(
             "JWT accepted for {sub} (admin: {admin})",
             sub=principal.user,
             admin=principal.admin,

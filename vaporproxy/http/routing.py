@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Tuple
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted.web.iweb import IRequest
@@ -27,6 +28,8 @@ WS_PATH_RE = re.compile(rb"^/api/v1/virtualization/virtualmachines/[^/%]+/consol
 #: printable ASCII without C{/} or C{%} (so that the raw bytes are exactly
 #: what Klein would decode); anything else goes through Klein.
 INFO_PATH_RE = re.compile(rb"^/api/v1/virtualization/virtualmachines/([!-$&-.0-~]+)/console$")
+
+log = Logger(namespace="vaporproxy.web.ConsoleAPI")
 
 
 class Root(Resource):
@@ -60,7 +63,7 @@ class Root(Resource):
                     try:
                         return self._api.console_ws(request, "").render(request)
                     except Exception:
-                        self._api.log.failure("unexpected error opening a console WebSocket")
+                        log.failure("unexpected error opening a console WebSocket")
                         request.setResponseCode(500)
                         request.setHeader(b"content-type", JSON_CONTENT_TYPE)
                         return json.dumps(ConsoleError(ErrorCode.INTERNAL_ERROR).to_dict()).encode("utf-8")
