@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.config import (
     RecordingConfig,
+    StepUpPolicy,
     ApiKey,
     Config,
     ConfigError,
@@ -799,3 +800,20 @@ class RecordingConfigTests(SynchronousTestCase):
             if message is not None:
                 self.assertEqual(str(e.exception), message)
             self.assertTrue(str(e.exception).startswith("recording."))
+
+
+class StepUpConfigTests(SynchronousTestCase):
+    def test_parse(self):
+        """
+        When auth.policies is given, durations and defaults apply, and a bad entry names its key.
+        """
+        policies = parse_config("auth: {policies: [{vms: [prod-*], max_auth_age: 10m}]}").auth.policies
+        self.assertEqual(policies, (StepUpPolicy(vms=("prod-*",), require_mfa=True, max_auth_age=600.0),))
+        with self.assertRaises(ConfigError) as e:
+            parse_config("auth: {policies: [{require_mfa: true}]}")
+        self.assertEqual(
+            str(e.exception), "auth.policies[0].vms: missing (expected a list of VM name/UUID patterns)"
+        )
+        with self.assertRaises(ConfigError) as e:
+            parse_config("auth: {policies: [{vms: ['*'], mfa: true}]}")
+        self.assertTrue(str(e.exception).startswith("auth.policies[0].mfa: unknown key"))

@@ -83,6 +83,17 @@ class JWTConfig:
 
 
 @dataclass(frozen=True)
+class StepUpPolicy:
+    """One entry of C{auth.policies} (see L{vaporproxy.http.stepup})."""
+
+    vms: Tuple[str, ...]
+    require_mfa: bool = True
+    #: Seconds since the user authenticated (C{auth_time}), or None: any age.
+    max_auth_age: Optional[float] = None
+    acr_values: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     api_keys: Tuple[ApiKey, ...] = ()
     jwt: Optional[JWTConfig] = None
@@ -90,6 +101,8 @@ class AuthConfig:
     max_outstanding_tokens: int = 100
     mint_rate: float = 10.0  # tokens a second, sustained
     mint_burst: int = 50
+    # Issue #9: step-up authentication for chosen VMs; first match wins.
+    policies: Tuple[StepUpPolicy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -655,7 +668,24 @@ def _parse_auth(raw: Any) -> AuthConfig:
         "max_outstanding_tokens": lambda k, v: parse_int(k, v, minimum=0),
         "mint_rate": _parse_rate,
         "mint_burst": parse_int,
+        "policies": _parse_step_up_policies,
     })  # fmt: skip
+
+
+def _parse_step_up_policies(key: str, value: Any) -> Tuple[StepUpPolicy, ...]:
+    policies = []
+    for i, raw in enumerate(parse_list(key, value)):
+        item = f"{key}[{i}]"
+        data = _mapping(item, raw, _fields(StepUpPolicy))
+        if not data.get("vms"):
+            raise ConfigError(f"{item}.vms: missing (expected a list of VM name/UUID patterns)")
+        policies.append(_section(item, data, StepUpPolicy, {
+            "vms": _list_of(parse_str, allow_empty=False),
+            "require_mfa": parse_bool,
+            "max_auth_age": parse_duration,
+            "acr_values": parse_str,
+        }))  # fmt: skip
+    return tuple(policies)
 
 
 def _parse_pem_file(key: str, value: Any) -> Optional[str]:

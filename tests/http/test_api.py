@@ -32,7 +32,7 @@ from zope.interface import implementer
 from vaporproxy.http import api as web
 from vaporproxy.http import site as web_site
 from vaporproxy.timestamps import iso_utc
-from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig
+from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig, StepUpPolicy
 from vaporproxy.vm.hosts import HostPolicy
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, VMConsoles
@@ -1257,9 +1257,10 @@ class ClusterTests(APITestCase):
         self.assertEqual(set(body), {"total_connections", "total_tokens", "connections_per_vm", "connections"})
 
 
-class JWTRouteTests(APITestCase):
+class JWTSetup:
     """
-    Routes called with JWT bearer tokens (ES256, key generated at run time).
+    A harness whose API takes JWT bearer tokens (ES256, key generated at
+    run time), and C{jwt(**claims)} to make them.
     """
 
     def setUp(self) -> None:
@@ -1291,6 +1292,12 @@ class JWTRouteTests(APITestCase):
         payload = {"sub": "carol", "iss": "https://sso", "aud": "vaporproxy", "exp": int(NOW) + 300, "vms": ["web-*"]}
         payload.update(claims)
         return jwt.encode(payload, self.signing_key, algorithm="ES256")
+
+
+class JWTRouteTests(JWTSetup, APITestCase):
+    """
+    Routes called with JWT bearer tokens.
+    """
 
     def test_console(self) -> None:
         """When a valid JWT allows the VM, a console token is issued to the JWT's subject."""
@@ -1335,3 +1342,44 @@ class JWTRouteTests(APITestCase):
         response, _ = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
         self.assertEqual(response.code, 200)
 
+
+
+class StepUpRouteTests(JWTSetup, APITestCase):
+    """
+    Console info for a VM under an C{auth.policies} step-up rule (issue 9).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        policy = StepUpPolicy(vms=("web-*",), require_mfa=True, max_auth_age=600.0, acr_values="urn:mfa")
+        self.config = replace(self.config, auth=replace(self.config.auth, policies=(policy,)))
+        self.h = Harness(self.config)
+
+    def assertStepUp(self, response: Any, body: Any) -> None:
+        self.assertError(response, body, 401, ErrorCode.MFA_REQUIRED)
+        challenge = response.headers.getRawHeaders("www-authenticate")[0]
+        self.assertTrue(challenge.startswith('Bearer error="insufficient_user_authentication", error_description="'))
+        self.assertIn("max_age=600", challenge)
+        self.assertIn('acr_values="urn:mfa"', challenge)
+        self.assertEqual(self.successResultOf(self.h.store.count()), 0)  # no token was issued
+
+    def test_jwtWithoutMfa(self) -> None:
+        """When a JWT without an MFA amr asks for a step-up VM, the answer is 401 MFA_REQUIRED with the RFC 9470 challenge."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(amr=["pwd"], auth_time=int(NOW)))
+        self.assertStepUp(response, body)
+
+    def test_apiKeyRefused(self) -> None:
+        """When an API key asks for a step-up VM, it is refused the same way."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
+        self.assertStepUp(response, body)
+
+    def test_staleSignIn(self) -> None:
+        """When the MFA sign-in is older than max_auth_age, it is refused."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(amr=["otp"], auth_time=int(NOW) - 601))
+        self.assertStepUp(response, body)
+
+    def test_recentMfa(self) -> None:
+        """When the JWT says MFA within max_auth_age, a console token is issued."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(amr=["pwd", "otp"], auth_time=int(NOW) - 30))
+        self.assertEqual(response.code, 200)
+        self.assertIn("token", body)

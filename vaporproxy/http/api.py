@@ -108,7 +108,7 @@ class ConsoleAPI:
         self._static_dirs = dict(static_dirs)
         self._mint = MintLimits(reactor, config.auth)
         self._issuer = ConsoleIssuer(token_store=token_store, locator=locator, host_policy=host_policy,
-                                     metrics=metrics, mint=self._mint)  # fmt: skip
+                                     metrics=metrics, mint=self._mint, clock=reactor)  # fmt: skip
         self._admin = ConsoleAdmin(limiter=limiter, token_store=token_store, registry=registry, reactor=reactor,
                                    cluster=cluster)  # fmt: skip
         self.reload(config)
@@ -141,6 +141,7 @@ class ConsoleAPI:
         mint = getattr(self, "_mint", None)
         if mint is not None:
             mint.reload(config.auth)
+        self._issuer.policies = config.auth.policies
 
     # -- helpers -------------------------------------------------------------
 
@@ -152,7 +153,9 @@ class ConsoleAPI:
         return json.dumps(body).encode("utf-8")
 
     def _error(self, request: IRequest, error: ConsoleError) -> bytes:
-        if error.code is ErrorCode.UNAUTHORIZED and error.http_status == 401:
+        if error.challenge is not None:
+            request.setHeader(b"www-authenticate", error.challenge.encode("ascii", "replace"))
+        elif error.code is ErrorCode.UNAUTHORIZED and error.http_status == 401:
             request.setHeader(b"www-authenticate", b'Bearer realm="vaporproxy"')
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:

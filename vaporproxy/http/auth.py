@@ -116,6 +116,8 @@ class Principal:
     @ivar method: C{"api_key"} or C{"jwt"}.
     @ivar key_id: the credential's identity for limits and revocation
         (L{key_id_of}): tokens carry it.
+    @ivar amr: a JWT's C{amr} claim (how the user signed in), for step-up.
+    @ivar auth_time: a JWT's C{auth_time} claim (when), for step-up.
     """
 
     user: str
@@ -123,6 +125,8 @@ class Principal:
     admin: bool = False
     method: str = "api_key"
     key_id: str = ""
+    amr: Tuple[str, ...] = ()
+    auth_time: Optional[float] = None
 
 
 def key_id_of(api_key: ApiKey) -> str:
@@ -486,7 +490,17 @@ def principal_from_claims(claims: Mapping[str, Any], require_mfa: bool = False) 
     vms = claims.get("vms", [])
     if not isinstance(vms, list) or not all(isinstance(v, str) and v for v in vms):
         raise _Refused("vms claim is not a list of strings")
-    return Principal(user=user, vms=tuple(vms), admin=_is_admin(claims), method="jwt", key_id=jwt_key_id(user))
+    amr = claims.get("amr")
+    auth_time = claims.get("auth_time")
+    return Principal(
+        user=user,
+        vms=tuple(vms),
+        admin=_is_admin(claims),
+        method="jwt",
+        key_id=jwt_key_id(user),
+        amr=tuple(v for v in amr if isinstance(v, str)) if isinstance(amr, list) else (),
+        auth_time=float(auth_time) if isinstance(auth_time, (int, float)) and not isinstance(auth_time, bool) else None,
+    )
 
 
 def _is_admin(claims: Mapping[str, Any]) -> bool:

@@ -15,6 +15,7 @@ from twisted.web.iweb import IRequest
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.auth import Principal
+from vaporproxy.http.stepup import check_step_up, policy_for
 from vaporproxy.interfaces import CONSOLE_TYPES, Grant
 from vaporproxy.logs import debug_enabled
 from vaporproxy.stores.tokens import token_log_id
@@ -89,8 +90,12 @@ class ConsoleIssuer:
     one-time token.
     """
 
-    def __init__(self, *, token_store: Any, locator: Any, host_policy: Any, metrics: Any, mint: Any):
+    def __init__(self, *, token_store: Any, locator: Any, host_policy: Any, metrics: Any, mint: Any,
+                 clock: Any, policies: Tuple[Any, ...] = ()):  # fmt: skip
         self._mint = mint
+        self._clock = clock
+        #: C{auth.policies} (step-up), replaced on reload.
+        self.policies = policies
         self._token_store = token_store
         self._locator = locator
         self._host_policy = host_policy
@@ -107,7 +112,27 @@ class ConsoleIssuer:
         if not key_allows(key, vm.uuid, vm.name):
             log.info("user {user} denied console of {vm_uuid}", user=key.user, vm_uuid=vm.uuid)
             raise ConsoleError(ErrorCode.UNAUTHORIZED, http_status=403)
+        self._check_step_up(key, vm)
         return vm
+
+    def _check_step_up(self, key: Principal, vm: Any) -> None:
+        """
+        @raise ConsoleError: MFA_REQUIRED with RFC 9470's challenge when a
+            step-up policy covers the VM and the caller's sign-in does not
+            meet it.
+        """
+        refusal = check_step_up(
+            policy_for(self.policies, vm.name, vm.uuid),
+            method=key.method,
+            amr=key.amr,
+            auth_time=key.auth_time,
+            now=self._clock.seconds(),
+        )
+        if refusal is not None:
+            log.info("user {user} needs a step-up sign-in for {vm_uuid}", user=key.user, vm_uuid=vm.uuid)
+            error = ConsoleError(ErrorCode.MFA_REQUIRED, refusal.description)
+            error.challenge = refusal.challenge()
+            raise error
 
     async def issue(self, key: Principal, vm_id: str, console_type: Optional[str], display: Optional[int],
                     client_ip: Optional[str], tls_enabled: bool) -> Dict[str, Any]:  # fmt: skip
