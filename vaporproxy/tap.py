@@ -24,6 +24,7 @@ from vaporproxy.app.services import (
     ShutdownService,
     ThreadPoolService,
     VaporService,
+    audit_trail,
     purge_timer,
     token_backend,
 )
@@ -133,10 +134,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     host_policy = HostPolicy(config.console.allowed_hosts, reactor.nameResolver, clock=reactor)
     registry = ConsoleRegistry(reactor)
     metrics = Metrics(registry, token_store, reactor)
+    audit = audit_trail(config, reactor, metrics, root)
     collaborators = dict(config=config, token_store=token_store, locator=locator, limiter=limiter,
                          host_policy=host_policy, registry=registry, reactor=reactor)  # fmt: skip
     bridge_factory = ConsoleBridgeFactory(observer=metrics, **collaborators)
-    api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), cluster=redis, **collaborators)
+    api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), cluster=redis,
+                     audit=audit, **collaborators)  # fmt: skip
     if redis is not None:
         redis.on_terminate(registry.terminate_vm)
         # Before the listeners: started before them, stopped after them.
@@ -157,7 +160,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                      registry=registry)  # fmt: skip
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
-    root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site,
+    root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site, audit=audit,
                        listening=listening, guard=guard)  # fmt: skip
     # Added last, so stopped first: live consoles get 1001 before the rest stops.
     ShutdownService(registry.close_all).setServiceParent(root)

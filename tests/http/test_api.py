@@ -187,7 +187,8 @@ class Harness:
     A L{ConsoleAPI} over memory backends, and a L{StubTreq} on it.
     """
 
-    def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None, cluster: Any = None):
+    def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None, cluster: Any = None,
+                 audit: Any = None):  # fmt: skip
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = MemoryTokenStore(self.clock, config.console.token_ttl)
@@ -211,6 +212,7 @@ class Harness:
             reactor=self.clock,
             static_dirs=static_dirs or {},
             cluster=cluster,
+            audit=audit,
         )
         self.treq = StubTreq(self.api.resource())
 
@@ -1383,3 +1385,47 @@ class StepUpRouteTests(JWTSetup, APITestCase):
         response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(amr=["pwd", "otp"], auth_time=int(NOW) - 30))
         self.assertEqual(response.code, 200)
         self.assertIn("token", body)
+
+
+class AuditRouteTests(APITestCase):
+    """
+    The audit trail of the HTTP API (issue 10): what it writes, and that no
+    token it issued is in it.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from vaporproxy.audit import AuditTrail
+        from vaporproxy.filewriter import DiskWriter
+
+        self.path = self.mktemp()
+        clock = Clock()
+        clock.advance(NOW)
+        trail = AuditTrail(clock, DiskWriter(clock, threaded=False).open(self.path, flush_each=True))
+        self.h = Harness(audit=trail)
+
+    def lines(self) -> List[Dict[str, Any]]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f]
+
+    def test_tokensIssuedAndTerminated(self) -> None:
+        """When tokens are issued and an admin terminates a VM's consoles, each is one line, and no token is in the file."""
+        tokens = []
+        for key in (USER_KEY, WEB_KEY):
+            response, body = self.json_request("GET", f"{VMS}/web-1/console", key)
+            self.assertEqual(response.code, 200)
+            tokens.append(body["token"])
+        response, _ = self.json_request("DELETE", f"{VMS}/web-1/console/sessions", ADMIN_KEY)
+        self.assertEqual(response.code, 200)
+        lines = self.lines()
+        self.assertEqual([line["event"] for line in lines], ["token_issued", "token_issued", "sessions_terminated"])
+        self.assertEqual([line.get("user") for line in lines[:2]], ["alice", "webops"])
+        self.assertEqual(lines[0]["vm_uuid"], WEB_UUID)
+        self.assertEqual(lines[0]["vm_name"], "web-1")
+        self.assertEqual(lines[0]["via"], "key")
+        self.assertEqual(lines[0]["type"], "vnc")
+        self.assertEqual((lines[2]["by"], lines[2]["vm_uuid"], lines[2]["count"]), ("root", WEB_UUID, 0))
+        with open(self.path) as f:
+            text = f.read()
+        for secret in tokens + [USER_KEY, WEB_KEY, ADMIN_KEY]:
+            self.assertNotIn(secret, text)

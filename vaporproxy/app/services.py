@@ -163,3 +163,26 @@ def purge_timer(interval: float, token_store: Any, clock: Any) -> TimerService:
     timer = TimerService(interval, purge_tokens, token_store)
     timer.clock = clock
     return timer
+
+
+def audit_trail(config: Config, reactor: Any, metrics: Any, parent: Any) -> Any:
+    """
+    The L{vaporproxy.audit.AuditTrail} for C{audit.file} (or the log only),
+    with its L{vaporproxy.filewriter.DiskWriter} added to C{parent} (added
+    before the listeners: it stops after them, so the last consoles'
+    closing events are written).
+    """
+    from vaporproxy.audit import AuditTrail
+    from vaporproxy.filewriter import DiskWriter
+
+    if config.audit.file is None:
+        return AuditTrail(reactor, None, metrics.audit_event)
+    writer = DiskWriter(reactor)
+    writer.setServiceParent(parent)
+
+    def dropped(why: str) -> None:
+        log.error("audit file given up, events go on to the log only: {why}", why=why)
+        metrics.audit_dropped(why)
+
+    handle = writer.open(config.audit.file, flush_each=True, on_error=dropped)
+    return AuditTrail(reactor, handle, metrics.audit_event)

@@ -92,14 +92,17 @@ class ConsoleAPI:
 
     def __init__(self, *, config: Config, token_store: Any, locator: Any, limiter: Any, host_policy: Any,
                  registry: Any, bridge_factory: Any, metrics: Any, reactor: IReactorTime,
-                 static_dirs: Mapping[str, str], cluster: Any = None):  # fmt: skip
+                 static_dirs: Mapping[str, str], cluster: Any = None, audit: Any = None):  # fmt: skip
         """
         @param cluster: the L{vaporproxy.stores.redis.RedisBackend} when
             this process is one of a cluster (C{tokens.backend: redis}),
             else C{None}.  With it, stats report cluster totals and every
             process's figures, and DELETE of a VM's sessions reaches every
             process.
+        @param audit: the L{vaporproxy.audit.AuditTrail} (token issued,
+            sessions terminated), or C{None}.
         """
+        self._audit = audit
         self._token_store = token_store
         self._locator = locator
         self._bridge_factory = bridge_factory
@@ -108,7 +111,7 @@ class ConsoleAPI:
         self._static_dirs = dict(static_dirs)
         self._mint = MintLimits(reactor, config.auth)
         self._issuer = ConsoleIssuer(token_store=token_store, locator=locator, host_policy=host_policy,
-                                     metrics=metrics, mint=self._mint, clock=reactor)  # fmt: skip
+                                     metrics=metrics, mint=self._mint, clock=reactor, audit=audit)  # fmt: skip
         self._admin = ConsoleAdmin(limiter=limiter, token_store=token_store, registry=registry, reactor=reactor,
                                    cluster=cluster)  # fmt: skip
         self.reload(config)
@@ -210,10 +213,10 @@ class ConsoleAPI:
         key = self._authenticate(request)
         console_type, display = console_params(request)
         config = self._config
-        client_ip = (
-            request_client_ip(request, config.server.trusted_proxies) if config.console.bind_client_ip else None
-        )
-        body = await self._issuer.issue(key, vm_id, console_type, display, client_ip, config.console.enable_tls)
+        client = request_client_ip(request, config.server.trusted_proxies)
+        client_ip = client if config.console.bind_client_ip else None
+        body = await self._issuer.issue(key, vm_id, console_type, display, client_ip, config.console.enable_tls,
+                                        client=client)  # fmt: skip
         return self._json(request, body)
 
     # -- WebSocket ---------------------------------------------------------
@@ -253,9 +256,10 @@ class ConsoleAPI:
     async def _delete_sessions(self, request: IRequest, vm_id: str) -> bytes:
         key = self._require_admin(request)
         check_id(vm_id)
+        vm_name = None
         try:
             vm = await self._locator.locate(vm_id)
-            vm_uuid = vm.uuid
+            vm_uuid, vm_name = vm.uuid, vm.name
         except ConsoleError as e:
             # A VM that is gone (or whose hypervisor is down) may still have
             # live consoles: accept its UUID as given.
@@ -267,6 +271,8 @@ class ConsoleAPI:
         log.info(
             "{user} terminated {count} console(s) of {vm_uuid}", user=key.user, count=terminated, vm_uuid=vm_uuid
         )
+        if self._audit is not None:
+            self._audit.sessions_terminated(by=key.user, vm_uuid=vm_uuid, vm_name=vm_name, count=terminated)
         return self._json(request, {"terminated": terminated})
 
     async def terminate_vm(self, vm_uuid: str) -> int:

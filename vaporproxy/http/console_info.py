@@ -91,8 +91,9 @@ class ConsoleIssuer:
     """
 
     def __init__(self, *, token_store: Any, locator: Any, host_policy: Any, metrics: Any, mint: Any,
-                 clock: Any, policies: Tuple[Any, ...] = ()):  # fmt: skip
+                 clock: Any, policies: Tuple[Any, ...] = (), audit: Any = None):  # fmt: skip
         self._mint = mint
+        self._audit = audit
         self._clock = clock
         #: C{auth.policies} (step-up), replaced on reload.
         self.policies = policies
@@ -135,9 +136,12 @@ class ConsoleIssuer:
             raise error
 
     async def issue(self, key: Principal, vm_id: str, console_type: Optional[str], display: Optional[int],
-                    client_ip: Optional[str], tls_enabled: bool) -> Dict[str, Any]:  # fmt: skip
+                    client_ip: Optional[str], tls_enabled: bool, client: str = "") -> Dict[str, Any]:  # fmt: skip
         """
         The console-info body for C{key} and C{vm_id}, with a fresh token.
+
+        @param client_ip: the address the token is bound to, or C{None}.
+        @param client: the caller's address (for the audit trail).
         """
         self._mint.take(key.key_id)
         vm = await self._locate(key, vm_id)
@@ -154,6 +158,11 @@ class ConsoleIssuer:
                       user=key.user, client_ip=client_ip, key_id=key.key_id, vm_name=vm.name)  # fmt: skip
         issued = await self._token_store.issue(grant)
         self._metrics.token_issued()
+        if self._audit is not None:
+            self._audit.token_issued(user=key.user, vm_uuid=vm.uuid, vm_name=vm.name, client=client,
+                                     console_type=graphics.type, mode="control",
+                                     expires_at=iso_utc(issued.expires_at),
+                                     via="jwt" if key.method == "jwt" else "key")  # fmt: skip
         # Debug: a console's info line is the bridge's "console ... closed"
         # (VM, user, token hash, client, outcome); the request itself is in
         # the access log.
