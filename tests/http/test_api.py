@@ -188,7 +188,7 @@ class Harness:
     """
 
     def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None, cluster: Any = None,
-                 audit: Any = None):  # fmt: skip
+                 audit: Any = None, recordings: Any = None):  # fmt: skip
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = MemoryTokenStore(self.clock, config.console.token_ttl)
@@ -213,6 +213,7 @@ class Harness:
             static_dirs=static_dirs or {},
             cluster=cluster,
             audit=audit,
+            recordings=recordings,
         )
         self.treq = StubTreq(self.api.resource())
 

@@ -42,12 +42,13 @@ from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.http.admin import ConsoleAdmin
 from vaporproxy.http.auth import Authenticator, Principal, bearer_credential
-from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, console_params
+from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, console_params, query_arg
 from vaporproxy.http.health import readiness
 from vaporproxy.http.mint import MintLimits
 from vaporproxy.http.request import client_ip_from
 from vaporproxy.http.routing import Root, relative_redirect, render_deferred
-from vaporproxy.http.site import JSON_CONTENT_TYPE, STATIC_DIR, console_page_body, static_tree
+from vaporproxy.http.recordings import RecordingsAPI
+from vaporproxy.http.site import ADMIN_PAGE, JSON_CONTENT_TYPE, PLAYBACK_PAGE, STATIC_DIR, console_page_body, page_body, static_tree
 from vaporproxy.vm.libvirt import UUID_RE, is_loopback
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -92,7 +93,8 @@ class ConsoleAPI:
 
     def __init__(self, *, config: Config, token_store: Any, locator: Any, limiter: Any, host_policy: Any,
                  registry: Any, bridge_factory: Any, metrics: Any, reactor: IReactorTime,
-                 static_dirs: Mapping[str, str], cluster: Any = None, audit: Any = None):  # fmt: skip
+                 static_dirs: Mapping[str, str], cluster: Any = None, audit: Any = None,
+                 recordings: Any = None):  # fmt: skip
         """
         @param cluster: the L{vaporproxy.stores.redis.RedisBackend} when
             this process is one of a cluster (C{tokens.backend: redis}),
@@ -101,8 +103,14 @@ class ConsoleAPI:
             process.
         @param audit: the L{vaporproxy.audit.AuditTrail} (token issued,
             sessions terminated), or C{None}.
+        @param recordings: the L{vaporproxy.recordings.store.RecordingStore}
+            when C{recording} is configured, else C{None} (its routes then
+            answer 404).
         """
         self._audit = audit
+        self._recordings = None if recordings is None else RecordingsAPI(
+            recordings, self._require_admin, self._json, query_arg
+        )
         self._token_store = token_store
         self._locator = locator
         self._bridge_factory = bridge_factory
@@ -329,6 +337,39 @@ class ConsoleAPI:
         """
         check_id(vm_id)
         return console_page_body(request)
+
+    @app.route("/admin", methods=["GET"])
+    def admin_page(self, request: IRequest) -> bytes:
+        """The control room (its script asks the admin API with the key from the fragment)."""
+        return page_body(request, ADMIN_PAGE)
+
+    # -- recordings (issue 10) -------------------------------------------------
+
+    def _recordings_api(self) -> RecordingsAPI:
+        if self._recordings is None:
+            raise ConsoleError(ErrorCode.NOT_FOUND, "Recording is not enabled on this server")
+        return self._recordings
+
+    @app.route("/console/recordings/<string:recording_id>", methods=["GET"])
+    def playback_page(self, request: IRequest, recording_id: str) -> bytes:
+        """The page that plays a recording in the browser."""
+        return page_body(request, PLAYBACK_PAGE)
+
+    @app.route("/api/v1/console/recordings", methods=["GET"])
+    def recordings_list(self, request: IRequest) -> Any:
+        return self._recordings_api().list(request)
+
+    @app.route("/api/v1/console/recordings/<string:recording_id>", methods=["GET"])
+    def recording(self, request: IRequest, recording_id: str) -> Any:
+        return self._recordings_api().one(request, recording_id)
+
+    @app.route("/api/v1/console/recordings/<string:recording_id>", methods=["DELETE"])
+    def recording_delete(self, request: IRequest, recording_id: str) -> Any:
+        return self._recordings_api().delete(request, recording_id)
+
+    @app.route("/api/v1/console/recordings/<string:recording_id>/data", methods=["GET"])
+    def recording_data(self, request: IRequest, recording_id: str) -> Any:
+        return self._recordings_api().data(request, recording_id)
 
     def _static(self, name: str) -> IResource:
         return static_tree(self._static_dirs.get(name))

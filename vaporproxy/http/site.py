@@ -27,6 +27,8 @@ JSON_CONTENT_TYPE = b"application/json"
 #: The package's own static files (the console page, its script and style).
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 STATIC_PAGE = os.path.join(STATIC_DIR, "console.html")
+PLAYBACK_PAGE = os.path.join(STATIC_DIR, "playback.html")
+ADMIN_PAGE = os.path.join(STATIC_DIR, "admin.html")
 
 
 class JSONError(Resource):
@@ -277,11 +279,22 @@ def console_page_body(request: IRequest) -> bytes:
 
     @raise ConsoleError: NOT_FOUND when the page is not installed.
     """
+    return page_body(request, STATIC_PAGE)
+
+
+def page_body(request: IRequest, path: str) -> bytes:
+    """
+    One of the bundled pages (console, playback, control room), with the
+    console page's headers: a strict CSP (no inline script), no referrer,
+    no sniffing, revalidated on every load.
+
+    @raise ConsoleError: NOT_FOUND when the page is not installed.
+    """
     try:
-        with open(STATIC_PAGE, "rb") as f:
+        with open(path, "rb") as f:
             page = f.read()
     except OSError:
-        raise ConsoleError(ErrorCode.NOT_FOUND, "Console page not installed")
+        raise ConsoleError(ErrorCode.NOT_FOUND, "Page not installed")
     request.setHeader(b"content-type", b"text/html; charset=utf-8")
     request.setHeader(b"content-security-policy", CONSOLE_PAGE_CSP.encode("ascii"))
     request.setHeader(b"x-content-type-options", b"nosniff")
