@@ -107,20 +107,44 @@ class GuardedProtocol(ProtocolWrapper):
             self.pending = False
             self._disarm()
             self.factory.forget(self)
+            self._step_out()
         elif not self._answered and not data.startswith(_INTERIM):
             # The answer has begun (a "100 Continue" is not one: the body is still to come).
             self._answered = True
             self._disarm()
 
+    def _step_out(self) -> None:
+        """
+        An open console is no business of the guard's: put the wrapped
+        protocol in the guard's place on the transport, and give it the
+        transport itself, so the relay's bytes (and the bridge's direct
+        writes to the socket) no longer pass through the guard.
+        """
+        transport, protocol = self.transport, self.wrappedProtocol
+        if isinstance(transport, ProtocolWrapper):
+            if transport.wrappedProtocol is self:
+                transport.wrappedProtocol = protocol
+        elif getattr(transport, "protocol", None) is self:
+            transport.protocol = protocol
+        else:
+            return  # an unknown transport: stay in the path
+        protocol.transport = transport
+        self.factory.unregisterProtocol(self)
+        # Whatever still holds the guard (a timer, a producer) reaches the protocol.
+        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
+        self.connectionLost = protocol.connectionLost  # type: ignore[method-assign]
+
     def write(self, data: bytes) -> None:
+        transport = self.transport
         self._saw(data)
-        super().write(data)
+        transport.write(data)
 
     def writeSequence(self, data: Any) -> None:
         data = list(data)
+        transport = self.transport
         if data:
             self._saw(data[0])
-        super().writeSequence(data)
+        transport.writeSequence(data)
 
     def connectionLost(self, reason: Any) -> None:
         self._disarm()
