@@ -422,7 +422,7 @@ class AuthTests(ConfigTestMixin, SynchronousTestCase):
         )
         self.assertConfigError(
             f"auth: {{api_keys: [{{user: a, sha256: '{HASH}', key: x}}]}}",
-            "auth.api_keys[0].key: unknown key (expected one of: user, sha256, vms, admin)",
+            "auth.api_keys[0].key: unknown key (expected one of: user, sha256, vms, admin, access, clipboard, max_bandwidth)",
         )
 
     def test_jwt(self) -> None:
@@ -692,7 +692,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
             "console: 5",
             "console: 5 is not a mapping (expected keys: max_connections_per_vm, max_total_connections,"
             " token_ttl, connection_timeout, idle_timeout, allowed_hosts, enable_tls, buffer_size,"
-            " cleanup_interval, bind_client_ip, max_message_size, max_connections_per_user, max_connections_per_client)",
+            " cleanup_interval, bind_client_ip, max_message_size, max_connections_per_user, max_connections_per_client, clipboard, max_bandwidth, max_bandwidth_per_vm, min_update_interval)",
         )
 
     def test_badYaml(self) -> None:

@@ -16,6 +16,7 @@ is missing).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -30,6 +31,20 @@ class ConfigError(ValueError):
     """
     A bad configuration; C{str(e)} is one line naming the key.
     """
+
+
+@dataclass(frozen=True)
+class ClipboardConfig:
+    """
+    The clipboard of a console (SPEC.md "Clipboard policy").  C{max_size}
+    None: no size cap, so a console with both directions allowed needs no
+    parsing of its streams at all; set it to cap every transfer (and to
+    parse every console that has a clipboard).
+    """
+
+    to_vm: bool = True
+    from_vm: bool = True
+    max_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,11 @@ class ConsoleConfig:
     # Issue #11: one user or one client address cannot take every slot (0: unlimited).
     max_connections_per_user: int = 0
     max_connections_per_client: int = 0
+    # Issue #9: console policy.
+    clipboard: ClipboardConfig = ClipboardConfig()
+    max_bandwidth: int = 0  # bytes a second from the VM to one browser (configured in KB/s; 0: none)
+    max_bandwidth_per_vm: int = 0  # the same summed over a VM's consoles in this process
+    min_update_interval: float = 0.0  # VNC: at most one FramebufferUpdateRequest per interval
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,11 @@ class ApiKey:
     sha256: str = field(repr=False)  # lower-case hex SHA-256 of the key
     vms: Tuple[str, ...] = ("*",)
     admin: bool = False
+    #: "control" or "view": a view key's consoles are always view-only.
+    access: str = "control"
+    #: Per-key overrides of console.clipboard and console.max_bandwidth.
+    clipboard: Optional["ClipboardConfig"] = None
+    max_bandwidth: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +232,8 @@ HIDDEN = "<hidden>"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 TOKEN_BACKENDS = ("memory", "redis")
+#: Console modes, least first: a credential of one mode gets no more.
+ACCESS_MODES = ("view", "control")
 JWT_ALGORITHMS = (
     "HS256", "HS384", "HS512",
     "RS256", "RS384", "RS512",
@@ -560,8 +587,30 @@ def _parse_console(raw: Any) -> ConsoleConfig:
             "max_message_size": parse_size,
             "max_connections_per_user": lambda k, v: parse_int(k, v, minimum=0),
             "max_connections_per_client": lambda k, v: parse_int(k, v, minimum=0),
+            "clipboard": parse_clipboard,
+            "max_bandwidth": _parse_bandwidth,
+            "max_bandwidth_per_vm": _parse_bandwidth,
+            "min_update_interval": _parse_interval,
         },
     )
+
+
+def parse_clipboard(key: str, value: Any) -> ClipboardConfig:
+    return _section(key, value, ClipboardConfig, {
+        "to_vm": parse_bool, "from_vm": parse_bool, "max_size": parse_size,
+    })  # fmt: skip
+
+
+def _parse_bandwidth(key: str, value: Any) -> int:
+    """KB/s as in the original's buffer_size; 0 is unlimited."""
+    return parse_int(key, value, minimum=0) * 1024
+
+
+def _parse_interval(key: str, value: Any) -> float:
+    """A duration, or 0 (off)."""
+    if value in (0, "0", "0s", "0ms"):
+        return 0.0
+    return parse_duration(key, value)
 
 
 def _parse_server(raw: Any) -> ServerConfig:
@@ -598,9 +647,20 @@ def _parse_api_key(key: str, raw: Any) -> ApiKey:
             "sha256": _parse_sha256,
             "vms": _list_of(parse_str, allow_empty=False),
             "admin": parse_bool,
+            "access": lambda k, v: parse_choice(k, v, ACCESS_MODES),
+            "clipboard": parse_clipboard,
+            "max_bandwidth": _parse_bandwidth,
         },
         required=("user", "sha256"),
     )
+
+
+def api_key_id(api_key: ApiKey) -> str:
+    """
+    The identity of a configured API key: its stored SHA-256's first 16
+    hex digits (the SHA-256 of a hash: no secret).  Tokens carry it.
+    """
+    return "key:" + hashlib.sha256(api_key.sha256.encode("ascii")).hexdigest()[:16]
 
 
 def _parse_algorithm(key: str, value: Any) -> str:

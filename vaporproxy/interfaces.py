@@ -95,6 +95,8 @@ class Grant:
         (L{vaporproxy.http.auth.key_id_of}): per-credential token limits,
         and revocation when a SIGHUP removes or narrows that credential.
     @ivar vm_name: the domain name (the key's patterns may name it).
+    @ivar mode: C{"control"} or C{"view"}: what the console lets the
+        browser do (the proxy enforces it; SPEC.md "Access modes").
     """
 
     vm_ref: str
@@ -107,6 +109,8 @@ class Grant:
     expires_at: float = 0.0
     key_id: Optional[str] = None
     vm_name: Optional[str] = None
+    #: "control" or "view" (view-only: the relay drops the browser's input).
+    mode: str = "control"
 
     def matches_vm(self, vm_ref: str) -> bool:
         return vm_ref in (self.vm_ref, self.vm_uuid)
@@ -373,3 +377,27 @@ class IGuardSink(Interface):
 
     def fail(error: Any, reason: str) -> None:
         """End the console with this L{ConsoleError}; C{reason} is log-only."""
+
+
+class IRelayStage(Interface):
+    """
+    One stage of a console's relay pipeline (L{vaporproxy.relay.pipeline}),
+    spliced in once the handshake is over.
+
+    A stage sees each direction's bytes in order, in any fragmentation, and
+    answers what goes on: the same bytes (pass), fewer or none (drop, or
+    hold until a later call), or them after copying them elsewhere (tap).
+    It may hold at most a message header or one bounded message, never more
+    than the console's C{buffer_size}: flow control stays the transports'.
+    It raises L{vaporproxy.relay.policy.PolicyViolation} when it cannot go
+    on (the console then closes with 4012 BAD_REQUEST).
+    """
+
+    def to_vm(data: bytes) -> bytes:
+        """Bytes from the browser; answer those for the VM."""
+
+    def to_browser(data: bytes) -> bytes:
+        """Bytes from the VM; answer those for the browser."""
+
+    def close() -> None:
+        """The console ended: cancel timers, let go of taps."""

@@ -25,6 +25,7 @@ from vaporproxy.app.services import (
     ThreadPoolService,
     VaporService,
     audit_trail,
+    recording_store,
     purge_timer,
     token_backend,
 )
@@ -116,6 +117,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from vaporproxy.ws.switch import SwitchFactory
     from vaporproxy.http.api import ConsoleAPI
     from vaporproxy.http.site import ConsoleSite
+    from vaporproxy.relay.planner import StagePlanner
 
     config: Config = options["parsed"]
     environ = options.environ
@@ -135,11 +137,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     registry = ConsoleRegistry(reactor)
     metrics = Metrics(registry, token_store, reactor)
     audit = audit_trail(config, reactor, metrics, root)
+    recordings = recording_store(config, reactor, pool, metrics, root)
     collaborators = dict(config=config, token_store=token_store, locator=locator, limiter=limiter,
                          host_policy=host_policy, registry=registry, reactor=reactor)  # fmt: skip
     bridge_factory = ConsoleBridgeFactory(observer=metrics, **collaborators)
+    bridge_factory.planner = StagePlanner(config, reactor, metrics, recordings)
     api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), cluster=redis,
-                     audit=audit, **collaborators)  # fmt: skip
+                     audit=audit, recordings=recordings, **collaborators)  # fmt: skip
     if redis is not None:
         redis.on_terminate(registry.terminate_vm)
         # Before the listeners: started before them, stopped after them.
@@ -157,7 +161,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     def apply(new: Config) -> None:
         apply_reload(new, limiter=limiter, host_policy=host_policy, api=api, bridge_factory=bridge_factory,
                      log_setup=log_setup, environ=environ, token_store=token_store, guard=guard, site=site,
-                     registry=registry)  # fmt: skip
+                     registry=registry, planner=bridge_factory.planner)  # fmt: skip
 
     ReloadService(options["config_path"], options["listen"], config, apply, reactor).setServiceParent(root)
     root.pieces.update(collaborators, bridge_factory=bridge_factory, api=api, metrics=metrics, site=site, audit=audit,

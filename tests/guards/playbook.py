@@ -49,8 +49,10 @@ class RecordingSink:
     def spice_session(self, session_id: int) -> None:
         self.calls.append(("spice_session", session_id))
 
-    def established(self) -> None:
+    def established(self, client_rest: bytes = b"") -> None:
+        # As the bridge does: what the browser sent after the handshake goes on to the VM.
         self.calls.append(("established",))
+        self.to_server += client_rest
 
     def fail(self, error: ConsoleError, reason: str) -> None:
         self.calls.append(("fail", error.code, reason))

@@ -235,8 +235,26 @@ class RFBGuardHandshakeTests(SynchronousTestCase):
         self.assertNotIn(b"\x00" + extra, sink.to_server)
         self.assertEqual(sink.names(), [])
         guard.server_data(u32(0))
-        self.assertEqual(sink.calls[-2], ("send_to_server", b"\x00" + extra))
+        # ClientInit goes on as shared = 1 whatever the browser said; what
+        # followed it comes with Established, for the console's stages.
+        self.assertEqual(sink.calls[-2], ("send_to_server", b"\x01"))
         self.assertEqual(sink.calls[-1], ("established",))
+        self.assertTrue(sink.to_server.endswith(b"\x01" + extra))
+
+    def test_client_init_always_shared(self) -> None:
+        """
+        When the browser's ClientInit asks for an exclusive session, the VM
+        still gets shared = 1, so a watcher never disconnects the person in
+        control.
+        """
+        sink = RecordingSink()
+        guard = RFBGuard(sink, PASSWORD)
+        guard.start()
+        guard.server_connected()
+        guard.client_data(version(8) + b"\x01" + b"\x00")
+        guard.server_data(version(8) + b"\x01\x02" + CHALLENGE + u32(0))
+        self.assertTrue(sink.to_server.endswith(b"\x01"))
+        self.assertNotIn(("send_to_server", b"\x00"), sink.calls)
 
     def test_server_leftover_forwarded(self) -> None:
         """

@@ -117,7 +117,7 @@ CONFIG = Config(
     hypervisors=(HypervisorConfig("fake:///"),),
 )
 
-INFO_FIELDS = {"type", "host", "port", "token", "ws_path", "expires_at", "tls_enabled", "password"}
+INFO_FIELDS = {"type", "host", "port", "token", "ws_path", "expires_at", "tls_enabled", "password", "mode"}
 
 
 def auth(key: str) -> Dict[str, List[str]]:

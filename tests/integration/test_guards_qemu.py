@@ -118,8 +118,10 @@ class LoopSink:
     def spice_session(self, session_id: int) -> None:
         self.events.append(("spice_session", session_id))
 
-    def established(self) -> None:
+    def established(self, client_rest: bytes = b"") -> None:
         self.events.append(("established",))
+        if client_rest:
+            self.send_to_server(client_rest)
         self.is_established = True
         if not self.relayed_wanted:
             self.finish("established")

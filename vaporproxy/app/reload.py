@@ -115,7 +115,8 @@ def check_files(config: Config) -> None:
 
 def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, bridge_factory: Any,
                  log_setup: LogSetup, environ: Mapping[str, str], token_store: Any = None,
-                 guard: Any = None, site: Any = None, registry: Any = None) -> None:  # fmt: skip
+                 guard: Any = None, site: Any = None, registry: Any = None,
+                 planner: Any = None) -> None:  # fmt: skip
     """
     Apply what SIGHUP may change to the running pieces: the steps that may
     still refuse the new config (they load files) first, so a refusal
@@ -124,6 +125,8 @@ def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, br
     console = config.console
     api.reload(config)
     bridge_factory.reload(config)
+    if planner is not None:
+        planner.reload(config)
     if token_store is not None:
         token_store.ttl = console.token_ttl  # tokens issued from now on
     if isinstance(limiter, MemoryLimiter):

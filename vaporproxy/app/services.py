@@ -186,3 +186,47 @@ def audit_trail(config: Config, reactor: Any, metrics: Any, parent: Any) -> Any:
 
     handle = writer.open(config.audit.file, flush_each=True, on_error=dropped)
     return AuditTrail(reactor, handle, metrics.audit_event)
+
+
+def recording_store(config: Config, reactor: Any, pool: Any, metrics: Any, parent: Any) -> Any:
+    """
+    The L{vaporproxy.recordings.store.RecordingStore} when C{recording} is
+    enabled (its directory made, mode 0700), with its disk writer and a
+    cleanup loop (retention, C{max_total_size}, the on-disk figures) every
+    C{console.cleanup_interval}; else C{None}.
+    """
+    if not config.recording.enabled:
+        return None
+    import os
+
+    from twisted.internet.threads import deferToThreadPool
+
+    from vaporproxy.filewriter import DiskWriter
+    from vaporproxy.recordings.store import RecordingStore, list_directory
+
+    recording = config.recording
+    os.makedirs(recording.dir, mode=0o700, exist_ok=True)
+    writer = DiskWriter(reactor)
+    writer.setServiceParent(parent)
+    store = RecordingStore(
+        recording.dir,
+        writer,
+        reactor,
+        lambda f, *args: deferToThreadPool(reactor, pool, f, *args),
+        include_input=recording.include_input,
+        retention_s=recording.retention,
+        max_total_size=recording.max_total_size,
+        on_dropped=metrics.recording_dropped,
+    )
+
+    def cleanup() -> Deferred:
+        d = store.cleanup()
+        d.addCallback(lambda _: store._run(list_directory, store.directory, list(store.live)))
+        d.addCallback(lambda found: metrics.recordings_on_disk(len(found), sum(m["size"] for m in found)))
+        d.addErrback(lambda f: log.failure("recording cleanup failed; will retry", f, level=LogLevel.error))
+        return d
+
+    timer = TimerService(config.console.cleanup_interval, cleanup)
+    timer.clock = reactor
+    timer.setServiceParent(parent)
+    return store

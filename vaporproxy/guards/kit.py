@@ -87,7 +87,14 @@ class SpiceSessionAssigned:
 
 @dataclass(frozen=True, slots=True)
 class Established:
-    """The handshake is over and everything received was forwarded: relay raw bytes."""
+    """
+    The handshake is over: relay raw bytes.  C{client_rest} is what the
+    browser sent after its part of the handshake that was not forwarded:
+    the relay passes it on first, through the console's stages (so a
+    view-only console's input cannot slip in ahead of its filter).
+    """
+
+    client_rest: bytes = b""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -133,7 +140,7 @@ _DELIVERY: Dict[Type[Any], Callable[[Any, Any], None]] = {
     StartTLS: lambda sink, o: sink.start_tls(o.creator),
     Admit: lambda sink, o: sink.admit(o.is_main),
     SpiceSessionAssigned: lambda sink, o: sink.spice_session(o.session_id),
-    Established: lambda sink, o: sink.established(),
+    Established: lambda sink, o: sink.established(o.client_rest),
     Failed: lambda sink, o: sink.fail(o.error, o.reason),
 }
 

@@ -119,6 +119,9 @@ _OFFER_NONE = SendToClient(bytes([1, SEC_NONE]))
 _SECURITY_OK = SendToClient(struct.pack("!I", 0))
 _CHOICE = {sec: SendToServer(bytes([sec])) for sec in (SEC_NONE, SEC_VNC_AUTH, SEC_VENCRYPT)}
 _ESTABLISHED = Established()
+#: ClientInit with shared = 1: a watcher never disconnects the person in
+#: control (SPEC.md "Access modes").
+_SHARED_CLIENT_INIT = SendToServer(b"\x01")
 
 
 def parse_version(data: bytes) -> Optional[Tuple[int, int]]:
@@ -313,13 +316,14 @@ class RFBGuard(TwoSidedGuard):
                 raise client_failure("client chose security type %d" % (choice,))
             if version == 8:
                 emit(_SECURITY_OK)
-        client_init = yield 1
+        yield 1  # the browser's ClientInit: the VM gets shared = 1 whatever it said
         yield lambda: self._server_done
-        emit(SendToServer(client_init + self._client.take_rest()))
+        emit(_SHARED_CLIENT_INIT)
         leftover = self._server.take_rest()
         if leftover:
             emit(SendToClient(leftover))
-        emit(_ESTABLISHED)
+        rest = self._client.take_rest()
+        emit(Established(rest) if rest else _ESTABLISHED)
 
     def _read_reason(self) -> Generator[Need, Optional[bytes], str]:
         length = _u32((yield 4))

@@ -65,6 +65,8 @@ MINI_HEADER = struct.Struct("<HI")
 FULL_HEADER = struct.Struct("<QHII")
 
 SPICE_CHANNEL_MAIN = 1
+#: The common Established: nothing held back.
+_ESTABLISHED = Established()
 SPICE_TICKET_PUBKEY_BYTES = 162
 
 SPICE_COMMON_CAP_PROTOCOL_AUTH_SELECTION = 0
@@ -141,7 +143,22 @@ class SpiceGuard(TwoSidedGuard):
 
     protocol_name = "SPICE"
 
-    def __init__(self, sink: Optional[object], password: Optional[str], expected_session_id: Optional[int]):
+    def __init__(
+        self,
+        sink: Optional[object],
+        password: Optional[str],
+        expected_session_id: Optional[int],
+        hold_after_ticket: bool = False,
+    ):
+        """
+        @param hold_after_ticket: keep what the browser sends after its
+            ticket until the handshake is over and hand it out with
+            L{Established} (a console with stages: a view-only one's agent
+            data must go through its filter), instead of relaying it at once.
+        """
+        self._hold = hold_after_ticket
+        self._held: List[bytes] = []
+        self._held_size = 0
         self._password = password
         self._expected = expected_session_id
         self._connected = False
@@ -154,6 +171,7 @@ class SpiceGuard(TwoSidedGuard):
         self._ticket_size = 0
         self.is_main: Optional[bool] = None
         self.channel_type: Optional[int] = None
+        self.channel_id = 0
         self.session_id: Optional[int] = None
         super().__init__(sink, MAX_CLIENT_BUFFER, MAX_SERVER_BUFFER)
 
@@ -171,13 +189,23 @@ class SpiceGuard(TwoSidedGuard):
         Bytes from the browser.
         """
         if self._client.done and self._ticket_sent:
-            # The link handshake of the client is over: relay at once.
+            # The link handshake of the client is over: relay at once (or
+            # hold, bounded, for the console's stages).
             out = self._out
             if out.failed or out.finished:
+                return []
+            if self._hold:
+                self._held_size += len(data)
+                if self._held_size > MAX_CLIENT_BUFFER:
+                    return self._run(self._overflow, data)
+                self._held.append(data)
                 return []
             out.emit(SendToServer(data))
             return out.hand_out()
         return self._run(self._client.feed, data)
+
+    def _overflow(self, data: bytes) -> None:
+        raise client_failure("browser sent more than %d bytes before the VM's answer" % (MAX_CLIENT_BUFFER,))
 
     def server_connected(self) -> List[Output]:
         """
@@ -224,7 +252,8 @@ class SpiceGuard(TwoSidedGuard):
         if not LINK_MESS.size <= size <= MAX_LINK_SIZE:
             raise client_failure("SPICE link message of %d bytes" % (size,))
         body = yield size
-        connection_id, channel_type, _channel_id, ncommon, nchannel, offset = LINK_MESS.unpack_from(body)
+        connection_id, channel_type, channel_id, ncommon, nchannel, offset = LINK_MESS.unpack_from(body)
+        self.channel_id = channel_id
         self._client_caps, _ = _parse_caps(body, LINK_MESS.size, ncommon, nchannel, offset, client_failure)
         self._admit(connection_id, channel_type)
         self.channel_type = channel_type
@@ -246,6 +275,9 @@ class SpiceGuard(TwoSidedGuard):
             ticket = struct.pack("<I", SPICE_COMMON_CAP_AUTH_SPICE) + ticket
         rest = self._client.take_rest()
         self._ticket_sent = True
+        if self._hold:
+            self._held.append(rest)
+            rest = b""
         emit(SendToServer(ticket + rest))
 
     def _negotiated(self, cap: int) -> bool:
@@ -254,6 +286,11 @@ class SpiceGuard(TwoSidedGuard):
 
     def _auth_selection(self) -> bool:
         return self._negotiated(SPICE_COMMON_CAP_PROTOCOL_AUTH_SELECTION)
+
+    @property
+    def mini_header(self) -> bool:
+        """Whether the link negotiated SPICE's mini header (how its messages are framed)."""
+        return self._mini_header()
 
     def _mini_header(self) -> bool:
         return self._negotiated(SPICE_COMMON_CAP_MINI_HEADER)
@@ -304,7 +341,13 @@ class SpiceGuard(TwoSidedGuard):
         rest = self._server.take_rest()
         if rest:
             emit(SendToClient(rest))
-        emit(Established())
+        if self._hold:
+            # What the browser sent after its ticket goes on through the
+            # console's stages, not around them.
+            held, self._held = b"".join(self._held), []
+            emit(Established(held) if held else _ESTABLISHED)
+        else:
+            emit(_ESTABLISHED)
 
     def _read_until_main_init(self) -> Steps:
         """

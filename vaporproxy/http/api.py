@@ -42,7 +42,7 @@ from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.http.admin import ConsoleAdmin
 from vaporproxy.http.auth import Authenticator, Principal, bearer_credential
-from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, console_params, query_arg
+from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, console_mode, console_params, query_arg
 from vaporproxy.http.health import readiness
 from vaporproxy.http.mint import MintLimits
 from vaporproxy.http.request import client_ip_from
@@ -223,8 +223,9 @@ class ConsoleAPI:
         config = self._config
         client = request_client_ip(request, config.server.trusted_proxies)
         client_ip = client if config.console.bind_client_ip else None
+        mode = console_mode(request, key)
         body = await self._issuer.issue(key, vm_id, console_type, display, client_ip, config.console.enable_tls,
-                                        client=client)  # fmt: skip
+                                        client=client, mode=mode)  # fmt: skip
         return self._json(request, body)
 
     # -- WebSocket ---------------------------------------------------------

@@ -76,7 +76,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from vaporproxy.config import ApiKey, AuthConfig, ConfigError, JWTConfig
+from vaporproxy.config import ApiKey, AuthConfig, ConfigError, JWTConfig, api_key_id
 from vaporproxy.errors import ConsoleError, ErrorCode
 
 #: Seconds of clock skew allowed on C{exp}, C{nbf} and C{iat}.
@@ -127,14 +127,14 @@ class Principal:
     key_id: str = ""
     amr: Tuple[str, ...] = ()
     auth_time: Optional[float] = None
+    #: The most this caller may have: "control", or "view" (an API key's
+    #: C{access}, a JWT's C{vapor_access} claim).
+    access: str = "control"
 
 
 def key_id_of(api_key: ApiKey) -> str:
-    """
-    The identity of a configured API key: its stored SHA-256's first 16
-    hex digits (the SHA-256 of a hash: no secret).
-    """
-    return "key:" + hashlib.sha256(api_key.sha256.encode("ascii")).hexdigest()[:16]
+    """The identity of a configured API key (L{vaporproxy.config.api_key_id})."""
+    return api_key_id(api_key)
 
 
 def jwt_key_id(user: str) -> str:
@@ -355,7 +355,8 @@ class Authenticator:
         key = self._match_key(credential)
         if key is None:
             self._refuse("unknown credential", token_hash=credential_hash(credential))
-        return Principal(user=key.user, vms=tuple(key.vms), admin=key.admin, method="api_key", key_id=key_id_of(key))
+        return Principal(user=key.user, vms=tuple(key.vms), admin=key.admin, method="api_key", key_id=key_id_of(key),
+                         access=key.access)  # fmt: skip
 
     def _refuse(self, why: str, **fields: Any) -> Any:
         log.info("rejected API request: {why}", why=why, **fields)
@@ -500,6 +501,8 @@ def principal_from_claims(claims: Mapping[str, Any], require_mfa: bool = False) 
         key_id=jwt_key_id(user),
         amr=tuple(v for v in amr if isinstance(v, str)) if isinstance(amr, list) else (),
         auth_time=float(auth_time) if isinstance(auth_time, (int, float)) and not isinstance(auth_time, bool) else None,
+        # Anything but an explicit "control" from a token that says vapor_access is view-only.
+        access="view" if claims.get("vapor_access", "control") != "control" else "control",
     )
 
 

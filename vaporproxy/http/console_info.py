@@ -68,6 +68,24 @@ def query_arg(request: IRequest, name: bytes) -> Optional[str]:
         raise ConsoleError(ErrorCode.BAD_REQUEST, f"Parameter {name.decode()} is not UTF-8")
 
 
+def console_mode(request: IRequest, key: Principal) -> str:
+    """
+    The console mode for C{key}: what C{?mode=} asks for, or the most the
+    credential has; a view-only credential asking for control is refused.
+
+    @raise ConsoleError: BAD_REQUEST for an unknown mode, UNAUTHORIZED (403)
+        for more than the credential has.
+    """
+    asked = query_arg(request, b"mode")
+    if asked is None:
+        return key.access
+    if asked not in ("view", "control"):
+        raise ConsoleError(ErrorCode.BAD_REQUEST, "Parameter mode must be view or control")
+    if asked == "control" and key.access != "control":
+        raise ConsoleError(ErrorCode.UNAUTHORIZED, "This credential may only view consoles", http_status=403)
+    return asked
+
+
 def console_params(request: IRequest) -> Tuple[Optional[str], Optional[int]]:
     """
     The C{type} and C{display} query parameters, checked.
@@ -136,7 +154,8 @@ class ConsoleIssuer:
             raise error
 
     async def issue(self, key: Principal, vm_id: str, console_type: Optional[str], display: Optional[int],
-                    client_ip: Optional[str], tls_enabled: bool, client: str = "") -> Dict[str, Any]:  # fmt: skip
+                    client_ip: Optional[str], tls_enabled: bool, client: str = "",
+                    mode: str = "control") -> Dict[str, Any]:  # fmt: skip
         """
         The console-info body for C{key} and C{vm_id}, with a fresh token.
 
@@ -155,12 +174,13 @@ class ConsoleIssuer:
             raise
         await self._mint.check_outstanding(self._token_store, key.key_id)
         grant = Grant(vm_ref=vm_id, vm_uuid=vm.uuid, console_type=graphics.type, display=graphics.index,
-                      user=key.user, client_ip=client_ip, key_id=key.key_id, vm_name=vm.name)  # fmt: skip
+                      user=key.user, client_ip=client_ip, key_id=key.key_id, vm_name=vm.name,
+                      mode=mode)  # fmt: skip
         issued = await self._token_store.issue(grant)
         self._metrics.token_issued()
         if self._audit is not None:
             self._audit.token_issued(user=key.user, vm_uuid=vm.uuid, vm_name=vm.name, client=client,
-                                     console_type=graphics.type, mode="control",
+                                     console_type=graphics.type, mode=mode,
                                      expires_at=iso_utc(issued.expires_at),
                                      via="jwt" if key.method == "jwt" else "key")  # fmt: skip
         # Debug: a console's info line is the bridge's "console ... closed"
@@ -179,4 +199,5 @@ class ConsoleIssuer:
             "expires_at": iso_utc(issued.expires_at),
             "tls_enabled": tls_enabled,
             "password": PASSWORD_MASK if graphics.has_password else None,
+            "mode": mode,
         }

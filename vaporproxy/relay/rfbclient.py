@@ -111,11 +111,25 @@ class RFBClientFilter:
     """
 
     def __init__(
-        self, policy: InputPolicy, on_drop: Optional[Callable[[str], None]] = None, pacer: Optional[Any] = None
+        self,
+        policy: InputPolicy,
+        on_drop: Optional[Callable[[str], None]] = None,
+        pacer: Optional[Any] = None,
+        encodings: Optional[Callable[[bytes], bytes]] = None,
+        pixel_format: Optional[Callable[[bytes], None]] = None,
     ):
+        """
+        @param encodings: rewrites each SetEncodings (after the
+            ExtendedMouseButtons one is removed), e.g. to what a filter of
+            the VM's stream can frame.
+        @param pixel_format: told the 16-byte pixel format of each
+            SetPixelFormat that goes on.
+        """
         self.policy = policy
         self._on_drop = on_drop
         self._pacer = pacer
+        self._encodings = encodings
+        self._pixel_format = pixel_format
         self._buf = b""
         #: Text bytes of the current ClientCutText still to pass (> 0) or
         #: to skip (< 0).
@@ -142,6 +156,11 @@ class RFBClientFilter:
             pos += used
         self._buf = buf[pos:]
         return b"".join(out)
+
+    def close(self) -> None:
+        """The console ended: drop a held update request."""
+        if self._pacer is not None:
+            self._pacer.stop()
 
     def _stream_text(self, buf: bytes, pos: int, end: int, out: list) -> int:
         take = min(abs(self._text), end - pos)
@@ -170,7 +189,11 @@ class RFBClientFilter:
         if kind == "input" and self.policy.view_only:
             self._dropped("input")
         elif buf[pos] == 2:
-            out.append(_without_extended_mouse(message))
+            message = _without_extended_mouse(message)
+            out.append(self._encodings(message) if self._encodings is not None else message)
+        elif buf[pos] == 0 and self._pixel_format is not None:
+            self._pixel_format(message[4:20])
+            out.append(message)
         elif buf[pos] == 3 and self._pacer is not None:
             paced = self._pacer.offer(message)
             if paced is not None:

@@ -61,6 +61,7 @@ from vaporproxy.stores.tokens import token_log_id
 from vaporproxy.http.request import client_ip_from, origin_allowed, request_secure, vm_ref_from_path
 from vaporproxy.relay.fastwrite import high_water
 from vaporproxy.timestamps import iso_utc
+from vaporproxy.relay.policy import PolicyViolation
 from vaporproxy.ws.frames import ClientFrameParser, direct_writer, send_now
 
 __all__ = [
@@ -91,6 +92,9 @@ MAX_HANDSHAKE_SIZE = 2 * 16384
 #: Channels of a console whose main channel is in another process are
 #: capped the same way, per token and session, in this process.
 MAX_SPICE_CHANNELS = 16
+
+#: SPICE's inputs channel (keyboard, mouse): refused on view-only consoles.
+SPICE_CHANNEL_INPUTS = 3
 
 #: What a console WebSocket in clear is told when C{console.enable_tls} is
 #: on (UNAUTHORIZED, 4008).
@@ -399,6 +403,10 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     _vm_ref: Optional[str] = None
     _client_ip: Optional[str] = None
     _redemption: Optional[Redemption] = None
+    #: The console's relay pipeline (L{vaporproxy.relay.pipeline}), or
+    #: C{None}: bytes go straight.
+    _pipeline: Any = None
+    _throttle_timer: Optional[IDelayedCall] = None
     _guard: Any = None
     _record: Optional[ConsoleRecord] = None
     _lease: Any = None
@@ -774,7 +782,10 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             self._dial()
         else:
             expected = None if redemption.first else redemption.spice_session_id
-            self._guard = factory.spice_guard(self, graphics.password, expected)
+            planner = getattr(factory, "planner", None)
+            hold = planner is not None and planner.holds_spice_input(grant)
+            held = {"hold_after_ticket": True} if hold else {}
+            self._guard = factory.spice_guard(self, graphics.password, expected, **held)
             self._guard_call("start")
             self._feed_held()
             if not self._finished and self._connecting is None and self._backend is None:
@@ -952,6 +963,12 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             # token's use (a second main channel, a first use not main).
             self._end(ConsoleError(ErrorCode.TOKEN_ALREADY_USED), "spice channel does not match the token's use")
             return
+        if self._redemption.grant.mode == "view" and getattr(self._guard, "channel_type", None) == SPICE_CHANNEL_INPUTS:
+            self._end(
+                ConsoleError(ErrorCode.UNAUTHORIZED, "A view-only console has no input channel"),
+                "view-only console: inputs channel refused",
+            )
+            return
         self._pause_reading()
         if is_main:
             d = Deferred.fromCoroutine(self._admit_and_dial())
@@ -1015,12 +1032,22 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             what=what,
         )
 
-    def established(self) -> None:
+    def established(self, client_rest: bytes = b"") -> None:
         """
-        The guard's handshake is over: relay raw bytes with flow control.
+        The guard's handshake is over: relay raw bytes with flow control,
+        through the console's stages when it has any (then C{client_rest},
+        what the browser sent that the guard held back, goes through them
+        first).
         """
         if self._finished or self._backend is None:
             return
+        guard = self._guard
+        if getattr(guard, "channel_type", None) is not None:
+            self._spice_channel = {
+                "channel_type": guard.channel_type,
+                "channel_id": guard.channel_id,
+                "mini_header": guard.mini_header,
+            }
         self._drop_guard()
         _cancel(self._connect_timer)
         self._connect_timer = None
@@ -1042,6 +1069,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._ws_direct = direct_writer(ws_transport)
         self._backend_direct = direct_writer(backend_transport)
         self._relaying = True
+        self._splice_stages()
+        if client_rest and not self._finished:
+            self._relay_data(client_rest)
+        if self._finished:
+            return
         self._resume_reading()
         if self._record is not None and self._record.owner is self:
             idle = self._console.idle_timeout
@@ -1053,6 +1085,113 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 self.factory.observer.console_opened(self._console_type or "unknown")
             except Exception:
                 log.failure("observer.console_opened failed")
+
+    # -- the relay pipeline (vaporproxy.relay.pipeline) --------------------
+
+    def _splice_stages(self) -> None:
+        """
+        Put the console's stages between the two sides, if it has any: the
+        parser's data callback and the VM protocol's C{dataReceived} are
+        replaced by staged ones, so a console without stages pays nothing.
+        """
+        planner = getattr(self.factory, "planner", None)
+        if planner is None or self._redemption is None:
+            return
+        grant = self._redemption.grant
+        record = self._record
+        recorder = None
+        if record is not None:
+            recorder = getattr(record, "recorder", None)
+            if recorder is None and record.owner is self and planner.records(grant.vm_uuid, grant.vm_name):
+                recorder = record.recorder = planner.recordings.start(
+                    vm_id=grant.vm_uuid, vm_name=grant.vm_name, console_type=grant.console_type, user=grant.user
+                )
+                self.factory.observer.recording_started()
+        guard_info = self._spice_info
+        channel = recorder.open_channel(guard_info) if recorder is not None else 0
+        pipeline = planner.plan(
+            grant,
+            grant.console_type,
+            pause_vm=self._pause_vm,
+            send_to_vm=self._send_to_vm_later,
+            spice_main=bool(guard_info.get("channel_type") == 1),
+            mini_header=bool(guard_info.get("mini_header", True)),
+            recorder=recorder,
+            channel=channel,
+        )
+        if pipeline is None:
+            return
+        self._pipeline = pipeline
+        self._relay_data = self._relay_data_staged  # type: ignore[method-assign]
+        if self._parser is not None:
+            self._parser.set_data_callback(self._relay_data_staged)
+        self._backend.dataReceived = self._backend_data_staged  # type: ignore[union-attr]
+
+    def _relay_data_staged(self, payload: bytes) -> None:
+        pipeline = self._pipeline
+        if self._finished or pipeline is None:
+            return
+        try:
+            passed = pipeline.to_vm(payload)
+        except PolicyViolation as e:
+            self._end(ConsoleError(ErrorCode.BAD_REQUEST, "Message not allowed on this console"), f"policy: {e}")
+            return
+        self._bytes_received += len(payload) - len(passed)
+        if passed:
+            type(self)._relay_data(self, passed)
+
+    def _backend_data_staged(self, data: bytes) -> None:
+        pipeline = self._pipeline
+        if self._finished or pipeline is None:
+            return
+        try:
+            passed = pipeline.to_browser(data)
+        except PolicyViolation as e:
+            self._end(ConsoleError(ErrorCode.BAD_REQUEST, "The VM sent what the console's policy cannot pass"),
+                      f"policy, from the VM: {e}")  # fmt: skip
+            return
+        self._bytes_sent += len(data)
+        self._last_activity = self._seconds()
+        if passed:
+            self._send_binary(passed)
+
+    def _send_to_vm_later(self, data: bytes) -> None:
+        """A held message's time has come (paced update requests)."""
+        if not self._finished and self._backend is not None:
+            self._backend.transport.write(data)
+
+    def _pause_vm(self, seconds: float) -> None:
+        """Bandwidth: no reads from the VM for C{seconds} (never buffering)."""
+        if self._finished or self._backend is None or self._throttle_timer is not None:
+            return
+        transport = self._backend.transport
+        transport.pauseProducing()
+
+        def resume() -> None:
+            self._throttle_timer = None
+            if not self._finished and self._backend is not None:
+                transport.resumeProducing()
+
+        self._throttle_timer = self._reactor.callLater(seconds, resume)
+
+    @property
+    def _spice_info(self) -> Dict[str, Any]:
+        """The SPICE channel this WebSocket is (for stages and recordings)."""
+        info = getattr(self, "_spice_channel", None)
+        return info if info is not None else {}
+
+    def _close_stages(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        _cancel(self._throttle_timer)
+        self._throttle_timer = None
+        if pipeline is not None:
+            self.__dict__.pop("_relay_data", None)
+            if self._backend is not None:
+                self._backend.__dict__.pop("dataReceived", None)
+            try:
+                pipeline.close()
+            except Exception:
+                log.failure("console {console_id}: closing its stages failed", console_id=self.console_id)
 
     def fail(self, error: ConsoleError, reason: str) -> None:
         self._forget_located()
@@ -1162,6 +1301,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         _cancel(self._idle_timer)
         self._connect_timer = self._idle_timer = None
         self._drop_guard()
+        self._close_stages()
         self._held = []
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
@@ -1200,6 +1340,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 d = self.factory.token_store.detach_spice_session(self._token)
                 d.addErrback(self._log_store_error, "detach_spice_session")
             self._record_outcome(error, reason, sent, received, now)
+            recorder = getattr(record, "recorder", None) if record is not None else None
+            if recorder is not None:
+                self._finish_recording(record, recorder, error, sent)
             for other in others:
                 other._end(error, f"console ended: {reason}", close_code if close_code else 1000)
 
@@ -1215,6 +1358,15 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         elif self.state == _CONNECTING and not self._in_on_connect and self.transport is not None:
             self.dropConnection(abort=True)
         self._resume_reading()
+
+    def _finish_recording(self, record: Any, recorder: Any, error: Optional[ConsoleError], sent: int) -> None:
+        record.recorder = None
+        planner = self.factory.planner
+        try:
+            planner.recordings.finish(recorder, bytes_sent=sent, outcome=error.code.name if error else None)
+            self.factory.observer.recording_finished(recorder.size)
+        except Exception:
+            log.failure("console {console_id}: finishing its recording failed", console_id=self.console_id)
 
     def _record_outcome(
         self, error: Optional[ConsoleError], reason: str, sent: int, received: int, now: float
@@ -1268,10 +1420,12 @@ def _rfb_guard(sink: Any, password: Optional[str], tls: Any = None) -> Any:
     return RFBGuard(sink, password, tls=tls)
 
 
-def _spice_guard(sink: Any, password: Optional[str], expected_session_id: Optional[int]) -> Any:
+def _spice_guard(
+    sink: Any, password: Optional[str], expected_session_id: Optional[int], hold_after_ticket: bool = False
+) -> Any:
     from vaporproxy.guards.spice import SpiceGuard
 
-    return SpiceGuard(sink, password, expected_session_id)
+    return SpiceGuard(sink, password, expected_session_id, hold_after_ticket)
 
 
 _OPTION_NAMES = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)

@@ -186,6 +186,10 @@ class ClientFrameParser:
         #: True once a close frame or an error was read.
         self.stopped = False
 
+    def set_data_callback(self, on_data: Callable[[bytes], Any]) -> None:
+        """Send data payloads to C{on_data} from now on (a console's stages)."""
+        self._on_data = on_data
+
     @property
     def idle(self) -> bool:
         """
