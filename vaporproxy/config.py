@@ -597,7 +597,8 @@ def _parse_console(raw: Any) -> ConsoleConfig:
 
 def parse_clipboard(key: str, value: Any) -> ClipboardConfig:
     return _section(key, value, ClipboardConfig, {
-        "to_vm": parse_bool, "from_vm": parse_bool, "max_size": parse_size,
+        "to_vm": parse_bool, "from_vm": parse_bool,
+        "max_size": lambda k, v: None if v is None else parse_size(k, v),
     })  # fmt: skip
 
 
