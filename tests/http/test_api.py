@@ -1430,3 +1430,55 @@ class AuditRouteTests(APITestCase):
             text = f.read()
         for secret in tokens + [USER_KEY, WEB_KEY, ADMIN_KEY]:
             self.assertNotIn(secret, text)
+
+
+class ConsoleModeTests(APITestCase):
+    """
+    Console info's C{mode} (issue 9): asked with C{?mode=}, capped by the
+    credential's C{access}.
+    """
+
+    VIEW_KEY = "view-key-5c1e0d9a8b"
+
+    def setUp(self) -> None:
+        super().setUp()
+        keys = KEYS + (ApiKey(user="watcher", sha256=sha(self.VIEW_KEY), vms=("*",), access="view"),)
+        self.h = Harness(replace(CONFIG, auth=AuthConfig(api_keys=keys)))
+
+    def grant_of(self, body: Dict[str, Any]) -> Any:
+        return self.successResultOf(self.h.store.redeem(body["token"], "web-1", None)).grant
+
+    def test_defaultControl(self) -> None:
+        """When a control key asks without a mode, the console is control."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
+        self.assertEqual((response.code, body["mode"]), (200, "control"))
+        self.assertEqual(self.grant_of(body).mode, "control")
+
+    def test_viewAsked(self) -> None:
+        """When a control key asks ?mode=view, the token is bound to view."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console?mode=view", USER_KEY)
+        self.assertEqual(body["mode"], "view")
+        self.assertEqual(self.grant_of(body).mode, "view")
+
+    def test_viewKeyAlwaysView(self) -> None:
+        """When a view key asks without a mode it gets view; asking control is 403."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.VIEW_KEY)
+        self.assertEqual(self.grant_of(body).mode, "view")
+        response, body = self.json_request("GET", f"{VMS}/web-1/console?mode=control", self.VIEW_KEY)
+        self.assertError(response, body, 403, ErrorCode.UNAUTHORIZED)
+
+    def test_unknownMode(self) -> None:
+        """When the mode is neither view nor control, the answer is 400."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console?mode=admin", USER_KEY)
+        self.assertError(response, body, 400, ErrorCode.BAD_REQUEST)
+
+
+class JWTAccessTests(JWTSetup, APITestCase):
+    def test_vaporAccessView(self) -> None:
+        """When a JWT says vapor_access: view, its console is view-only and asking control is 403."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(vapor_access="view"))
+        self.assertEqual(body["mode"], "view")
+        response, body = self.json_request("GET", f"{VMS}/web-1/console?mode=control", self.jwt(vapor_access="view"))
+        self.assertError(response, body, 403, ErrorCode.UNAUTHORIZED)
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt())
+        self.assertEqual(body["mode"], "control")
