@@ -48,7 +48,8 @@ from vaporproxy.http.auth import Authenticator, Principal, bearer_credential
 from vaporproxy.http.request import client_ip_from
 from vaporproxy.timestamps import iso_utc
 from vaporproxy.config import Config
-from vaporproxy.vm.libvirt import UUID_RE, dial_host, is_loopback, select_console
+from vaporproxy.vm.libvirt import UUID_RE
+from vaporproxy.vm.target import dial_host, is_loopback, select_console
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.interfaces import CONSOLE_TYPES, Grant
 from vaporproxy.logs import debug_enabled

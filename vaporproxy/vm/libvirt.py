@@ -1,11 +1,10 @@
 """
-Finding a VM's graphics consoles: domain XML parsing and the libvirt locator.
+Finding a VM's graphics consoles: the libvirt locator.
 
-The core is pure: L{graphics_from_domain_xml} turns domain XML (bytes) into
-L{Graphics} values with a hardened lxml parser, L{select_console} picks the
-device a client asked for and L{dial_host} says which address to dial.
+The domain XML is parsed by L{vaporproxy.vm.domain} (pure); which console
+and where to dial it is L{vaporproxy.vm.target}.
 
-The edge is L{LibvirtConsoleLocator}: every libvirt call is blocking, so each
+L{LibvirtConsoleLocator}: every libvirt call is blocking, so each
 one runs on a dedicated thread pool (C{deferToThreadPool}); the reactor
 thread never waits for libvirt.  It keeps one read-write connection per
 hypervisor URI (C{passwd} needs C{VIR_DOMAIN_XML_SECURE}, which read-only
@@ -20,15 +19,11 @@ L{LibvirtConsoleLocator} for what a cached answer may miss.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
-from urllib.parse import urlsplit
 
-from lxml import etree
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -37,17 +32,12 @@ from zope.interface import implementer
 
 from vaporproxy.config import HypervisorConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.interfaces import CONSOLE_TYPES, Graphics, IConsoleLocator, VMConsoles
+from vaporproxy.interfaces import IConsoleLocator, VMConsoles
+from vaporproxy.vm.domain import DomainXMLError, console_error, graphics_of, identity_of, parse_domain
 
 log = Logger(namespace="vaporproxy.consoles")
 
 _T = TypeVar("_T")
-
-#: Domain XML larger than this is refused (real domains are a few KB).
-MAX_DOMAIN_XML = 4 * 1024 * 1024
-
-#: The client-safe message for domain XML that cannot be used.
-_BAD_XML_MESSAGE = "The virtual machine's console configuration could not be read"
 
 #: libvirt's "no such domain" and "invalid argument" error codes.
 VIR_ERR_NO_DOMAIN = 42
@@ -93,311 +83,6 @@ def _cache_key(vm_ref: str) -> str:
     if UUID_RE.match(vm_ref):
         return "uuid:" + vm_ref.replace("-", "").lower()
     return "name:" + vm_ref
-
-
-# ---------------------------------------------------------------------------
-# Domain XML
-# ---------------------------------------------------------------------------
-
-
-def _parser() -> etree.XMLParser:
-    """
-    A hardened parser: no DTD loading, no entity expansion, no network, no
-    huge trees.
-    """
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_pis=True,
-        collect_ids=False,
-    )
-
-
-class DomainXMLError(Exception):
-    """
-    Domain XML that cannot be used; C{detail} is for the log only.
-    """
-
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.detail = detail
-
-
-def _console_error(error: DomainXMLError, **context: Any) -> ConsoleError:
-    """
-    Log C{error}'s detail and answer the client-safe INTERNAL_ERROR.
-    """
-    log.error("unusable domain XML: {detail}", detail=error.detail, **context)
-    return ConsoleError(ErrorCode.INTERNAL_ERROR, _BAD_XML_MESSAGE)
-
-
-def _parse_domain(xml: bytes) -> Any:
-    """
-    Parse domain XML into its root element, refusing anything that is not a
-    plain C{<domain>} document.
-
-    @raise DomainXMLError: with a log-only detail.
-    """
-    if isinstance(xml, str):
-        xml = xml.encode("utf-8")
-    if not isinstance(xml, (bytes, bytearray)):
-        raise DomainXMLError(f"expected bytes, got {type(xml).__name__}")
-    if len(xml) > MAX_DOMAIN_XML:
-        raise DomainXMLError(f"{len(xml)} bytes is more than {MAX_DOMAIN_XML}")
-    # Refuse DTDs outright: a domain document never has one, and a DTD is
-    # the vehicle of entity expansion and external entity attacks.
-    if b"<!DOCTYPE" in xml or b"<!ENTITY" in xml:
-        raise DomainXMLError("document type declarations are not accepted")
-    try:
-        root = etree.fromstring(bytes(xml), _parser())
-    except (etree.LxmlError, ValueError) as e:
-        raise DomainXMLError(f"malformed: {e}")
-    if root is None:
-        raise DomainXMLError("empty document")
-    docinfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
-        raise DomainXMLError("document type declarations are not accepted")
-    if root.tag != "domain":
-        raise DomainXMLError(f"root element is {str(root.tag)[:40]!r}, not 'domain'")
-    return root
-
-
-def _port(value: Optional[str]) -> Optional[int]:
-    """
-    A TCP port attribute: C{None} when missing, C{-1} (autoport not yet
-    assigned), out of range or not a number.
-    """
-    if value is None:
-        return None
-    try:
-        port = int(value.strip())
-    except ValueError:
-        return None
-    if 0 < port < 65536:
-        return port
-    return None
-
-
-def _listen(element: Any) -> Tuple[bool, Optional[str]]:
-    """
-    Where a graphics device listens.
-
-    @return: C{(tcp, address)}: C{tcp} is false when the device listens on a
-        UNIX socket only or not at all; C{address} is the listen address
-        (the C{<listen>} child wins over the C{listen} attribute) or
-        C{None}.
-    """
-    if element.get("socket"):
-        return False, None
-    address = element.get("listen") or None
-    for child in element.iterfind("listen"):
-        kind = child.get("type", "address")
-        if kind in ("socket", "none"):
-            return False, None
-        if kind in ("address", "network"):
-            child_address = child.get("address")
-            if child_address:
-                address = child_address
-        # Only the first <listen> child is used, as QEMU does.
-        break
-    return True, address
-
-
-def graphics_from_domain_xml(xml: bytes) -> Tuple[Graphics, ...]:
-    """
-    The VNC and SPICE graphics devices of a domain, in document order.
-
-    Other graphics types (sdl, rdp, egl-headless, dbus, ...) are ignored.
-    C{index} counts devices of the same type.  A device that listens only on
-    a UNIX socket (or nowhere) has no ports.
-
-    @param xml: domain XML as given by C{virDomainGetXMLDesc}.
-    @raise ConsoleError: INTERNAL_ERROR (client-safe message; the detail is
-        logged) when the XML is malformed or carries a DTD.
-    """
-    try:
-        return _graphics(_parse_domain(xml))
-    except DomainXMLError as e:
-        raise _console_error(e) from None
-
-
-def _graphics(root: Any) -> Tuple[Graphics, ...]:
-    counts: Dict[str, int] = {}
-    found: List[Graphics] = []
-    for element in root.iterfind("devices/graphics"):
-        kind = element.get("type")
-        if kind not in CONSOLE_TYPES:
-            continue
-        index = counts.get(kind, 0)
-        counts[kind] = index + 1
-        tcp, address = _listen(element)
-        autoport = element.get("autoport") == "yes"
-        port = _port(element.get("port")) if tcp else None
-        tls_port = _port(element.get("tlsPort")) if tcp and kind == "spice" else None
-        found.append(
-            Graphics(
-                type=kind,
-                index=index,
-                port=port,
-                tls_port=tls_port,
-                listen=address,
-                password=element.get("passwd"),
-                autoport=autoport,
-            )
-        )
-    return tuple(found)
-
-
-def domain_identity(xml: bytes) -> Tuple[Optional[str], Optional[str]]:
-    """
-    The C{(uuid, name)} of a domain from its XML (lower-case UUID), each
-    C{None} when absent.
-
-    @raise ConsoleError: INTERNAL_ERROR as L{graphics_from_domain_xml}.
-    """
-    try:
-        return _identity(_parse_domain(xml))
-    except DomainXMLError as e:
-        raise _console_error(e) from None
-
-
-def _identity(root: Any) -> Tuple[Optional[str], Optional[str]]:
-    uuid = root.findtext("uuid")
-    name = root.findtext("name")
-    return (
-        uuid.strip().lower() if uuid else None,
-        name.strip() if name else None,
-    )
-
-
-# ---------------------------------------------------------------------------
-# Choosing a console and where to dial it
-# ---------------------------------------------------------------------------
-
-
-def select_console(
-    vm: VMConsoles, console_type: Optional[str], display: Optional[int]
-) -> Graphics:
-    """
-    The graphics device a client asked for.
-
-    @param console_type: C{"vnc"}, C{"spice"} or C{None} for the first
-        device in document order.
-    @param display: index among devices of that type, or C{None} for the
-        first.
-    @raise ConsoleError: BAD_REQUEST for an unknown type or a negative
-        display; NO_CONSOLE_AVAILABLE (the message says why) when the VM is
-        not running, has no such device, or the device has no port yet.
-    """
-    if console_type is not None and console_type not in CONSOLE_TYPES:
-        raise ConsoleError(ErrorCode.BAD_REQUEST, "Console type must be 'vnc' or 'spice'")
-    if display is not None and (isinstance(display, bool) or not isinstance(display, int)):
-        raise ConsoleError(ErrorCode.BAD_REQUEST, "Display must be a non-negative integer")
-    if display is not None and display < 0:
-        raise ConsoleError(ErrorCode.BAD_REQUEST, "Display must be a non-negative integer")
-    if not vm.running:
-        raise ConsoleError(ErrorCode.NO_CONSOLE_AVAILABLE, "The virtual machine is not running")
-    if not vm.graphics:
-        raise ConsoleError(
-            ErrorCode.NO_CONSOLE_AVAILABLE, "The virtual machine has no graphical console"
-        )
-    candidates = [
-        g for g in vm.graphics if console_type is None or g.type == console_type
-    ]
-    if not candidates:
-        raise ConsoleError(
-            ErrorCode.NO_CONSOLE_AVAILABLE,
-            f"The virtual machine has no {console_type.upper()} console",
-        )
-    if display is not None:
-        candidates = [g for g in candidates if g.index == display]
-        if not candidates:
-            what = f"{console_type.upper()} display" if console_type else "display"
-            raise ConsoleError(
-                ErrorCode.NO_CONSOLE_AVAILABLE,
-                f"The virtual machine has no {what} {display}",
-            )
-    chosen = candidates[0]
-    if chosen.port is None:
-        raise ConsoleError(
-            ErrorCode.NO_CONSOLE_AVAILABLE,
-            "The console has no TCP port (not assigned yet, or not listening on TCP)",
-        )
-    return chosen
-
-
-@lru_cache(maxsize=1024)
-def _is_wildcard(address: Optional[str]) -> bool:
-    if address is None or address.strip() in ("", "*"):
-        return True
-    try:
-        return ipaddress.ip_address(address.strip().strip("[]")).is_unspecified
-    except ValueError:
-        return False
-
-
-@lru_cache(maxsize=256)
-def hypervisor_host(uri: str) -> Optional[str]:
-    """
-    The host part of a libvirt URI (C{qemu+ssh://root@h1/system} is
-    C{h1}), or C{None} for a local URI (C{qemu:///system}).
-    """
-    try:
-        host = urlsplit(uri).hostname
-    except ValueError:
-        return None
-    return host or None
-
-
-@lru_cache(maxsize=1024)
-def is_loopback(host: str) -> bool:
-    """
-    Whether C{host} (an address, bracketed or not, with or without an IPv6
-    zone, or C{localhost}) names this machine's loopback interface.
-    """
-    host = host.strip().strip("[]").split("%", 1)[0].lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def dial_host(vm: VMConsoles, g: Graphics) -> str:
-    """
-    The address to dial for console C{g} of C{vm}.
-
-    The listen address, unless it is a wildcard (C{0.0.0.0}, C{::}, empty):
-    then the hypervisor's configured C{console_host}, else C{127.0.0.1} for
-    a local hypervisor URI, else the URI's host.
-
-    @raise ConsoleError: NO_CONSOLE_AVAILABLE when the console listens on
-        the loopback interface of a remote hypervisor: dialling that address
-        here would reach this machine, not the VM.
-    """
-    if not _is_wildcard(g.listen):
-        assert g.listen is not None
-        listen = g.listen.strip()
-        remote = hypervisor_host(vm.hypervisor)
-        if is_loopback(listen) and remote is not None and not is_loopback(remote):
-            log.warn(
-                "console of {vm_uuid} listens on {listen} of remote hypervisor {uri}; not dialling",
-                vm_uuid=vm.uuid,
-                listen=listen,
-                uri=vm.hypervisor,
-            )
-            raise ConsoleError(
-                ErrorCode.NO_CONSOLE_AVAILABLE,
-                "The console listens only on the virtualization host's loopback interface",
-            )
-        return listen
-    if vm.console_host:
-        return vm.console_host
-    return hypervisor_host(vm.hypervisor) or "127.0.0.1"
 
 
 # ---------------------------------------------------------------------------
@@ -581,7 +266,7 @@ class LibvirtConsoleLocator:
             try:
                 vm = await self._in_pool(self._locate_on, uri, vm_ref)
             except DomainXMLError as e:
-                raise _console_error(e, uri=uri, vm_ref=vm_ref) from None
+                raise console_error(e, uri=uri, vm_ref=vm_ref) from None
             except _HypervisorFailed as e:
                 log.error(
                     "hypervisor {uri} failed looking up {vm_ref!r}: {detail}",
@@ -753,9 +438,9 @@ class LibvirtConsoleLocator:
             )
             xml = dom.XMLDesc(0)
         running = bool(dom.isActive())
-        root = _parse_domain(xml)
-        graphics = _graphics(root)
-        uuid, name = _identity(root)
+        root = parse_domain(xml)
+        graphics = graphics_of(root)
+        uuid, name = identity_of(root)
         return VMConsoles(
             uuid=uuid or dom.UUIDString().lower(),
             name=name or dom.name(),

@@ -54,7 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vaporproxy.config import Config, ConfigError
-from vaporproxy.vm.libvirt import dial_host, select_console
+from vaporproxy.vm.target import dial_host, select_console
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 from vaporproxy.interfaces import Outcome, Redemption
 from vaporproxy.stores.tokens import token_log_id
