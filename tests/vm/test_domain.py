@@ -265,3 +265,95 @@ class GraphicsFromDomainXMLTests(SynchronousTestCase):
         When the XML is larger than the cap, it is refused.
         """
         self.assertInternalError(b"<domain>" + b" " * (5 * 1024 * 1024) + b"</domain>")
+
+
+class ProductionGraphicsTests(SynchronousTestCase):
+    """
+    Tests for the graphics configurations of production hosts: TLS-only
+    SPICE, channel modes, UNIX-socket and absent listeners, expiring
+    passwords.
+    """
+
+    def one(self, graphics: str) -> Graphics:
+        (g,) = graphics_from_domain_xml(domain(graphics))
+        return g
+
+    def test_tlsPortOnly(self) -> None:
+        """
+        When a SPICE device has only a tlsPort (spice_tls = 1, no plain port), its port is None and its TLS port is read.
+        """
+        g = self.one("<graphics type='spice' tlsPort='5901' autoport='yes' listen='127.0.0.1'/>")
+        self.assertEqual((g.port, g.tls_port, g.listen_type), (None, 5901, "address"))
+
+    def test_defaultMode(self) -> None:
+        """
+        When a SPICE device has defaultMode='secure', it is read; an unknown or absent mode reads as 'any'.
+        """
+        secure = self.one("<graphics type='spice' port='5900' tlsPort='5901' defaultMode='secure'/>")
+        odd = self.one("<graphics type='spice' port='5900' defaultMode='sometimes'/>")
+        absent = self.one("<graphics type='spice' port='5900'/>")
+        self.assertEqual([g.default_mode for g in (secure, odd, absent)], ["secure", "any", "any"])
+
+    def test_channelModes(self) -> None:
+        """
+        When a SPICE device has <channel name mode> children, they are read in order.
+        """
+        g = self.one(
+            "<graphics type='spice' port='5900' tlsPort='5901'>"
+            "<channel name='main' mode='secure'/><channel name='inputs' mode='insecure'/>"
+            "<channel name='playback' mode='bogus'/><channel mode='secure'/></graphics>"
+        )
+        self.assertEqual(g.channel_modes, (("main", "secure"), ("inputs", "insecure"), ("playback", "any")))
+
+    def test_vncModesIgnored(self) -> None:
+        """
+        When a VNC device carries SPICE-only attributes, they are not read.
+        """
+        g = self.one("<graphics type='vnc' port='5900' defaultMode='secure'><channel name='main' mode='secure'/></graphics>")
+        self.assertEqual((g.default_mode, g.channel_modes), ("any", ()))
+
+    def test_socketListener(self) -> None:
+        """
+        When a device listens on <listen type='socket' socket=…>, it has a socket path and no ports.
+        """
+        g = self.one(
+            "<graphics type='vnc' port='5900' socket='/run/q/vnc.sock'>"
+            "<listen type='socket' socket='/run/q/vnc.sock'/></graphics>"
+        )
+        self.assertEqual((g.listen_type, g.socket, g.port, g.listen), ("socket", "/run/q/vnc.sock", None, None))
+
+    def test_socketListenerSpice(self) -> None:
+        """
+        When a SPICE device listens on a UNIX socket, it has neither port nor TLS port.
+        """
+        g = self.one("<graphics type='spice' tlsPort='5901'><listen type='socket' socket='/run/q/spice.sock'/></graphics>")
+        self.assertEqual((g.listen_type, g.socket, g.port, g.tls_port), ("socket", "/run/q/spice.sock", None, None))
+
+    def test_socketNotChosenYet(self) -> None:
+        """
+        When a socket listener has no path yet (inactive XML), its socket is None.
+        """
+        g = self.one("<graphics type='vnc'><listen type='socket'/></graphics>")
+        self.assertEqual((g.listen_type, g.socket), ("socket", None))
+
+    def test_noListener(self) -> None:
+        """
+        When a device has <listen type='none'/>, its listen type is 'none' and it has no ports.
+        """
+        g = self.one("<graphics type='spice' port='5900' autoport='no'><listen type='none'/></graphics>")
+        self.assertEqual((g.listen_type, g.port, g.tls_port, g.socket), ("none", None, None, None))
+
+    def test_passwdValidTo(self) -> None:
+        """
+        When a device has passwdValidTo, it is read as POSIX time (UTC); without it the password does not expire.
+        """
+        g = self.one("<graphics type='vnc' port='5900' passwd='x' passwdValidTo='2026-12-04T18:00:00'/>")
+        self.assertEqual(g.password_valid_to, 1796407200.0)
+        self.assertIsNone(self.one("<graphics type='vnc' port='5900' passwd='x'/>").password_valid_to)
+
+    def test_passwdValidToUnreadable(self) -> None:
+        """
+        When passwdValidTo cannot be read, the password counts as long expired.
+        """
+        g = self.one("<graphics type='vnc' port='5900' passwd='x' passwdValidTo='next tuesday'/>")
+        self.assertEqual(g.password_valid_to, 0.0)

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from vaporproxy.config import HypervisorConfig
+from vaporproxy.config import HypervisorConfig, SpiceTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import IConsoleLocator, VMConsoles
 from vaporproxy.vm.domain import domain_identity, graphics_from_domain_xml
@@ -231,6 +231,24 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
         verifyObject(IConsoleLocator, self.locator)
         self.assertEqual(len(self.lv.handlers), 1)
         self.assertIsNone(self.lv.handlers[0][0](None, None))
+
+    def test_localAndSpiceTLS(self) -> None:
+        """
+        When a VM is found, it says whether its hypervisor is local and has spice_tls, as the hypervisor's settings say.
+        """
+        lv = FakeLibvirt(self.pool)
+        lv.hosts["qemu:///system"] = [FakeDomain(lv, VNC_LIVE)]
+        lv.hosts["qemu+ssh://h1/system"] = [FakeDomain(lv, domain("", "db2", UUID2))]
+        locator = LibvirtConsoleLocator(
+            [HypervisorConfig("qemu:///system", spice_tls=SpiceTLSConfig()), HypervisorConfig("qemu+ssh://h1/system")],
+            self.reactor,
+            self.pool,  # type: ignore[arg-type]
+            libvirt_module=lv,
+            cache_ttl=0,
+        )
+        web1 = self.successResultOf(self.drive(locator.locate("web1")))
+        db2 = self.successResultOf(self.drive(locator.locate("db2")))
+        self.assertEqual([(web1.local, web1.spice_tls), (db2.local, db2.spice_tls)], [(True, True), (False, False)])
 
     def test_nothingBeforeThePoolRuns(self) -> None:
         """

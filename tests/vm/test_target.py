@@ -4,13 +4,14 @@ Tests for L{vaporproxy.vm.target}: console selection and the dial address.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, VMConsoles
-from vaporproxy.vm.target import dial_host, hypervisor_host, select_console
+from vaporproxy.vm.target import channel_uses_tls, dial_host, hypervisor_host, needs_tls, select_console
 
 from .domains import vm
 
@@ -181,3 +182,125 @@ class DialHostTests(SynchronousTestCase):
 # ---------------------------------------------------------------------------
 # A fake libvirt module, pool and reactor
 # ---------------------------------------------------------------------------
+
+
+NOW = 1_800_000_000.0
+TLS_ONLY = Graphics("spice", 0, None, 5901, "127.0.0.1")
+SECURE_MAIN = Graphics("spice", 0, 5900, 5901, "127.0.0.1", channel_modes=(("main", "secure"),))
+SOCKET = Graphics("vnc", 0, None, listen_type="socket", socket="/run/q/vnc.sock")
+
+
+class ReachableTests(SynchronousTestCase):
+    """
+    Tests for L{check_reachable} through L{select_console}: consoles this
+    proxy cannot open are refused with NO_CONSOLE_AVAILABLE and a reason.
+    """
+
+    def refused(self, v: VMConsoles) -> str:
+        error = self.assertRaises(ConsoleError, select_console, v, None, None, NOW)
+        self.assertIs(error.code, ErrorCode.NO_CONSOLE_AVAILABLE)
+        return error.message
+
+    def test_expiredPassword(self) -> None:
+        """
+        When passwdValidTo has passed, the console is refused as expired; before it, it is chosen.
+        """
+        expired = Graphics("vnc", 0, 5900, password="x", password_valid_to=NOW)
+        valid = Graphics("vnc", 0, 5900, password="x", password_valid_to=NOW + 1)
+        self.assertIn("expired", self.refused(vm(expired)))
+        self.assertEqual(select_console(vm(valid), None, None, NOW), valid)
+
+    def test_noListener(self) -> None:
+        """
+        When the console has no listener, it is refused saying so.
+        """
+        self.assertIn("no listener", self.refused(vm(Graphics("vnc", 0, None, listen_type="none"))))
+
+    def test_socketOfRemoteHost(self) -> None:
+        """
+        When a socket console's hypervisor is not local, it is refused; when it is local, it is chosen.
+        """
+        self.assertIn("UNIX socket", self.refused(vm(SOCKET)))
+        self.assertEqual(select_console(replace(vm(SOCKET), local=True), None, None, NOW), SOCKET)
+
+    def test_socketNotKnown(self) -> None:
+        """
+        When a local socket console has no path yet, it is refused.
+        """
+        g = Graphics("vnc", 0, None, listen_type="socket")
+        self.assertIn("not known", self.refused(replace(vm(g), local=True)))
+
+    def test_tlsOnlyWithoutSpiceTLS(self) -> None:
+        """
+        When a SPICE console needs TLS and its hypervisor has no spice_tls, it is refused; with spice_tls it is chosen.
+        """
+        for g in (TLS_ONLY, SECURE_MAIN, replace(SECURE_MAIN, channel_modes=(), default_mode="secure")):
+            self.assertIn("spice_tls", self.refused(vm(g)))
+            self.assertEqual(select_console(replace(vm(g), spice_tls=True), None, None, NOW), g)
+
+    def test_secureWithoutTLSPort(self) -> None:
+        """
+        When a SPICE console is marked secure but has no TLS port yet, it is refused.
+        """
+        g = Graphics("spice", 0, 5900, None, default_mode="secure")
+        self.assertIn("TLS port", self.refused(replace(vm(g), spice_tls=True)))
+
+
+class ChannelTLSTests(SynchronousTestCase):
+    """
+    Tests for L{channel_uses_tls} and L{needs_tls}: plain or TLS per SPICE
+    channel, as libvirt's modes say.
+    """
+
+    def test_plainWhenAny(self) -> None:
+        """
+        When every mode is 'any' and there is a plain port, every channel is plain.
+        """
+        g = Graphics("spice", 0, 5900, 5901)
+        self.assertFalse(needs_tls(g))
+        self.assertEqual([channel_uses_tls(g, t) for t in (1, 2, 3, 4, 5)], [False] * 5)
+
+    def test_tlsOnly(self) -> None:
+        """
+        When there is only a TLS port, every channel is TLS.
+        """
+        self.assertTrue(needs_tls(TLS_ONLY))
+        self.assertEqual([channel_uses_tls(TLS_ONLY, t) for t in (1, 2, 9)], [True] * 3)
+
+    def test_perChannel(self) -> None:
+        """
+        When main is secure and inputs insecure under defaultMode='secure', main and display are TLS, inputs plain.
+        """
+        g = Graphics(
+            "spice", 0, 5900, 5901, default_mode="secure", channel_modes=(("main", "secure"), ("inputs", "insecure"))
+        )
+        self.assertEqual([channel_uses_tls(g, t) for t in (1, 2, 3)], [True, True, False])
+
+    def test_securePerChannelOnly(self) -> None:
+        """
+        When only main is marked secure, main is TLS and the display channel plain.
+        """
+        self.assertTrue(needs_tls(SECURE_MAIN))
+        self.assertEqual([channel_uses_tls(SECURE_MAIN, t) for t in (1, 2)], [True, False])
+
+    def test_missingPort(self) -> None:
+        """
+        When the mode a channel needs has no port, the dial is refused with NO_CONSOLE_AVAILABLE.
+        """
+        insecure = Graphics("spice", 0, None, 5901, channel_modes=(("inputs", "insecure"),))
+        secure = Graphics("spice", 0, 5900, None, channel_modes=(("main", "secure"),))
+        for g, t in ((insecure, 3), (secure, 1)):
+            error = self.assertRaises(ConsoleError, channel_uses_tls, g, t)
+            self.assertIs(error.code, ErrorCode.NO_CONSOLE_AVAILABLE)
+
+
+class SocketDialHostTests(SynchronousTestCase):
+    """
+    Tests for L{dial_host} with UNIX-socket consoles.
+    """
+
+    def test_socketPath(self) -> None:
+        """
+        When the console listens on a UNIX socket, the address is its path.
+        """
+        self.assertEqual(dial_host(replace(vm(SOCKET), local=True), SOCKET), "/run/q/vnc.sock")

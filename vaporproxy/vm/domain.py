@@ -8,6 +8,7 @@ lxml parser: no DTD, no entities, no network, bounded size.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
 from lxml import etree
@@ -110,29 +111,67 @@ def _port(value: Optional[str]) -> Optional[int]:
     return None
 
 
-def _listen(element: Any) -> Tuple[bool, Optional[str]]:
+#: The SPICE channel modes libvirt writes (C{defaultMode}, C{<channel mode>}).
+SPICE_MODES = ("any", "secure", "insecure")
+
+
+def _listen(element: Any) -> Tuple[str, Optional[str], Optional[str]]:
     """
     Where a graphics device listens.
 
-    @return: C{(tcp, address)}: C{tcp} is false when the device listens on a
-        UNIX socket only or not at all; C{address} is the listen address
-        (the C{<listen>} child wins over the C{listen} attribute) or
-        C{None}.
+    @return: C{(listen_type, address, socket)}: C{listen_type} is
+        C{"address"} (TCP, C{address} the listen address or C{None}; the
+        C{<listen>} child wins over the C{listen} attribute), C{"socket"}
+        (C{socket} the path, C{None} until libvirt has chosen it) or
+        C{"none"}.  Only the first C{<listen>} child counts, as in QEMU.
     """
     if element.get("socket"):
-        return False, None
+        # The old spelling: <graphics type='vnc' socket='/path'/>.
+        return "socket", None, element.get("socket")
     address = element.get("listen") or None
-    for child in element.iterfind("listen"):
+    child = element.find("listen")
+    if child is not None:
         kind = child.get("type", "address")
-        if kind in ("socket", "none"):
-            return False, None
-        if kind in ("address", "network"):
-            child_address = child.get("address")
-            if child_address:
-                address = child_address
-        # Only the first <listen> child is used, as QEMU does.
-        break
-    return True, address
+        if kind == "socket":
+            return "socket", None, child.get("socket") or None
+        if kind == "none":
+            return "none", None, None
+        if kind in ("address", "network") and child.get("address"):
+            address = child.get("address")
+    return "address", address, None
+
+
+def _mode(value: Optional[str]) -> str:
+    """A SPICE channel mode; anything libvirt would not write is C{any}."""
+    return value if value in SPICE_MODES else "any"
+
+
+def _channel_modes(element: Any) -> Tuple[Tuple[str, str], ...]:
+    """The SPICE C{<channel name=… mode=…/>} children, in order."""
+    modes = []
+    for channel in element.iterfind("channel"):
+        name = channel.get("name")
+        if name:
+            modes.append((name, _mode(channel.get("mode"))))
+    return tuple(modes)
+
+
+def valid_to(value: Optional[str]) -> Optional[float]:
+    """
+    C{passwdValidTo} (UTC, C{YYYY-MM-DDTHH:MM:SS}, as libvirt writes it) as
+    POSIX time; a value that cannot be read counts as long expired, so the
+    console is refused rather than offered with a password QEMU may refuse.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    for form in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f"):
+        try:
+            when = datetime.strptime(text, form)
+        except ValueError:
+            continue
+        return when.replace(tzinfo=timezone.utc).timestamp()
+    return 0.0
 
 
 def graphics_from_domain_xml(xml: bytes) -> Tuple[Graphics, ...]:
@@ -140,8 +179,8 @@ def graphics_from_domain_xml(xml: bytes) -> Tuple[Graphics, ...]:
     The VNC and SPICE graphics devices of a domain, in document order.
 
     Other graphics types (sdl, rdp, egl-headless, dbus, ...) are ignored.
-    C{index} counts devices of the same type.  A device that listens only on
-    a UNIX socket (or nowhere) has no ports.
+    C{index} counts devices of the same type.  A device that listens on a
+    UNIX socket (or nowhere) has no ports.
 
     @param xml: domain XML as given by C{virDomainGetXMLDesc}.
     @raise ConsoleError: INTERNAL_ERROR (client-safe message; the detail is
@@ -154,6 +193,7 @@ def graphics_from_domain_xml(xml: bytes) -> Tuple[Graphics, ...]:
 
 
 def graphics_of(root: Any) -> Tuple[Graphics, ...]:
+    """The VNC and SPICE devices under an already parsed C{<domain>}."""
     counts: Dict[str, int] = {}
     found: List[Graphics] = []
     for element in root.iterfind("devices/graphics"):
@@ -162,22 +202,29 @@ def graphics_of(root: Any) -> Tuple[Graphics, ...]:
             continue
         index = counts.get(kind, 0)
         counts[kind] = index + 1
-        tcp, address = _listen(element)
-        autoport = element.get("autoport") == "yes"
-        port = _port(element.get("port")) if tcp else None
-        tls_port = _port(element.get("tlsPort")) if tcp and kind == "spice" else None
-        found.append(
-            Graphics(
-                type=kind,
-                index=index,
-                port=port,
-                tls_port=tls_port,
-                listen=address,
-                password=element.get("passwd"),
-                autoport=autoport,
-            )
-        )
+        found.append(_one(element, kind, index))
     return tuple(found)
+
+
+def _one(element: Any, kind: str, index: int) -> Graphics:
+    """One C{<graphics>} element of type C{kind}."""
+    listen_type, address, socket = _listen(element)
+    tcp = listen_type == "address"
+    spice = kind == "spice"
+    return Graphics(
+        type=kind,
+        index=index,
+        port=_port(element.get("port")) if tcp else None,
+        tls_port=_port(element.get("tlsPort")) if tcp and spice else None,
+        listen=address,
+        password=element.get("passwd"),
+        autoport=element.get("autoport") == "yes",
+        listen_type=listen_type,
+        socket=socket,
+        default_mode=_mode(element.get("defaultMode")) if spice else "any",
+        channel_modes=_channel_modes(element) if spice else (),
+        password_valid_to=valid_to(element.get("passwdValidTo")),
+    )
 
 
 def domain_identity(xml: bytes) -> Tuple[Optional[str], Optional[str]]:

@@ -34,6 +34,7 @@ from vaporproxy.config import HypervisorConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import IConsoleLocator, VMConsoles
 from vaporproxy.vm.domain import DomainXMLError, console_error, graphics_of, identity_of, parse_domain
+from vaporproxy.vm.target import hypervisor_host
 
 log = Logger(namespace="vaporproxy.consoles")
 
@@ -113,6 +114,16 @@ class _Slot:
     #: After a failed open, no new attempt before this time (fail fast).
     retry_at: float = 0.0
     last_error: str = ""
+
+
+def is_local(config: HypervisorConfig) -> bool:
+    """
+    Whether the proxy runs on the hypervisor's host: its C{local} setting,
+    else whether its URI names no host (C{qemu:///system}).
+    """
+    if config.local is not None:
+        return config.local
+    return hypervisor_host(config.uri) is None
 
 
 def _import_libvirt() -> Any:
@@ -438,6 +449,7 @@ class LibvirtConsoleLocator:
             )
             xml = dom.XMLDesc(0)
         running = bool(dom.isActive())
+        config = self._slots[uri].config
         root = parse_domain(xml)
         graphics = graphics_of(root)
         uuid, name = identity_of(root)
@@ -447,7 +459,9 @@ class LibvirtConsoleLocator:
             running=running,
             graphics=graphics,
             hypervisor=uri,
-            console_host=self._slots[uri].config.console_host,
+            console_host=config.console_host,
+            local=is_local(config),
+            spice_tls=config.spice_tls is not None,
         )
 
     def _locate_on(self, uri: str, vm_ref: str) -> Optional[VMConsoles]:

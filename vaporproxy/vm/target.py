@@ -7,8 +7,10 @@ Which console a client gets and where to dial it: grant -> VM -> graphics
 from __future__ import annotations
 
 import ipaddress
+import time
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import NoReturn, Optional
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
@@ -24,7 +26,7 @@ log = Logger(namespace="vaporproxy.consoles")
 
 
 def select_console(
-    vm: VMConsoles, console_type: Optional[str], display: Optional[int]
+    vm: VMConsoles, console_type: Optional[str], display: Optional[int], now: Optional[float] = None
 ) -> Graphics:
     """
     The graphics device a client asked for.
@@ -35,7 +37,8 @@ def select_console(
         first.
     @raise ConsoleError: BAD_REQUEST for an unknown type or a negative
         display; NO_CONSOLE_AVAILABLE (the message says why) when the VM is
-        not running, has no such device, or the device has no port yet.
+        not running, has no such device, or the device cannot be reached
+        from here (see L{check_reachable}).
     """
     if console_type is not None and console_type not in CONSOLE_TYPES:
         raise ConsoleError(ErrorCode.BAD_REQUEST, "Console type must be 'vnc' or 'spice'")
@@ -66,12 +69,87 @@ def select_console(
                 f"The virtual machine has no {what} {display}",
             )
     chosen = candidates[0]
-    if chosen.port is None:
-        raise ConsoleError(
-            ErrorCode.NO_CONSOLE_AVAILABLE,
-            "The console has no TCP port (not assigned yet, or not listening on TCP)",
-        )
+    check_reachable(vm, chosen, now)
     return chosen
+
+
+def check_reachable(vm: VMConsoles, g: Graphics, now: Optional[float] = None) -> None:
+    """
+    Refuse a console this proxy cannot open, saying why.
+
+    @param now: POSIX time for C{passwdValidTo} (the wall clock when
+        C{None}).
+    @raise ConsoleError: NO_CONSOLE_AVAILABLE.
+    """
+    if g.password_valid_to is not None:
+        if (time.time() if now is None else now) >= g.password_valid_to:
+            _unavailable("The console password has expired (passwdValidTo)")
+    if g.listen_type == "none":
+        _unavailable("The console has no listener (listen type 'none')")
+    if g.listen_type == "socket":
+        if not vm.local:
+            _unavailable("The console listens on a UNIX socket of another host")
+        if not g.socket:
+            _unavailable("The console's UNIX socket is not known yet")
+        return
+    if g.type == "spice" and needs_tls(g):
+        if g.tls_port is None:
+            _unavailable("The console has no TLS port (not assigned yet)")
+        if not vm.spice_tls:
+            _unavailable("The console accepts only TLS and no spice_tls is configured for its host")
+        return
+    if g.port is None:
+        _unavailable("The console has no TCP port (not assigned yet, or not listening on TCP)")
+
+
+def _unavailable(message: str) -> NoReturn:
+    raise ConsoleError(ErrorCode.NO_CONSOLE_AVAILABLE, message)
+
+
+#: SPICE channel types (spice-protocol) by the names libvirt's
+#: C{<channel name=…>} uses.
+SPICE_CHANNELS = {
+    1: "main",
+    2: "display",
+    3: "inputs",
+    4: "cursor",
+    5: "playback",
+    6: "record",
+    8: "smartcard",
+    9: "usbredir",
+    10: "port",
+    11: "webdav",
+}
+
+
+def needs_tls(g: Graphics) -> bool:
+    """
+    Whether some channel of SPICE console C{g} can only be reached over
+    TLS: no plain port, C{defaultMode='secure'}, or a channel marked secure.
+    """
+    if g.port is None or g.default_mode == "secure":
+        return True
+    return any(mode == "secure" for _, mode in g.channel_modes)
+
+
+def channel_uses_tls(g: Graphics, channel_type: Optional[int]) -> bool:
+    """
+    Whether the SPICE channel C{channel_type} of C{g} is dialled over TLS,
+    as libvirt's C{<channel name mode>} (else C{defaultMode}) says; C{any}
+    takes the plain port when there is one (QEMU accepts either).
+
+    @raise ConsoleError: NO_CONSOLE_AVAILABLE when the port that mode needs
+        is missing.
+    """
+    modes = dict(g.channel_modes)
+    mode = modes.get(SPICE_CHANNELS.get(channel_type or 0, ""), g.default_mode)
+    if mode == "secure" or (mode == "any" and g.port is None):
+        if g.tls_port is None:
+            _unavailable("The console has no TLS port for this channel")
+        return True
+    if g.port is None:
+        _unavailable("The console has no plain port for this channel")
+    return False
 
 
 @lru_cache(maxsize=1024)
@@ -118,12 +196,16 @@ def dial_host(vm: VMConsoles, g: Graphics) -> str:
 
     The listen address, unless it is a wildcard (C{0.0.0.0}, C{::}, empty):
     then the hypervisor's configured C{console_host}, else C{127.0.0.1} for
-    a local hypervisor URI, else the URI's host.
+    a local hypervisor URI, else the URI's host.  A UNIX-socket console's
+    address is its socket path (the host policy checks it against the
+    allowed socket directories).
 
     @raise ConsoleError: NO_CONSOLE_AVAILABLE when the console listens on
         the loopback interface of a remote hypervisor: dialling that address
         here would reach this machine, not the VM.
     """
+    if g.listen_type == "socket" and g.socket:
+        return g.socket
     if not _is_wildcard(g.listen):
         assert g.listen is not None
         listen = g.listen.strip()
@@ -144,3 +226,23 @@ def dial_host(vm: VMConsoles, g: Graphics) -> str:
         return vm.console_host
     return hypervisor_host(vm.hypervisor) or "127.0.0.1"
 
+
+
+@dataclass(frozen=True)
+class ConsoleTarget:
+    """
+    A console whose address the host policy has checked: all the VM dial
+    (L{vaporproxy.vm.dial.dial}) needs.
+
+    @ivar address: the checked address: an IP literal, or a UNIX socket
+        path for a socket listener.
+    @ivar graphics: the console.
+    @ivar hypervisor: the hypervisor URI (the key of its TLS settings).
+    @ivar host: the host as L{dial_host} named it, before resolution: the
+        name a VM's TLS certificate is checked against.
+    """
+
+    address: str
+    graphics: Graphics
+    hypervisor: str = ""
+    host: str = ""
