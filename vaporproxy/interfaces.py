@@ -50,6 +50,8 @@ class Graphics:
     @ivar channel_modes: SPICE C{<channel name= mode=>} pairs, in order.
     @ivar password_valid_to: POSIX time of C{passwdValidTo} (UTC), or
         C{None} when the password does not expire.
+    @ivar device: position among all the domain's C{<graphics>} elements
+        (libvirt's C{idx} of C{virDomainOpenGraphicsFD}).
     """
 
     type: str
@@ -64,6 +66,7 @@ class Graphics:
     default_mode: str = "any"
     channel_modes: Tuple[Tuple[str, str], ...] = ()
     password_valid_to: Optional[float] = None
+    device: int = 0
 
     @property
     def has_password(self) -> bool:

@@ -1,6 +1,6 @@
 """
 Dialling a VM's console: plain TCP, TLS from the first byte (SPICE
-C{tlsPort}), or a UNIX socket.
+C{tlsPort}), a UNIX socket, or a socket libvirt hands over (no listener).
 
 The bridge (and the guards) see the same plaintext stream either way: TLS
 sits under the guard, so the SPICE guard reads the link messages and
@@ -15,11 +15,15 @@ else C{defaultMode}).
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, Dict, Iterable, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from vaporproxy.config import HypervisorConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
@@ -80,6 +84,41 @@ class _VMTLSFactory(TLSMemoryBIOFactory):
         self.where = where
 
 
+class GraphicsHandOff:
+    """
+    The "connector" of a console that libvirt hands over as a connected
+    socket (C{virDomainOpenGraphicsFD}): once the descriptor comes from the
+    thread pool, the reactor adopts it and C{factory} gets its protocol as
+    after a connect.
+    """
+
+    def __init__(self, reactor: Any, pending: Deferred, factory: Any):
+        self._reactor = reactor
+        self._factory = factory
+        self._stopped = False
+        pending.addCallbacks(self._adopt, self._failed)
+
+    def _adopt(self, fd: int) -> None:
+        try:
+            if not self._stopped:
+                # The reactor takes a duplicate: ours is closed below.
+                self._reactor.adoptStreamConnection(fd, socket.AF_UNIX, self._factory)
+        except Exception:
+            self._failed(Failure())
+        finally:
+            os.close(fd)
+
+    def _failed(self, failure: Failure) -> None:
+        if not self._stopped:
+            self._factory.clientConnectionFailed(self, failure)
+
+    def stopConnecting(self) -> None:
+        """Give up: a descriptor that comes later is closed unused."""
+        self._stopped = True
+
+    disconnect = stopConnecting
+
+
 def dial(
     reactor: Any,
     target: ConsoleTarget,
@@ -97,11 +136,17 @@ def dial(
         (the bridge's own timer covers the dial).
     @param channel_type: the SPICE channel being opened (its link message
         type), for the per-channel choice of plain or TLS.
-    @return: the connector (C{stopConnecting}, C{disconnect}).
+    @return: the connector (C{stopConnecting}, C{disconnect}); for a
+        console with no listener a L{GraphicsHandOff}.
     @raise ConsoleError: NO_CONSOLE_AVAILABLE when the console needs TLS
         and C{tls} is C{None}, or lacks the port its mode needs.
     """
     g = target.graphics
+    if g.listen_type == "none":
+        open_graphics = getattr(target.locator, "open_graphics", None)
+        if open_graphics is None:
+            raise ConsoleError(ErrorCode.NO_CONSOLE_AVAILABLE, "The console has no listener")
+        return GraphicsHandOff(reactor, open_graphics(target), factory)
     if g.listen_type == "socket":
         return reactor.connectUNIX(target.address, factory, timeout=timeout)
     if g.type == "spice" and channel_uses_tls(g, channel_type):

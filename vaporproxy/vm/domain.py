@@ -196,17 +196,17 @@ def graphics_of(root: Any) -> Tuple[Graphics, ...]:
     """The VNC and SPICE devices under an already parsed C{<domain>}."""
     counts: Dict[str, int] = {}
     found: List[Graphics] = []
-    for element in root.iterfind("devices/graphics"):
+    for device, element in enumerate(root.iterfind("devices/graphics")):
         kind = element.get("type")
         if kind not in CONSOLE_TYPES:
             continue
         index = counts.get(kind, 0)
         counts[kind] = index + 1
-        found.append(_one(element, kind, index))
+        found.append(_one(element, kind, index, device))
     return tuple(found)
 
 
-def _one(element: Any, kind: str, index: int) -> Graphics:
+def _one(element: Any, kind: str, index: int, device: int) -> Graphics:
     """One C{<graphics>} element of type C{kind}."""
     listen_type, address, socket = _listen(element)
     tcp = listen_type == "address"
@@ -224,6 +224,7 @@ def _one(element: Any, kind: str, index: int) -> Graphics:
         default_mode=_mode(element.get("defaultMode")) if spice else "any",
         channel_modes=_channel_modes(element) if spice else (),
         password_valid_to=valid_to(element.get("passwdValidTo")),
+        device=device,
     )
 
 

@@ -41,6 +41,10 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 #: The message a client sees for a refused host: it never names the host.
 NOT_ALLOWED_MESSAGE = "Console host is not allowed"
 
+#: The "host" of a console without a listener: libvirt hands over its
+#: connection (virDomainOpenGraphicsFD), so there is no address to check.
+LIBVIRT_HANDOFF = "libvirt:open-graphics"
+
 #: Seconds a name resolution is reused.
 DEFAULT_NAME_TTL = 5.0
 
@@ -270,12 +274,15 @@ class HostPolicy:
     def resolve(self, host: str) -> "Deferred[str]":
         """
         The checked address to dial for C{host} (an absolute path is a UNIX
-        socket, checked against the allowed directories).
+        socket, checked against the allowed directories; L{LIBVIRT_HANDOFF}
+        is answered as is).
 
         Fails with C{ConsoleError(UNAUTHORIZED)} when no address of C{host}
         is allowed, C{ConsoleError(CONNECTION_FAILED)} when C{host} does
         not resolve.
         """
+        if host == LIBVIRT_HANDOFF:
+            return succeed(host)
         if isinstance(host, str) and host.startswith("/"):
             try:
                 return succeed(check_socket(host, self._socket_dirs))

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import CONSOLE_TYPES, Graphics, VMConsoles
+from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
 
 log = Logger(namespace="vaporproxy.consoles")
 
@@ -85,7 +86,9 @@ def check_reachable(vm: VMConsoles, g: Graphics, now: Optional[float] = None) ->
         if (time.time() if now is None else now) >= g.password_valid_to:
             _unavailable("The console password has expired (passwdValidTo)")
     if g.listen_type == "none":
-        _unavailable("The console has no listener (listen type 'none')")
+        if not vm.local:
+            _unavailable("The console has no listener and its host is not this proxy's (local)")
+        return
     if g.listen_type == "socket":
         if not vm.local:
             _unavailable("The console listens on a UNIX socket of another host")
@@ -198,12 +201,15 @@ def dial_host(vm: VMConsoles, g: Graphics) -> str:
     then the hypervisor's configured C{console_host}, else C{127.0.0.1} for
     a local hypervisor URI, else the URI's host.  A UNIX-socket console's
     address is its socket path (the host policy checks it against the
-    allowed socket directories).
+    allowed socket directories); a console without a listener is
+    L{LIBVIRT_HANDOFF}: libvirt hands over its connection.
 
     @raise ConsoleError: NO_CONSOLE_AVAILABLE when the console listens on
         the loopback interface of a remote hypervisor: dialling that address
         here would reach this machine, not the VM.
     """
+    if g.listen_type == "none":
+        return LIBVIRT_HANDOFF
     if g.listen_type == "socket" and g.socket:
         return g.socket
     if not _is_wildcard(g.listen):
@@ -240,9 +246,23 @@ class ConsoleTarget:
     @ivar hypervisor: the hypervisor URI (the key of its TLS settings).
     @ivar host: the host as L{dial_host} named it, before resolution: the
         name a VM's TLS certificate is checked against.
+    @ivar vm_uuid: the VM's UUID.
+    @ivar locator: what opens a console without a listener
+        (C{open_graphics(target)}), or C{None}.
     """
 
     address: str
     graphics: Graphics
     hypervisor: str = ""
     host: str = ""
+    vm_uuid: str = ""
+    locator: Any = field(default=None, compare=False, repr=False)
+
+
+def console_target(vm: VMConsoles, g: Graphics, host: str, address: str, locator: Any = None) -> ConsoleTarget:
+    """
+    The target of console C{g} of C{vm}, named C{host} by L{dial_host}
+    and checked to C{address} by the host policy; C{locator} opens
+    consoles without a listener (C{open_graphics}).
+    """
+    return ConsoleTarget(address, g, vm.hypervisor, host, vm.uuid, locator)

@@ -55,7 +55,7 @@ from twisted.python.failure import Failure
 
 from vaporproxy.config import Config, ConfigError
 from vaporproxy.vm.dial import dial, spice_tls_by_uri
-from vaporproxy.vm.target import ConsoleTarget, dial_host, select_console
+from vaporproxy.vm.target import console_target, dial_host, select_console
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 from vaporproxy.interfaces import Outcome, Redemption
 from vaporproxy.stores.tokens import token_log_id
@@ -759,7 +759,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         address = await factory.host_policy.resolve(host)
         if self._finished:
             return
-        self._target = ConsoleTarget(address, graphics, vm.hypervisor, host)
+        self._target = console_target(vm, graphics, host, address, factory.locator)
         if graphics.type == "vnc":
             if not await self._admit_owner():
                 return

@@ -1,0 +1,88 @@
+"""
+A VM whose VNC and SPICE consoles have no listener at all
+(C{<listen type='none'/>}), opened in noVNC and spice-html5 through the
+proxy, which asks the session libvirtd for connected sockets
+(C{virDomainOpenGraphicsFD}).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from typing import Optional
+
+from twisted.internet.defer import Deferred
+
+from tests.e2e.fixture import run_driver
+from tests.e2e.test_console import E2ETestCase
+from vaporproxy.demo import domain_xml
+
+VM_NAME = "vapor-e2e-nolisten"
+
+_vm_defined: Optional[str] = None
+
+
+def no_listener_xml(name: str, uuid: str) -> str:
+    """
+    The demo domain with both consoles' listeners replaced by
+    C{<listen type='none'/>} (passwords kept: the proxy does not need them).
+    """
+    xml = domain_xml(name, uuid, "vncpw12", "spicepw1234")
+    xml = xml.replace(" autoport='yes'", "").replace(" listen='127.0.0.1'", "")
+    return re.sub(r"<listen type='address' address='127\.0\.0\.1'/>", "<listen type='none'/>", xml)
+
+
+class NoListenerTests(E2ETestCase):
+    """
+    Consoles without a listener, through libvirt's graphics hand-over.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        global _vm_defined
+        if _vm_defined is None:
+            conn = self.env.daemon.connect()
+            try:
+                dom = conn.defineXML(no_listener_xml(VM_NAME, str(uuidlib.uuid4())))
+                dom.create()
+                live = dom.XMLDesc(0)
+            finally:
+                conn.close()
+            _vm_defined = live
+        self.assertIn("<listen type='none'/>", _vm_defined)
+        self.assertNotIn("port=", _vm_defined)
+
+    async def _page(self, console_type: str, min_channels: int) -> dict:
+        proxy = self.env.proxy("main")
+        step = {
+            "kind": "page",
+            "url": self.page_url(proxy.base_url, VM_NAME, f"?type={console_type}"),
+            "until": "connected",
+            "paint": True,
+            "timeout_ms": 30000,
+        }
+        if min_channels:
+            step["min_channels"] = min_channels
+        [r] = await run_driver({"timeout_ms": 40000, "steps": [step]})
+        why = self.explain("main", r)
+        self.assertTrue(r.get("reached"), why)
+        self.assertEqual(r["vapor"]["type"], console_type, why)
+        self.assertGreater(r["canvas"]["nonBackground"], 50, why)
+        return r
+
+    def test_novnc(self) -> Deferred:
+        """
+        When the VNC console has no listener, noVNC connects through the socket libvirt hands over and draws the screen.
+        """
+        return Deferred.fromCoroutine(self._page("vnc", 0))
+
+    def test_spiceHtml5(self) -> Deferred:
+        """
+        When the SPICE console has no listener, spice-html5 opens its four channels, each through its own hand-over, and draws the screen.
+        """
+
+        async def go() -> None:
+            r = await self._page("spice", 4)
+            self.assertGreaterEqual(r["vapor"]["maxChannels"], 4, self.explain("main", r))
+
+        return Deferred.fromCoroutine(go())
