@@ -7,8 +7,10 @@ memory (L{iosim}).
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, List, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import MemoryReactor
@@ -22,13 +24,15 @@ from tests.integration.qemu_fixture import write_x509_credentials
 from vaporproxy.config import ConfigError, HypervisorConfig, SpiceTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics
-from vaporproxy.vm.dial import dial, spice_tls_by_uri
+from vaporproxy.vm.dial import GraphicsHandOff, dial, spice_tls_by_uri
+from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
 from vaporproxy.vm.target import ConsoleTarget
 
 URI = "qemu:///system"
 PLAIN = Graphics("spice", 0, 5900, 5901, "127.0.0.1")
 TLS_ONLY = Graphics("spice", 0, None, 5901, "127.0.0.1")
 SOCKET = Graphics("vnc", 0, None, listen_type="socket", socket="/run/q/vnc.sock")
+NO_LISTENER = Graphics("vnc", 0, None, listen_type="none")
 
 
 class _Recorder(Protocol):
@@ -43,6 +47,18 @@ class _Recorder(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = reason
+
+
+class _Locator:
+    """Opens consoles without a listener: records the target, answers C{pending}."""
+
+    def __init__(self, opened: List[ConsoleTarget], pending: Deferred):
+        self.opened = opened
+        self.pending = pending
+
+    def open_graphics(self, target: ConsoleTarget) -> Deferred:
+        self.opened.append(target)
+        return self.pending
 
 
 class _Echo(Protocol):
@@ -135,6 +151,61 @@ class DialTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1)
         self.assertIn("certificate verify failed", lines[0]["why"])
         self.assertEqual(lines[0]["where"], "127.0.0.1:5901")
+
+    def test_handOff(self) -> None:
+        """
+        When a console has no listener, the locator opens it and the reactor adopts the descriptor as a UNIX stream for the factory; the descriptor is closed after.
+        """
+        pending: Deferred = Deferred()
+        opened: List[ConsoleTarget] = []
+        target = ConsoleTarget(LIBVIRT_HANDOFF, NO_LISTENER, URI, LIBVIRT_HANDOFF, "u", _Locator(opened, pending))
+        adopted: List[tuple] = []
+        self.reactor.adoptStreamConnection = lambda fd, family, factory: adopted.append((fd, family, factory))
+        connector = dial(self.reactor, target, None, self.app)
+        self.assertIsInstance(connector, GraphicsHandOff)
+        self.assertEqual(opened, [target])
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        fd = left.detach()
+        pending.callback(fd)
+        self.assertEqual(adopted, [(fd, socket.AF_UNIX, self.app)])
+        self.assertRaises(OSError, os.fstat, fd)
+
+    def test_handOffStopped(self) -> None:
+        """
+        When the console gives up before libvirt answers, the descriptor is closed unused and the factory is not told.
+        """
+        pending: Deferred = Deferred()
+        target = ConsoleTarget(LIBVIRT_HANDOFF, NO_LISTENER, URI, "", "u", _Locator([], pending))
+        failed: List[Any] = []
+        self.app.clientConnectionFailed = lambda connector, reason: failed.append(reason)
+        dial(self.reactor, target, None, self.app).stopConnecting()
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        fd = left.detach()
+        pending.callback(fd)
+        self.assertRaises(OSError, os.fstat, fd)
+        self.assertEqual(failed, [])
+
+    def test_handOffFailed(self) -> None:
+        """
+        When libvirt cannot open the console, the factory's clientConnectionFailed gets the error.
+        """
+        pending: Deferred = Deferred()
+        target = ConsoleTarget(LIBVIRT_HANDOFF, NO_LISTENER, URI, "", "u", _Locator([], pending))
+        failed: List[Failure] = []
+        self.app.clientConnectionFailed = lambda connector, reason: failed.append(reason)
+        dial(self.reactor, target, None, self.app)
+        pending.errback(ConsoleError(ErrorCode.CONNECTION_FAILED))
+        self.assertEqual([f.value.code for f in failed], [ErrorCode.CONNECTION_FAILED])
+
+    def test_noLocator(self) -> None:
+        """
+        When a console has no listener and nothing can open it, NO_CONSOLE_AVAILABLE is raised.
+        """
+        target = ConsoleTarget(LIBVIRT_HANDOFF, NO_LISTENER, URI)
+        error = self.assertRaises(ConsoleError, dial, self.reactor, target, None, self.app)
+        self.assertIs(error.code, ErrorCode.NO_CONSOLE_AVAILABLE)
 
     def test_badFile(self) -> None:
         """

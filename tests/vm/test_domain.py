@@ -357,3 +357,12 @@ class ProductionGraphicsTests(SynchronousTestCase):
         """
         g = self.one("<graphics type='vnc' port='5900' passwd='x' passwdValidTo='next tuesday'/>")
         self.assertEqual(g.password_valid_to, 0.0)
+
+    def test_deviceIndex(self) -> None:
+        """
+        When a domain has several graphics devices, each knows its position among all of them (libvirt's openGraphicsFD idx), other types counted.
+        """
+        graphics = graphics_from_domain_xml(
+            domain("<graphics type='sdl'/><graphics type='vnc' port='5900'/><graphics type='spice' port='5901'/>")
+        )
+        self.assertEqual([(g.type, g.index, g.device) for g in graphics], [("vnc", 0, 1), ("spice", 0, 2)])

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.vm.hosts import HostPolicy, parse_address, parse_allowed
+from vaporproxy.vm.hosts import LIBVIRT_HANDOFF, HostPolicy, parse_address, parse_allowed
 
 
 @implementer(IHostResolution)
@@ -484,3 +484,9 @@ class SocketPolicyTests(SynchronousTestCase):
         """
         policy = HostPolicy(["127.0.0.1"], FakeResolver(TABLE))
         self.failureResultOf(policy.resolve(os.path.join(self.vms, "a.sock")), ConsoleError)
+
+    def test_libvirtHandOff(self) -> None:
+        """
+        When the console has no listener (libvirt hands it over), there is no address to check and the marker is the answer.
+        """
+        self.assertEqual(self.successResultOf(self.policy.resolve(LIBVIRT_HANDOFF)), LIBVIRT_HANDOFF)

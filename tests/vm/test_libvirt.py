@@ -5,7 +5,7 @@ module.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -14,9 +14,11 @@ from zope.interface.verify import verifyObject
 
 from vaporproxy.config import HypervisorConfig, SpiceTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.interfaces import IConsoleLocator, VMConsoles
+from vaporproxy.interfaces import Graphics, IConsoleLocator, VMConsoles
 from vaporproxy.vm.domain import domain_identity, graphics_from_domain_xml
+from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
 from vaporproxy.vm.libvirt import MAX_CACHE_TTL, LibvirtConsoleLocator
+from vaporproxy.vm.target import ConsoleTarget
 
 from .domains import UUID1, UUID2, VNC_LIVE, domain
 
@@ -106,6 +108,12 @@ class FakeDomain:
     def name(self) -> str:
         return self.dname or ""
 
+    def openGraphicsFD(self, idx: int, flags: int) -> int:
+        self.lv.record("openGraphicsFD", idx, flags)
+        if self.lv.graphics_error is not None:
+            raise self.lv.graphics_error
+        return 1000 + idx
+
 
 class FakeConnection:
     def __init__(self, lv: "FakeLibvirt", uri: str, domains: List[FakeDomain]):
@@ -170,6 +178,7 @@ class FakeLibvirt:
         self.off_pool: List[tuple] = []
         self.handlers: List[Any] = []
         self.invalid_uuids: set = set()
+        self.graphics_error: Optional[FakeLibvirtError] = None
 
     def record(self, *call: Any) -> None:
         self.calls.append(call)
@@ -249,6 +258,31 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
         web1 = self.successResultOf(self.drive(locator.locate("web1")))
         db2 = self.successResultOf(self.drive(locator.locate("db2")))
         self.assertEqual([(web1.local, web1.spice_tls), (db2.local, db2.spice_tls)], [(True, True), (False, False)])
+
+    def test_openGraphics(self) -> None:
+        """
+        When a console without a listener is opened, libvirt's openGraphicsFD is called on the pool with the device index and SKIPAUTH, and its descriptor is the answer.
+        """
+        g = Graphics("vnc", 0, None, listen_type="none", device=2)
+        target = ConsoleTarget(LIBVIRT_HANDOFF, g, "qemu+ssh://h1/system", LIBVIRT_HANDOFF, UUID1)
+        d = self.locator.open_graphics(target)
+        self.assertNoResult(d)
+        self.assertEqual(self.successResultOf(self.drive(d)), 1002)
+        self.assertEqual(self.calls("openGraphicsFD"), [("openGraphicsFD", 2, 1)])
+        self.assertEqual(self.lv.off_pool, [])
+
+    def test_openGraphicsFails(self) -> None:
+        """
+        When libvirt refuses to open the graphics, the answer is CONNECTION_FAILED and the reason is logged.
+        """
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.lv.graphics_error = FakeLibvirtError("Operation not supported: can't open graphics", 84)
+        target = ConsoleTarget(LIBVIRT_HANDOFF, Graphics("spice", 0, None, listen_type="none"), "qemu+ssh://h1/system", "", UUID1)
+        error = self.failureResultOf(self.drive(self.locator.open_graphics(target)), ConsoleError).value
+        self.assertIs(error.code, ErrorCode.CONNECTION_FAILED)
+        self.assertIn("can't open graphics", [e for e in events if "detail" in e][-1]["detail"])
 
     def test_nothingBeforeThePoolRuns(self) -> None:
         """

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, VMConsoles
+from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
 from vaporproxy.vm.target import channel_uses_tls, dial_host, hypervisor_host, needs_tls, select_console
 
 from .domains import vm
@@ -212,9 +213,13 @@ class ReachableTests(SynchronousTestCase):
 
     def test_noListener(self) -> None:
         """
-        When the console has no listener, it is refused saying so.
+        When the console has no listener, it is refused on a remote hypervisor and chosen on a local one (libvirt hands it over), its dial host the hand-over marker.
         """
-        self.assertIn("no listener", self.refused(vm(Graphics("vnc", 0, None, listen_type="none"))))
+        g = Graphics("vnc", 0, None, listen_type="none")
+        self.assertIn("no listener", self.refused(vm(g)))
+        local = replace(vm(g), local=True)
+        self.assertEqual(select_console(local, None, None, NOW), g)
+        self.assertEqual(dial_host(local, g), LIBVIRT_HANDOFF)
 
     def test_socketOfRemoteHost(self) -> None:
         """
