@@ -8,7 +8,7 @@ L{LibvirtConsoleLocator}: every libvirt call is blocking, so each
 one runs on a dedicated thread pool (C{deferToThreadPool}); the reactor
 thread never waits for libvirt.  It keeps one read-write connection per
 hypervisor URI (C{passwd} needs C{VIR_DOMAIN_XML_SECURE}, which read-only
-connections refuse) and reopens it when it breaks.
+connections refuse) and reopens it when it breaks (L{vaporproxy.vm.connections}).
 
 Lookups of running VMs are cached for C{cache_ttl} seconds (1 s by default,
 at most L{MAX_CACHE_TTL}): opening a console asks twice for the same VM
@@ -20,8 +20,6 @@ L{LibvirtConsoleLocator} for what a cached answer may miss.
 from __future__ import annotations
 
 import re
-import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -33,6 +31,7 @@ from zope.interface import implementer
 from vaporproxy.config import HypervisorConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import IConsoleLocator, VMConsoles
+from vaporproxy.vm.connections import Connections, HypervisorFailed, error_code
 from vaporproxy.vm.domain import DomainXMLError, console_error, graphics_of, identity_of, parse_domain
 from vaporproxy.vm.target import hypervisor_host
 
@@ -43,23 +42,6 @@ _T = TypeVar("_T")
 #: libvirt's "no such domain" and "invalid argument" error codes.
 VIR_ERR_NO_DOMAIN = 42
 VIR_ERR_INVALID_ARG = 8
-
-#: libvirt error codes and domains that mean "the connection is broken".
-_CONNECTION_ERROR_CODES = frozenset(
-    {
-        5,  # VIR_ERR_NO_CONNECT
-        6,  # VIR_ERR_INVALID_CONN
-        38,  # VIR_ERR_SYSTEM_ERROR
-        39,  # VIR_ERR_RPC
-        86,  # VIR_ERR_AUTH_CANCELLED
-    }
-)
-_CONNECTION_ERROR_DOMAINS = frozenset(
-    {
-        7,  # VIR_FROM_RPC
-        13,  # VIR_FROM_REMOTE
-    }
-)
 
 #: A libvirt UUID, with or without dashes, any case.
 UUID_RE = re.compile(
@@ -89,31 +71,6 @@ def _cache_key(vm_ref: str) -> str:
 # ---------------------------------------------------------------------------
 # The libvirt locator
 # ---------------------------------------------------------------------------
-
-
-class _HypervisorFailed(Exception):
-    """
-    A hypervisor could not answer (log-only detail in C{args[0]}).
-    """
-
-    def __init__(self, detail: str, short: str):
-        super().__init__(detail)
-        self.detail = detail
-        self.short = short
-
-
-@dataclass
-class _Slot:
-    """
-    The cached connection of one hypervisor URI and the lock guarding it.
-    """
-
-    config: HypervisorConfig
-    lock: threading.Lock
-    conn: Any = None
-    #: After a failed open, no new attempt before this time (fail fast).
-    retry_at: float = 0.0
-    last_error: str = ""
 
 
 def is_local(config: HypervisorConfig) -> bool:
@@ -187,18 +144,15 @@ class LibvirtConsoleLocator:
         self._cache_ttl = float(cache_ttl)
         #: cache key -> (expiry time, the VM); touched on the reactor thread only.
         self._cache: Dict[str, Tuple[float, VMConsoles]] = {}
-        self._reopen_backoff = reopen_backoff
         self._pool = threadpool
         self._libvirt = libvirt_module if libvirt_module is not None else _import_libvirt()
         # libvirt prints every error to stderr unless a handler is set.
         self._libvirt.registerErrorHandler(lambda ctx, err: None, None)
-        self._slots: Dict[str, _Slot] = {}
-        self._order: List[str] = []
-        for hv in hypervisors:
-            if hv.uri in self._slots:
-                continue
-            self._slots[hv.uri] = _Slot(config=hv, lock=threading.Lock())
-            self._order.append(hv.uri)
+        self._connections = Connections(
+            hypervisors, self._libvirt, reactor.seconds, reopen_backoff, self._log_from_pool
+        )
+        self._slots = self._connections.slots
+        self._order = self._connections.order
 
     # -- reactor side ------------------------------------------------------
 
@@ -278,7 +232,7 @@ class LibvirtConsoleLocator:
                 vm = await self._in_pool(self._locate_on, uri, vm_ref)
             except DomainXMLError as e:
                 raise console_error(e, uri=uri, vm_ref=vm_ref) from None
-            except _HypervisorFailed as e:
+            except HypervisorFailed as e:
                 log.error(
                     "hypervisor {uri} failed looking up {vm_ref!r}: {detail}",
                     uri=uri,
@@ -312,7 +266,7 @@ class LibvirtConsoleLocator:
         d = self._in_pool(self._open_graphics_on, uri, vm_uuid, device)
 
         def failed(f: Any) -> None:
-            detail = f.value.detail if f.check(_HypervisorFailed) else str(f.value)
+            detail = f.value.detail if f.check(HypervisorFailed) else str(f.value)
             log.warn(
                 "libvirt did not open graphics {device} of {vm_uuid} on {uri}: {detail}",
                 device=device,
@@ -335,7 +289,7 @@ class LibvirtConsoleLocator:
             d = self._in_pool(self._check_on, uri)
 
             def failed(f: Any) -> Tuple[str, str]:
-                if f.check(_HypervisorFailed):
+                if f.check(HypervisorFailed):
                     log.warn("hypervisor {uri} not ready: {detail}", uri=uri, detail=f.value.detail)
                     return uri, f.value.short
                 log.failure("checking hypervisor {uri}", f, uri=uri)
@@ -356,104 +310,17 @@ class LibvirtConsoleLocator:
         # Only hypervisors with an open connection need the pool.
         open_uris = [uri for uri in self._order if self._slots[uri].conn is not None]
         return gatherResults(
-            [self._in_pool(self._drop, uri, None) for uri in open_uris]
+            [self._in_pool(self._connections.drop, uri, None) for uri in open_uris]
         ).addCallback(lambda _: None)
 
     # -- pool side: everything below blocks ---------------------------------
-
-    def _code(self, error: Exception) -> Tuple[Optional[int], Optional[int]]:
-        get_code = getattr(error, "get_error_code", None)
-        get_domain = getattr(error, "get_error_domain", None)
-        return (get_code() if get_code else None, get_domain() if get_domain else None)
-
-    def _is_connection_error(self, error: Exception) -> bool:
-        code, domain = self._code(error)
-        return code in _CONNECTION_ERROR_CODES or domain in _CONNECTION_ERROR_DOMAINS
-
-    def _connection(self, uri: str) -> Any:
-        """
-        The cached live connection of C{uri}, opened (read-write) if needed.
-        """
-        slot = self._slots[uri]
-        with slot.lock:
-            conn = slot.conn
-            if conn is not None:
-                try:
-                    alive = conn.isAlive()
-                except self._libvirt.libvirtError:
-                    alive = False
-                if alive:
-                    return conn
-                self._log_from_pool("info", "connection to {uri} is no longer alive; reopening", uri=uri)
-                self._close_quietly(conn)
-                slot.conn = None
-            now = self._reactor.seconds()
-            if now < slot.retry_at:
-                raise _HypervisorFailed(
-                    f"not retrying for {slot.retry_at - now:.1f}s after: {slot.last_error}",
-                    "unreachable",
-                )
-            error = "cannot open: no connection"
-            try:
-                conn = self._libvirt.open(uri)
-            except self._libvirt.libvirtError as e:
-                conn, error = None, f"cannot open: {e}"
-            if conn is None:
-                slot.last_error = error
-                slot.retry_at = self._reactor.seconds() + self._reopen_backoff
-                raise _HypervisorFailed(slot.last_error, "unreachable")
-            slot.retry_at, slot.last_error = 0.0, ""
-            slot.conn = conn
-            self._log_from_pool("info", "connected to hypervisor {uri}", uri=uri)
-            return conn
-
-    def _close_quietly(self, conn: Any) -> None:
-        try:
-            conn.close()
-        except Exception:
-            pass
-
-    def _drop(self, uri: str, conn: Any) -> None:
-        """
-        Forget (and close) the cached connection of C{uri} if it is C{conn}
-        (any connection when C{conn} is C{None}).
-        """
-        slot = self._slots[uri]
-        with slot.lock:
-            if slot.conn is not None and (conn is None or slot.conn is conn):
-                self._close_quietly(slot.conn)
-                slot.conn = None
-
-    def _with_connection(self, uri: str, action: Callable[[Any], _T]) -> _T:
-        """
-        Run C{action(conn)}; on a connection-level error close the
-        connection, reopen it once and retry.
-        """
-        conn = self._connection(uri)
-        try:
-            return action(conn)
-        except self._libvirt.libvirtError as e:
-            if not self._is_connection_error(e):
-                raise
-            self._log_from_pool(
-                "warn", "connection to {uri} broke ({error}); reconnecting", uri=uri, error=str(e)
-            )
-            self._drop(uri, conn)
-        conn = self._connection(uri)
-        try:
-            return action(conn)
-        except self._libvirt.libvirtError as e:
-            if self._is_connection_error(e):
-                self._drop(uri, conn)
-                raise _HypervisorFailed(f"connection failed after reconnecting: {e}", "unreachable") from None
-            raise
 
     def _lookup(self, conn: Any, vm_ref: str) -> Any:
         if UUID_RE.match(vm_ref):
             try:
                 return conn.lookupByUUIDString(vm_ref)
             except self._libvirt.libvirtError as e:
-                if self._code(e)[0] != VIR_ERR_INVALID_ARG:
+                if error_code(e)[0] != VIR_ERR_INVALID_ARG:
                     raise
         return conn.lookupByName(vm_ref)
 
@@ -462,7 +329,7 @@ class LibvirtConsoleLocator:
         try:
             xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_SECURE)
         except lv.libvirtError as e:
-            if self._is_connection_error(e) or self._code(e)[0] == VIR_ERR_NO_DOMAIN:
+            if self._connections.is_connection_error(e) or error_code(e)[0] == VIR_ERR_NO_DOMAIN:
                 raise
             # A read-only or restricted connection refuses the secure XML:
             # go on without passwords, but say so.
@@ -498,29 +365,29 @@ class LibvirtConsoleLocator:
             return self._describe(uri, self._lookup(conn, vm_ref))
 
         try:
-            return self._with_connection(uri, action)
+            return self._connections.with_connection(uri, action)
         except self._libvirt.libvirtError as e:
-            code, _ = self._code(e)
+            code, _ = error_code(e)
             if code == VIR_ERR_NO_DOMAIN:
                 return None
             if code == VIR_ERR_INVALID_ARG:
                 # Not a name libvirt accepts: no such domain here.
                 return None
-            raise _HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
+            raise HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
 
     def _open_graphics_on(self, uri: str, vm_uuid: str, device: int) -> int:
         if uri not in self._slots:
-            raise _HypervisorFailed(f"{uri} is not a configured hypervisor", "unknown")
+            raise HypervisorFailed(f"{uri} is not a configured hypervisor", "unknown")
         flags = getattr(self._libvirt, "VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH", 1)
 
         def action(conn: Any) -> int:
             return conn.lookupByUUIDString(vm_uuid).openGraphicsFD(device, flags)
 
-        return self._with_connection(uri, action)
+        return self._connections.with_connection(uri, action)
 
     def _check_on(self, uri: str) -> None:
         try:
-            self._with_connection(uri, lambda conn: conn.getLibVersion())
+            self._connections.with_connection(uri, lambda conn: conn.getLibVersion())
         except self._libvirt.libvirtError as e:
-            code, _ = self._code(e)
-            raise _HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
+            code, _ = error_code(e)
+            raise HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
