@@ -25,11 +25,15 @@ _vm_defined: Optional[str] = None
 def no_listener_xml(name: str, uuid: str) -> str:
     """
     The demo domain with both consoles' listeners replaced by
-    C{<listen type='none'/>} (passwords kept: the proxy does not need them).
+    C{<listen type='none'/>} (passwords kept: the proxy does not need them),
+    and a sound card whose audio goes to SPICE (Opus: playback compression on).
     """
     xml = domain_xml(name, uuid, "vncpw12", "spicepw1234")
     xml = xml.replace(" autoport='yes'", "").replace(" listen='127.0.0.1'", "")
-    return re.sub(r"<listen type='address' address='127\.0\.0\.1'/>", "<listen type='none'/>", xml)
+    xml = re.sub(r"<listen type='address' address='127\.0\.0\.1'/>", "<listen type='none'/>", xml)
+    xml = xml.replace("<listen type='none'/>\n    </graphics>\n    <video>", "<listen type='none'/>\n      <playback compression='on'/>\n    </graphics>\n    <video>")
+    sound = "<sound model='ich9'><audio id='1'/></sound>\n    <audio id='1' type='spice'/>\n    <video>"
+    return xml.replace("<video>", sound, 1)
 
 
 class NoListenerTests(E2ETestCase):
@@ -50,6 +54,7 @@ class NoListenerTests(E2ETestCase):
                 conn.close()
             _vm_defined = live
         self.assertIn("<listen type='none'/>", _vm_defined)
+        self.assertIn("<audio id='1' type='spice'/>", _vm_defined)
         self.assertNotIn("port=", _vm_defined)
 
     async def _page(self, console_type: str, min_channels: int) -> dict:
@@ -78,11 +83,11 @@ class NoListenerTests(E2ETestCase):
 
     def test_spiceHtml5(self) -> Deferred:
         """
-        When the SPICE console has no listener, spice-html5 opens its four channels, each through its own hand-over, and draws the screen.
+        When the SPICE console has no listener, spice-html5 opens its channels (the sound card's playback channel too), each through its own hand-over, and draws the screen.
         """
 
         async def go() -> None:
-            r = await self._page("spice", 4)
-            self.assertGreaterEqual(r["vapor"]["maxChannels"], 4, self.explain("main", r))
+            r = await self._page("spice", 5)
+            self.assertGreaterEqual(r["vapor"]["maxChannels"], 5, self.explain("main", r))
 
         return Deferred.fromCoroutine(go())

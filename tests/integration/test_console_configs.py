@@ -287,3 +287,42 @@ async def rfb_to_server_init(testcase: TestCase, ws: ConsoleClientFactory) -> No
     got = await ws.until_length(18 + 24)
     width, height = struct.unpack_from(">HH", got, 18)
     testcase.assertTrue(width > 0 and height > 0, (width, height))
+
+
+class SpiceAudioTests(TestCase):
+    """
+    A SPICE console of a VM with a sound card whose audio goes to SPICE
+    (QEMU C{-audiodev spice}; in libvirt C{<sound/>} with
+    C{<audio type='spice'/>}): its playback channel is admitted with the
+    session id like the other channels.
+    """
+
+    timeout = 30
+    if libvirt is None:
+        skip = "libvirt-python is not installed"
+
+    async def _playback(self) -> None:
+        port = free_port()
+        qemu = start_console_qemu(
+            self,
+            lambda _: [
+                "-audiodev", "spice,id=snd0",
+                "-device", "intel-hda",
+                "-device", "hda-duplex,audiodev=snd0",
+                "-spice", f"port={port},addr=127.0.0.1,playback-compression=on",
+            ],
+        )  # fmt: skip
+        qemu.set_password("spice", PASSWORD)
+        graphics = graphics_xml("spice", port, passwd=PASSWORD)
+        stack = start(self, [domain_xml("vm-audio", UUID_SPICE_SOCKET, [graphics])])
+        info = await console(self, stack, "vm-audio")
+        session_id = await spice_session(self, stack, info)
+        playback = await stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
+        # A VM without the channel answers the link with an error, and the guard closes the WebSocket.
+        self.assertEqual(await spice_link_channel(playback, 5, session_id), 0, "QEMU linked the playback channel")
+
+    def test_playbackChannel(self) -> None:
+        """
+        When the VM has a SPICE sound card, its playback channel links through the proxy on the console's token and session id.
+        """
+        return Deferred.fromCoroutine(self._playback())

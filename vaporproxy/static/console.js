@@ -48,6 +48,8 @@ const vapor = {
   connects: 0,         // sessions that reached "connected"
   attempt: 0,          // consecutive failed attempts
   history: [],         // [{code, reason, error}] of every ended session
+  muted: false,        // the mute button: every <audio> spice-html5 adds follows it
+  audioElements: 0,    // <audio> elements spice-html5 added (its playback channel)
 };
 window.vapor = vapor;
 
@@ -448,8 +450,38 @@ function disconnect() {
 
 // --- start ----------------------------------------------------------------
 
+// --- sound ----------------------------------------------------------------
+
+// spice-html5 plays its playback channel (Opus) through <audio> elements it
+// appends to the screen; the mute button applies to them, present and future.
+function applyMute(audio) {
+  audio.muted = vapor.muted;
+}
+
+function watchAudio() {
+  const screen = $("screen");
+  new MutationObserver((records) => {
+    for (const record of records) {
+      for (const node of record.addedNodes) {
+        if (node.nodeName === "AUDIO") {
+          vapor.audioElements += 1;
+          applyMute(node);
+        }
+      }
+    }
+  }).observe(screen, { childList: true, subtree: true });
+  $("mute").addEventListener("click", () => {
+    vapor.muted = !vapor.muted;
+    const button = $("mute");
+    button.setAttribute("aria-pressed", String(vapor.muted));
+    button.textContent = vapor.muted ? "Unmute" : "Mute";
+    screen.querySelectorAll("audio").forEach(applyMute);
+  });
+}
+
 function main() {
   takeKeyFromFragment();
+  watchAudio();
   vapor.vmId = vmIdFromPath(window.location.pathname);
   $("reconnect").addEventListener("click", () => {
     vapor.attempt = 0;
