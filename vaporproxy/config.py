@@ -133,6 +133,9 @@ class HypervisorConfig:
     # Whether the proxy runs on this hypervisor's host (UNIX-socket
     # consoles); None: true for a URI without a host (qemu:///system).
     local: Optional[bool] = None
+    # Open every console of this (local) hypervisor through libvirt
+    # (virDomainOpenGraphicsFD), not only those with <listen type='none'/>.
+    open_graphics: bool = False
 
 
 @dataclass(frozen=True)
@@ -643,6 +646,17 @@ def _check_tls(key: str, tls: Any) -> Any:
 
 
 def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
+    hypervisor = _parse_hypervisor_keys(key, raw)
+    if hypervisor.open_graphics:
+        local = hypervisor.local if hypervisor.local is not None else not urlsplit(hypervisor.uri).netloc
+        if not local:
+            raise ConfigError(
+                f"{key}.open_graphics: needs a local hypervisor (expected local: true, or a URI without a host)"
+            )
+    return hypervisor
+
+
+def _parse_hypervisor_keys(key: str, raw: Any) -> HypervisorConfig:
     return _section(
         key,
         raw,
@@ -653,6 +667,7 @@ def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
             "vnc_tls": _parse_vnc_tls,
             "spice_tls": _parse_spice_tls,
             "local": lambda k, v: None if v is None else parse_bool(k, v),
+            "open_graphics": parse_bool,
         },
         required=("uri",),
     )

@@ -89,6 +89,8 @@ class VMConsoles:
         consoles can be dialled).
     @ivar spice_tls: whether the hypervisor has C{spice_tls} settings (its
         TLS-only SPICE consoles can be dialled).
+    @ivar open_graphics: whether every console of the hypervisor is opened
+        through libvirt (C{virDomainOpenGraphicsFD}), listener or not.
     """
 
     uuid: str
@@ -99,6 +101,7 @@ class VMConsoles:
     console_host: Optional[str] = None
     local: bool = False
     spice_tls: bool = False
+    open_graphics: bool = False
 
 
 @dataclass(frozen=True)

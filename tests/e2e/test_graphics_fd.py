@@ -7,19 +7,27 @@ proxy, which asks the session libvirtd for connected sockets
 
 from __future__ import annotations
 
+import os
 import re
 import uuid as uuidlib
 from typing import Optional
 
 from twisted.internet.defer import Deferred
 
-from tests.e2e.fixture import run_driver
+from tests.e2e.fixture import VM_NAME as DEMO_VM, run_driver
 from tests.e2e.test_console import E2ETestCase
-from vaporproxy.demo import domain_xml
+from vaporproxy.demo import ProxyProcess, domain_xml, free_port, proxy_config_text, sha256_hex
 
 VM_NAME = "vapor-e2e-nolisten"
 
 _vm_defined: Optional[str] = None
+_open_graphics_proxy: Optional[ProxyProcess] = None
+
+
+def with_hypervisor_keys(text: str, keys: str) -> str:
+    """C{text} (from L{proxy_config_text}) with C{keys} added to its one hypervisor."""
+    uri_line = text.split("hypervisors:\n", 1)[1].split("\n", 1)[0]
+    return text.replace(uri_line, uri_line + "\n    " + keys)
 
 
 def no_listener_xml(name: str, uuid: str) -> str:
@@ -89,5 +97,49 @@ class NoListenerTests(E2ETestCase):
         async def go() -> None:
             r = await self._page("spice", 5)
             self.assertGreaterEqual(r["vapor"]["maxChannels"], 5, self.explain("main", r))
+
+        return Deferred.fromCoroutine(go())
+
+    def open_graphics_proxy(self) -> ProxyProcess:
+        """
+        A proxy with open_graphics on for the shared libvirtd, whose
+        allowed_hosts admits no console address: only hand-overs can work.
+        """
+        global _open_graphics_proxy
+        if _open_graphics_proxy is None:
+            port = free_port()
+            text = proxy_config_text(
+                listen_port=port,
+                hypervisor_uri=self.env.daemon.uri,
+                api_keys=[{"user": "e2e", "sha256": sha256_hex(self.env.key), "vms": ["*"], "admin": True}],
+                console={"allowed_hosts": ["192.0.2.1"]},
+            )
+            path = os.path.join(self.env.workdir, "vapor-open-graphics.conf")
+            with open(path, "w") as f:
+                f.write(with_hypervisor_keys(text, "open_graphics: true"))
+            proxy = ProxyProcess(path, port, log_path=os.path.join(self.env.workdir, "proxy-open-graphics.log"))
+            self.env.proxies["open-graphics"] = proxy
+            proxy.start()
+            _open_graphics_proxy = proxy
+        return _open_graphics_proxy
+
+    def test_openGraphicsWithListener(self) -> Deferred:
+        """
+        When the hypervisor has open_graphics on, the demo VM's VNC console (which has a TCP port) is opened through libvirt's hand-over, though allowed_hosts admits no address, and noVNC draws it.
+        """
+        proxy = self.open_graphics_proxy()
+
+        async def go() -> None:
+            step = {
+                "kind": "page",
+                "url": self.page_url(proxy.base_url, DEMO_VM, "?type=vnc"),
+                "until": "connected",
+                "paint": True,
+                "timeout_ms": 30000,
+            }
+            [r] = await run_driver({"timeout_ms": 40000, "steps": [step]})
+            why = self.explain("open-graphics", r)
+            self.assertTrue(r.get("reached"), why)
+            self.assertGreater(r["canvas"]["nonBackground"], 50, why)
 
         return Deferred.fromCoroutine(go())

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 
 from tests.e2e.fixture import run_driver
 from tests.e2e.test_console import E2ETestCase
+from tests.e2e.test_graphics_fd import with_hypervisor_keys
 from tests.integration.qemu_fixture import write_x509_credentials
 from vaporproxy.demo import ProxyProcess, SessionLibvirtd, domain_xml, free_port, proxy_config_text, sha256_hex
 
@@ -61,8 +62,7 @@ class _TLSHost:
             hypervisor_uri=self.daemon.uri,
             api_keys=[{"user": "e2e", "sha256": sha256_hex(self.key), "vms": ["*"], "admin": True}],
         )
-        uri_line = text.split("hypervisors:\n", 1)[1].split("\n", 1)[0]
-        text = text.replace(uri_line, uri_line + f"\n    spice_tls: {{ca_file: \"{self.certs['ca-cert.pem']}\"}}")
+        text = with_hypervisor_keys(text, f"spice_tls: {{ca_file: \"{self.certs['ca-cert.pem']}\"}}")
         path = os.path.join(self.workdir, "vapor.conf")
         with open(path, "w") as f:
             f.write(text)

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, VMConsoles
 from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
-from vaporproxy.vm.target import channel_uses_tls, dial_host, hypervisor_host, needs_tls, select_console
+from vaporproxy.vm.target import channel_uses_tls, console_target, dial_host, hypervisor_host, needs_tls, select_console
 
 from .domains import vm
 
@@ -249,6 +249,23 @@ class ReachableTests(SynchronousTestCase):
         """
         g = Graphics("spice", 0, 5900, None, default_mode="secure")
         self.assertIn("TLS port", self.refused(replace(vm(g), spice_tls=True)))
+
+
+class OpenGraphicsTests(SynchronousTestCase):
+    """
+    Tests for consoles a hypervisor with open_graphics hands over, listener or not.
+    """
+
+    def test_handedOver(self) -> None:
+        """
+        When the hypervisor has open_graphics, a TCP console is chosen without its port or TLS settings mattering, its dial host is the hand-over marker and its target says hand over.
+        """
+        g = Graphics("spice", 0, None, 5901, "127.0.0.1", default_mode="secure")
+        v = replace(vm(g), local=True, open_graphics=True)
+        self.assertEqual(select_console(v, None, None, NOW), g)
+        self.assertEqual(dial_host(v, g), LIBVIRT_HANDOFF)
+        self.assertTrue(console_target(v, g, LIBVIRT_HANDOFF, LIBVIRT_HANDOFF).hand_over)
+        self.assertFalse(console_target(vm(SECURE_MAIN), SECURE_MAIN, "127.0.0.1", "127.0.0.1").hand_over)
 
 
 class ChannelTLSTests(SynchronousTestCase):

@@ -107,3 +107,24 @@ class SocketDirectoryConfigTests(SynchronousTestCase):
         """
         error = self.assertRaises(ConfigError, parse, "console: {allowed_hosts: ['/var/lib/../etc']}")
         self.assertIn("console.allowed_hosts", str(error))
+
+
+class OpenGraphicsConfigTests(SynchronousTestCase):
+    """
+    Tests for C{hypervisors[].open_graphics}.
+    """
+
+    def test_local(self) -> None:
+        """
+        When open_graphics is set on a local hypervisor, it is kept; it defaults to false.
+        """
+        config = parse("hypervisors: [{uri: 'qemu:///system', open_graphics: true}, {uri: 'qemu:///session'}]")
+        self.assertEqual([h.open_graphics for h in config.hypervisors], [True, False])
+
+    def test_remote(self) -> None:
+        """
+        When open_graphics is set on a remote hypervisor (by URI or local: false), the error names the key.
+        """
+        for hv in ("{uri: 'qemu+ssh://kvm1/system', open_graphics: true}", "{uri: 'qemu:///system', local: false, open_graphics: true}"):
+            error = self.assertRaises(ConfigError, parse, f"hypervisors: [{hv}]")
+            self.assertIn("hypervisors[0].open_graphics: needs a local hypervisor", str(error))

@@ -142,7 +142,7 @@ def dial(
         and C{tls} is C{None}, or lacks the port its mode needs.
     """
     g = target.graphics
-    if g.listen_type == "none":
+    if target.hand_over or g.listen_type == "none":
         open_graphics = getattr(target.locator, "open_graphics", None)
         if open_graphics is None:
             raise ConsoleError(ErrorCode.NO_CONSOLE_AVAILABLE, "The console has no listener")

@@ -354,6 +354,7 @@ class LibvirtConsoleLocator:
             console_host=config.console_host,
             local=is_local(config),
             spice_tls=config.spice_tls is not None,
+            open_graphics=config.open_graphics,
         )
 
     def _locate_on(self, uri: str, vm_ref: str) -> Optional[VMConsoles]:

@@ -85,7 +85,7 @@ def check_reachable(vm: VMConsoles, g: Graphics, now: Optional[float] = None) ->
     if g.password_valid_to is not None:
         if (time.time() if now is None else now) >= g.password_valid_to:
             _unavailable("The console password has expired (passwdValidTo)")
-    if g.listen_type == "none":
+    if handed_over(vm, g):
         if not vm.local:
             _unavailable("The console has no listener and its host is not this proxy's (local)")
         return
@@ -208,7 +208,7 @@ def dial_host(vm: VMConsoles, g: Graphics) -> str:
         the loopback interface of a remote hypervisor: dialling that address
         here would reach this machine, not the VM.
     """
-    if g.listen_type == "none":
+    if handed_over(vm, g):
         return LIBVIRT_HANDOFF
     if g.listen_type == "socket" and g.socket:
         return g.socket
@@ -249,6 +249,8 @@ class ConsoleTarget:
     @ivar vm_uuid: the VM's UUID.
     @ivar locator: what opens a console without a listener
         (C{open_graphics(target)}), or C{None}.
+    @ivar hand_over: whether libvirt hands over the connection (see
+        L{handed_over}).
     """
 
     address: str
@@ -257,6 +259,16 @@ class ConsoleTarget:
     host: str = ""
     vm_uuid: str = ""
     locator: Any = field(default=None, compare=False, repr=False)
+    hand_over: bool = False
+
+
+def handed_over(vm: VMConsoles, g: Graphics) -> bool:
+    """
+    Whether libvirt hands over console C{g}'s connection
+    (C{virDomainOpenGraphicsFD}): it has no listener, or its hypervisor
+    has C{open_graphics} on.
+    """
+    return g.listen_type == "none" or vm.open_graphics
 
 
 def console_target(vm: VMConsoles, g: Graphics, host: str, address: str, locator: Any = None) -> ConsoleTarget:
@@ -265,4 +277,4 @@ def console_target(vm: VMConsoles, g: Graphics, host: str, address: str, locator
     and checked to C{address} by the host policy; C{locator} opens
     consoles without a listener (C{open_graphics}).
     """
-    return ConsoleTarget(address, g, vm.hypervisor, host, vm.uuid, locator)
+    return ConsoleTarget(address, g, vm.hypervisor, host, vm.uuid, locator, handed_over(vm, g))
