@@ -122,7 +122,6 @@ class SessionLibvirtd:
         idle_timeout: Optional[int] = None,
         user: str = "nobody",
         group: str = "nogroup",
-        qemu_conf: str = "",
     ) -> None:
         self.base = base if base is not None else tempfile.mkdtemp(prefix="vapor-libvirtd-")
         self.port_min = port_min
@@ -130,8 +129,6 @@ class SessionLibvirtd:
         self.idle_timeout = idle_timeout
         self.user = user
         self.group = group
-        #: Extra qemu.conf lines (e.g. spice_tls = 1).
-        self.qemu_conf = qemu_conf
         self.process: Optional[subprocess.Popen] = None
         self._log = None
 
@@ -172,7 +169,7 @@ class SessionLibvirtd:
             f.write(
                 'stdio_handler = "file"\n'
                 f"remote_display_port_min = {self.port_min}\n"
-                f"remote_display_port_max = {self.port_max}\n" + self.qemu_conf
+                f"remote_display_port_max = {self.port_max}\n"
             )
         pw = pwd.getpwnam(self.user)
         for root, dirs, files in os.walk(b):

@@ -12,7 +12,7 @@ import secrets
 import shutil
 import tempfile
 import uuid as uuidlib
-from typing import Optional
+from typing import Dict, Optional
 
 from twisted.internet.defer import Deferred
 
@@ -25,6 +25,30 @@ from vaporproxy.demo import ProxyProcess, SessionLibvirtd, domain_xml, free_port
 VM_NAME = "vapor-e2e-spice-tls"
 
 
+class TLSSessionLibvirtd(SessionLibvirtd):
+    """
+    A session libvirtd whose qemu.conf also has C{extra} lines: libvirtd
+    reads it from C{$XDG_CONFIG_HOME/libvirt}, pointed here at a directory
+    of our own under C{base} (so the daemon's start-up chowns it too).
+    """
+
+    def __init__(self, base: str, extra: str, **kw: object):
+        super().__init__(base=base, **kw)  # type: ignore[arg-type]
+        self.config_home = os.path.join(base, "tls-config")
+        os.makedirs(os.path.join(self.config_home, "libvirt"), exist_ok=True)
+        with open(os.path.join(self.config_home, "libvirt", "qemu.conf"), "w") as f:
+            f.write(
+                'stdio_handler = "file"\n'
+                f"remote_display_port_min = {self.port_min}\n"
+                f"remote_display_port_max = {self.port_max}\n" + extra
+            )
+
+    def _environment(self) -> Dict[str, str]:
+        environment = super()._environment()
+        environment["XDG_CONFIG_HOME"] = self.config_home
+        return environment
+
+
 class _TLSHost:
     """A session libvirtd whose SPICE servers speak TLS, one secure VM, one proxy."""
 
@@ -34,12 +58,12 @@ class _TLSHost:
         base = os.path.join(self.workdir, "libvirtd")
         self.certs = write_x509_credentials(os.path.join(base, "pki"), names=("127.0.0.1",))
         cert_dir = os.path.dirname(self.certs["ca-cert.pem"])
-        self.daemon = SessionLibvirtd(
-            base=base,
+        self.daemon = TLSSessionLibvirtd(
+            base,
+            f'spice_tls = 1\nspice_tls_x509_cert_dir = "{cert_dir}"\n',
             port_min=6100,
             port_max=6149,
             idle_timeout=900,
-            qemu_conf=f'spice_tls = 1\nspice_tls_x509_cert_dir = "{cert_dir}"\n',
         )
         self.key = secrets.token_urlsafe(32)
         self.proxy: Optional[ProxyProcess] = None
