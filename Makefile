@@ -10,9 +10,10 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 APT_PACKAGES = libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu \
                libvirt-clients qemu-system-x86 redis-server chromium spice-html5 \
                socat openssl procps util-linux
+APT_PACKAGES += systemd   # systemd-analyze verify (tests/test_systemd_unit.py); offline, starts nothing
 STAMPS       = .stamps
 
-.PHONY: run test test-unit test-integration test-e2e bench bench-quick deps clean
+.PHONY: run test test-unit test-integration test-e2e bench bench-quick deps lock clean
 
 run: deps
 	$(PYTHON) -m vaporproxy.demo
@@ -48,10 +49,17 @@ $(STAMPS)/apt: Makefile
 	fi
 	@touch $@
 
-$(STAMPS)/pip: requirements.txt requirements-test.txt $(STAMPS)/apt
+# The exact tested set (runtime + test), versions and hashes; the checkout itself
+# runs from PYTHONPATH.  "make lock" refreshes it from requirements*.txt.
+$(STAMPS)/pip: requirements.lock $(STAMPS)/apt
 	@mkdir -p $(STAMPS)
-	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	$(PYTHON) -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
 	@touch $@
+
+lock:
+	$(PYTHON) -m pip install -q --disable-pip-version-check pip-tools
+	$(PYTHON) -m piptools compile --quiet --upgrade --generate-hashes --allow-unsafe --strip-extras \
+	    --no-emit-index-url --no-emit-find-links -o requirements.lock requirements.txt requirements-test.txt
 
 $(STAMPS)/npm: package.json $(STAMPS)/apt
 	@mkdir -p $(STAMPS)

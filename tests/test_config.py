@@ -12,6 +12,7 @@ import textwrap
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.config import (
+    RecordingConfig,
     ApiKey,
     Config,
     ConfigError,
@@ -663,7 +664,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
         """
         self.assertConfigError(
             "consoel: {}",
-            "consoel: unknown key (expected one of: console, server, auth, hypervisors, tokens, logging)",
+            "consoel: unknown key (expected one of: console, server, auth, hypervisors, tokens, logging, audit, recording)",
         )
         self.assertConfigError(
             "server: {port: 80}",
@@ -684,7 +685,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
         self.assertConfigError(
             "- a\n- b\n",
             "vapor.conf: ['a', 'b'] is not a mapping"
-            " (expected keys: console, server, auth, hypervisors, tokens, logging)",
+            " (expected keys: console, server, auth, hypervisors, tokens, logging, audit, recording)",
         )
         self.assertConfigError(
             "console: 5",
@@ -736,3 +737,65 @@ def _self_signed_pem(path: str) -> str:
             with open(part, "rb") as f:
                 out.write(f.read())
     return path
+
+
+class AuditConfigTests(SynchronousTestCase):
+    def test_default(self):
+        """
+        When vapor.conf has no audit section, there is no audit file.
+        """
+        self.assertIsNone(parse_config("").audit.file)
+
+    def test_file(self):
+        """
+        When audit.file is an absolute path, it is kept; a relative one is refused naming the key.
+        """
+        self.assertEqual(parse_config("audit: {file: /var/log/vp/audit.jsonl}").audit.file, "/var/log/vp/audit.jsonl")
+        with self.assertRaises(ConfigError) as e:
+            parse_config("audit: {file: audit.jsonl}")
+        self.assertEqual(
+            str(e.exception),
+            "audit.file: 'audit.jsonl' is not an absolute path (expected e.g. /var/log/vaporproxy/audit.jsonl)",
+        )
+
+
+class RecordingConfigTests(SynchronousTestCase):
+    def test_defaults(self):
+        """
+        When vapor.conf has no recording section, recording is off with the documented defaults.
+        """
+        recording = parse_config("").recording
+        self.assertEqual(
+            (recording.enabled, recording.dir, recording.vms, recording.include_input),
+            (False, "/var/lib/vaporproxy/recordings", ("*",), False),
+        )
+        self.assertEqual((recording.retention, recording.max_total_size), (30 * 86400.0, 10 * 1024**3))
+
+    def test_values(self):
+        """
+        When every key is given, days and gigabytes are understood.
+        """
+        recording = parse_config(
+            "recording: {enabled: true, dir: /srv/rec, vms: [prod-*], include_input: true,"
+            " retention: 7d, max_total_size: 2GB}"
+        ).recording
+        self.assertEqual(
+            recording,
+            RecordingConfig(True, "/srv/rec", ("prod-*",), True, 7 * 86400.0, 2 * 1024**3),
+        )
+
+    def test_bad(self):
+        """
+        When a recording key is wrong, the error names the key and what was expected.
+        """
+        for text, message in (
+            ("recording: {dir: rec}", "recording.dir: 'rec' is not an absolute path (expected e.g. /var/lib/vaporproxy/recordings)"),
+            ("recording: {vms: []}", None),
+            ("recording: {retention: forever}", None),
+            ("recording: {record: true}", "recording.record: unknown key (expected one of: enabled, dir, vms, include_input, retention, max_total_size)"),
+        ):
+            with self.assertRaises(ConfigError) as e:
+                parse_config(text)
+            if message is not None:
+                self.assertEqual(str(e.exception), message)
+            self.assertTrue(str(e.exception).startswith("recording."))

@@ -230,3 +230,39 @@ class LiveBytesTests(SynchronousTestCase):
         self.assertIn("# TYPE vaporproxy_console_bytes_sent_total counter\n", text)
         self.assertIn("vaporproxy_console_bytes_sent_total 42.0\n", text)
         self.assertIn("vaporproxy_console_bytes_received_total 4.0\n", text)
+
+
+class PolicyAndRecordingMetricsTests(SynchronousTestCase):
+    def test_exported(self):
+        """
+        When policy drops, throttling and recordings are reported, /metrics shows each figure under its name.
+        """
+        from prometheus_client import generate_latest
+
+        class NoConsoles:
+            def consoles(self):
+                return []
+
+        metrics = Metrics(NoConsoles(), None, Clock())
+        metrics.view_only_opened()
+        metrics.policy_dropped("input", "to_vm")
+        metrics.policy_dropped("clipboard", "from_vm")
+        metrics.throttled(0.25)
+        metrics.recording_started()
+        metrics.recording_started()
+        metrics.recording_finished(1000)
+        metrics.recording_dropped("disk full")
+        metrics.recordings_on_disk(3, 4096)
+        text = generate_latest(metrics.registry).decode()
+        for line in (
+            "vaporproxy_consoles_view_only_total 1.0",
+            'vaporproxy_policy_dropped_messages_total{direction="to_vm",kind="input"} 1.0',
+            'vaporproxy_policy_dropped_messages_total{direction="from_vm",kind="clipboard"} 1.0',
+            "vaporproxy_throttled_seconds_total 0.25",
+            "vaporproxy_recordings_active 1.0",
+            "vaporproxy_recording_bytes_written_total 1000.0",
+            "vaporproxy_recordings_dropped_total 1.0",
+            "vaporproxy_recording_files 3.0",
+            "vaporproxy_recordings_size_bytes 4096.0",
+        ):
+            self.assertIn(line, text)

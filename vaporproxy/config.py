@@ -154,6 +154,24 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    #: The JSON-lines audit file, or None: events go to the log only.
+    file: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    enabled: bool = False
+    dir: str = "/var/lib/vaporproxy/recordings"
+    #: VM name/UUID patterns whose consoles are recorded.
+    vms: Tuple[str, ...] = ("*",)
+    #: Whether the browser's input (keystrokes!) is recorded too.
+    include_input: bool = False
+    retention: float = 30 * 86400.0
+    max_total_size: int = 10 * 1024**3
+
+
+@dataclass(frozen=True)
 class Config:
     console: ConsoleConfig = ConsoleConfig()
     server: ServerConfig = ServerConfig()
@@ -161,6 +179,8 @@ class Config:
     hypervisors: Tuple[HypervisorConfig, ...] = (HypervisorConfig("qemu:///system"),)
     tokens: TokensConfig = TokensConfig()
     logging: LoggingConfig = LoggingConfig()
+    audit: AuditConfig = AuditConfig()
+    recording: RecordingConfig = RecordingConfig()
 
 
 # ---------------------------------------------------------------------------
@@ -180,10 +200,10 @@ JWT_ALGORITHMS = (
 )  # fmt: skip
 
 _DURATION_EXPECTED = "expected e.g. 500ms, 30s, 5m, 1h"
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|k|mb|m)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|k|mb|m|gb|g)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
@@ -700,6 +720,36 @@ def _parse_logging(raw: Any) -> LoggingConfig:
     )
 
 
+def _parse_recording(raw: Any) -> RecordingConfig:
+    return _section(
+        "recording",
+        raw,
+        RecordingConfig,
+        {
+            "enabled": parse_bool,
+            "dir": _parse_absolute_path,
+            "vms": _list_of(parse_str, allow_empty=False),
+            "include_input": parse_bool,
+            "retention": parse_duration,
+            "max_total_size": parse_size,
+        },
+    )
+
+
+def _parse_absolute_path(key: str, value: Any) -> str:
+    path = parse_str(key, value)
+    if not os.path.isabs(path):
+        raise _bad(key, value, "an absolute path", "expected e.g. /var/lib/vaporproxy/recordings")
+    return path
+
+
+def _parse_audit_file(key: str, value: Any) -> Optional[str]:
+    path = parse_optional_str(key, value)
+    if path is not None and not os.path.isabs(path):
+        raise _bad(key, value, "an absolute path", "expected e.g. /var/log/vaporproxy/audit.jsonl")
+    return path
+
+
 def parse_log_level(key: str, value: Any) -> str:
     """
     A log level: debug, info, warn or error (case-insensitive).
@@ -746,7 +796,7 @@ def _load_yaml(text: str) -> Any:
         raise ConfigError(f"vapor.conf: not valid YAML{where}: {problem}") from None
 
 
-SECTIONS = ("console", "server", "auth", "hypervisors", "tokens", "logging")
+SECTIONS = ("console", "server", "auth", "hypervisors", "tokens", "logging", "audit", "recording")
 
 
 def parse_config(text: str) -> Config:
@@ -764,6 +814,8 @@ def parse_config(text: str) -> Config:
         "auth": _parse_auth(document.get("auth")),
         "tokens": _parse_tokens(document.get("tokens")),
         "logging": _parse_logging(document.get("logging")),
+        "audit": _section("audit", document.get("audit"), AuditConfig, {"file": _parse_audit_file}),
+        "recording": _parse_recording(document.get("recording")),
     }
     if document.get("hypervisors") is not None:
         values["hypervisors"] = _list_of(_parse_hypervisor, allow_empty=False)(

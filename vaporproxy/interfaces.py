@@ -328,9 +328,11 @@ class IProtocolGuard(Interface):
     """
     A sans-IO guard for one console WebSocket: it performs the security
     handshake with the VM on the browser's behalf (L{vaporproxy.guards.rfb.RFBGuard},
-    L{vaporproxy.guards.spice.SpiceGuard}) and talks to the bridge through an
-    L{IGuardSink}.  Once it calls C{sink.established()} the bridge relays raw
-    bytes and never calls the guard again.
+    L{vaporproxy.guards.spice.SpiceGuard}).  Each input returns the typed
+    outputs it produced (L{vaporproxy.guards.kit}); a guard made with an
+    L{IGuardSink} also delivers each one to it.  Once it hands out
+    C{Established} (the sink's C{established()}) the bridge relays raw bytes
+    and never calls the guard again.
     """
 
     def start() -> None:
@@ -361,7 +363,8 @@ class IProtocolGuard(Interface):
 
 class IGuardSink(Interface):
     """
-    What a guard may ask of the bridge.
+    What a guard may ask of the bridge: one method per typed output
+    (L{vaporproxy.guards.kit.SINK_METHODS}).
     """
 
     def send_to_client(data: bytes) -> None:

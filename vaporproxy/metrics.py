@@ -108,6 +108,39 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self._audit_events = Counter(
+            "vaporproxy_audit_events", "Audit events written, by event", ["event"], registry=r
+        )
+        self._audit_dropped = Counter(
+            "vaporproxy_audit_dropped",
+            "Times the audit file was given up (disk full, too slow); events still reach the log",
+            registry=r,
+        )
+        self._view_only = Counter(
+            "vaporproxy_consoles_view_only", "View-only consoles that started relaying", registry=r
+        )
+        self._policy_dropped = Counter(
+            "vaporproxy_policy_dropped_messages",
+            "Messages dropped by console policy, by kind (input, clipboard) and direction (to_vm, from_vm)",
+            ["kind", "direction"],
+            registry=r,
+        )
+        self._throttled = Counter(
+            "vaporproxy_throttled_seconds", "Seconds reads from VMs were paused by bandwidth limits", registry=r
+        )
+        self._recordings_active = Gauge("vaporproxy_recordings_active", "Consoles being recorded now", registry=r)
+        self._recording_bytes = Counter(
+            "vaporproxy_recording_bytes_written", "Bytes written to recording files", registry=r
+        )
+        self._recordings_dropped = Counter(
+            "vaporproxy_recordings_dropped",
+            "Recordings given up (disk full or too slow); their consoles went on",
+            registry=r,
+        )
+        self._recording_files = Gauge("vaporproxy_recording_files", "Recording files on disk", registry=r)
+        self._recordings_size = Gauge(
+            "vaporproxy_recordings_size_bytes", "Total size of the recording files on disk", registry=r
+        )
         self._live_types = set(CONSOLE_TYPES)
         #: Labelled children by label value (C{labels()} takes a lock and
         #: builds a key on every call; it is called twice per console).
@@ -143,6 +176,46 @@ class Metrics:
 
     def token_issued(self) -> None:
         self._tokens_issued.inc()
+
+    # -- console policy ----------------------------------------------------
+
+    def view_only_opened(self) -> None:
+        self._view_only.inc()
+
+    def policy_dropped(self, kind: str, direction: str) -> None:
+        """A message was dropped by policy (C{kind}: input or clipboard)."""
+        self._policy_dropped.labels(kind, direction).inc()
+
+    def throttled(self, seconds: float) -> None:
+        """Reads from a VM were paused for C{seconds} by a bandwidth limit."""
+        self._throttled.inc(max(0.0, seconds))
+
+    # -- recordings --------------------------------------------------------
+
+    def recording_started(self) -> None:
+        self._recordings_active.inc()
+
+    def recording_finished(self, bytes_written: int) -> None:
+        self._recordings_active.dec()
+        self._recording_bytes.inc(max(0, bytes_written))
+
+    def recording_dropped(self, why: str = "") -> None:
+        self._recordings_dropped.inc()
+
+    def recordings_on_disk(self, files: int, size: int) -> None:
+        """The cleanup loop's count of what the recordings directory holds."""
+        self._recording_files.set(files)
+        self._recordings_size.set(size)
+
+    # -- the audit trail ---------------------------------------------------
+
+    def audit_event(self, event: str) -> None:
+        """An audit event was emitted (L{vaporproxy.audit.AuditTrail}'s C{counted})."""
+        self._audit_events.labels(event).inc()
+
+    def audit_dropped(self, why: str = "") -> None:
+        """The audit file was given up."""
+        self._audit_dropped.inc()
 
     # -- rendering ---------------------------------------------------------
 

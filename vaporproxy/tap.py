@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vaporproxy.config import Config, ConfigError, load_config, with_listen
 from vaporproxy.logs import LogSetup, effective_level, log_setup_for
+from vaporproxy.static_dirs import static_dirs
 
 log = Logger(namespace="vaporproxy.tap")
 
@@ -271,34 +272,6 @@ class ReloadService(Service):
         return True
 
 
-def static_dirs(environ: Mapping[str, str]) -> Dict[str, str]:
-    """
-    Where the noVNC and spice-html5 files are: C{VAPOR_NOVNC_DIR} /
-    C{VAPOR_SPICE_HTML5_DIR}, else the first existing of the usual places.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = {
-        "novnc": [
-            environ.get("VAPOR_NOVNC_DIR"),
-            os.path.join(here, "static", "novnc"),
-            os.path.join(os.path.dirname(here), "node_modules", "@novnc", "novnc"),
-            "/usr/share/novnc",
-        ],
-        "spice-html5": [
-            environ.get("VAPOR_SPICE_HTML5_DIR"),
-            os.path.join(here, "static", "spice-html5"),
-            "/usr/share/spice-html5",
-        ],
-    }
-    found = {}
-    for name, paths in candidates.items():
-        for path in paths:
-            if path and os.path.isdir(path):
-                found[name] = path
-                break
-    return found
-
-
 def _token_backend(config: Config, reactor: Any) -> Any:
     """
     (token_store, limiter, redis backend or None) for C{tokens.backend}.
@@ -346,7 +319,7 @@ def check_files(config: Config) -> None:
 
         load_jwt_key(config.auth.jwt)
     if any(h.vnc_tls is not None for h in config.hypervisors):
-        from vaporproxy.guards.rfb import vnc_tls_by_uri
+        from vaporproxy.guards.vencrypt import vnc_tls_by_uri
 
         vnc_tls_by_uri(config.hypervisors)
     if any(h.spice_tls is not None for h in config.hypervisors):

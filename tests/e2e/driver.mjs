@@ -17,6 +17,13 @@
 //       Then, with "then_connects": n, waits until the page has connected n
 //       times in all (reconnects); with "then_closed": true, until a console
 //       WebSocket closes (then "settle_ms" more).
+//       With "actions" (once connected, before any "then_…" watching), acts
+//       like a person on the largest canvas under #screen, in order:
+//         {"click": true}                 move to its centre and left-click
+//         {"type": "text", "delay_ms": n} type text (key by key)
+//         {"press": "Enter"}              press one key
+//         {"wait_ms": n}                  wait
+//       and reports the actions done ("acted") or the error ("action_error").
 //
 //   {"kind": "ws", "origin": U, "ws_url": W, "protocols": [...],
 //    "close_after_data": bool, "timeout_ms": n}
@@ -67,6 +74,40 @@ function canvasStatsInPage() {
   return out;
 }
 
+// The page box of the largest canvas under #screen (the console's screen).
+async function screenBox(page) {
+  let best = null;
+  for (const c of await page.$$("#screen canvas")) {
+    const box = await c.boundingBox();
+    if (box && (!best || box.width * box.height > best.width * best.height)) best = box;
+  }
+  if (!best) throw new Error("no canvas under #screen");
+  return best;
+}
+
+async function act(page, actions) {
+  let done = 0;
+  for (const a of actions) {
+    if (a.click) {
+      const box = await screenBox(page);
+      const x = box.x + box.width / 2;
+      const y = box.y + box.height / 2;
+      await page.mouse.move(x, y);
+      await page.mouse.click(x, y, { delay: 50 });
+    } else if (a.type !== undefined) {
+      await page.keyboard.type(a.type, { delay: a.delay_ms || 50 });
+    } else if (a.press) {
+      await page.keyboard.press(a.press, { delay: 50 });
+    } else if (a.wait_ms) {
+      await sleep(a.wait_ms);
+    } else {
+      throw new Error("unknown action " + JSON.stringify(a));
+    }
+    done += 1;
+  }
+  return done;
+}
+
 async function pageStep(browser, step, deadline) {
   const context = await browser.newContext();
   const page = await context.newPage();
@@ -106,6 +147,15 @@ async function pageStep(browser, step, deadline) {
     }
     await sleep(100);
   }
+  let acted = null;
+  let actionError = null;
+  if (reached && step.actions) {
+    try {
+      acted = await act(page, step.actions);
+    } catch (e) {
+      actionError = String(e && e.message ? e.message : e);
+    }
+  }
   if (reached && step.then_connects) {
     // Keep watching: the page must reconnect (a fresh token each time)
     // until it has been connected `then_connects` times in all.
@@ -139,6 +189,8 @@ async function pageStep(browser, step, deadline) {
     kind: "page",
     url: step.url.replace(/#.*$/, "#…"),
     reached,
+    acted,
+    action_error: actionError,
     elapsed_ms: Date.now() - started,
     vapor,
     canvas,

@@ -1,6 +1,8 @@
 """
 The shared environment of the end-to-end tests: one session libvirtd (as
-C{nobody}), one diskless QEMU VM with a VNC and a SPICE console, and real
+C{nobody}), one diskless QEMU VM with a VNC and a SPICE console (SeaBIOS),
+on demand a second one booting the interactive test VM (a busybox shell
+that reports typed markers and mouse clicks on its serial port), and real
 C{twistd vaporproxy} processes with generated configs, plus the Node
 browser driver.
 
@@ -20,6 +22,7 @@ import tempfile
 from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from vaporproxy.demo import (
@@ -27,7 +30,9 @@ from vaporproxy.demo import (
     LIBVIRTD_BINARY,
     ProxyProcess,
     QEMU_BINARY,
+    SerialLog,
     SessionLibvirtd,
+    ensure_guest,
     free_port,
     missing_binaries,
     proxy_config_text,
@@ -38,6 +43,7 @@ from vaporproxy.demo import (
 CHROMIUM = os.environ.get("VAPOR_CHROMIUM", "/usr/bin/chromium")
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "driver.mjs")
 VM_NAME = "vapor-e2e"
+GUEST_VM_NAME = "vapor-e2e-shell"
 API_PREFIX = "/api/v1/virtualization/virtualmachines/"
 
 
@@ -76,6 +82,9 @@ class Environment:
         os.chmod(self.workdir, 0o711)
         self.daemon = SessionLibvirtd(base=os.path.join(self.workdir, "libvirtd"), idle_timeout=900)
         self.vm: Optional[DemoVM] = None
+        self._guest_vm: Optional[DemoVM] = None
+        self._guest_failure: Optional[BaseException] = None
+        self.guest_boot_seconds: Optional[float] = None
         self.key = secrets.token_urlsafe(32)
         self.proxies: Dict[str, ProxyProcess] = {}
 
@@ -83,6 +92,24 @@ class Environment:
         self.daemon.start()
         self.vm = DemoVM.create(self.daemon, name=VM_NAME)
         return self
+
+    def guest_vm(self) -> DemoVM:
+        """
+        The interactive test VM, built (once, cached) and booted the first
+        time it is asked for: blocks until its serial port says C{vm: ready}.
+        """
+        if self._guest_failure is not None:
+            raise RuntimeError(f"the interactive test VM failed to start: {self._guest_failure}")
+        if self._guest_vm is None:
+            try:
+                vm = DemoVM.create(self.daemon, name=GUEST_VM_NAME, guest=ensure_guest())
+                assert vm.serial is not None
+                self.guest_boot_seconds = vm.serial.wait_ready()
+            except BaseException as e:
+                self._guest_failure = e
+                raise
+            self._guest_vm = vm
+        return self._guest_vm
 
     def config_text(self, port: int, console: Optional[Mapping[str, Any]] = None) -> str:
         return proxy_config_text(
@@ -156,6 +183,18 @@ def environment() -> Environment:
             raise
         _environment = env
     return _environment
+
+
+async def wait_for_serial(serial: SerialLog, line: str, timeout: float = 30.0, count: int = 1) -> None:
+    """
+    Wait, without blocking the reactor, until C{line} is on the serial port
+    C{count} times.
+    """
+    for _ in range(int(timeout / 0.2)):
+        if serial.lines().count(line) >= count:
+            return
+        await deferLater(reactor, 0.2, lambda: None)
+    raise AssertionError(f"{line!r} never reached the serial port {count} time(s); it has: {serial.tail(20)}")
 
 
 async def run_driver(spec: Mapping[str, Any]) -> List[Dict[str, Any]]:

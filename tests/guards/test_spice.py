@@ -13,8 +13,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.guards.test_rfb import RecordingSink
-from vaporproxy.errors import ErrorCode
+from tests.guards.playbook import (
+    ClientData,
+    Placeholder,
+    Playbook,
+    RecordingSink,
+    ServerConnected,
+    ServerData,
+    Start,
+    assert_plays,
+)
+from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.guards.kit import Admit, Established, Failed, SendToClient, SendToServer, SpiceSessionAssigned
 from vaporproxy.guards.spice import (
     FULL_HEADER,
     LINK_HEADER,
@@ -540,3 +550,75 @@ class CloseTests(SynchronousTestCase):
         channel.guard.close()
         del channel
         self.assertIsNone(ref())
+
+
+class SpicePlaybookTests(SynchronousTestCase):
+    """
+    The typed outputs of L{SpiceGuard} without a sink, each right after the
+    input that allows it, in one piece and one byte at a time (relayed
+    bytes compared joined, since they go out as they come).
+    """
+
+    def test_main_channel(self) -> None:
+        """
+        When the token's first use opens the main channel, the guard admits
+        it, links it, swaps the ticket for the real one, relays the VM's
+        messages and hands out the session id from MAIN_INIT, then
+        Established.
+        """
+        ticket = Placeholder(SendToServer)
+        init_start = MINI_HEADER.pack(SPICE_MSG_MAIN_INIT, 32) + main_init()[:4]
+        book = Playbook(lambda: SpiceGuard(None, PASSWORD, None))
+        book >> Start() >> ClientData(link_message()) << Admit(True)
+        book >> ServerConnected() << SendToServer(link_message())
+        book >> ServerData(link_reply()) << SendToClient(link_reply())
+        book >> ClientData(browser_ticket()) << ticket
+        book >> ServerData(struct.pack("<I", 0)) << SendToClient(struct.pack("<I", 0))
+        book >> ServerData(mini(SPICE_MSG_PING, b"ping")) << SendToClient(mini(SPICE_MSG_PING, b"ping"))
+        book >> ServerData(init_start) << SendToClient(init_start) << SpiceSessionAssigned(SESSION_ID) << Established()
+        assert_plays(self, book, coalesce=True)
+        mechanism = struct.unpack_from("<I", ticket.value.data)[0]
+        self.assertEqual(mechanism, AUTH_SPICE)
+        self.assertEqual(private_key().decrypt(ticket.value.data[4:], OAEP), PASSWORD.encode() + b"\0")
+
+    def test_later_channel(self) -> None:
+        """
+        When a later channel names the main channel's session, it is
+        admitted as not main, the browser's bytes after its ticket go to
+        the VM at once, and the link result establishes it.
+        """
+        book = Playbook(lambda: SpiceGuard(None, PASSWORD, SESSION_ID))
+        book >> ClientData(link_message(DISPLAY, SESSION_ID)) << Admit(False)
+        book >> ServerConnected() << SendToServer(link_message(DISPLAY, SESSION_ID))
+        book >> ServerData(link_reply()) << SendToClient(link_reply())
+        book >> ClientData(browser_ticket()) << Placeholder(SendToServer)
+        book >> ClientData(b"early") << SendToServer(b"early")
+        book >> ServerData(struct.pack("<I", 0)) << SendToClient(struct.pack("<I", 0)) << Established()
+        assert_plays(self, book, coalesce=True)
+
+    def test_refused_channel(self) -> None:
+        """
+        When a second main channel comes with a token already used, its
+        link message hands out Failed (TOKEN_ALREADY_USED) and no Admit.
+        """
+        book = Playbook(lambda: SpiceGuard(None, PASSWORD, SESSION_ID))
+        book >> Start() >> ClientData(link_message()) << Failed(
+            ConsoleError(ErrorCode.TOKEN_ALREADY_USED), "second main channel for one token"
+        )
+        book >> ServerConnected() >> ServerData(link_reply())
+        assert_plays(self, book)
+
+    def test_auth_failed(self) -> None:
+        """
+        When the VM refuses the real ticket, the link result hands out
+        Failed (CONNECTION_FAILED) and nothing reaches the browser.
+        """
+        book = Playbook(lambda: SpiceGuard(None, PASSWORD, None))
+        book >> ClientData(link_message()) << Admit(True)
+        book >> ServerConnected() << SendToServer(link_message())
+        book >> ServerData(link_reply()) << SendToClient(link_reply())
+        book >> ClientData(browser_ticket()) << Placeholder(SendToServer)
+        book >> ServerData(struct.pack("<I", 7)) << Failed(
+            ConsoleError(ErrorCode.CONNECTION_FAILED), "console authentication failed: link result 7"
+        )
+        assert_plays(self, book)

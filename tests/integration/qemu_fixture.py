@@ -13,7 +13,8 @@ is absent, and registers a cleanup that kills the process it started.
 With C{vnc_tls_dir} (see L{write_x509_credentials}) the VNC server speaks
 VeNCrypt with X.509 (C{tls-creds-x509}, no client certificate asked for).
 
-The machine is diskless and runs TCG: its screen shows SeaBIOS.  QMP is
+The machine is diskless and runs TCG: its screen shows SeaBIOS
+(C{start_guest_qemu}: a busybox shell, with its serial port in a file).  QMP is
 spoken with a blocking socket: the calls take milliseconds and are made in
 set-up, outside the code under test.
 """
@@ -65,6 +66,8 @@ class QemuProcess:
     """
 
     def __init__(self, process: subprocess.Popen, qmp_path: str, workdir: str, spice_port: int):
+        self.serial: Any = None
+        self.boot_seconds: Optional[float] = None
         self.process = process
         self.workdir = workdir
         self.spice_port = spice_port
@@ -306,6 +309,60 @@ def start_qemu(
         "-spice", "port=%d,addr=127.0.0.1" % (spice_port,),
         "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
     ]
+    return _launch(testcase, args, workdir, qmp_path, spice_port, vnc_password, spice_password)
+
+
+def start_guest_qemu(
+    testcase: Any,
+    vnc_password: Optional[str] = None,
+    spice_password: Optional[str] = None,
+) -> QemuProcess:
+    """
+    Like L{start_qemu}, but booting the interactive test VM (a busybox
+    shell, see L{vaporproxy.demo.guest}; built into its cache on first
+    use) with qxl video and 256 MiB.  C{qemu.serial} is its serial port
+    (a L{SerialLog}); this returns once the guest said C{vm: ready}.
+
+    @raise SkipTest: when QEMU is not installed.
+    """
+    from vaporproxy.demo.boot import SerialLog, plain_qemu_argv
+    from vaporproxy.demo.guest import ensure_guest
+
+    binary = qemu_available()
+    if binary is None:
+        raise SkipTest("%s is not installed" % (QEMU,))
+    guest = ensure_guest()
+    workdir = tempfile.mkdtemp(prefix="vaporproxy-guest-")
+    qmp_path = os.path.join(workdir, "qmp.sock")
+    serial_path = os.path.join(workdir, "serial.log")
+    spice_port = free_port()
+    args = plain_qemu_argv(
+        guest,
+        serial_path,
+        vnc="127.0.0.1:10,to=90,password=on",
+        spice="port=%d,addr=127.0.0.1" % (spice_port,),
+        binary=binary,
+        extra=["-qmp", "unix:%s,server=on,wait=off" % (qmp_path,)],
+    )
+    qemu = _launch(testcase, args, workdir, qmp_path, spice_port, vnc_password, spice_password)
+    qemu.serial = SerialLog(serial_path)
+    qemu.boot_seconds = qemu.serial.wait_ready(alive=lambda: qemu.process.poll() is None)
+    return qemu
+
+
+def _launch(
+    testcase: Any,
+    args: Sequence[str],
+    workdir: str,
+    qmp_path: str,
+    spice_port: int,
+    vnc_password: Optional[str],
+    spice_password: Optional[str],
+) -> QemuProcess:
+    """
+    Start QEMU with C{args}, connect QMP, register the cleanup, set the
+    passwords.
+    """
     with open(os.path.join(workdir, "qemu.log"), "wb") as log:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:

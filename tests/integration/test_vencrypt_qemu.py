@@ -21,7 +21,8 @@ from tests.integration.qemu_fixture import start_qemu, write_dh_params, write_x5
 from tests.integration.test_guards_qemu import LoopSink, VNC_PASSWORD, novnc_browser
 from vaporproxy.config import VncTLSConfig
 from vaporproxy.errors import ErrorCode
-from vaporproxy.guards.rfb import SEC_VENCRYPT, VENCRYPT_TLS_VNC, VENCRYPT_X509_VNC, RFBGuard, VncTLS
+from vaporproxy.guards.rfb import SEC_VENCRYPT, RFBGuard
+from vaporproxy.guards.vencrypt import VENCRYPT_TLS_VNC, VENCRYPT_X509_VNC, VncTLS
 
 
 class VeNCryptQemuTests(TestCase):

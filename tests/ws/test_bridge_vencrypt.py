@@ -23,12 +23,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.qemu_fixture import write_x509_credentials
 from tests.ws.test_bridge import BUFFER, Connection, Harness, error_of
-from tests.guards.test_rfb import CHALLENGE, client_script, expected_to_client, u32, vencrypt_before_tls, version
+from tests.guards.rfb_scripts import CHALLENGE, client_script, expected_to_client, u32, vencrypt_before_tls, version
 from vaporproxy.ws.bridge import ConsoleBridgeFactory, _rfb_guard
 from vaporproxy.config import ConfigError, ConsoleConfig, HypervisorConfig, VncTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, VMConsoles
-from vaporproxy.guards.rfb import VENCRYPT_X509_NONE, VENCRYPT_X509_VNC, VncTLS, vnc_auth_response
+from vaporproxy.guards.rfb import vnc_auth_response
+from vaporproxy.guards.vencrypt import VENCRYPT_X509_NONE, VENCRYPT_X509_VNC, VncTLS
 
 HV_TLS = "qemu+tls://kvm1.example.com/system"
 HV_PLAIN = "qemu:///system"

@@ -1,7 +1,8 @@
 """
-The SPICE protocol guard: channel admission by session id (DESIGN.md rule 7)
-and ticket injection, so the console password never leaves the server
-(rule 8).
+The SPICE protocol guard: channel admission by session id (one token, one
+console: DESIGN.md rule 8) and ticket injection, so the console password
+never leaves the server (rule 9).  Sans-IO (L{vaporproxy.guards.kit}): bytes
+and events in, typed outputs out.
 
 One guard sits in front of each SPICE channel WebSocket.  It reads the
 browser's link message and decides whether the channel may join:
@@ -14,7 +15,7 @@ It then forwards the link message to the VM, passes the VM's link reply
 (with its RSA key) back, throws the browser's encrypted ticket away and
 sends the real password encrypted to the VM's key instead.  On the main
 channel it reads the VM's messages up to SPICE_MSG_MAIN_INIT to learn the
-session id.
+session id (L{SpiceSessionAssigned}).
 
 Wire layouts (spice-protocol C{spice/protocol.h}, all little-endian)::
 
@@ -37,21 +38,23 @@ from typing import Callable, List, Optional, Tuple
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from twisted.logger import Logger
 
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.guards.rfb import (
+from vaporproxy.guards.kit import (
+    AUTH_FAILED,
+    Admit,
+    Established,
     GuardFailure,
-    SinkQueue,
+    Output,
+    SendToClient,
+    SendToServer,
+    SpiceSessionAssigned,
     Steps,
     TwoSidedGuard,
     UpTo,
     client_failure,
-    handshake_readers,
     server_failure,
 )
-
-log = Logger(namespace="vaporproxy.spice")
 
 SPICE_MAGIC = b"REDQ"
 SPICE_VERSION_MAJOR = 2
@@ -81,8 +84,6 @@ MAX_CLIENT_BUFFER = 64 * 1024
 MAX_SERVER_BUFFER = 64 * 1024
 #: Server bytes the main channel may send before SPICE_MSG_MAIN_INIT.
 MAX_BYTES_BEFORE_INIT = 1024 * 1024
-
-AUTH_FAILED = "console authentication failed"
 
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 
@@ -129,8 +130,9 @@ class SpiceGuard(TwoSidedGuard):
     The link handshake of one SPICE channel, with admission and ticket
     injection.
 
-    @param sink: the bridge (C{send_to_client}, C{send_to_server}, C{admit},
-        C{spice_session}, C{established}, C{fail}).
+    @param sink: the legacy sink the outputs are also delivered to (the
+        bridge: C{send_to_client}, C{send_to_server}, C{admit},
+        C{spice_session}, C{established}, C{fail}), or C{None}.
     @param password: the console password, or C{None} for none.
     @param expected_session_id: C{None} on the token's first use (this must
         be the main channel); otherwise the session id of the live main
@@ -139,10 +141,9 @@ class SpiceGuard(TwoSidedGuard):
 
     protocol_name = "SPICE"
 
-    def __init__(self, sink: object, password: Optional[str], expected_session_id: Optional[int]):
+    def __init__(self, sink: Optional[object], password: Optional[str], expected_session_id: Optional[int]):
         self._password = password
         self._expected = expected_session_id
-        self._out = SinkQueue(sink)
         self._connected = False
         self._link: Optional[bytes] = None
         self._reply_read = False
@@ -154,42 +155,42 @@ class SpiceGuard(TwoSidedGuard):
         self.is_main: Optional[bool] = None
         self.channel_type: Optional[int] = None
         self.session_id: Optional[int] = None
-        self._client, self._server = handshake_readers(
-            self._client_steps(), self._server_steps(), MAX_CLIENT_BUFFER, MAX_SERVER_BUFFER
-        )
+        super().__init__(sink, MAX_CLIENT_BUFFER, MAX_SERVER_BUFFER)
 
     # -- guard protocol ----------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> List[Output]:
         """
         The WebSocket is open and the token redeemed; the browser speaks
         first, so there is nothing to do.
         """
+        return []
 
-    def client_data(self, data: bytes) -> None:
+    def client_data(self, data: bytes) -> List[Output]:
         """
         Bytes from the browser.
         """
         if self._client.done and self._ticket_sent:
             # The link handshake of the client is over: relay at once.
-            if not (self._out.failed or self._out.finished):
-                self._out.emit("send_to_server", data)
-                self._out.flush()
-            return
-        self._run(self._client.feed, data)
+            out = self._out
+            if out.failed or out.finished:
+                return []
+            out.emit(SendToServer(data))
+            return out.hand_out()
+        return self._run(self._client.feed, data)
 
-    def server_connected(self) -> None:
+    def server_connected(self) -> List[Output]:
         """
         The TCP connection to the VM is up: send it the link message.
         """
         self._connected = True
-        self._run(self._server.pump)
+        return self._run(self._server.pump)
 
-    def server_data(self, data: bytes) -> None:
+    def server_data(self, data: bytes) -> List[Output]:
         """
         Bytes from the VM.
         """
-        self._run(self._server.feed, data)
+        return self._run(self._server.feed, data)
 
     # -- internals ---------------------------------------------------------
 
@@ -213,7 +214,7 @@ class SpiceGuard(TwoSidedGuard):
             )
 
     def _client_steps(self) -> Steps:
-        out = self._out
+        emit = self._out.emit
         header = yield LINK_HEADER.size
         magic, major, _minor, size = LINK_HEADER.unpack(header)
         if magic != SPICE_MAGIC:
@@ -229,7 +230,7 @@ class SpiceGuard(TwoSidedGuard):
         self.channel_type = channel_type
         self.is_main = channel_type == SPICE_CHANNEL_MAIN
         self._link = header + body
-        out.emit("admit", self.is_main)
+        emit(Admit(self.is_main))
 
         yield lambda: self._reply_read
         if self._auth_selection():
@@ -245,7 +246,7 @@ class SpiceGuard(TwoSidedGuard):
             ticket = struct.pack("<I", SPICE_COMMON_CAP_AUTH_SPICE) + ticket
         rest = self._client.take_rest()
         self._ticket_sent = True
-        out.emit("send_to_server", ticket + rest)
+        emit(SendToServer(ticket + rest))
 
     def _negotiated(self, cap: int) -> bool:
         """Whether both the browser and the VM announced common cap C{cap}."""
@@ -258,10 +259,10 @@ class SpiceGuard(TwoSidedGuard):
         return self._negotiated(SPICE_COMMON_CAP_MINI_HEADER)
 
     def _server_steps(self) -> Steps:
-        out = self._out
+        emit = self._out.emit
         yield lambda: self._connected and self._link is not None
         assert self._link is not None
-        out.emit("send_to_server", self._link)
+        emit(SendToServer(self._link))
 
         header = yield LINK_HEADER.size
         magic, major, _minor, size = LINK_HEADER.unpack(header)
@@ -287,7 +288,7 @@ class SpiceGuard(TwoSidedGuard):
             raise server_failure("server key is not RSA")
         self._server_key = key
         self._ticket_size = public_key.key_size // 8
-        out.emit("send_to_client", header + body)
+        emit(SendToClient(header + body))
         self._reply_read = True
 
         # The link result answers the ticket: read it only once that is sent.
@@ -296,21 +297,21 @@ class SpiceGuard(TwoSidedGuard):
         result = struct.unpack("<I", result_bytes)[0]
         if result != SPICE_LINK_ERR_OK:
             raise server_failure("%s: link result %d" % (AUTH_FAILED, result))
-        out.emit("send_to_client", result_bytes)
+        emit(SendToClient(result_bytes))
 
         if self.is_main:
             yield from self._read_until_main_init()
         rest = self._server.take_rest()
         if rest:
-            out.emit("send_to_client", rest)
-        out.emit("established")
+            emit(SendToClient(rest))
+        emit(Established())
 
     def _read_until_main_init(self) -> Steps:
         """
         Relay the main channel's messages until SPICE_MSG_MAIN_INIT and
         report its session id.
         """
-        out = self._out
+        emit = self._out.emit
         mini = self._mini_header()
         header_struct = MINI_HEADER if mini else FULL_HEADER
         seen = 0
@@ -325,16 +326,16 @@ class SpiceGuard(TwoSidedGuard):
                     raise server_failure("short SPICE_MSG_MAIN_INIT")
                 first = yield 4
                 self.session_id = struct.unpack("<I", first)[0]
-                out.emit("send_to_client", header + first)
-                out.emit("spice_session", self.session_id)
+                emit(SendToClient(header + first))
+                emit(SpiceSessionAssigned(self.session_id))
                 return
             seen += header_struct.size + msg_size
             if seen > MAX_BYTES_BEFORE_INIT:
                 raise server_failure("no SPICE_MSG_MAIN_INIT from the server")
-            out.emit("send_to_client", header)
+            emit(SendToClient(header))
             # Relay the body as it comes, without holding it.
             remaining = msg_size
             while remaining:
                 chunk = yield UpTo(remaining)
                 remaining -= len(chunk)
-                out.emit("send_to_client", chunk)
+                emit(SendToClient(chunk))

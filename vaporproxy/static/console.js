@@ -12,11 +12,20 @@
 //   ({"type":"error","code":...}) and the close code (4000 + n).
 // - After an unexpected close it reconnects with backoff; after a fatal
 //   code (VM gone, no console, not allowed, terminated, idle) it stops.
+// - A share link (/console/<id>#share=SECRET) is used like the key: moved to
+//   sessionStorage, sent only as "Authorization: Share SECRET"; each
+//   (re)connect spends one of the share's uses.
+// - ?mode=view asks for a view-only console; the proxy decides (a view-only
+//   key or share always gets one) and enforces it: the page only shows it
+//   (a "view only" badge; noVNC's viewOnly so no input is even tried).
+// - A refusal says why: e.g. MFA_REQUIRED with the identity provider's
+//   challenge, shown in the status line.
 // - State for people and tests: the status line and window.vapor.
 "use strict";
 
 const API_PREFIX = "/api/v1/virtualization/virtualmachines/";
 const KEY_STORAGE = "vapor.key";
+const SHARE_STORAGE = "vapor.share";
 
 // Close codes after which a reconnect cannot help.
 const FATAL_CLOSE_CODES = new Map([
@@ -38,6 +47,7 @@ const MAX_FAILED_ATTEMPTS = 8;
 const vapor = {
   vmId: null,
   type: null,          // "vnc" | "spice" once known
+  mode: null,          // "control" | "view" once known (the proxy's answer)
   state: "init",       // init fetching connecting connected reconnecting disconnected failed
   lastError: null,     // an error code name (e.g. "TOKEN_ALREADY_USED") or a short text
   closeCode: null,     // the close code of the last closed console WebSocket
@@ -48,8 +58,6 @@ const vapor = {
   connects: 0,         // sessions that reached "connected"
   attempt: 0,          // consecutive failed attempts
   history: [],         // [{code, reason, error}] of every ended session
-  muted: false,        // the mute button: every <audio> spice-html5 adds follows it
-  audioElements: 0,    // <audio> elements spice-html5 added (its playback channel)
 };
 window.vapor = vapor;
 
@@ -96,6 +104,14 @@ function takeKeyFromFragment() {
         memoryKey = key;
       }
     }
+    const share = params.get("share");
+    if (share) {
+      try {
+        window.sessionStorage.setItem(SHARE_STORAGE, share);
+      } catch (e) {
+        memoryShare = share;
+      }
+    }
     // Strip the fragment so the key is not left in the address bar,
     // history, bookmarks or screenshots.
     window.history.replaceState(null, "", window.location.pathname + window.location.search);
@@ -103,18 +119,21 @@ function takeKeyFromFragment() {
 }
 
 let memoryKey = null;
-function apiKey() {
+let memoryShare = null;
+function stored(name, fallback) {
   try {
-    return window.sessionStorage.getItem(KEY_STORAGE) || memoryKey;
+    return window.sessionStorage.getItem(name) || fallback;
   } catch (e) {
-    return memoryKey;
+    return fallback;
   }
 }
+const apiKey = () => stored(KEY_STORAGE, memoryKey);
+const shareSecret = () => stored(SHARE_STORAGE, memoryShare);
 
 function consoleInfoUrl() {
   const page = new URLSearchParams(window.location.search);
   const q = new URLSearchParams();
-  for (const name of ["type", "display"]) {
+  for (const name of ["type", "display", "mode"]) {
     const v = page.get(name);
     if (v !== null && v !== "") q.set(name, v);
   }
@@ -139,14 +158,23 @@ class ApiError extends Error {
     super(message || code || `HTTP ${status}`);
     this.status = status;
     this.code = code;
+    this.detail = message || null;
   }
+}
+
+// The error_description of an RFC 9470 challenge (step-up refusals).
+function challengeDescription(header) {
+  const match = /error_description="([^"]*)"/.exec(header || "");
+  return match ? match[1] : null;
 }
 
 async function fetchConsoleInfo() {
   vapor.tokenFetches += 1;
   const headers = { Accept: "application/json" };
+  const share = shareSecret();
   const key = apiKey();
-  if (key) headers.Authorization = "Bearer " + key;
+  if (share) headers.Authorization = "Share " + share;
+  else if (key) headers.Authorization = "Bearer " + key;
   const res = await fetch(consoleInfoUrl(), {
     headers,
     cache: "no-store",
@@ -161,7 +189,8 @@ async function fetchConsoleInfo() {
   }
   if (!res.ok) {
     const code = body && body.code ? body.code : null;
-    throw new ApiError(res.status, code, body && body.error);
+    const why = challengeDescription(res.headers.get("www-authenticate"));
+    throw new ApiError(res.status, code, why || (body && body.error));
   }
   if (!body || !body.token || !body.ws_path || !body.type) {
     throw new ApiError(res.status, "INTERNAL_ERROR", "malformed console info");
@@ -214,7 +243,7 @@ async function startVnc(info, sid) {
   const rfb = new RFB($("screen"), ws, { shared: true });
   rfb.scaleViewport = true;
   rfb.resizeSession = false;
-  rfb.viewOnly = false;
+  rfb.viewOnly = info.mode === "view";
   rfb.addEventListener("connect", () => {
     if (sid !== sessionCounter) return;
     sessionConnected();
@@ -289,7 +318,12 @@ async function startSpice(info, sid) {
   };
   installSpiceSocketHook(sid, (e) => {
     // Any channel closing with a proxy error ends the session; so does the
-    // main channel closing for any reason (listener below).
+    // main channel closing for any reason (listener below).  A view-only
+    // console's inputs channel is refused (4008) by design: not an end.
+    if (info.mode === "view" && e.code === 4008 && e.target !== sc.ws) {
+      vapor.refusedChannels = (vapor.refusedChannels || 0) + 1;
+      return;
+    }
     if (e.code >= 4000) end(e.code, e.reason);
   });
   sc = new SpiceHtml5.SpiceMainConn({
@@ -359,7 +393,8 @@ async function connect() {
     vapor.lastError = name;
     vapor.history.push({ code: null, reason: null, error: name, http: e.status || null });
     if (e.status && FATAL_HTTP.has(e.status)) {
-      fail(`${name}${e.status ? " (HTTP " + e.status + ")" : ""}`);
+      const detail = e.detail && e.detail !== name ? `: ${e.detail}` : "";
+      fail(`${name}${e.status ? " (HTTP " + e.status + ")" : ""}${detail}`);
     } else {
       scheduleReconnect(name);
     }
@@ -367,6 +402,8 @@ async function connect() {
   }
   if (sid !== sessionCounter) return;
   vapor.type = info.type;
+  vapor.mode = info.mode || "control";
+  $("mode").hidden = vapor.mode !== "view";
   clearScreen();
   setStatus("connecting", `connecting (${info.type.toUpperCase()})…`);
   setButtons(false);
@@ -448,36 +485,34 @@ function disconnect() {
   setButtons(false);
 }
 
-// --- start ----------------------------------------------------------------
-
 // --- sound ----------------------------------------------------------------
 
-// spice-html5 plays its playback channel (Opus) through <audio> elements it
-// appends to the screen; the mute button applies to them, present and future.
-function applyMute(audio) {
-  audio.muted = vapor.muted;
+// spice-html5 plays a SPICE console's sound through an <audio> element it
+// adds under #screen when the VM opens a playback channel.  The Mute button
+// appears with the first one and mutes every one (later ones too).
+vapor.audio = { elements: 0, muted: false };
+
+function applyMute() {
+  for (const audio of $("screen").querySelectorAll("audio")) audio.muted = vapor.audio.muted;
+  const button = $("mute");
+  button.textContent = vapor.audio.muted ? "Unmute" : "Mute";
+  button.setAttribute("aria-pressed", String(vapor.audio.muted));
 }
 
 function watchAudio() {
-  const screen = $("screen");
-  new MutationObserver((records) => {
-    for (const record of records) {
-      for (const node of record.addedNodes) {
-        if (node.nodeName === "AUDIO") {
-          vapor.audioElements += 1;
-          applyMute(node);
-        }
-      }
-    }
-  }).observe(screen, { childList: true, subtree: true });
+  new MutationObserver(() => {
+    const count = $("screen").querySelectorAll("audio").length;
+    if (count > vapor.audio.elements) vapor.audio.elements = count;
+    $("mute").hidden = vapor.audio.elements === 0;
+    applyMute();
+  }).observe($("screen"), { childList: true, subtree: true });
   $("mute").addEventListener("click", () => {
-    vapor.muted = !vapor.muted;
-    const button = $("mute");
-    button.setAttribute("aria-pressed", String(vapor.muted));
-    button.textContent = vapor.muted ? "Unmute" : "Mute";
-    screen.querySelectorAll("audio").forEach(applyMute);
+    vapor.audio.muted = !vapor.audio.muted;
+    applyMute();
   });
 }
+
+// --- start ----------------------------------------------------------------
 
 function main() {
   takeKeyFromFragment();

@@ -43,7 +43,7 @@ def spice_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, Any]:
 
     @raise ConfigError: naming the key of the first unusable file.
     """
-    from vaporproxy.guards.rfb import VncTLS
+    from vaporproxy.guards.vencrypt import VncTLS
 
     found: Dict[str, Any] = {}
     for i, hypervisor in enumerate(hypervisors):
@@ -61,7 +61,7 @@ class _VMTLSProtocol(TLSMemoryBIOProtocol):
 
     def connectionLost(self, reason: Any) -> None:
         if not self._handshakeDone and self._tlsConnection is not None:
-            from vaporproxy.guards.rfb import describe_connection_lost
+            from vaporproxy.guards.vencrypt import describe_connection_lost
 
             # Twisted keeps the TLS error (or the failed verification) in
             # _reason and reports it in place of the transport's reason.

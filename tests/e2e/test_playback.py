@@ -1,0 +1,231 @@
+"""
+End to end: a recording of a real QEMU VNC screen, played back in headless
+Chromium by the bundled playback page with the real noVNC.
+
+The recording is made the way the proxy records a console: everything a
+browser received over a security-None RFB 3.8 session, with times.  The
+page must draw the same screen the VM showed (compared pixel by pixel with
+a live capture), reach the end, and seek back to the middle.
+"""
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+from klein import Klein
+from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.server import Site
+from twisted.web.static import File
+
+from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.filewriter import DiskWriter
+from vaporproxy.http.api import CONSOLE_PAGE_CSP
+from vaporproxy.http.recordings import RecordingsAPI, playback_page_path
+from vaporproxy.recordings.store import RecordingStore
+from tests.http.test_recordings import arg, respond
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NOVNC = os.path.join(REPO, "node_modules", "@novnc", "novnc")
+STATIC = os.path.join(REPO, "vaporproxy", "static")
+ADMIN_KEY = "playback-admin-key"
+VM = "6f1b2a3c-1111-4222-8333-944455556666"
+
+#: The pixel format noVNC asks for: 32 bpp, depth 24, little endian, true colour, RGB at shifts 0/8/16.
+NOVNC_PIXEL_FORMAT = struct.pack("!BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
+
+
+def skip_reason():
+    for binary in ("qemu-system-x86_64", "node", "/usr/bin/chromium"):
+        if shutil.which(binary) is None:
+            return f"{binary} is not installed"
+    if not os.path.isdir(NOVNC):
+        return "node_modules/@novnc/novnc is missing (npm ci)"
+    return None
+
+
+def free_display():
+    for display in range(40, 90):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", 5900 + display)) != 0:
+                return display
+    raise SkipTest("no free VNC display")
+
+
+def recv_exact(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError("VNC server closed")
+        data += chunk
+    return data
+
+
+def record_vnc(port, recorder, seconds):
+    """
+    Be a browser on a security-None session for C{seconds}, recording what
+    it receives; answer the framebuffer size.
+    """
+    channel = recorder.open_channel({"channel_type": None})
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with sock:
+        version = recv_exact(sock, 12)
+        recorder.to_browser(channel, version)
+        sock.sendall(b"RFB 003.008\n")
+        count = recv_exact(sock, 1)
+        types = recv_exact(sock, count[0])
+        recorder.to_browser(channel, count + types)
+        assert 1 in types, types
+        sock.sendall(b"\x01")
+        result = recv_exact(sock, 4)
+        recorder.to_browser(channel, result)
+        sock.sendall(b"\x01")  # ClientInit: shared
+        head = recv_exact(sock, 24)
+        name = recv_exact(sock, struct.unpack("!I", head[20:24])[0])
+        recorder.to_browser(channel, head + name)
+        width, height = struct.unpack("!HH", head[:4])
+        sock.sendall(b"\x00\x00\x00\x00" + NOVNC_PIXEL_FORMAT)
+        sock.sendall(struct.pack("!BxHi", 2, 1, 0))  # SetEncodings: Raw
+        sock.sendall(struct.pack("!BBHHHH", 3, 0, 0, 0, width, height))
+        sock.settimeout(0.1)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                sock.sendall(struct.pack("!BBHHHH", 3, 1, 0, 0, width, height))
+                continue
+            if not data:
+                break
+            recorder.to_browser(channel, data)
+    return width, height
+
+
+def capture_live(port, path):
+    """A PNG of the VM's screen now, taken by vncdotool."""
+    subprocess.run(["vncdotool", "-s", f"127.0.0.1::{port}", "capture", path], check=True, timeout=30)
+
+
+def text_overlap(played_png, live_png):
+    """
+    Of the live screen's bright (text) pixels, the fraction that are bright
+    in the played one too, and how many bright pixels the live one has (a
+    blank or shifted canvas scores near 0, not near 1).
+    """
+    from PIL import Image
+
+    played = Image.open(played_png).convert("L")
+    live = Image.open(live_png).convert("L")
+    if played.size != live.size:
+        return 0.0, 0
+    bright = [i for i, value in enumerate(live.getdata()) if value > 128]
+    played_data = list(played.getdata())
+    hits = sum(1 for i in bright if played_data[i] > 128)
+    return hits / max(1, len(bright)), len(bright)
+
+
+class PlaybackTests(TestCase):
+    timeout = 180
+
+    def setUp(self):
+        reason = skip_reason()
+        if reason:
+            raise SkipTest(reason)
+        self.work = os.path.abspath(self.mktemp())
+        os.makedirs(self.work)
+        display = free_display()
+        self.port = 5900 + display
+        self.qemu = subprocess.Popen(
+            ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std",
+             "-display", "none", "-vnc", f"127.0.0.1:{display}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.addCleanup(self._stop_qemu)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.1)
+
+    def _stop_qemu(self):
+        self.qemu.kill()
+        self.qemu.wait(10)
+
+    def serve(self, store):
+        """A site with the playback page, its scripts, noVNC and the recordings API."""
+
+        def require_admin(request):
+            if request.getHeader(b"authorization") != f"Bearer {ADMIN_KEY}".encode():
+                raise ConsoleError(ErrorCode.UNAUTHORIZED, "Administrator access required", http_status=403)
+
+        recordings = RecordingsAPI(store, require_admin, respond, arg, playback_page_path(), CONSOLE_PAGE_CSP.encode())
+        app = Klein()
+
+        @app.route("/static/app/", branch=True)
+        def static_app(request):
+            return File(STATIC)
+
+        @app.route("/static/novnc/", branch=True)
+        def static_novnc(request):
+            return File(NOVNC)
+
+        @app.route("/", branch=True)
+        def rest(request):
+            return recordings.app.resource()
+
+        port = reactor.listenTCP(0, Site(app.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    async def test_playsTheRecordedScreen(self):
+        """
+        When a recorded VNC console is opened in the playback page, noVNC draws the VM's screen, reaches the end and seeks back.
+        """
+        time.sleep(3)  # SeaBIOS draws its "No bootable device" screen
+        clock = reactor
+        writer = DiskWriter(clock)
+        self.addCleanup(writer.stopService)
+        store = RecordingStore(self.work, writer, clock, lambda f, *a: succeed(f(*a)))
+        recorder = store.start(vm_id=VM, vm_name="bios-vm", console_type="vnc", user="alice")
+        width, height = record_vnc(self.port, recorder, 2.5)
+        live_png = os.path.join(self.work, "live.png")
+        capture_live(self.port, live_png)
+        store.finish(recorder, bytes_sent=recorder.size, outcome=None)
+        writer.stopService()
+        base = self.serve(store)
+        spec = {
+            "url": f"{base}/console/recordings/{recorder.id}#key={ADMIN_KEY}",
+            "end_png": os.path.join(self.work, "end.png"),
+            "seek_png": os.path.join(self.work, "seek.png"),
+            "seek_ms": 1200,
+            "timeout_ms": 30000,
+        }
+        out, err, code = await getProcessOutputAndValue(
+            "node", [os.path.join(REPO, "tests", "e2e", "playback_driver.mjs"), json.dumps(spec)],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
+            path=REPO, reactor=reactor,
+        )  # fmt: skip
+        report = json.loads([line for line in out.decode().splitlines() if line.startswith("{")][-1])
+        self.assertNotIn("fatal", report, report.get("fatal"))
+        self.assertEqual(report["errors"], [])
+        self.assertTrue(report["ended"], report)
+        self.assertEqual(report["atEnd"]["state"], "ended")
+        self.assertEqual(report["atEnd"]["type"], "vnc")
+        self.assertNotIn("key=", report["urlAfterLoad"])
+        self.assertTrue(report["endPng"])
+        overlap, bright = text_overlap(spec["end_png"], live_png)
+        self.assertGreater(bright, 1000)  # the live screen has text to compare
+        self.assertGreater(overlap, 0.98)
+        self.assertEqual(report["afterSeek"]["seeks"], 1)
+        self.assertEqual(report["afterSeek"]["state"], "paused")
+        self.assertGreater(report["afterSeek"]["positionMs"], 1000)
+        self.assertTrue(report["seekPng"])
+        self.assertGreater(text_overlap(spec["seek_png"], live_png)[0], 0.98)

@@ -1,0 +1,134 @@
+"""
+Tests for L{vaporproxy.recordings.recorder} and L{vaporproxy.recordings.store}:
+recording a console, its metadata, listing, retention.
+"""
+
+import json
+import os
+
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from vaporproxy.filewriter import DiskWriter
+from vaporproxy.recordings.format import KIND_CHANNEL_OPEN, KIND_FROM_BROWSER, KIND_TO_BROWSER, read_recording
+from vaporproxy.recordings.recorder import recording_path
+from vaporproxy.recordings.store import RecordingStore, cleanup_directory
+
+VM = "6f1b2a3c-1111-4222-8333-944455556666"
+
+
+def inline(f, *args):
+    """Run a 'thread pool' function at once (the store's C{run})."""
+    return succeed(f(*args))
+
+
+class RecordingTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.dropped = []
+        self.writer = DiskWriter(self.clock, threaded=False)
+        self.store = self.make_store()
+
+    def make_store(self, **kwargs):
+        return RecordingStore(self.dir, self.writer, self.clock, inline, on_dropped=self.dropped.append, **kwargs)
+
+    def record_one(self, store, data=b"frame", user="alice"):
+        recorder = store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user=user)
+        channel = recorder.open_channel({"channel_type": None})
+        self.clock.advance(1.5)
+        recorder.to_browser(channel, data)
+        recorder.from_browser(channel, b"keys")
+        return recorder
+
+    def test_recordAndReadBack(self):
+        """
+        When a console is recorded and ends, its file holds the screen bytes with times and its metadata says how it ended.
+        """
+        recorder = self.record_one(self.store)
+        meta = self.store.finish(recorder, bytes_sent=5, outcome=None)
+        with open(recording_path(self.dir, recorder.id), "rb") as f:
+            header, records, cut = read_recording(f.read())
+        self.assertEqual(header["vm_id"], VM)
+        self.assertFalse(cut)
+        self.assertEqual([(r.kind, r.t_ms, r.data) for r in records[1:]], [(KIND_TO_BROWSER, 1500, b"frame")])
+        self.assertEqual(records[0].kind, KIND_CHANNEL_OPEN)
+        self.assertEqual(meta["outcome"], "ok")
+        self.assertEqual(meta["duration_s"], 1.5)
+        with open(os.path.join(self.dir, recorder.id + ".json")) as f:
+            self.assertEqual(json.load(f)["size"], meta["size"])
+
+    def test_inputOnlyWhenAsked(self):
+        """
+        When include_input is on, the browser's bytes are recorded too; by default they are not.
+        """
+        store = self.make_store(include_input=True)
+        recorder = self.record_one(store)
+        store.finish(recorder, bytes_sent=5, outcome=None)
+        with open(recording_path(self.dir, recorder.id), "rb") as f:
+            _, records, _ = read_recording(f.read())
+        self.assertIn((KIND_FROM_BROWSER, b"keys"), [(r.kind, r.data) for r in records])
+
+    def test_listLiveFinishedInterrupted(self):
+        """
+        When one recording ended, one is live and one has no metadata from an earlier process, the list tells them apart.
+        """
+        finished = self.record_one(self.store)
+        self.store.finish(finished, bytes_sent=5, outcome="IDLE_TIMEOUT")
+        live = self.record_one(self.store)
+        crashed = self.record_one(self.make_store())
+        listed = {m["id"]: m for m in self.successResultOf(self.store.list())}
+        self.assertEqual(listed[finished.id]["outcome"], "IDLE_TIMEOUT")
+        self.assertEqual(listed[live.id]["outcome"], "LIVE")
+        self.assertEqual(listed[crashed.id]["outcome"], "INTERRUPTED")
+        self.assertEqual(listed[crashed.id]["user"], "alice")
+
+    def test_diskTroubleDropsRecordingOnly(self):
+        """
+        When the disk cannot keep up, the recording is given up and reported; recording calls go on without error.
+        """
+        self.writer.max_pending = 10
+        recorder = self.record_one(self.store, data=b"x" * 100)
+        recorder.to_browser(0, b"more")
+        self.assertFalse(recorder.active)
+        self.assertEqual(len(self.dropped), 1)
+
+    def test_retentionByAge(self):
+        """
+        When the cleanup runs, recordings older than the retention are deleted and newer ones kept.
+        """
+        old = self.record_one(self.store)
+        self.store.finish(old, bytes_sent=5, outcome=None)
+        self.clock.advance(3600)
+        new = self.record_one(self.store)
+        self.store.finish(new, bytes_sent=5, outcome=None)
+        store = self.make_store(retention_s=1800)
+        self.assertEqual(self.successResultOf(store.cleanup()), [old.id])
+        self.assertEqual([m["id"] for m in self.successResultOf(store.list())], [new.id])
+
+    def test_retentionBySizeOldestFirst(self):
+        """
+        When the total size is over max_total_size, the oldest recordings go first until it fits; live ones stay.
+        """
+        ids = []
+        for i in range(3):
+            recorder = self.record_one(self.store, data=b"x" * 1000)
+            self.store.finish(recorder, bytes_sent=1000, outcome=None)
+            ids.append(recorder.id)
+            self.clock.advance(10)
+        live = self.record_one(self.store, data=b"y" * 1000)
+        size = os.path.getsize(recording_path(self.dir, ids[0]))
+        deleted = cleanup_directory(self.dir, self.clock.seconds(), 10**9, 2 * size + 1200, [live.id])
+        self.assertEqual(deleted, ids[:2])
+
+    def test_deleteRefusesLiveAndBadIds(self):
+        """
+        When a delete names a live recording or a malformed id, nothing is deleted.
+        """
+        live = self.record_one(self.store)
+        self.assertFalse(self.successResultOf(self.store.delete(live.id)))
+        self.assertFalse(self.successResultOf(self.store.delete("../etc/passwd")))
+        self.assertTrue(os.path.exists(recording_path(self.dir, live.id)))

@@ -1,0 +1,3 @@
+"""
+Console recordings: the file format, the files and their index.
+"""

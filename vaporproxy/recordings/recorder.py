@@ -1,0 +1,130 @@
+"""
+One console's recording while it streams: the tap that the relay pipeline
+feeds (what the browser received, and with C{include_input} what it sent),
+written through the shared L{vaporproxy.filewriter.DiskWriter}.
+
+The console never waits for the recording: a slow or full disk gives up the
+file (the L{DiskWriter} says why), the recorder logs it once, counts it in
+metrics, and stops recording; the console goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Optional
+
+from twisted.logger import Logger
+
+from vaporproxy.recordings.format import (
+    KIND_CHANNEL_CLOSE,
+    KIND_CHANNEL_OPEN,
+    KIND_FROM_BROWSER,
+    KIND_TO_BROWSER,
+    RECORD_HEADER,
+    encode_header,
+)
+
+__all__ = ["ConsoleRecorder", "recording_path"]
+
+log = Logger(namespace="vaporproxy.recordings")
+
+#: File name suffixes: the recording, and its metadata written when it ends.
+DATA_SUFFIX = ".vprec"
+META_SUFFIX = ".json"
+
+
+def recording_path(directory: str, recording_id: str) -> str:
+    """The recording file of C{recording_id} (an id the proxy made: hex)."""
+    return os.path.join(directory, recording_id + DATA_SUFFIX)
+
+
+class ConsoleRecorder:
+    """
+    Appends one console's records.
+
+    @param writer: the L{vaporproxy.filewriter.DiskWriter}.
+    @param header: the file header's fields (id, vm_id, vm_name, type,
+        user, started_at, include_input).
+    @param clock: milliseconds of each record since C{started_at}.
+    @param on_dropped: told once when the recording is given up (metrics).
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        directory: str,
+        header: Dict[str, Any],
+        clock: Any,
+        include_input: bool = False,
+        on_dropped: Optional[Callable[[str], None]] = None,
+    ):
+        self.id = header["id"]
+        self.header = header
+        self.include_input = include_input
+        self._directory = directory
+        self._clock = clock
+        self._started = clock.seconds()
+        self._on_dropped = on_dropped
+        self._writer = writer
+        self._handle = writer.open(recording_path(directory, self.id), on_error=self._failed)
+        self._handle.write(encode_header(header))
+        self._channels = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether the file is still being written."""
+        return not self._handle.failed
+
+    @property
+    def size(self) -> int:
+        """Bytes written to the file so far."""
+        return self._handle.written
+
+    def _t_ms(self) -> int:
+        return int((self._clock.seconds() - self._started) * 1000)
+
+    def _record(self, kind: int, channel: int, data: bytes) -> None:
+        handle = self._handle
+        # Header and data as two writes: the data is not copied.
+        if handle.write(RECORD_HEADER.pack(kind, channel, self._t_ms(), len(data))):
+            handle.write(data)
+
+    def open_channel(self, info: Optional[Dict[str, Any]] = None) -> int:
+        """A WebSocket of the console opened; answer its channel number."""
+        channel = self._channels
+        self._channels += 1
+        self._record(KIND_CHANNEL_OPEN, channel, json.dumps(info or {}, sort_keys=True).encode())
+        return channel
+
+    def close_channel(self, channel: int) -> None:
+        self._record(KIND_CHANNEL_CLOSE, channel, b"")
+
+    def to_browser(self, channel: int, data: bytes) -> None:
+        """Bytes the browser received."""
+        self._record(KIND_TO_BROWSER, channel, data)
+
+    def from_browser(self, channel: int, data: bytes) -> None:
+        """Bytes the browser sent (kept only with C{include_input})."""
+        if self.include_input:
+            self._record(KIND_FROM_BROWSER, channel, data)
+
+    def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
+        """
+        The console ended: close the file and write its metadata (the
+        header's fields, C{summary}'s and the size), also through the
+        writer.  Answer the metadata.
+        """
+        meta = dict(self.header)
+        meta.update(summary)
+        meta["size"] = self._handle.written
+        meta["complete"] = not self._handle.failed
+        self._handle.close()
+        path = os.path.join(self._directory, self.id + META_SUFFIX)
+        self._writer.replace(path, json.dumps(meta, sort_keys=True).encode())
+        return meta
+
+    def _failed(self, why: str) -> None:
+        log.error("recording {recording_id} dropped, the console goes on: {why}", recording_id=self.id, why=why)
+        if self._on_dropped is not None:
+            self._on_dropped(why)
