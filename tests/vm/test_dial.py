@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from typing import Any, List, Optional
 
 from twisted.internet.defer import Deferred
@@ -20,9 +21,12 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.guards.playbook import RecordingSink
+from tests.guards.test_spice import OAEP, PASSWORD, browser_ticket, link_message, link_reply, private_key
 from tests.integration.qemu_fixture import write_x509_credentials
 from vaporproxy.config import ConfigError, HypervisorConfig, SpiceTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.guards.spice import SpiceGuard
 from vaporproxy.interfaces import Graphics
 from vaporproxy.vm.dial import GraphicsHandOff, dial, spice_tls_by_uri
 from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
@@ -214,3 +218,80 @@ class DialTests(SynchronousTestCase):
         hv = HypervisorConfig(URI, spice_tls=SpiceTLSConfig(ca_file=self.vm["server-key.pem"]))
         error = self.assertRaises(ConfigError, spice_tls_by_uri, [hv])
         self.assertIn("hypervisors[0].spice_tls.ca_file", str(error))
+
+
+class _SpiceVM(Protocol):
+    """
+    A SPICE server's link handshake (behind TLS in these tests): answers the
+    link message with the test key and the ticket with OK when it decrypts
+    to the console password; keeps the password it read.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.password: Optional[bytes] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        # The guard sends the ticket only after the reply: no chunk spans both.
+        self.buffer += data
+        link = len(link_message())
+        if len(self.buffer) == link:
+            self.transport.write(link_reply())
+        elif len(self.buffer) == link + 4 + 128:
+            self.password = private_key().decrypt(self.buffer[link + 4 :], OAEP)
+            self.transport.write(struct.pack("<I", 0 if self.password == PASSWORD.encode() + b"\0" else 7))
+
+
+class _GuardedVM(Protocol):
+    """The VM side of the bridge: feeds the guard, writes what it sends."""
+
+    def __init__(self, guard: Any, sink: RecordingSink):
+        self.guard = guard
+        self.sink = sink
+
+    def connectionMade(self) -> None:
+        self.sink.send_to_server = self.transport.write  # type: ignore[method-assign]
+        self.guard.server_connected()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.guard.server_data(data)
+
+
+class SpiceGuardOverTLSTests(SynchronousTestCase):
+    """
+    The SPICE guard over a VM connection that is TLS from the first byte
+    (L{dial} to a tlsPort), with real TLS in memory: the guard sees
+    plaintext and injects the ticket as over plain TCP.
+    """
+
+    def test_ticketInjectedThroughTLS(self) -> None:
+        """
+        When the browser links the main channel of a TLS-only console, the VM gets the link message and the real password through TLS, and the browser gets the link reply and result.
+        """
+        base = self.mktemp()
+        certs = write_x509_credentials(os.path.join(base, "vm"), names=("127.0.0.1",))
+        with open(certs["server-cert.pem"], "rb") as c, open(certs["server-key.pem"], "rb") as k:
+            server_options = PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        tls = spice_tls_by_uri([HypervisorConfig(URI, spice_tls=SpiceTLSConfig(ca_file=certs["ca-cert.pem"]))])[URI]
+        sink = RecordingSink()
+        guard = SpiceGuard(sink, PASSWORD, None)
+        guard.start()
+        guard.client_data(link_message())
+        self.assertIn(("admit", True), sink.calls)
+
+        reactor = MemoryReactor()
+        app = ClientFactory.forProtocol(lambda: _GuardedVM(guard, sink))
+        target = ConsoleTarget("127.0.0.1", TLS_ONLY, URI, "127.0.0.1")
+        dial(reactor, target, tls, app, None, guard.channel_type)
+        ((_, port, factory, _, _),) = reactor.tcpClients
+        self.assertEqual(port, TLS_ONLY.tls_port)
+        vm = _SpiceVM()
+        server = TLSMemoryBIOFactory(server_options, False, Factory.forProtocol(lambda: vm))
+        server.protocol = TLSMemoryBIOProtocol
+        _, _, pump = connectedServerAndClient(lambda: server.buildProtocol(None), lambda: factory.buildProtocol(None))
+        pump.flush()
+        self.assertEqual(sink.to_client, link_reply())
+        guard.client_data(browser_ticket())
+        pump.flush()
+        self.assertEqual(vm.password, PASSWORD.encode() + b"\0")
+        self.assertEqual(sink.to_client, link_reply() + struct.pack("<I", 0))
