@@ -12,6 +12,7 @@ import textwrap
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.config import ConfigError, HypervisorConfig, SpiceTLSConfig, parse_config
+from vaporproxy.tap import check_files
 from vaporproxy.vm.libvirt import is_local
 
 
@@ -56,6 +57,14 @@ class SpiceTLSConfigTests(SynchronousTestCase):
             ConfigError, parse, "hypervisors: [{uri: 'qemu:///system', spice_tls: {allow_anonymous: true}}]"
         )
         self.assertIn("hypervisors[0].spice_tls.allow_anonymous: unknown key", str(error))
+
+    def test_checkedAtStartAndReload(self) -> None:
+        """
+        When a spice_tls file is not a certificate, the start-up and SIGHUP file check refuses the config naming the key.
+        """
+        config = parse(f"hypervisors: [{{uri: 'qemu:///system', spice_tls: {{ca_file: {self.ca}}}}}]")
+        error = self.assertRaises(ConfigError, check_files, config)
+        self.assertIn("hypervisors[0].spice_tls.ca_file", str(error))
 
     def test_contradiction(self) -> None:
         """
