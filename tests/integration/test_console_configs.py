@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER
+
+from . import test_full_path
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_consoles import start_console_qemu
 from .qemu_fixture import free_port, write_x509_credentials
@@ -318,11 +321,51 @@ class SpiceAudioTests(TestCase):
         info = await console(self, stack, "vm-audio")
         session_id = await spice_session(self, stack, info)
         playback = await stack.websocket(info["ws_path"], info["token"], protocols=["binary"])
-        # A VM without the channel answers the link with an error, and the guard closes the WebSocket.
+        # A VM without the channel answers the link with an error, and the
+        # guard closes the WebSocket.  The link announces Opus, as spice-html5's does.
+        self.patch(test_full_path, "spice_link", playback_link)
         self.assertEqual(await spice_link_channel(playback, 5, session_id), 0, "QEMU linked the playback channel")
+        start_at = len(playback.received)
+        got = await playback.until(lambda got: playback_mode(got, start_at) is not None)
+        self.assertEqual(playback_mode(got, start_at), SPICE_AUDIO_DATA_MODE_OPUS)
 
     def test_playbackChannel(self) -> None:
         """
-        When the VM has a SPICE sound card, its playback channel links through the proxy on the console's token and session id.
+        When the VM has a SPICE sound card, its playback channel links through the proxy on the console's token and session id, and QEMU announces Opus as its data mode (what spice-html5 plays).
         """
         return Deferred.fromCoroutine(self._playback())
+
+
+#: spice-protocol: the playback channel's Opus capability, its mode message
+#: and the Opus data mode.
+SPICE_PLAYBACK_CAP_VOLUME = 1
+SPICE_PLAYBACK_CAP_OPUS = 3
+SPICE_MSG_PLAYBACK_MODE = 102
+SPICE_AUDIO_DATA_MODE_OPUS = 3
+
+
+def playback_link(channel_type: int, connection_id: int) -> bytes:
+    """
+    A link message as spice-html5 sends for its playback channel: auth
+    selection and mini header, and the Opus and volume channel capabilities.
+    """
+    common = struct.pack("<I", (1 << 0) | (1 << 3))
+    channel = struct.pack("<I", (1 << SPICE_PLAYBACK_CAP_OPUS) | (1 << SPICE_PLAYBACK_CAP_VOLUME))
+    body = LINK_MESS.pack(connection_id, channel_type, 0, 1, 1, LINK_MESS.size) + common + channel
+    return LINK_HEADER.pack(b"REDQ", 2, 2, len(body)) + body
+
+
+def playback_mode(got: bytes, start: int) -> Optional[int]:
+    """
+    The data mode of the first SPICE_MSG_PLAYBACK_MODE among the messages
+    (mini headers) from C{got[start:]}, or C{None} while none is complete.
+    """
+    while len(got) >= start + MINI_HEADER.size:
+        msg_type, size = MINI_HEADER.unpack_from(got, start)
+        body = start + MINI_HEADER.size
+        if len(got) < body + size:
+            return None
+        if msg_type == SPICE_MSG_PLAYBACK_MODE:
+            return struct.unpack_from("<H", got, body + 4)[0]  # u32 time, u16 mode
+        start = body + size
+    return None
