@@ -1,7 +1,7 @@
 """
 A guest that makes sound, for the SPICE audio tests: Debian's kernel and a
 busybox initramfs (L{vaporproxy.demo.guest}) whose C{init} loads the PC
-speaker driver and rings the console bell five times a second.  With QEMU's
+speaker driver and rings the console bell without pause (one tone).  With QEMU's
 C{pcspk-audiodev} on a C{spice} audiodev, each ring is PC-speaker sound on
 the SPICE playback channel.
 
@@ -37,7 +37,10 @@ INIT = """#!/bin/busybox sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 insmod /lib/modules/pcspkr.ko
 echo "vm: ready" > /dev/ttyS0
-while true; do printf '\\a' > /dev/tty0; sleep 0.2; done
+# Bell at 440 Hz for 1.9 s (the longest the console allows), rung every
+# second: one continuous tone, so the playback stream never stops.
+printf '\\033[10;440]\\033[11;1900]' > /dev/tty0
+while true; do printf '\\a' > /dev/tty0; sleep 1; done
 """
 
 
