@@ -205,7 +205,9 @@ class Bench:
         sha = hashlib.sha256(self.api_key.encode()).hexdigest()
         admin_sha = hashlib.sha256(self.admin_key.encode()).hexdigest()
         limit = 2 * self.args.max_conc + 1000
-        # Shipped defaults except the connection limits, raised for load.
+        # Shipped defaults except the limits made for one person's use, raised for load: the
+        # connection limits, and the per-credential token limits (one bench key mints every
+        # token; 0 turns them off).
         lines = [
             "server:",
             f'  listen: ["tcp:{port}:interface=127.0.0.1"]',
@@ -217,6 +219,8 @@ class Bench:
             "  api_keys:",
             f'    - {{user: bench, sha256: "{sha}", vms: ["*"]}}',
             f'    - {{user: bench-admin, sha256: "{admin_sha}", admin: true}}',
+            "  mint_rate: 0",
+            "  max_outstanding_tokens: 0",
             "hypervisors:",
             f'  - uri: "test://{node}"',
             "console:",

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.config import (
     RecordingConfig,
+    StepUpPolicy,
     ApiKey,
     Config,
     ConfigError,
@@ -668,11 +669,11 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
         )
         self.assertConfigError(
             "server: {port: 80}",
-            "server.port: unknown key (expected one of: listen, allowed_origins, trusted_proxies, workers)",
+            "server.port: unknown key (expected one of: listen, allowed_origins, trusted_proxies, workers, request_timeout, max_pending_connections, max_pending_per_client, metrics_local)",
         )
         self.assertConfigError(
             "tokens: {ttl: 5m}",
-            "tokens.ttl: unknown key (expected one of: backend, redis_url, redis_timeout, lease_ttl)",
+            "tokens.ttl: unknown key (expected one of: backend, redis_url, redis_timeout, lease_ttl, redis_sentinel)",
         )
         self.assertConfigError(
             "logging: {file: x}", "logging.file: unknown key (expected one of: level, format, access_log)"
@@ -691,7 +692,7 @@ class DocumentTests(ConfigTestMixin, SynchronousTestCase):
             "console: 5",
             "console: 5 is not a mapping (expected keys: max_connections_per_vm, max_total_connections,"
             " token_ttl, connection_timeout, idle_timeout, allowed_hosts, enable_tls, buffer_size,"
-            " cleanup_interval, bind_client_ip, max_message_size)",
+            " cleanup_interval, bind_client_ip, max_message_size, max_connections_per_user, max_connections_per_client)",
         )
 
     def test_badYaml(self) -> None:
@@ -799,3 +800,20 @@ class RecordingConfigTests(SynchronousTestCase):
             if message is not None:
                 self.assertEqual(str(e.exception), message)
             self.assertTrue(str(e.exception).startswith("recording."))
+
+
+class StepUpConfigTests(SynchronousTestCase):
+    def test_parse(self):
+        """
+        When auth.policies is given, durations and defaults apply, and a bad entry names its key.
+        """
+        policies = parse_config("auth: {policies: [{vms: [prod-*], max_auth_age: 10m}]}").auth.policies
+        self.assertEqual(policies, (StepUpPolicy(vms=("prod-*",), require_mfa=True, max_auth_age=600.0),))
+        with self.assertRaises(ConfigError) as e:
+            parse_config("auth: {policies: [{require_mfa: true}]}")
+        self.assertEqual(
+            str(e.exception), "auth.policies[0].vms: missing (expected a list of VM name/UUID patterns)"
+        )
+        with self.assertRaises(ConfigError) as e:
+            parse_config("auth: {policies: [{vms: ['*'], mfa: true}]}")
+        self.assertTrue(str(e.exception).startswith("auth.policies[0].mfa: unknown key"))

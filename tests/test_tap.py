@@ -25,6 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.qemu_fixture import write_x509_credentials
 from vaporproxy import tap
+from vaporproxy.app.reload import ReloadService, apply_reload
+from vaporproxy.app.services import ShutdownService, ThreadPoolService, VaporService, purge_tokens
 from vaporproxy.config import Config
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.logs import LogSetup, log_setup_for, twistd_destination
@@ -174,14 +176,14 @@ class MakeServiceTests(SynchronousTestCase):
         self.path = write(self.mktemp(), CONFIG)
         self.reactor = ThreadingReactor()
 
-    def make(self, *argv: str, environ: Any = None) -> tap.VaporService:
+    def make(self, *argv: str, environ: Any = None) -> VaporService:
         root = tap.makeService(options("--config", self.path, *argv, environ=environ), self.reactor)
         self.addCleanup(lambda: root.running and root.stopService())
         return root
 
     def test_listensOnEveryEndpoint(self) -> None:
         """
-        When started, one port per listen endpoint serves the switch in front of the API site and the bridge; stopping stops them.
+        When started, one port per listen endpoint serves the guard, then the switch in front of the API site and the bridge; stopping stops them.
         """
         from vaporproxy.ws.switch import SwitchFactory
 
@@ -191,8 +193,9 @@ class MakeServiceTests(SynchronousTestCase):
         root.startService()
         ports = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
         self.assertEqual(ports, [(8123, "127.0.0.1"), (8124, "::1")])
-        self.assertEqual({id(f) for _, f, _, _ in self.reactor.tcpServers}, {id(root.pieces["listening"])})
+        self.assertEqual({id(f) for _, f, _, _ in self.reactor.tcpServers}, {id(root.pieces["guard"])})
         listening = root.pieces["listening"]
+        self.assertIs(root.pieces["guard"].wrappedFactory, listening)
         self.assertIsInstance(listening, SwitchFactory)
         self.assertIs(listening.http_factory, root.pieces["site"])
         self.assertIs(listening.ws_factory, root.pieces["bridge_factory"])
@@ -209,23 +212,24 @@ class MakeServiceTests(SynchronousTestCase):
 
         root = self.make()
         pieces = root.pieces
-        self.assertIsInstance(pieces["token_store"], MemoryTokenStore)
+        self.assertIsInstance(pieces["token_store"].wrapped, MemoryTokenStore)
         self.assertIsInstance(pieces["limiter"], MemoryLimiter)
         self.assertEqual((pieces["limiter"].max_per_vm, pieces["limiter"].max_total), (5, 3))
         self.assertIs(pieces["reactor"], self.reactor)
         timers = [s for s in root if isinstance(s, TimerService)]
         self.assertEqual([t.step for t in timers], [60.0])
-        self.assertIsInstance(root.getServiceNamed("reload"), tap.ReloadService)
+        self.assertIsInstance(root.getServiceNamed("reload"), ReloadService)
 
     def test_redisBackend(self) -> None:
         """
         When tokens.backend is redis, the Redis store and limiter are wired and dial the URL.
         """
-        from vaporproxy.stores.redis import RedisLimiter, RedisTokenStore
+        from vaporproxy.stores.redis_limits import RedisLimiter
+        from vaporproxy.stores.redis_tokens import RedisTokenStore
 
         write(self.path, CONFIG + "tokens: {backend: redis, redis_url: 'redis://127.0.0.1:6390/0'}\n")
         root = self.make()
-        self.assertIsInstance(root.pieces["token_store"], RedisTokenStore)
+        self.assertIsInstance(root.pieces["token_store"].wrapped, RedisTokenStore)
         self.assertIsInstance(root.pieces["limiter"], RedisLimiter)
         root.startService()
         self.assertEqual({(host, port) for host, port, *_ in self.reactor.tcpClients}, {("127.0.0.1", 6390)})
@@ -320,7 +324,7 @@ class MakeServiceTests(SynchronousTestCase):
         adopted = [s for s in root if isinstance(s, AdoptedPortService)]
         self.assertEqual([(s.fd, s.proxy) for s in adopted], [(7, False), (8, True)])
         self.assertEqual([s for s in root if isinstance(s, StreamServerEndpointService)], [])
-        self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["listening"])})
+        self.assertEqual({id(s.factory) for s in adopted}, {id(root.pieces["guard"])})
         self.assertIs(root.pieces["listening"].http_factory, root.pieces["site"])
 
     def test_workerFdsMatchListen(self) -> None:
@@ -382,7 +386,7 @@ class AccessLogWiringTests(SynchronousTestCase):
 
     def test_accessLogOnByDefault(self) -> None:
         """When the config says nothing about it, the site writes the access log."""
-        from vaporproxy.http.api import ConsoleSite
+        from vaporproxy.http.site import ConsoleSite
 
         root = tap.makeService(options("--config", self.path, environ={}), self.reactor)
         site = root.pieces["site"]
@@ -431,6 +435,40 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.admitted(3), 1)
         self.assertEqual(self.reload.config.console.max_total_connections, 2)
         lease.release()
+
+    def test_reloadHostileLimits(self) -> None:
+        """
+        When the file changes the request deadline, pending caps, per-user console cap and token limits, reload applies them all.
+        """
+        text = CONFIG.replace("max_total_connections: 3}", "max_total_connections: 3, max_connections_per_user: 2}")
+        text = text.replace('interface=127.0.0.1"]}', 'interface=127.0.0.1"], request_timeout: 5s,'
+                            " max_pending_connections: 9, max_pending_per_client: 4, metrics_local: true}")
+        write(self.path, text + "auth: {max_outstanding_tokens: 7, mint_rate: 1, mint_burst: 2}\n")
+        self.assertTrue(self.reload.reload())
+        guard = self.root.pieces["guard"]
+        self.assertEqual((guard.request_timeout, guard.max_pending, guard.max_pending_per_client), (5.0, 9, 4))
+        self.assertEqual(self.limiter.max_per_user, 2)
+        mint = self.root.pieces["api"]._mint
+        self.assertEqual((mint.max_outstanding, mint.rate, mint.burst), (7, 1.0, 2))
+
+    def test_reloadRevokes(self) -> None:
+        """
+        When the file removes an API key, the token store refuses that key's grants from then on.
+        """
+        from vaporproxy.http.auth import key_id_of
+        from vaporproxy.config import ApiKey
+        from vaporproxy.interfaces import Grant
+
+        digest = "a" * 64
+        write(self.path, CONFIG + f'auth: {{api_keys: [{{user: alice, sha256: "{digest}"}}]}}\n')
+        self.assertTrue(self.reload.reload())
+        revocation = self.root.pieces["token_store"].revocation
+        grant = Grant(vm_ref="vm", vm_uuid="u", console_type="vnc", display=0, user="alice",
+                      key_id=key_id_of(ApiKey("alice", digest)))  # fmt: skip
+        self.assertTrue(revocation.allows(grant))
+        write(self.path, CONFIG)
+        self.assertTrue(self.reload.reload())
+        self.assertFalse(revocation.allows(grant))
 
     def test_badFileKeepsOldConfig(self) -> None:
         """
@@ -509,7 +547,7 @@ class ReloadTests(SynchronousTestCase):
 
         setup = LogSetup("info", "text", io.StringIO())
         new = Config()
-        tap.apply_reload(
+        apply_reload(
             new,
             limiter=Fake("limiter"),
             host_policy=Fake("hosts"),
@@ -578,7 +616,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def stop(self) -> None:
                 events.append("stop")
 
-        service = tap.ThreadPoolService(Pool(), Clock(), before_stop=lambda: closing)  # type: ignore[arg-type]
+        service = ThreadPoolService(Pool(), Clock(), before_stop=lambda: closing)  # type: ignore[arg-type]
         service.startService()
         d = service.stopService()
         self.assertEqual(events, ["start"])
@@ -600,7 +638,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def stop(self) -> None:
                 events.append("stop")
 
-        service = tap.ThreadPoolService(Pool(), clock, before_stop=Deferred)  # type: ignore[arg-type]
+        service = ThreadPoolService(Pool(), clock, before_stop=Deferred)  # type: ignore[arg-type]
         service.startService()
         d = service.stopService()
         clock.advance(service.close_timeout)
@@ -617,7 +655,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def purge(self) -> Any:
                 return fail(ConsoleError(ErrorCode.SERVICE_UNAVAILABLE))
 
-        self.assertIsNone(self.successResultOf(tap.purge_tokens(Broken())))
+        self.assertIsNone(self.successResultOf(purge_tokens(Broken())))
         self.assertEqual(len(self.flushLoggedErrors(ConsoleError)), 1)
 
     def test_purgeRaisesSynchronously(self) -> None:
@@ -629,7 +667,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             def purge(self) -> Any:
                 raise RuntimeError("boom")
 
-        self.assertIsNone(self.successResultOf(tap.purge_tokens(Raising())))
+        self.assertIsNone(self.successResultOf(purge_tokens(Raising())))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_shutdownSteps(self) -> None:
@@ -642,7 +680,7 @@ class ServiceHelpersTests(SynchronousTestCase):
             ran.append("bad")
             raise RuntimeError("x")
 
-        service = tap.ShutdownService(lambda: ran.append("a"), bad, lambda: succeed(ran.append("c")))
+        service = ShutdownService(lambda: ran.append("a"), bad, lambda: succeed(ran.append("c")))
         service.startService()
         self.successResultOf(service.stopService())
         self.assertEqual(ran, ["a", "bad", "c"])
@@ -710,7 +748,7 @@ class LoggingTests(SynchronousTestCase):
         When twistd parents the root service to its application, the application gets our observer.
         """
         setup = LogSetup("info", "text", io.StringIO())
-        root = tap.VaporService(setup)
+        root = VaporService(setup)
         application = Application("vaporproxy")
         self.addCleanup(setup.uninstall)
         root.setServiceParent(application)

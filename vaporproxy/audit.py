@@ -16,10 +16,11 @@ can start a new line of the file.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional
 
 from twisted.logger import Logger
+
+from vaporproxy.timestamps import iso_utc
 
 __all__ = ["AUDIT_EVENTS", "AuditTrail"]
 
@@ -38,9 +39,12 @@ AUDIT_EVENTS = (
 
 
 def _utc_ms(posix: float) -> str:
-    """C{2026-12-04T17:30:00.123Z}: audit lines are ordered to the millisecond."""
-    moment = datetime.fromtimestamp(posix, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """
+    C{2026-12-04T17:30:00.123Z}: audit lines are ordered to the millisecond
+    (the seconds come from the project's cached formatter).
+    """
+    millis = int(posix * 1000) % 1000
+    return f"{iso_utc(posix)[:-1]}.{millis:03d}Z"
 
 
 def _console(

@@ -47,6 +47,9 @@ class ConsoleConfig:
     # Caps on what one client may send (not in the original; SPEC: "every
     # WebSocket message and frame has a size cap").
     max_message_size: int = 1024 * 1024  # bytes
+    # Issue #11: one user or one client address cannot take every slot (0: unlimited).
+    max_connections_per_user: int = 0
+    max_connections_per_client: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class ServerConfig:
     allowed_origins: Tuple[str, ...] = ()
     trusted_proxies: Tuple[str, ...] = ()
     workers: int = 1
+    # Issue #11 (hostile clients): every connection that is not an open console.
+    request_timeout: float = 30.0  # seconds for a request, headers and body included
+    max_pending_connections: int = 512  # in total (safe on a 1024-descriptor process)
+    max_pending_per_client: int = 128  # per client address (0: no per-address cap)
+    metrics_local: bool = False  # /metrics without a key from loopback
 
 
 @dataclass(frozen=True)
@@ -75,9 +83,26 @@ class JWTConfig:
 
 
 @dataclass(frozen=True)
+class StepUpPolicy:
+    """One entry of C{auth.policies} (see L{vaporproxy.http.stepup})."""
+
+    vms: Tuple[str, ...]
+    require_mfa: bool = True
+    #: Seconds since the user authenticated (C{auth_time}), or None: any age.
+    max_auth_age: Optional[float] = None
+    acr_values: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     api_keys: Tuple[ApiKey, ...] = ()
     jwt: Optional[JWTConfig] = None
+    # Issue #11: per credential (0: unlimited).
+    max_outstanding_tokens: int = 100
+    mint_rate: float = 10.0  # tokens a second, sustained
+    mint_burst: int = 50
+    # Issue #9: step-up authentication for chosen VMs; first match wins.
+    policies: Tuple[StepUpPolicy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,11 +164,27 @@ class HypervisorConfig:
 
 
 @dataclass(frozen=True)
+class RedisSentinelConfig:
+    """
+    Find the Redis master through Sentinel instead of C{tokens.redis_url}.
+    """
+
+    sentinels: Tuple[Tuple[str, int], ...]  # (host, port) of each sentinel
+    master: str  # the name the sentinels monitor it by
+    password: Optional[str] = None  # the master's (and replicas') password, as in redis_url
+    username: Optional[str] = None  # its ACL user, as in redis_url
+    db: int = 0  # the database number, as in redis_url's /db
+    sentinel_password: Optional[str] = None  # the sentinels' own requirepass
+    wait_replicas: int = 1  # replicas that must acknowledge a mint or a redemption
+
+
+@dataclass(frozen=True)
 class TokensConfig:
     backend: str = "memory"  # or "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout: float = 2.0  # seconds, every Redis call
     lease_ttl: float = 15.0  # seconds a Redis lease lives without renewal
+    redis_sentinel: Optional[RedisSentinelConfig] = None  # instead of redis_url
 
 
 @dataclass(frozen=True)
@@ -458,6 +499,26 @@ def parse_redis_url(key: str, value: Any) -> str:
     return value
 
 
+def parse_host_port(key: str, value: Any) -> Tuple[str, int]:
+    """
+    C{host:port} (C{[v6]:port} for an IPv6 address), e.g. a sentinel's.
+    """
+    expected = "expected host:port, e.g. 10.0.0.5:26379 or [::1]:26379"
+    if not isinstance(value, str):
+        raise _bad(key, value, "a host:port", expected)
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _bad(key, value, "a host:port", expected)
+    try:
+        return parse_host(key, host), int(port)
+    except ConfigError:
+        raise _bad(key, value, "a host:port", expected) from None
+
+
 def parse_libvirt_uri(key: str, value: Any) -> str:
     expected = "expected a libvirt URI such as qemu:///system"
     if not isinstance(value, str) or "://" not in value:
@@ -536,6 +597,8 @@ def _parse_console(raw: Any) -> ConsoleConfig:
             "cleanup_interval": parse_duration,
             "bind_client_ip": parse_bool,
             "max_message_size": parse_size,
+            "max_connections_per_user": lambda k, v: parse_int(k, v, minimum=0),
+            "max_connections_per_client": lambda k, v: parse_int(k, v, minimum=0),
         },
     )
 
@@ -550,6 +613,10 @@ def _parse_server(raw: Any) -> ServerConfig:
             "allowed_origins": _list_of(parse_origin),
             "trusted_proxies": _list_of(lambda k, v: parse_network(k, v, names=False)),
             "workers": parse_int,
+            "request_timeout": parse_duration,
+            "max_pending_connections": parse_int,
+            "max_pending_per_client": lambda k, v: parse_int(k, v, minimum=0),
+            "metrics_local": parse_bool,
         },
     )
 
@@ -619,8 +686,45 @@ def _parse_api_keys(key: str, value: Any) -> Tuple[ApiKey, ...]:
     return keys
 
 
+def _parse_rate(key: str, value: Any) -> float:
+    """
+    A rate per second: a number or C{N/s}, zero or more (0: unlimited).
+    """
+    text = value[:-2] if isinstance(value, str) and value.endswith("/s") else value
+    try:
+        rate = float(text) if not isinstance(text, bool) else -1.0
+    except (TypeError, ValueError):
+        rate = -1.0
+    if not 0 <= rate < float("inf"):
+        raise _bad(key, value, "a rate", "expected tokens a second, e.g. 10 or 10/s; 0 for unlimited")
+    return rate
+
+
 def _parse_auth(raw: Any) -> AuthConfig:
-    return _section("auth", raw, AuthConfig, {"api_keys": _parse_api_keys, "jwt": _parse_jwt})
+    return _section("auth", raw, AuthConfig, {
+        "api_keys": _parse_api_keys,
+        "jwt": _parse_jwt,
+        "max_outstanding_tokens": lambda k, v: parse_int(k, v, minimum=0),
+        "mint_rate": _parse_rate,
+        "mint_burst": parse_int,
+        "policies": _parse_step_up_policies,
+    })  # fmt: skip
+
+
+def _parse_step_up_policies(key: str, value: Any) -> Tuple[StepUpPolicy, ...]:
+    policies = []
+    for i, raw in enumerate(parse_list(key, value)):
+        item = f"{key}[{i}]"
+        data = _mapping(item, raw, _fields(StepUpPolicy))
+        if not data.get("vms"):
+            raise ConfigError(f"{item}.vms: missing (expected a list of VM name/UUID patterns)")
+        policies.append(_section(item, data, StepUpPolicy, {
+            "vms": _list_of(parse_str, allow_empty=False),
+            "require_mfa": parse_bool,
+            "max_auth_age": parse_duration,
+            "acr_values": parse_str,
+        }))  # fmt: skip
+    return tuple(policies)
 
 
 def _parse_pem_file(key: str, value: Any) -> Optional[str]:
@@ -693,8 +797,39 @@ def _parse_hypervisor_keys(key: str, raw: Any) -> HypervisorConfig:
     )
 
 
-def _parse_tokens(raw: Any) -> TokensConfig:
+def _parse_secret(key: str, value: Any) -> Optional[str]:
+    """
+    An optional password: a non-empty string, never echoed in an error.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _hidden(key, "a password", "expected a non-empty string, or no key")
+    return value
+
+
+def _parse_redis_sentinel(key: str, raw: Any) -> Optional[RedisSentinelConfig]:
+    if raw is None:
+        return None
     return _section(
+        key,
+        raw,
+        RedisSentinelConfig,
+        {
+            "sentinels": _list_of(parse_host_port, allow_empty=False),
+            "master": parse_str,
+            "password": _parse_secret,
+            "username": parse_optional_str,
+            "db": lambda k, v: parse_int(k, v, minimum=0),
+            "sentinel_password": _parse_secret,
+            "wait_replicas": lambda k, v: parse_int(k, v, minimum=0),
+        },
+        required=("sentinels", "master"),
+    )
+
+
+def _parse_tokens(raw: Any) -> TokensConfig:
+    tokens = _section(
         "tokens",
         raw,
         TokensConfig,
@@ -703,8 +838,21 @@ def _parse_tokens(raw: Any) -> TokensConfig:
             "redis_url": parse_redis_url,
             "redis_timeout": parse_duration,
             "lease_ttl": parse_duration,
+            "redis_sentinel": _parse_redis_sentinel,
         },
     )
+    if tokens.redis_sentinel is not None:
+        if tokens.backend != "redis":
+            raise ConfigError(
+                f"tokens.redis_sentinel: needs tokens.backend: redis (backend is {tokens.backend};"
+                " expected backend: redis, or no redis_sentinel)"
+            )
+        if "redis_url" in (raw or {}):
+            raise ConfigError(
+                "tokens.redis_url: not used with tokens.redis_sentinel (expected one of them:"
+                " the sentinels name the master; its password and db go in redis_sentinel)"
+            )
+    return tokens
 
 
 def _parse_logging(raw: Any) -> LoggingConfig:

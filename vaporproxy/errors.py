@@ -46,6 +46,9 @@ class ErrorCode(enum.Enum):
     # HTTP only: an unknown route, or a known route with the wrong method.
     NOT_FOUND = (404, 4014, "Not found")
     METHOD_NOT_ALLOWED = (405, 4015, "Method not allowed")
+    # Issue #11: a credential past auth.mint_rate or auth.max_outstanding_tokens.
+    MFA_REQUIRED = (401, 4016, "Multi-factor authentication required")
+    RATE_LIMITED = (429, 4017, "Too many requests")
 
     @property
     def code(self) -> str:
@@ -65,7 +68,11 @@ class ConsoleError(Exception):
     @ivar http_status: the HTTP status to answer with; usually
         C{code.http_status}, but e.g. UNAUTHORIZED is 403 for an
         authenticated caller that is not allowed.
+    @ivar challenge: a C{WWW-Authenticate} value to answer with, or
+        C{None} (MFA_REQUIRED carries RFC 9470's).
     """
+
+    challenge: Optional[str] = None
 
     def __init__(
         self,

@@ -118,6 +118,10 @@ class Grant:
         (C{console.bind_client_ip} off).
     @ivar issued_at: POSIX time of issue (from the injected clock).
     @ivar expires_at: POSIX time of expiry.
+    @ivar key_id: the identity of the credential that asked for it
+        (L{vaporproxy.http.auth.key_id_of}): per-credential token limits,
+        and revocation when a SIGHUP removes or narrows that credential.
+    @ivar vm_name: the domain name (the key's patterns may name it).
     """
 
     vm_ref: str
@@ -128,6 +132,8 @@ class Grant:
     client_ip: Optional[str] = None
     issued_at: float = 0.0
     expires_at: float = 0.0
+    key_id: Optional[str] = None
+    vm_name: Optional[str] = None
 
     def matches_vm(self, vm_ref: str) -> bool:
         return vm_ref in (self.vm_ref, self.vm_uuid)

@@ -146,6 +146,7 @@ class Metrics:
         #: builds a key on every call; it is called twice per console).
         self._opened_children: Dict[str, Any] = {}
         self._outcome_children: Dict[str, Any] = {}
+        self._audit_children: Dict[str, Any] = {}
         for console_type in CONSOLE_TYPES:
             self._live.labels(console_type).set(0)
             self._opened.labels(console_type)
@@ -211,7 +212,10 @@ class Metrics:
 
     def audit_event(self, event: str) -> None:
         """An audit event was emitted (L{vaporproxy.audit.AuditTrail}'s C{counted})."""
-        self._audit_events.labels(event).inc()
+        child = self._audit_children.get(event)
+        if child is None:
+            child = self._audit_children[event] = self._audit_events.labels(event)
+        child.inc()
 
     def audit_dropped(self, why: str = "") -> None:
         """The audit file was given up."""

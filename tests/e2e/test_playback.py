@@ -16,25 +16,18 @@ import struct
 import subprocess
 import time
 
-from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
-from twisted.web.static import File
 
-from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.filewriter import DiskWriter
-from vaporproxy.http.api import CONSOLE_PAGE_CSP
-from vaporproxy.http.recordings import RecordingsAPI, playback_page_path
 from vaporproxy.recordings.store import RecordingStore
-from tests.http.test_recordings import arg, respond
+from tests.http.test_api import ADMIN_KEY, Harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOVNC = os.path.join(REPO, "node_modules", "@novnc", "novnc")
-STATIC = os.path.join(REPO, "vaporproxy", "static")
-ADMIN_KEY = "playback-admin-key"
 VM = "6f1b2a3c-1111-4222-8333-944455556666"
 
 #: The pixel format noVNC asks for: 32 bpp, depth 24, little endian, true colour, RGB at shifts 0/8/16.
@@ -160,28 +153,9 @@ class PlaybackTests(TestCase):
         self.qemu.wait(10)
 
     def serve(self, store):
-        """A site with the playback page, its scripts, noVNC and the recordings API."""
-
-        def require_admin(request):
-            if request.getHeader(b"authorization") != f"Bearer {ADMIN_KEY}".encode():
-                raise ConsoleError(ErrorCode.UNAUTHORIZED, "Administrator access required", http_status=403)
-
-        recordings = RecordingsAPI(store, require_admin, respond, arg, playback_page_path(), CONSOLE_PAGE_CSP.encode())
-        app = Klein()
-
-        @app.route("/static/app/", branch=True)
-        def static_app(request):
-            return File(STATIC)
-
-        @app.route("/static/novnc/", branch=True)
-        def static_novnc(request):
-            return File(NOVNC)
-
-        @app.route("/", branch=True)
-        def rest(request):
-            return recordings.app.resource()
-
-        port = reactor.listenTCP(0, Site(app.resource()), interface="127.0.0.1")
+        """The console API (pages, scripts, noVNC, recordings API) on loopback."""
+        api = Harness(static_dirs={"novnc": NOVNC}, recordings=store).api
+        port = reactor.listenTCP(0, Site(api.resource()), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}"
 

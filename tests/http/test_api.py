@@ -30,7 +30,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from vaporproxy.http import api as web
-from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig
+from vaporproxy.http import site as web_site
+from vaporproxy.timestamps import iso_utc
+from vaporproxy.config import ApiKey, AuthConfig, Config, ConsoleConfig, HypervisorConfig, JWTConfig, StepUpPolicy
 from vaporproxy.vm.hosts import HostPolicy
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, VMConsoles
@@ -155,9 +157,9 @@ class FakeRecord:
             "user": self.user,
             "bytes_sent": 10,
             "bytes_received": 20,
-            "started_at": web.iso_utc(self.started_at),
+            "started_at": iso_utc(self.started_at),
             "duration_s": now - self.started_at,
-            "last_activity": web.iso_utc(now),
+            "last_activity": iso_utc(now),
         }
 
 
@@ -185,7 +187,8 @@ class Harness:
     A L{ConsoleAPI} over memory backends, and a L{StubTreq} on it.
     """
 
-    def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None, cluster: Any = None):
+    def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None, cluster: Any = None,
+                 audit: Any = None, recordings: Any = None):  # fmt: skip
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = MemoryTokenStore(self.clock, config.console.token_ttl)
@@ -209,6 +212,8 @@ class Harness:
             reactor=self.clock,
             static_dirs=static_dirs or {},
             cluster=cluster,
+            audit=audit,
+            recordings=recordings,
         )
         self.treq = StubTreq(self.api.resource())
 
@@ -651,7 +656,7 @@ class FastInfoRouteTests(APITestCase):
             def render(self, request: Any) -> None:
                 raise AssertionError("went through Klein")
 
-        self.h.treq = StubTreq(web._Root(self.h.api, NoKlein()))
+        self.h.treq = StubTreq(web.Root(self.h.api, NoKlein()))
         response, body = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
         self.assertEqual((response.code, body["type"]), (200, "vnc"))
         self.assertEqual(response.length, len(json.dumps(body)))
@@ -761,7 +766,7 @@ class FastInfoRouteTests(APITestCase):
 
 class ConsoleSiteTests(SynchronousTestCase):
     """
-    Tests for L{web.ConsoleSite}'s access-log switch.
+    Tests for L{web_site.ConsoleSite}'s access-log switch.
     """
 
     def test_accessLogSwitch(self) -> None:
@@ -770,7 +775,7 @@ class ConsoleSiteTests(SynchronousTestCase):
 
         from twisted.web.test.requesthelper import DummyRequest
 
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         written = BytesIO()
         site.logFile = written  # type: ignore[assignment]
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
@@ -798,7 +803,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         token = "cd" * 32
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         site._logFile = legacy_log.logfile
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
         request = DummyRequest([b"ws"])
@@ -829,7 +834,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         token = "ab" * 32
-        site = web.ConsoleSite(web._NOT_FOUND)
+        site = web_site.ConsoleSite(web_site.NOT_FOUND)
         written = BytesIO()
         site.logFile = written  # type: ignore[assignment]
         site._logDateTime = "[01/Jan/2024:00:00:00 +0000]"
@@ -857,7 +862,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 400
         request.uri = f"{VMS}/web-1/console/ws?{query}#frag".encode()
         request.sentLength = 10
-        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        line = web_site.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
         for secret in secrets[:5]:
             self.assertNotIn(secret, line)
         self.assertIn(
@@ -875,7 +880,7 @@ class ConsoleSiteTests(SynchronousTestCase):
         request.method, request.clientproto, request.code = b"GET", b"HTTP/1.1", 200
         request.uri = b"/healthz"
         request.sentLength = 15
-        line = web.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
+        line = web_site.redacting_log_formatter("[01/Jan/2024:00:00:00 +0000]", request)
         self.assertIn('"GET /healthz HTTP/1.1" 200 15', line)
 
 
@@ -955,8 +960,14 @@ class DeleteSessionsTests(APITestCase):
 
 
 class MetricsRouteTests(APITestCase):
+    def test_loopback_without_key_refused(self) -> None:
+        """When a loopback client asks without a key and server.metrics_local is off (the default), the answer is 401."""
+        response, body = self.json_request("GET", "/metrics")
+        self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
+
     def test_loopback_without_key(self) -> None:
-        """When a loopback client asks without a key, the Prometheus text is answered."""
+        """When server.metrics_local is on and a loopback client asks without a key, the Prometheus text is answered."""
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
         response, body = self.request("GET", "/metrics")
         self.assertEqual(response.code, 200)
         self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=0.0.4"))
@@ -980,13 +991,15 @@ class MetricsRouteTests(APITestCase):
 
     def test_forwarded_without_key(self) -> None:
         """When a loopback reverse proxy forwards a request without a key, the answer is 401."""
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
         for header in ("X-Forwarded-For", "Forwarded"):
             response, body = self.json_request("GET", "/metrics", headers={header: ["198.51.100.4"]})
             self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
 
     def test_remote_without_key(self) -> None:
         """When a non-loopback client asks without a key, the answer is 401."""
-        self.patch(web, "_client_ip", lambda request, trusted: "203.0.113.9")
+        self.h.api.reload(replace(CONFIG, server=replace(CONFIG.server, metrics_local=True)))
+        self.patch(web, "request_client_ip", lambda request, trusted: "203.0.113.9")
         response, body = self.json_request("GET", "/metrics")
         self.assertError(response, body, 401, ErrorCode.UNAUTHORIZED)
 
@@ -1014,11 +1027,18 @@ class HealthTests(APITestCase):
         self.assertIs(body["ready"], False)
 
     def test_hypervisor_host_hidden(self) -> None:
-        """When a hypervisor URI names a remote host, readiness hides the host and the query."""
+        """When a hypervisor URI names a remote host, readiness hides the host, the path and the query."""
         self.h.locator.uri = "qemu+ssh://root@kvm-7.internal/system?keyfile=/etc/k"
         response, body = self.json_request("GET", "/readyz")
-        self.assertEqual(body["checks"]["hypervisors"], {"qemu+ssh://\N{HORIZONTAL ELLIPSIS}/system": "ok"})
+        self.assertEqual(body["checks"]["hypervisors"], {"qemu+ssh://\N{HORIZONTAL ELLIPSIS}/\N{HORIZONTAL ELLIPSIS}": "ok"})
         self.assertNotIn("kvm-7", json.dumps(body))
+        self.assertNotIn("system", json.dumps(body))
+
+    def test_hypervisor_path_hidden(self) -> None:
+        """When a hypervisor URI has a local path (a test driver's node file), readiness hides it."""
+        self.h.locator.uri = "test:///srv/private/node.xml"
+        response, body = self.json_request("GET", "/readyz")
+        self.assertEqual(body["checks"]["hypervisors"], {"test:///\N{HORIZONTAL ELLIPSIS}": "ok"})
 
     def test_store_down(self) -> None:
         """When the token store fails its check, readiness is 503 with a short safe reason."""
@@ -1057,7 +1077,7 @@ class StaticTests(APITestCase):
         self.patch(_producer_helpers, "cooperate", cooperator.cooperate)
         self.page = root.child("console.html")
         self.page.setContent(b"<!DOCTYPE html><title>console</title>")
-        self.patch(web, "_STATIC_PAGE", self.page.path)
+        self.patch(web_site, "STATIC_PAGE", self.page.path)
 
     def test_page(self) -> None:
         """When the console page is asked for, it is served as HTML with a strict CSP."""
@@ -1207,7 +1227,7 @@ class ClusterTests(APITestCase):
         self.assertEqual(cluster["total_connections"], 3)
         self.assertEqual([p["node_id"] for p in cluster["processes"]], ["node-a", "node-b"])
         self.assertEqual(cluster["processes"][1]["connections_per_vm"], {WEB_UUID: 1, DB_UUID: 1})
-        self.assertEqual(cluster["processes"][0]["started_at"], web.iso_utc(NOW - 100))
+        self.assertEqual(cluster["processes"][0]["started_at"], iso_utc(NOW - 100))
 
     def test_statsRedisDown(self) -> None:
         """When Redis is unreachable, stats answer 503 SERVICE_UNAVAILABLE."""
@@ -1240,9 +1260,10 @@ class ClusterTests(APITestCase):
         self.assertEqual(set(body), {"total_connections", "total_tokens", "connections_per_vm", "connections"})
 
 
-class JWTRouteTests(APITestCase):
+class JWTSetup:
     """
-    Routes called with JWT bearer tokens (ES256, key generated at run time).
+    A harness whose API takes JWT bearer tokens (ES256, key generated at
+    run time), and C{jwt(**claims)} to make them.
     """
 
     def setUp(self) -> None:
@@ -1274,6 +1295,12 @@ class JWTRouteTests(APITestCase):
         payload = {"sub": "carol", "iss": "https://sso", "aud": "vaporproxy", "exp": int(NOW) + 300, "vms": ["web-*"]}
         payload.update(claims)
         return jwt.encode(payload, self.signing_key, algorithm="ES256")
+
+
+class JWTRouteTests(JWTSetup, APITestCase):
+    """
+    Routes called with JWT bearer tokens.
+    """
 
     def test_console(self) -> None:
         """When a valid JWT allows the VM, a console token is issued to the JWT's subject."""
@@ -1318,3 +1345,88 @@ class JWTRouteTests(APITestCase):
         response, _ = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
         self.assertEqual(response.code, 200)
 
+
+
+class StepUpRouteTests(JWTSetup, APITestCase):
+    """
+    Console info for a VM under an C{auth.policies} step-up rule (issue 9).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        policy = StepUpPolicy(vms=("web-*",), require_mfa=True, max_auth_age=600.0, acr_values="urn:mfa")
+        self.config = replace(self.config, auth=replace(self.config.auth, policies=(policy,)))
+        self.h = Harness(self.config)
+
+    def assertStepUp(self, response: Any, body: Any) -> None:
+        self.assertError(response, body, 401, ErrorCode.MFA_REQUIRED)
+        challenge = response.headers.getRawHeaders("www-authenticate")[0]
+        self.assertTrue(challenge.startswith('Bearer error="insufficient_user_authentication", error_description="'))
+        self.assertIn("max_age=600", challenge)
+        self.assertIn('acr_values="urn:mfa"', challenge)
+        self.assertEqual(self.successResultOf(self.h.store.count()), 0)  # no token was issued
+
+    def test_jwtWithoutMfa(self) -> None:
+        """When a JWT without an MFA amr asks for a step-up VM, the answer is 401 MFA_REQUIRED with the RFC 9470 challenge."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(amr=["pwd"], auth_time=int(NOW)))
+        self.assertStepUp(response, body)
+
+    def test_apiKeyRefused(self) -> None:
+        """When an API key asks for a step-up VM, it is refused the same way."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", USER_KEY)
+        self.assertStepUp(response, body)
+
+    def test_staleSignIn(self) -> None:
+        """When the MFA sign-in is older than max_auth_age, it is refused."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(amr=["otp"], auth_time=int(NOW) - 601))
+        self.assertStepUp(response, body)
+
+    def test_recentMfa(self) -> None:
+        """When the JWT says MFA within max_auth_age, a console token is issued."""
+        response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt(amr=["pwd", "otp"], auth_time=int(NOW) - 30))
+        self.assertEqual(response.code, 200)
+        self.assertIn("token", body)
+
+
+class AuditRouteTests(APITestCase):
+    """
+    The audit trail of the HTTP API (issue 10): what it writes, and that no
+    token it issued is in it.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from vaporproxy.audit import AuditTrail
+        from vaporproxy.filewriter import DiskWriter
+
+        self.path = self.mktemp()
+        clock = Clock()
+        clock.advance(NOW)
+        trail = AuditTrail(clock, DiskWriter(clock, threaded=False).open(self.path, flush_each=True))
+        self.h = Harness(audit=trail)
+
+    def lines(self) -> List[Dict[str, Any]]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f]
+
+    def test_tokensIssuedAndTerminated(self) -> None:
+        """When tokens are issued and an admin terminates a VM's consoles, each is one line, and no token is in the file."""
+        tokens = []
+        for key in (USER_KEY, WEB_KEY):
+            response, body = self.json_request("GET", f"{VMS}/web-1/console", key)
+            self.assertEqual(response.code, 200)
+            tokens.append(body["token"])
+        response, _ = self.json_request("DELETE", f"{VMS}/web-1/console/sessions", ADMIN_KEY)
+        self.assertEqual(response.code, 200)
+        lines = self.lines()
+        self.assertEqual([line["event"] for line in lines], ["token_issued", "token_issued", "sessions_terminated"])
+        self.assertEqual([line.get("user") for line in lines[:2]], ["alice", "webops"])
+        self.assertEqual(lines[0]["vm_uuid"], WEB_UUID)
+        self.assertEqual(lines[0]["vm_name"], "web-1")
+        self.assertEqual(lines[0]["via"], "key")
+        self.assertEqual(lines[0]["type"], "vnc")
+        self.assertEqual((lines[2]["by"], lines[2]["vm_uuid"], lines[2]["count"]), ("root", WEB_UUID, 0))
+        with open(self.path) as f:
+            text = f.read()
+        for secret in tokens + [USER_KEY, WEB_KEY, ADMIN_KEY]:
+            self.assertNotIn(secret, text)

@@ -21,6 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.http.auth import (
+    key_id_of,
     LEEWAY,
     Authenticator,
     Principal,
@@ -130,12 +131,14 @@ class JWTCase(SynchronousTestCase):
 
 class ApiKeyTests(JWTCase):
     def test_known_key(self) -> None:
-        """When a configured API key is presented, its user, patterns and admin flag are answered."""
-        auth = self.authenticator(api_keys=(ApiKey("alice", _sha(API_KEY), ("web-*",), True),))
-        self.assertEqual(
-            auth.authenticate(b"Bearer " + API_KEY.encode()),
-            Principal(user="alice", vms=("web-*",), admin=True, method="api_key"),
-        )
+        """When a configured API key is presented, its user, patterns, admin flag and identity (no secret) are answered."""
+        api_key = ApiKey("alice", _sha(API_KEY), ("web-*",), True)
+        auth = self.authenticator(api_keys=(api_key,))
+        principal = auth.authenticate(b"Bearer " + API_KEY.encode())
+        self.assertEqual(principal, Principal(user="alice", vms=("web-*",), admin=True, method="api_key",
+                                              key_id=key_id_of(api_key)))  # fmt: skip
+        self.assertTrue(principal.key_id.startswith("key:"))
+        self.assertNotIn(principal.key_id[4:], _sha(API_KEY) + API_KEY)
 
     def test_unknown_and_missing(self) -> None:
         """When the key is unknown, absent, empty or not Bearer, the answer is 401 and the key is not logged."""
@@ -173,7 +176,7 @@ class JWTAcceptTests(JWTCase):
         """When a valid RS256 token is presented, its sub and vms claims make the principal."""
         auth = self.authenticator(self.jwt_config(issuer=ISSUER, audience=AUDIENCE))
         principal = auth.authenticate("Bearer " + self.token())
-        self.assertEqual(principal, Principal(user="carol", vms=("web-*",), admin=False, method="jwt"))
+        self.assertEqual(principal, Principal(user="carol", vms=("web-*",), admin=False, method="jwt", key_id="jwt:carol"))
 
     def test_valid_es256_and_eddsa(self) -> None:
         """When ES256 and EdDSA tokens are signed with the configured key, they are accepted."""

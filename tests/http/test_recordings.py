@@ -10,9 +10,10 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.errors import ConsoleError
 from vaporproxy.filewriter import DiskWriter
-from vaporproxy.http.recordings import RecordingsAPI, filter_recordings, playback_page_path
+from vaporproxy.http.recordings import filter_recordings
+from tests.http.test_api import ADMIN_KEY, USER_KEY, Harness
 from vaporproxy.recordings.store import RecordingStore
 
 VM = "6f1b2a3c-1111-4222-8333-944455556666"
@@ -20,23 +21,8 @@ BASE = "http://proxy.test/api/v1/console/recordings"
 
 
 def inline(f, *args):
+    """Run a 'thread pool' function at once (the store's C{run})."""
     return succeed(f(*args))
-
-
-def respond(request, body, status):
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(body).encode()
-
-
-def arg(request, name):
-    values = request.args.get(name)
-    return values[0].decode() if values else None
-
-
-def require_admin(request):
-    if request.getHeader(b"authorization") != b"Bearer admin":
-        raise ConsoleError(ErrorCode.UNAUTHORIZED, "Administrator access required", http_status=403)
 
 
 class RecordingsAPITests(SynchronousTestCase):
@@ -60,11 +46,10 @@ class RecordingsAPITests(SynchronousTestCase):
 
         cooperator = Cooperator(scheduler=lambda step: self.clock.callLater(0, step))
         self.patch(_producer_helpers, "cooperate", cooperator.cooperate)
-        api = RecordingsAPI(self.store, require_admin, respond, arg, playback_page_path(), b"default-src 'none'")
-        self.treq = StubTreq(api.app.resource())
+        self.treq = StubTreq(Harness(recordings=self.store).api.resource())
 
     def get(self, url, method="GET", admin=True):
-        headers = {"Authorization": "Bearer admin"} if admin else {}
+        headers = {"Authorization": f"Bearer {ADMIN_KEY if admin else USER_KEY}"}
         d = self.treq.request(method, url, headers=headers)
         for _ in range(10):
             self.treq.flush()
@@ -142,3 +127,22 @@ class FilterTests(SynchronousTestCase):
         When since has no time zone, it is refused rather than read as local time.
         """
         self.assertRaises(ConsoleError, filter_recordings, [], None, None, "2025-01-01T00:00:00")
+
+
+class RecordingsOffTests(SynchronousTestCase):
+    def test_notEnabled(self):
+        """
+        When recording is not configured, the recordings routes answer a JSON 404 and the pages still load.
+        """
+        h = Harness()
+        d = h.treq.get(BASE, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        h.treq.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(self.successResultOf(response.content()))["code"], "NOT_FOUND")
+        for page in ("http://proxy.test/admin", "http://proxy.test/console/recordings/" + "0" * 32):
+            d = h.treq.get(page)
+            h.treq.flush()
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, 200)
+            self.assertIn("script-src 'self'", response.headers.getRawHeaders("content-security-policy")[0])

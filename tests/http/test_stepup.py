@@ -4,8 +4,8 @@ Tests for L{vaporproxy.http.stepup}: step-up policies and their challenge.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from vaporproxy.config import ConfigError
-from vaporproxy.http.stepup import StepUpPolicy, check_step_up, parse_policies, policy_for
+from vaporproxy.config import StepUpPolicy
+from vaporproxy.http.stepup import check_step_up, policy_for
 
 NOW = 1_800_000_000.0
 PROD = StepUpPolicy(vms=("prod-*",), require_mfa=True, max_auth_age=600.0, acr_values="urn:mfa")
@@ -62,14 +62,3 @@ class StepUpTests(SynchronousTestCase):
         challenge = check_step_up(policy, method="api_key", amr=None, auth_time=None, now=NOW).challenge()
         self.assertNotIn("\n", challenge)
         self.assertIn('acr_values="abc"', challenge)
-
-    def test_parse(self):
-        """
-        When auth.policies is parsed, durations and defaults are applied and bad entries name their key.
-        """
-        policies = parse_policies("auth.policies", [{"vms": ["prod-*"], "max_auth_age": "10m"}])
-        self.assertEqual(policies, (StepUpPolicy(vms=("prod-*",), require_mfa=True, max_auth_age=600.0),))
-        with self.assertRaises(ConfigError) as e:
-            parse_policies("auth.policies", [{"require_mfa": True}])
-        self.assertEqual(str(e.exception), "auth.policies[0].vms: missing (expected a list of VM name/UUID patterns)")
-        self.assertRaises(ConfigError, parse_policies, "auth.policies", [{"vms": ["*"], "mfa": True}])

@@ -1,5 +1,5 @@
 """
-L{vaporproxy.stores.redis.RedisLimiter} and L{RedisBackend} against a real
+L{vaporproxy.stores.redis_limits.RedisLimiter} and L{RedisBackend} against a real
 C{redis-server}: the shared limiter suite over two "processes", lapsing
 leases of a dead process, Redis outages, terminate requests over pub/sub and
 cluster figures.
@@ -18,7 +18,8 @@ from tests.integration.test_redis_tokens import PREFIX, RedisTestMixin
 from tests.stores.test_limits import VM_A, VM_B, LimiterTestsMixin
 from vaporproxy.config import ConsoleConfig, TokensConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.stores.redis import RedisBackend, RedisLimiter, connect_redis
+from vaporproxy.stores.redis import RedisBackend, connect_redis
+from vaporproxy.stores.redis_limits import RedisLimiter
 from tests.stores.test_tokens import GRANT
 
 

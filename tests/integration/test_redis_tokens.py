@@ -1,5 +1,5 @@
 """
-L{vaporproxy.stores.redis.RedisTokenStore} against a real C{redis-server}
+L{vaporproxy.stores.redis_tokens.RedisTokenStore} against a real C{redis-server}
 started by each test: the shared token store suite, SPICE session
 keep-alive, and Redis going away and coming back.
 """
@@ -16,7 +16,8 @@ from twisted.trial.unittest import TestCase
 from tests.integration.redis_server import RedisServer
 from tests.stores.test_tokens import GRANT, SESSION_ID, SPICE_GRANT, VM_NAME, VM_UUID, TokenStoreTestsMixin
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.stores.redis import RedisClient, RedisTokenStore, parse_redis_url
+from vaporproxy.stores.redis_client import RedisClient, parse_redis_url
+from vaporproxy.stores.redis_tokens import RedisTokenStore
 from vaporproxy.stores.tokens import token_hash
 
 PREFIX = "test:"

@@ -30,7 +30,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from vaporproxy.config import ServerConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.ws.switch import CONSOLE_WS_REQUEST_LINE, SwitchFactory
-from vaporproxy.http.api import ConsoleAPI, ConsoleSite
+from vaporproxy.http.api import ConsoleAPI
+from vaporproxy.http.site import ConsoleSite
 from tests.ws.test_bridge import PEER, VM, VM2_UUID, VM_UUID, Connection, Harness, PassthroughGuard
 
 WS_PATH = b"/api/v1/virtualization/virtualmachines/web1/console/ws"

@@ -101,6 +101,9 @@ PublicKey = Union[
     rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey
 ]
 
+#: Module level: a Logger on a class takes the class's own name as namespace.
+log = Logger(namespace="vaporproxy.auth.Authenticator")
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -111,12 +114,35 @@ class Principal:
     @ivar vms: the VM name/UUID patterns it may open consoles of.
     @ivar admin: whether it may use the admin routes.
     @ivar method: C{"api_key"} or C{"jwt"}.
+    @ivar key_id: the credential's identity for limits and revocation
+        (L{key_id_of}): tokens carry it.
+    @ivar amr: a JWT's C{amr} claim (how the user signed in), for step-up.
+    @ivar auth_time: a JWT's C{auth_time} claim (when), for step-up.
     """
 
     user: str
     vms: Tuple[str, ...] = ()
     admin: bool = False
     method: str = "api_key"
+    key_id: str = ""
+    amr: Tuple[str, ...] = ()
+    auth_time: Optional[float] = None
+
+
+def key_id_of(api_key: ApiKey) -> str:
+    """
+    The identity of a configured API key: its stored SHA-256's first 16
+    hex digits (the SHA-256 of a hash: no secret).
+    """
+    return "key:" + hashlib.sha256(api_key.sha256.encode("ascii")).hexdigest()[:16]
+
+
+def jwt_key_id(user: str) -> str:
+    """
+    The identity of a JWT caller: the issuer's tokens are one credential
+    per user (C{sub}).
+    """
+    return "jwt:" + user
 
 
 def credential_hash(credential: Union[str, bytes]) -> str:
@@ -284,7 +310,6 @@ class Authenticator:
     @ivar clock: the time source for JWT C{exp}/C{nbf}/C{iat}.
     """
 
-    log = Logger(namespace="vaporproxy.auth.Authenticator")
 
     def __init__(self, auth: AuthConfig, clock: IReactorTime):
         """
@@ -330,10 +355,10 @@ class Authenticator:
         key = self._match_key(credential)
         if key is None:
             self._refuse("unknown credential", token_hash=credential_hash(credential))
-        return Principal(user=key.user, vms=tuple(key.vms), admin=key.admin, method="api_key")
+        return Principal(user=key.user, vms=tuple(key.vms), admin=key.admin, method="api_key", key_id=key_id_of(key))
 
     def _refuse(self, why: str, **fields: Any) -> Any:
-        self.log.info("rejected API request: {why}", why=why, **fields)
+        log.info("rejected API request: {why}", why=why, **fields)
         raise ConsoleError(ErrorCode.UNAUTHORIZED)
 
     def _match_key(self, credential: str) -> Optional[ApiKey]:
@@ -355,14 +380,14 @@ class Authenticator:
             claims = self._verify(verifier, credential)
             principal = principal_from_claims(claims, require_mfa=verifier.config.require_mfa)
         except _Refused as e:
-            self.log.info(
+            log.info(
                 "rejected JWT {token_hash} claiming sub {sub!r}: {reason}",
                 reason=e.reason,
                 sub=_claimed_sub(credential),
                 token_hash=credential_hash(credential),
             )
             raise ConsoleError(ErrorCode.UNAUTHORIZED) from None
-        self.log.debug(
+        log.debug(
             "JWT accepted for {sub} (admin: {admin})",
             sub=principal.user,
             admin=principal.admin,
@@ -465,7 +490,17 @@ def principal_from_claims(claims: Mapping[str, Any], require_mfa: bool = False) 
     vms = claims.get("vms", [])
     if not isinstance(vms, list) or not all(isinstance(v, str) and v for v in vms):
         raise _Refused("vms claim is not a list of strings")
-    return Principal(user=user, vms=tuple(vms), admin=_is_admin(claims), method="jwt")
+    amr = claims.get("amr")
+    auth_time = claims.get("auth_time")
+    return Principal(
+        user=user,
+        vms=tuple(vms),
+        admin=_is_admin(claims),
+        method="jwt",
+        key_id=jwt_key_id(user),
+        amr=tuple(v for v in amr if isinstance(v, str)) if isinstance(amr, list) else (),
+        auth_time=float(auth_time) if isinstance(auth_time, (int, float)) and not isinstance(auth_time, bool) else None,
+    )
 
 
 def _is_admin(claims: Mapping[str, Any]) -> bool:

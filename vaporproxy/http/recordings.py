@@ -6,18 +6,16 @@ playback"):
 - C{GET /api/v1/console/recordings/{id}}, C{…/{id}/data}, C{DELETE …/{id}}
 - C{GET /console/recordings/{id}}: the page that plays one in the browser.
 
-Its own Klein app, mounted by the console API under those two prefixes;
-every route is admin-only (the page itself holds nothing: its script asks
-the API with the key from the URL fragment).
+The console API's routes call these handlers; every one but the page is
+admin-only (the page itself holds nothing: its script asks the API with
+the key from the URL fragment).
 """
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional
 
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from twisted.web.static import File
@@ -70,11 +68,7 @@ class RecordingsAPI:
         an admin credential.
     @param respond: C{(request, body, status) -> bytes}: the API's JSON answer.
     @param arg: C{(request, name) -> Optional[str]}: one query parameter.
-    @param page: the playback page's file.
-    @param csp: its Content-Security-Policy (the console page's).
     """
-
-    app = Klein()
 
     def __init__(
         self,
@@ -82,15 +76,11 @@ class RecordingsAPI:
         require_admin: Callable[[IRequest], Any],
         respond: Callable[..., bytes],
         arg: Callable[[IRequest, bytes], Optional[str]],
-        page: str,
-        csp: bytes,
     ):
         self._store = store
         self._require_admin = require_admin
         self._respond = respond
         self._arg = arg
-        self._page = page
-        self._csp = csp
 
     def _answer(self, request: IRequest, work: Any) -> Deferred:
         async def run() -> bytes:
@@ -108,7 +98,6 @@ class RecordingsAPI:
                 return meta
         raise ConsoleError(ErrorCode.NOT_FOUND, "No such recording")
 
-    @app.route("/api/v1/console/recordings", methods=["GET"])
     def list(self, request: IRequest) -> Deferred:
         async def work() -> bytes:
             found = filter_recordings(
@@ -121,7 +110,6 @@ class RecordingsAPI:
 
         return self._answer(request, work)
 
-    @app.route("/api/v1/console/recordings/<string:recording_id>", methods=["GET"])
     def one(self, request: IRequest, recording_id: str) -> Deferred:
         async def work() -> bytes:
             meta = await self._find(recording_id)
@@ -129,7 +117,6 @@ class RecordingsAPI:
 
         return self._answer(request, work)
 
-    @app.route("/api/v1/console/recordings/<string:recording_id>/data", methods=["GET"])
     def data(self, request: IRequest, recording_id: str) -> Any:
         """
         The recording file, streamed from disk by twisted.web's C{File}
@@ -145,7 +132,6 @@ class RecordingsAPI:
         request.setHeader(b"x-content-type-options", b"nosniff")
         return File(recording_path(self._store.directory, recording_id), defaultType="application/octet-stream")
 
-    @app.route("/api/v1/console/recordings/<string:recording_id>", methods=["DELETE"])
     def delete(self, request: IRequest, recording_id: str) -> Deferred:
         async def work() -> bytes:
             if recording_id in self._store.live:
@@ -155,16 +141,3 @@ class RecordingsAPI:
             return self._respond(request, {"deleted": recording_id}, 200)
 
         return self._answer(request, work)
-
-    @app.route("/console/recordings/<string:recording_id>", methods=["GET"])
-    def page(self, request: IRequest, recording_id: str) -> Any:
-        """The playback page (the key comes with the URL fragment, never here)."""
-        request.setHeader(b"content-security-policy", self._csp)
-        request.setHeader(b"referrer-policy", b"no-referrer")
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        return File(self._page, defaultType="text/html")
-
-
-def playback_page_path() -> str:
-    """The bundled playback page."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static", "playback.html")

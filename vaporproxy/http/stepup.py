@@ -20,23 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
-from vaporproxy.config import ConfigError, _mapping, parse_bool, parse_duration, parse_list, parse_str
+from vaporproxy.config import StepUpPolicy
 
-__all__ = ["StepUpPolicy", "StepUpRefusal", "check_step_up", "parse_policies", "policy_for"]
+__all__ = ["StepUpRefusal", "check_step_up", "policy_for"]
 
 #: C{amr} values (RFC 8176) that count as multi-factor.
 MFA_AMR_VALUES = frozenset({"mfa", "otp", "hwk", "sc", "swk", "pop"})
-
-
-@dataclass(frozen=True)
-class StepUpPolicy:
-    vms: Tuple[str, ...]
-    require_mfa: bool = True
-    #: Seconds since the user authenticated (C{auth_time}), or None: any age.
-    max_auth_age: Optional[float] = None
-    acr_values: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +83,7 @@ def check_step_up(
     if method != "jwt":
         return refuse("this VM needs a multi-factor sign-in (a token from the identity provider)")
     if policy.require_mfa and not (
-        isinstance(amr, list) and any(isinstance(v, str) and v in MFA_AMR_VALUES for v in amr)
+        isinstance(amr, (list, tuple)) and any(isinstance(v, str) and v in MFA_AMR_VALUES for v in amr)
     ):
         return refuse("this VM needs a multi-factor sign-in")
     if policy.max_auth_age is not None:
@@ -101,34 +92,3 @@ def check_step_up(
         if now - auth_time > policy.max_auth_age:
             return refuse("this VM needs a recent sign-in")
     return None
-
-
-def parse_policies(key: str, value: Any) -> Tuple[StepUpPolicy, ...]:
-    """
-    C{auth.policies} from YAML.
-
-    @raise vaporproxy.config.ConfigError: naming the key, the value and
-        what was expected.
-    """
-    policies = []
-    for i, raw in enumerate(parse_list(key, value)):
-        item = f"{key}[{i}]"
-        data = _mapping(item, raw, ("vms", "require_mfa", "max_auth_age", "acr_values"))
-        if not data.get("vms"):
-            raise ConfigError(f"{item}.vms: missing (expected a list of VM name/UUID patterns)")
-        vms = tuple(parse_str(f"{item}.vms[{j}]", p) for j, p in enumerate(parse_list(f"{item}.vms", data["vms"])))
-        policies.append(
-            StepUpPolicy(
-                vms=vms,
-                require_mfa=parse_bool(f"{item}.require_mfa", data.get("require_mfa", True)),
-                max_auth_age=(
-                    None
-                    if data.get("max_auth_age") is None
-                    else parse_duration(f"{item}.max_auth_age", data["max_auth_age"])
-                ),
-                acr_values=(
-                    None if data.get("acr_values") is None else parse_str(f"{item}.acr_values", data["acr_values"])
-                ),
-            )
-        )
-    return tuple(policies)

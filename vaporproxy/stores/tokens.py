@@ -5,7 +5,7 @@ A token is 256 bits from L{secrets}, written as 64 lower-case hex
 characters.  The store keeps only its SHA-256: the raw token exists only in
 the L{IssuedToken} handed to the caller of L{MemoryTokenStore.issue}.
 
-Redemption rules (shared with L{vaporproxy.stores.redis.RedisTokenStore}):
+Redemption rules (shared with L{vaporproxy.stores.redis_tokens.RedisTokenStore}):
 
  1. malformed, never issued, issued for another VM, or bound to another
     client address: C{INVALID_TOKEN};
@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -131,6 +132,10 @@ class MemoryTokenStore:
         self._clock = clock
         self.ttl = float(ttl)
         self._entries: Dict[str, _Entry] = {}
+        #: Unused tokens in order of issue (about the order of expiry), and
+        #: the same by credential: counts without scanning every token.
+        self._unused: "OrderedDict[str, Tuple[str, float]]" = OrderedDict()
+        self._by_key: Dict[str, "OrderedDict[str, float]"] = {}
 
     def issue(self, grant: Grant) -> Deferred:
         token = new_token()
@@ -138,7 +143,48 @@ class MemoryTokenStore:
         stamped = stamp(grant, self._clock.seconds(), self.ttl)
         # Logged once, by the API that issues it (web.py), with its context.
         self._entries[digest] = _Entry(stamped)
+        key_id = stamped.key_id or ""
+        self._unused[digest] = (key_id, stamped.expires_at)
+        self._by_key.setdefault(key_id, OrderedDict())[digest] = stamped.expires_at
         return succeed(IssuedToken(token=token, grant=stamped))
+
+    def _spent(self, digest: str) -> None:
+        """
+        Token C{digest} no longer counts as outstanding (used or expired).
+        """
+        found = self._unused.pop(digest, None)
+        if found is None:
+            return
+        mine = self._by_key.get(found[0])
+        if mine is not None:
+            mine.pop(digest, None)
+            if not mine:
+                del self._by_key[found[0]]
+
+    def _prune(self) -> None:
+        """
+        Forget expired tokens at the front of the issue order (amortised
+        O(1) a call: each token is pruned once).
+        """
+        now = self._clock.seconds()
+        unused = self._unused
+        while unused:
+            digest, (_, expires_at) = next(iter(unused.items()))
+            if expires_at > now:
+                break
+            self._spent(digest)
+
+    def outstanding(self, key_id: Optional[str]) -> Deferred:
+        """
+        C{(count, wait)}: the unused, unexpired tokens of credential
+        C{key_id}, and the seconds until the oldest of them expires.
+        """
+        self._prune()
+        mine = self._by_key.get(key_id or "")
+        if not mine:
+            return succeed((0, 0.0))
+        first = next(iter(mine.values()))
+        return succeed((len(mine), max(0.0, first - self._clock.seconds())))
 
     def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
         if not is_well_formed(token):
@@ -166,6 +212,7 @@ class MemoryTokenStore:
             log.info("token {token_id} replayed", token_id=digest[:12])
             return fail(ConsoleError(ErrorCode.TOKEN_ALREADY_USED))
         entry.used = True
+        self._spent(digest)
         if debug_enabled():
             log.debug("token {token_id} redeemed", token_id=digest[:12])
         return succeed(Redemption(grant=entry.grant, first=True))
@@ -188,24 +235,28 @@ class MemoryTokenStore:
         return succeed(None)
 
     def count(self) -> Deferred:
-        now = self._clock.seconds()
-        return succeed(
-            sum(
-                1
-                for entry in self._entries.values()
-                if not entry.used and now < entry.grant.expires_at
-            )
-        )
+        """
+        The unused, unexpired tokens, without scanning them (for /metrics).
+        """
+        self._prune()
+        return succeed(len(self._unused))
 
     def purge(self) -> Deferred:
+        """
+        Remove expired tokens, oldest first, up to the first one still valid
+        (tokens are issued in about the order they expire); an entry with a
+        SPICE session attached stays (and is skipped) until it is detached.
+        """
         now = self._clock.seconds()
-        doomed = [
-            digest
-            for digest, entry in self._entries.items()
-            if now >= entry.grant.expires_at and entry.spice_session_id is None
-        ]
+        doomed = []
+        for digest, entry in self._entries.items():
+            if now < entry.grant.expires_at:
+                break
+            if entry.spice_session_id is None:
+                doomed.append(digest)
         for digest in doomed:
             del self._entries[digest]
+            self._spent(digest)
         if doomed:
             log.debug("purged {n} expired tokens", n=len(doomed))
         return succeed(len(doomed))

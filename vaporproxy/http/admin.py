@@ -1,0 +1,104 @@
+"""
+The administrator's view of live consoles: stats (this process, or the
+cluster on Redis) and closing every console of a VM.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from twisted.logger import Logger
+
+from vaporproxy.errors import ConsoleError
+from vaporproxy.timestamps import iso_utc
+
+log = Logger(namespace="vaporproxy.web.ConsoleAPI")
+
+
+class ConsoleAdmin:
+    """
+    Stats and termination over the limiter, token store, registry and (in a
+    cluster) the Redis backend.
+    """
+
+    def __init__(self, *, limiter: Any, token_store: Any, registry: Any, reactor: Any, cluster: Any = None):
+        self._limiter = limiter
+        self._token_store = token_store
+        self._registry = registry
+        self._reactor = reactor
+        self._cluster = cluster
+
+    async def stats(self) -> Dict[str, Any]:
+        """
+        The body of C{GET /api/v1/console/stats}.
+        """
+        if self._cluster is not None:
+            return await self._cluster_stats()
+        limits = await self._limiter.stats()
+        total_tokens = await self._token_store.count()
+        now = self._reactor.seconds()
+        return {
+            "total_connections": limits["total_connections"],
+            "total_tokens": total_tokens,
+            "connections_per_vm": dict(limits["connections_per_vm"]),
+            "connections": [record.as_dict(now) for record in self._registry.consoles()],
+        }
+
+    async def _cluster_stats(self) -> Dict[str, Any]:
+        """
+        The stats of a cluster: C{total_connections}, C{total_tokens} and
+        C{connections_per_vm} are cluster-wide; C{connections} lists this
+        process's consoles; C{cluster} names this process and gives every
+        live process's figures.
+        """
+        figures = await self._cluster.cluster_stats()
+        now = self._reactor.seconds()
+        processes = []
+        for process in figures.get("processes", ()):
+            entry = dict(process)
+            for field in ("started_at", "updated_at"):
+                if isinstance(entry.get(field), (int, float)):
+                    entry[field] = iso_utc(entry[field])
+            processes.append(entry)
+        per_vm = dict(figures["connections_per_vm"])
+        return {
+            "total_connections": figures["total_connections"],
+            "total_tokens": figures["total_tokens"],
+            "connections_per_vm": per_vm,
+            "connections": [record.as_dict(now) for record in self._registry.consoles()],
+            "cluster": {
+                "node_id": self._cluster.node_id,
+                "total_connections": figures["total_connections"],
+                "total_tokens": figures["total_tokens"],
+                "connections_per_vm": per_vm,
+                "processes": processes,
+            },
+        }
+
+    async def terminate_vm(self, vm_uuid: str) -> int:
+        """
+        Close every live console of C{vm_uuid}; answer how many.
+
+        Alone, that is this process's consoles.  In a cluster, the consoles
+        of this process close at once and every process (this one too) is
+        told over Redis pub/sub to close its own; the answer is then the
+        number of consoles of the VM that held a slot anywhere in the
+        cluster when the request arrived (or this process's count, if
+        larger).  Remote consoles close asynchronously, within
+        milliseconds of the answer.
+
+        @raise ConsoleError: SERVICE_UNAVAILABLE when Redis cannot be
+            reached (this process's consoles are closed all the same).
+        """
+        if self._cluster is None:
+            return int(self._registry.terminate_vm(vm_uuid))
+        try:
+            limits = await self._limiter.stats()
+        except ConsoleError:
+            self._registry.terminate_vm(vm_uuid)
+            raise
+        live = int(dict(limits["connections_per_vm"]).get(vm_uuid, 0))
+        local = int(self._registry.terminate_vm(vm_uuid))
+        processes = await self._cluster.publish_terminate(vm_uuid)
+        log.info("terminate request for {vm_uuid} sent to {processes} process(es)", vm_uuid=vm_uuid, processes=processes)
+        return max(live, local)

@@ -1,0 +1,133 @@
+"""
+Revocation on SIGHUP (issue #11): removing or changing a credential revokes
+what it no longer allows.
+
+A token carries the identity of the credential that minted it
+(C{Grant.key_id}).  L{Revocation.allows} answers, against the running
+config, whether that credential still exists and still allows the token's
+VM; L{RevokingTokenStore} refuses, at redemption, a token it no longer
+allows; L{close_revoked} closes (4010) the live consoles it no longer
+allows.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from vaporproxy.config import ApiKey, AuthConfig
+from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.http.auth import key_id_of
+from vaporproxy.interfaces import Grant, Redemption
+
+log = Logger(namespace="vaporproxy.revocation")
+
+
+class Revocation:
+    """
+    The credentials of the running config, by identity.
+    """
+
+    def __init__(self, auth: AuthConfig):
+        self.reload(auth)
+
+    def reload(self, auth: AuthConfig) -> None:
+        self._keys: Dict[str, ApiKey] = {key_id_of(key): key for key in auth.api_keys}
+        self._jwt = auth.jwt is not None
+
+    def allows(self, grant: Grant) -> bool:
+        """
+        Whether the credential that minted C{grant} still exists and still
+        allows its VM (by UUID, name, or the id the client used).  A JWT
+        caller's VMs are its token's claims: its grants stand while JWTs are
+        accepted at all.  A grant without an identity (minted before
+        identities) stands.
+        """
+        key_id = grant.key_id
+        if not key_id:
+            return True
+        if key_id.startswith("jwt:"):
+            return self._jwt
+        key = self._keys.get(key_id)
+        if key is None:
+            return False
+        names = [name for name in (grant.vm_uuid, grant.vm_name, grant.vm_ref) if name]
+        return any(fnmatchcase(name, pattern) for pattern in key.vms for name in names)
+
+
+class RevokingTokenStore:
+    """
+    A token store whose redemptions are refused (INVALID_TOKEN, "Token
+    revoked") when the credential that minted the token no longer allows
+    it; everything else is the wrapped store's.
+    """
+
+    def __init__(self, store: Any, revocation: Revocation):
+        self.wrapped = store
+        self.revocation = revocation
+
+    @property
+    def ttl(self) -> float:
+        return self.wrapped.ttl
+
+    @ttl.setter
+    def ttl(self, value: float) -> None:
+        self.wrapped.ttl = value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+    def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
+        d = self.wrapped.redeem(token, vm_ref, client_ip)
+        d.addCallback(self._still_allowed)
+        return d
+
+    def _still_allowed(self, redemption: Redemption) -> Redemption:
+        grant = redemption.grant
+        if not self.revocation.allows(grant):
+            log.info("token of {user} for {vm_uuid} refused: its credential was revoked or narrowed",
+                     user=grant.user, vm_uuid=grant.vm_uuid)  # fmt: skip
+            raise ConsoleError(ErrorCode.INVALID_TOKEN, "Token revoked")
+        return redemption
+
+
+def grant_of(record: Any) -> Optional[Grant]:
+    """
+    The grant a live console was opened with (its owner's redemption).
+    """
+    grant = getattr(record, "grant", None)
+    if grant is not None:
+        return grant
+    redemption = getattr(getattr(record, "owner", None), "_redemption", None)
+    return getattr(redemption, "grant", None)
+
+
+def revoked(records: Iterable[Any], allows: Callable[[Grant], bool]) -> List[Any]:
+    """
+    The records among C{records} whose grant C{allows} refuses.
+    """
+    found = []
+    for record in records:
+        grant = grant_of(record)
+        if grant is not None and not allows(grant):
+            found.append(record)
+    return found
+
+
+def close_revoked(registry: Any, allows: Callable[[Grant], bool]) -> int:
+    """
+    Close with 4010 SESSION_TERMINATED every live console of C{registry}
+    whose credential no longer allows it; answer how many.  (It ends a
+    console as C{ConsoleRegistry.terminate_vm} does; a registry method
+    taking a predicate would be the cleaner home.)
+    """
+    doomed = revoked(registry.consoles(), allows)
+    for record in doomed:
+        grant = grant_of(record)
+        log.info("console {console_id} of {user} on {vm_uuid} closed: its credential was revoked or narrowed",
+                 console_id=record.console_id, user=getattr(grant, "user", "?"), vm_uuid=record.vm_id)  # fmt: skip
+        record.owner._end(ConsoleError(ErrorCode.SESSION_TERMINATED), "revoked")
+    return len(doomed)
