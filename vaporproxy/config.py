@@ -21,7 +21,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -156,11 +156,36 @@ class VncTLSConfig:
 
 
 @dataclass(frozen=True)
+class SpiceTLSConfig:
+    """
+    SPICE over TLS towards a hypervisor's VMs (their C{tlsPort}): the
+    fields of L{VncTLSConfig}; SPICE has no anonymous TLS.
+    """
+
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    verify: bool = True
+    server_name: Optional[str] = None
+    #: Not a setting: read by the TLS loader shared with vnc_tls.
+    allow_anonymous: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
 class HypervisorConfig:
     uri: str
     console_host: Optional[str] = None
     # None: a VM that wants VeNCrypt is refused with a clear reason.
     vnc_tls: Optional[VncTLSConfig] = None
+    # SPICE over TLS to the VMs (allow_anonymous unused); None: a SPICE
+    # console that needs TLS is refused with a clear reason.
+    spice_tls: Optional[SpiceTLSConfig] = None
+    # Whether the proxy runs on this hypervisor's host (UNIX-socket
+    # consoles); None: true for a URI without a host (qemu:///system).
+    local: Optional[bool] = None
+    # Open every console of this (local) hypervisor through libvirt
+    # (virDomainOpenGraphicsFD), not only those with <listen type='none'/>.
+    open_graphics: bool = False
 
 
 @dataclass(frozen=True)
@@ -403,6 +428,20 @@ def parse_network(key: str, value: Any, names: bool) -> str:
     raise _bad(key, value, "a host or network" if names else "an IP address or network", expected)
 
 
+def parse_allowed_host(key: str, value: Any) -> str:
+    """
+    An C{allowed_hosts} entry: a host, address or CIDR, or the absolute
+    path of a directory whose UNIX sockets may be dialled (ends with C{/}
+    once normalised).
+    """
+    if isinstance(value, str) and value.startswith("/"):
+        path = os.path.normpath(value)
+        if "\0" in path or any(part == ".." for part in value.split("/")):
+            raise _bad(key, value, "a socket directory", "expected an absolute directory path without '..'")
+        return path.rstrip("/") + "/"
+    return parse_network(key, value, names=True)
+
+
 def is_ssl_endpoint(description: str) -> bool:
     return description.split(":", 1)[0].strip().lower() == "ssl"
 
@@ -579,7 +618,7 @@ def _parse_console(raw: Any) -> ConsoleConfig:
             "token_ttl": parse_duration,
             "connection_timeout": parse_duration,
             "idle_timeout": parse_duration,
-            "allowed_hosts": _list_of(lambda k, v: parse_network(k, v, names=True), allow_empty=False),
+            "allowed_hosts": _list_of(parse_allowed_host, allow_empty=False),
             "enable_tls": parse_bool,
             "buffer_size": lambda k, v: parse_int(k, v) * 1024,
             "cleanup_interval": parse_duration,
@@ -761,19 +800,27 @@ def _parse_pem_file(key: str, value: Any) -> Optional[str]:
 def _parse_vnc_tls(key: str, raw: Any) -> Optional[VncTLSConfig]:
     if raw is None:
         return None
-    tls = _section(
-        key,
-        raw,
-        VncTLSConfig,
-        {
-            "ca_file": _parse_pem_file,
-            "cert_file": _parse_pem_file,
-            "key_file": _parse_pem_file,
-            "verify": parse_bool,
-            "server_name": lambda k, v: None if v is None else parse_host(k, v),
-            "allow_anonymous": parse_bool,
-        },
-    )
+    fields = dict(_TLS_FIELDS, allow_anonymous=parse_bool)
+    return _check_tls(key, _section(key, raw, VncTLSConfig, fields))
+
+
+def _parse_spice_tls(key: str, raw: Any) -> Optional[SpiceTLSConfig]:
+    """SPICE over TLS: as C{vnc_tls} without C{allow_anonymous}."""
+    if raw is None:
+        return None
+    return _check_tls(key, _section(key, raw, SpiceTLSConfig, dict(_TLS_FIELDS)))
+
+
+_TLS_FIELDS: Mapping[str, Callable[[str, Any], Any]] = {
+    "ca_file": _parse_pem_file,
+    "cert_file": _parse_pem_file,
+    "key_file": _parse_pem_file,
+    "verify": parse_bool,
+    "server_name": lambda k, v: None if v is None else parse_host(k, v),
+}
+
+
+def _check_tls(key: str, tls: Any) -> Any:
     if tls.key_file is not None and tls.cert_file is None:
         raise ConfigError(f"{key}.key_file: needs {key}.cert_file (expected both, or only cert_file holding both)")
     if not tls.verify and (tls.ca_file is not None or tls.server_name is not None):
@@ -784,6 +831,17 @@ def _parse_vnc_tls(key: str, raw: Any) -> Optional[VncTLSConfig]:
 
 
 def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
+    hypervisor = _parse_hypervisor_keys(key, raw)
+    if hypervisor.open_graphics:
+        local = hypervisor.local if hypervisor.local is not None else not urlsplit(hypervisor.uri).netloc
+        if not local:
+            raise ConfigError(
+                f"{key}.open_graphics: needs a local hypervisor (expected local: true, or a URI without a host)"
+            )
+    return hypervisor
+
+
+def _parse_hypervisor_keys(key: str, raw: Any) -> HypervisorConfig:
     return _section(
         key,
         raw,
@@ -792,6 +850,9 @@ def _parse_hypervisor(key: str, raw: Any) -> HypervisorConfig:
             "uri": parse_libvirt_uri,
             "console_host": lambda k, v: None if v is None else parse_host(k, v),
             "vnc_tls": _parse_vnc_tls,
+            "spice_tls": _parse_spice_tls,
+            "local": lambda k, v: None if v is None else parse_bool(k, v),
+            "open_graphics": parse_bool,
         },
         required=("uri",),
     )

@@ -40,6 +40,18 @@ class Graphics:
     @ivar password: the C{passwd} attribute, or C{None}.  Only present when
         the XML was fetched with C{VIR_DOMAIN_XML_SECURE}.
     @ivar autoport: whether C{autoport='yes'}.
+    @ivar listen_type: C{"address"} (TCP; also libvirt's C{network}),
+        C{"socket"} (a UNIX socket, see C{socket}) or C{"none"} (no
+        listener: only libvirt can hand out a connection).
+    @ivar socket: the UNIX socket path of a C{socket} listener, or C{None}
+        (not known yet, or not a socket listener).
+    @ivar default_mode: SPICE C{defaultMode}: C{"any"}, C{"secure"} (TLS)
+        or C{"insecure"} (plain).
+    @ivar channel_modes: SPICE C{<channel name= mode=>} pairs, in order.
+    @ivar password_valid_to: POSIX time of C{passwdValidTo} (UTC), or
+        C{None} when the password does not expire.
+    @ivar device: position among all the domain's C{<graphics>} elements
+        (libvirt's C{idx} of C{virDomainOpenGraphicsFD}).
     """
 
     type: str
@@ -49,6 +61,12 @@ class Graphics:
     listen: Optional[str] = None
     password: Optional[str] = field(default=None, repr=False)
     autoport: bool = False
+    listen_type: str = "address"
+    socket: Optional[str] = None
+    default_mode: str = "any"
+    channel_modes: Tuple[Tuple[str, str], ...] = ()
+    password_valid_to: Optional[float] = None
+    device: int = 0
 
     @property
     def has_password(self) -> bool:
@@ -67,6 +85,12 @@ class VMConsoles:
     @ivar hypervisor: the hypervisor URI the domain was found on.
     @ivar console_host: the configured address to dial for consoles that
         listen on a wildcard address (0.0.0.0 / ::), or C{None}.
+    @ivar local: whether the proxy runs on the VM's host (its UNIX-socket
+        consoles can be dialled).
+    @ivar spice_tls: whether the hypervisor has C{spice_tls} settings (its
+        TLS-only SPICE consoles can be dialled).
+    @ivar open_graphics: whether every console of the hypervisor is opened
+        through libvirt (C{virDomainOpenGraphicsFD}), listener or not.
     """
 
     uuid: str
@@ -75,6 +99,9 @@ class VMConsoles:
     graphics: Tuple[Graphics, ...]
     hypervisor: str = ""
     console_host: Optional[str] = None
+    local: bool = False
+    spice_tls: bool = False
+    open_graphics: bool = False
 
 
 @dataclass(frozen=True)

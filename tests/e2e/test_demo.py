@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from vaporproxy.config import parse_config
-from vaporproxy.vm.libvirt import graphics_from_domain_xml
+from vaporproxy.vm.domain import graphics_from_domain_xml
 from vaporproxy.demo import domain_xml, live_graphics_ports, proxy_config_text, sha256_hex
 
 UUID = "5b1f4a8e-0c1d-4f6e-9a7b-2c3d4e5f6a7b"

@@ -5,6 +5,7 @@ resolver.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.vm.hosts import HostPolicy, parse_address, parse_allowed
+from vaporproxy.vm.hosts import LIBVIRT_HANDOFF, HostPolicy, parse_address, parse_allowed
 
 
 @implementer(IHostResolution)
@@ -445,3 +446,47 @@ class NameCacheTests(SynchronousTestCase):
         d = self.policy("127.0.0.1", "localhost").resolve("127.0.0.1")
         self.assertEqual(self.successResultOf(d), "127.0.0.1")
         self.assertEqual(self.resolver.asked, [])
+
+
+class SocketPolicyTests(SynchronousTestCase):
+    """
+    Tests for UNIX-socket consoles under L{HostPolicy}: allowed when the
+    socket, links resolved, lies under an allowed directory.
+    """
+
+    def setUp(self) -> None:
+        self.base = os.path.realpath(self.mktemp())
+        self.vms = os.path.join(self.base, "vms")
+        os.makedirs(self.vms)
+        self.policy = HostPolicy(["127.0.0.1", self.vms + "/"], FakeResolver(TABLE))
+
+    def test_underDirectory(self) -> None:
+        """
+        When the socket lies under an allowed directory, its path is the answer.
+        """
+        path = os.path.join(self.vms, "domain-1", "vnc.sock")
+        self.assertEqual(self.successResultOf(self.policy.resolve(path)), path)
+
+    def test_outside(self) -> None:
+        """
+        When the socket lies elsewhere, or escapes through '..' or a symbolic link, it is refused with 403.
+        """
+        link = os.path.join(self.vms, "link")
+        os.symlink("/run", link)
+        for path in ("/run/redis.sock", self.vms + "/../x.sock", link + "/x.sock", self.vms + "x/a.sock"):
+            error = self.failureResultOf(self.policy.resolve(path), ConsoleError).value
+            self.assertIs(error.code, ErrorCode.UNAUTHORIZED)
+            self.assertEqual(error.http_status, 403)
+
+    def test_noDirectories(self) -> None:
+        """
+        When allowed_hosts has no directory, every socket is refused.
+        """
+        policy = HostPolicy(["127.0.0.1"], FakeResolver(TABLE))
+        self.failureResultOf(policy.resolve(os.path.join(self.vms, "a.sock")), ConsoleError)
+
+    def test_libvirtHandOff(self) -> None:
+        """
+        When the console has no listener (libvirt hands it over), there is no address to check and the marker is the answer.
+        """
+        self.assertEqual(self.successResultOf(self.policy.resolve(LIBVIRT_HANDOFF)), LIBVIRT_HANDOFF)

@@ -1,6 +1,6 @@
 """
-Tests for L{vaporproxy.vm.libvirt}: the domain XML parser, console selection,
-the dial address, and the libvirt locator over a fake libvirt module.
+Tests for L{vaporproxy.vm.libvirt}: the libvirt locator over a fake libvirt
+module.
 """
 
 from __future__ import annotations
@@ -12,498 +12,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from vaporproxy.config import HypervisorConfig
-from vaporproxy.vm.libvirt import (
-    MAX_CACHE_TTL,
-    LibvirtConsoleLocator,
-    dial_host,
-    domain_identity,
-    graphics_from_domain_xml,
-    hypervisor_host,
-    select_console,
-)
+from vaporproxy.config import HypervisorConfig, SpiceTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, IConsoleLocator, VMConsoles
-
-UUID1 = "6c3f0d0e-3a4b-4f0e-9a43-0b1d2c3e4f51"
-UUID2 = "0a9b8c7d-6e5f-4a3b-2c1d-0e9f8a7b6c5d"
-
-
-def domain(devices: str, name: str = "web1", uuid: str = UUID1, running: bool = True) -> bytes:
-    """
-    A domain XML shaped like what libvirt's live XMLDesc gives.
-    """
-    domid = " id='3'" if running else ""
-    return f"""<domain type='kvm'{domid}>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <memory unit='KiB'>1048576</memory>
-  <vcpu placement='static'>1</vcpu>
-  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type><boot dev='hd'/></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'><source file='/var/lib/libvirt/images/{name}.qcow2'/>
-      <target dev='vda' bus='virtio'/></disk>
-    <input type='tablet' bus='usb'/>
-{devices}
-    <video><model type='qxl' ram='65536' vram='65536' heads='1' primary='yes'/></video>
-  </devices>
-</domain>""".encode()
-
-
-VNC_LIVE = domain(
-    """    <graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1' passwd='s3cret'>
-      <listen type='address' address='127.0.0.1'/>
-    </graphics>"""
-)
-
-SPICE_LIVE = domain(
-    """    <graphics type='spice' port='5930' tlsPort='5931' autoport='yes' listen='0.0.0.0'>
-      <listen type='address' address='0.0.0.0'/>
-      <channel name='main' mode='secure'/>
-      <image compression='auto_glz'/>
-    </graphics>"""
-)
-
-BOTH = domain(
-    """    <graphics type='spice' port='5930' autoport='no' listen='10.0.0.5'/>
-    <graphics type='vnc' port='5901' autoport='no' listen='10.0.0.5'/>
-    <graphics type='vnc' port='5902' autoport='no' listen='10.0.0.6' passwd=''/>"""
-)
-
-SHUT_OFF_AUTOPORT = domain(
-    """    <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'>
-      <listen type='address' address='127.0.0.1'/>
-    </graphics>""",
-    running=False,
-)
-
-
-class GraphicsFromDomainXMLTests(SynchronousTestCase):
-    """
-    Tests for L{graphics_from_domain_xml}.
-    """
-
-    def test_vncWithPassword(self) -> None:
-        """
-        When a live domain has a VNC device with a password, its port,
-        listen address and password are read.
-        """
-        self.assertEqual(
-            graphics_from_domain_xml(VNC_LIVE),
-            (Graphics("vnc", 0, 5901, None, "127.0.0.1", "s3cret", True),),
-        )
-
-    def test_spiceWithTLSPort(self) -> None:
-        """
-        When a SPICE device has port and tlsPort, both are read and there
-        is no password.
-        """
-        (g,) = graphics_from_domain_xml(SPICE_LIVE)
-        self.assertEqual((g.type, g.port, g.tls_port, g.listen), ("spice", 5930, 5931, "0.0.0.0"))
-        self.assertIsNone(g.password)
-        self.assertFalse(g.has_password)
-
-    def test_severalDisplaysIndexedPerType(self) -> None:
-        """
-        When a domain has several devices, they come in document order with
-        an index counted per type.
-        """
-        found = graphics_from_domain_xml(BOTH)
-        self.assertEqual(
-            [(g.type, g.index, g.port, g.listen) for g in found],
-            [("spice", 0, 5930, "10.0.0.5"), ("vnc", 0, 5901, "10.0.0.5"), ("vnc", 1, 5902, "10.0.0.6")],
-        )
-
-    def test_emptyPasswordIsPresentButNotSet(self) -> None:
-        """
-        When passwd is an empty string it is kept, and has_password is false.
-        """
-        g = graphics_from_domain_xml(BOTH)[2]
-        self.assertEqual(g.password, "")
-        self.assertFalse(g.has_password)
-
-    def test_autoportMinusOneHasNoPort(self) -> None:
-        """
-        When autoport is on and the port is -1 (not assigned), port is None.
-        """
-        (g,) = graphics_from_domain_xml(SHUT_OFF_AUTOPORT)
-        self.assertIsNone(g.port)
-        self.assertTrue(g.autoport)
-
-    def test_missingPortIsNone(self) -> None:
-        """
-        When a device has no port attribute at all, port is None.
-        """
-        (g,) = graphics_from_domain_xml(domain("<graphics type='vnc' autoport='yes'/>"))
-        self.assertEqual((g.port, g.listen), (None, None))
-
-    def test_listenChildWinsOverAttribute(self) -> None:
-        """
-        When the listen attribute and a <listen type='address'> child
-        disagree, the child's address is used.
-        """
-        (g,) = graphics_from_domain_xml(
-            domain(
-                "<graphics type='vnc' port='5905' listen='0.0.0.0'>"
-                "<listen type='address' address='192.168.1.20'/></graphics>"
-            )
-        )
-        self.assertEqual(g.listen, "192.168.1.20")
-
-    def test_listenChildWithoutAddressFallsBackToAttribute(self) -> None:
-        """
-        When the <listen> child carries no address, the listen attribute is
-        used.
-        """
-        (g,) = graphics_from_domain_xml(
-            domain(
-                "<graphics type='vnc' port='5905' listen='192.168.1.21'>"
-                "<listen type='address'/></graphics>"
-            )
-        )
-        self.assertEqual(g.listen, "192.168.1.21")
-
-    def test_listenOnlyAttribute(self) -> None:
-        """
-        When only the listen attribute is given, it is the listen address.
-        """
-        (g,) = graphics_from_domain_xml(domain("<graphics type='spice' port='5930' listen='::1'/>"))
-        self.assertEqual(g.listen, "::1")
-
-    def test_listenNetworkUsesResolvedAddress(self) -> None:
-        """
-        When a <listen type='network'> child carries the address libvirt
-        resolved, that address is used.
-        """
-        (g,) = graphics_from_domain_xml(
-            domain(
-                "<graphics type='vnc' port='5907'>"
-                "<listen type='network' network='mgmt' address='172.16.0.9'/></graphics>"
-            )
-        )
-        self.assertEqual((g.port, g.listen), (5907, "172.16.0.9"))
-
-    def test_listenSocketHasNoTCPConsole(self) -> None:
-        """
-        When a device listens on a UNIX socket, it has no port.
-        """
-        (g,) = graphics_from_domain_xml(
-            domain(
-                "<graphics type='vnc' port='5901'>"
-                "<listen type='socket' socket='/run/libvirt/qemu/vnc.sock'/></graphics>"
-            )
-        )
-        self.assertEqual((g.type, g.port, g.listen), ("vnc", None, None))
-
-    def test_listenNoneHasNoTCPConsole(self) -> None:
-        """
-        When a SPICE device has <listen type='none'/>, it has no ports.
-        """
-        (g,) = graphics_from_domain_xml(
-            domain("<graphics type='spice' port='5930' tlsPort='5931'><listen type='none'/></graphics>")
-        )
-        self.assertEqual((g.port, g.tls_port), (None, None))
-
-    def test_socketAttributeHasNoTCPConsole(self) -> None:
-        """
-        When a VNC device has a socket attribute, it has no port.
-        """
-        (g,) = graphics_from_domain_xml(domain("<graphics type='vnc' socket='/tmp/vnc.sock'/>"))
-        self.assertIsNone(g.port)
-
-    def test_otherTypesIgnored(self) -> None:
-        """
-        When a domain has sdl, rdp, egl-headless and dbus devices, only VNC
-        and SPICE devices are returned.
-        """
-        found = graphics_from_domain_xml(
-            domain(
-                "<graphics type='sdl' display=':0.0'/>"
-                "<graphics type='rdp' port='3389'/>"
-                "<graphics type='egl-headless'/>"
-                "<graphics type='dbus'/>"
-                "<graphics type='vnc' port='5910'/>"
-            )
-        )
-        self.assertEqual([(g.type, g.index, g.port) for g in found], [("vnc", 0, 5910)])
-
-    def test_noGraphics(self) -> None:
-        """
-        When a domain has no graphics device, the result is empty.
-        """
-        self.assertEqual(graphics_from_domain_xml(domain("")), ())
-
-    def test_nonNumericAndOutOfRangePortsAreNone(self) -> None:
-        """
-        When a port is not a number or out of range, it is None.
-        """
-        found = graphics_from_domain_xml(
-            domain("<graphics type='vnc' port='abc'/><graphics type='vnc' port='70000'/><graphics type='vnc' port='0'/>")
-        )
-        self.assertEqual([g.port for g in found], [None, None, None])
-
-    def test_acceptsText(self) -> None:
-        """
-        When given str with an XML declaration (as libvirt's binding
-        returns), it is parsed.
-        """
-        text = "<?xml version='1.0' encoding='UTF-8'?>\n" + VNC_LIVE.decode()
-        self.assertEqual(graphics_from_domain_xml(text)[0].port, 5901)  # type: ignore[arg-type]
-
-    def test_identity(self) -> None:
-        """
-        When asked, the domain's UUID (lower-case) and name are read.
-        """
-        self.assertEqual(
-            domain_identity(domain("", name="db2", uuid=UUID2.upper())), (UUID2, "db2")
-        )
-
-    def assertInternalError(self, xml: bytes) -> ConsoleError:
-        error = self.assertRaises(ConsoleError, graphics_from_domain_xml, xml)
-        self.assertIs(error.code, ErrorCode.INTERNAL_ERROR)
-        return error
-
-    def test_malformed(self) -> None:
-        """
-        When the XML is malformed, INTERNAL_ERROR with a client-safe message
-        is raised.
-        """
-        error = self.assertInternalError(b"<domain><devices><graphics type='vnc'")
-        self.assertNotIn("line", error.message)
-        self.assertNotIn("graphics", error.message)
-
-    def test_emptyInput(self) -> None:
-        """
-        When the XML is empty, INTERNAL_ERROR is raised.
-        """
-        self.assertInternalError(b"")
-
-    def test_wrongRoot(self) -> None:
-        """
-        When the root element is not <domain>, INTERNAL_ERROR is raised.
-        """
-        self.assertInternalError(b"<network><name>default</name></network>")
-
-    def test_billionLaughsRefused(self) -> None:
-        """
-        When the XML declares nested entities (billion laughs), it is
-        refused without expansion.
-        """
-        xml = (
-            b'<?xml version="1.0"?>\n<!DOCTYPE domain [\n<!ENTITY lol "lol">\n'
-            + b"".join(
-                b'<!ENTITY lol%d "%s">\n' % (i, (b"&lol%d;" % (i - 1) if i > 1 else b"&lol;") * 10)
-                for i in range(1, 10)
-            )
-            + b"]>\n<domain><name>&lol9;</name><devices><graphics type='vnc' port='5901'/></devices></domain>"
-        )
-        self.assertInternalError(xml)
-
-    def test_externalEntityRefused(self) -> None:
-        """
-        When the XML references an external entity (XXE), it is refused.
-        """
-        xml = (
-            b'<?xml version="1.0"?><!DOCTYPE domain [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>'
-            b"<domain><devices><graphics type='vnc' port='5901' passwd='&xxe;'/></devices></domain>"
-        )
-        self.assertInternalError(xml)
-
-    def test_externalDTDRefused(self) -> None:
-        """
-        When the XML names an external DTD, it is refused.
-        """
-        self.assertInternalError(
-            b'<!DOCTYPE domain SYSTEM "http://example.invalid/d.dtd"><domain/>'
-        )
-
-    def test_utf16DoctypeRefused(self) -> None:
-        """
-        When a DTD hides in a UTF-16 document (past a byte scan), the
-        parsed document is still refused.
-        """
-        xml = '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE domain [<!ENTITY a "b">]><domain/>'
-        self.assertInternalError(xml.encode("utf-16"))
-
-    def test_tooLarge(self) -> None:
-        """
-        When the XML is larger than the cap, it is refused.
-        """
-        self.assertInternalError(b"<domain>" + b" " * (5 * 1024 * 1024) + b"</domain>")
-
-
-def vm(*graphics: Graphics, running: bool = True, hypervisor: str = "qemu:///system",
-       console_host: Optional[str] = None) -> VMConsoles:
-    return VMConsoles(UUID1, "web1", running, tuple(graphics), hypervisor, console_host)
-
-
-class SelectConsoleTests(SynchronousTestCase):
-    """
-    Tests for L{select_console}.
-    """
-
-    spice0 = Graphics("spice", 0, 5930, 5931, "127.0.0.1")
-    vnc0 = Graphics("vnc", 0, 5901, None, "127.0.0.1")
-    vnc1 = Graphics("vnc", 1, 5902, None, "127.0.0.1")
-
-    def assertCode(self, code: ErrorCode, v: VMConsoles, t: Optional[str], d: Optional[int]) -> str:
-        error = self.assertRaises(ConsoleError, select_console, v, t, d)
-        self.assertIs(error.code, code)
-        return error.message
-
-    def test_firstInDocumentOrder(self) -> None:
-        """
-        When no type is given, the first device in document order is chosen.
-        """
-        self.assertEqual(select_console(vm(self.spice0, self.vnc0), None, None), self.spice0)
-
-    def test_byType(self) -> None:
-        """
-        When a type is given, the first device of that type is chosen.
-        """
-        self.assertEqual(select_console(vm(self.spice0, self.vnc0, self.vnc1), "vnc", None), self.vnc0)
-
-    def test_byTypeAndDisplay(self) -> None:
-        """
-        When a type and a display are given, that display is chosen.
-        """
-        self.assertEqual(select_console(vm(self.spice0, self.vnc0, self.vnc1), "vnc", 1), self.vnc1)
-
-    def test_displayWithoutType(self) -> None:
-        """
-        When only a display is given, the first device with that index is
-        chosen.
-        """
-        self.assertEqual(select_console(vm(self.spice0, self.vnc0, self.vnc1), None, 1), self.vnc1)
-
-    def test_notRunning(self) -> None:
-        """
-        When the VM is not running, NO_CONSOLE_AVAILABLE says so.
-        """
-        message = self.assertCode(ErrorCode.NO_CONSOLE_AVAILABLE, vm(self.vnc0, running=False), None, None)
-        self.assertIn("not running", message)
-
-    def test_noGraphics(self) -> None:
-        """
-        When the VM has no graphics device, NO_CONSOLE_AVAILABLE says so.
-        """
-        message = self.assertCode(ErrorCode.NO_CONSOLE_AVAILABLE, vm(), "vnc", None)
-        self.assertIn("no graphical console", message)
-
-    def test_noneOfType(self) -> None:
-        """
-        When the VM has no device of the asked type, NO_CONSOLE_AVAILABLE
-        names the type.
-        """
-        message = self.assertCode(ErrorCode.NO_CONSOLE_AVAILABLE, vm(self.vnc0), "spice", None)
-        self.assertIn("SPICE", message)
-
-    def test_noSuchDisplay(self) -> None:
-        """
-        When the display index does not exist, NO_CONSOLE_AVAILABLE names it.
-        """
-        message = self.assertCode(ErrorCode.NO_CONSOLE_AVAILABLE, vm(self.vnc0), "vnc", 3)
-        self.assertIn("display 3", message)
-
-    def test_noPortYet(self) -> None:
-        """
-        When the chosen device has no port, NO_CONSOLE_AVAILABLE says so.
-        """
-        message = self.assertCode(
-            ErrorCode.NO_CONSOLE_AVAILABLE, vm(Graphics("vnc", 0, None, autoport=True)), None, None
-        )
-        self.assertIn("no TCP port", message)
-
-    def test_unknownType(self) -> None:
-        """
-        When the type is neither vnc nor spice, BAD_REQUEST is raised, even
-        for a stopped VM.
-        """
-        self.assertCode(ErrorCode.BAD_REQUEST, vm(self.vnc0, running=False), "rdp", None)
-
-    def test_negativeDisplay(self) -> None:
-        """
-        When the display is negative, BAD_REQUEST is raised.
-        """
-        self.assertCode(ErrorCode.BAD_REQUEST, vm(self.vnc0), "vnc", -1)
-
-
-class DialHostTests(SynchronousTestCase):
-    """
-    Tests for L{dial_host} and L{hypervisor_host}.
-    """
-
-    def test_specificListen(self) -> None:
-        """
-        When the console listens on a specific address, that address is
-        dialled.
-        """
-        g = Graphics("vnc", 0, 5901, listen="10.1.2.3")
-        self.assertEqual(dial_host(vm(g, console_host="192.0.2.1"), g), "10.1.2.3")
-
-    def test_wildcardUsesConsoleHost(self) -> None:
-        """
-        When the console listens on 0.0.0.0 and console_host is set, the
-        console_host is dialled.
-        """
-        g = Graphics("vnc", 0, 5901, listen="0.0.0.0")
-        self.assertEqual(
-            dial_host(vm(g, hypervisor="qemu+ssh://h1/system", console_host="192.0.2.1"), g),
-            "192.0.2.1",
-        )
-
-    def test_wildcardLocalURI(self) -> None:
-        """
-        When the console listens on a wildcard and the hypervisor is local,
-        127.0.0.1 is dialled.
-        """
-        for listen in ("0.0.0.0", "::", "", None, "[::]", "0:0:0:0:0:0:0:0"):
-            g = Graphics("spice", 0, 5930, listen=listen)
-            self.assertEqual(dial_host(vm(g, hypervisor="qemu:///system"), g), "127.0.0.1", listen)
-
-    def test_wildcardRemoteURI(self) -> None:
-        """
-        When the console listens on a wildcard and the hypervisor is
-        remote, the URI's host is dialled.
-        """
-        g = Graphics("vnc", 0, 5901, listen="::")
-        self.assertEqual(dial_host(vm(g, hypervisor="qemu+ssh://root@kvm7.example:2222/system"), g), "kvm7.example")
-
-    def test_loopbackOfRemoteHypervisor(self) -> None:
-        """
-        When a console listens on loopback of a remote hypervisor,
-        NO_CONSOLE_AVAILABLE rather than dialling this machine.
-        """
-        for listen in ("127.0.0.1", "::1", "localhost"):
-            g = Graphics("vnc", 0, 5901, listen=listen)
-            error = self.assertRaises(ConsoleError, dial_host, vm(g, hypervisor="qemu+ssh://kvm7/system"), g)
-            self.assertIs(error.code, ErrorCode.NO_CONSOLE_AVAILABLE)
-            self.assertNotIn("kvm7", error.message)
-
-    def test_loopbackOfLoopbackURI(self) -> None:
-        """
-        When a remote-style URI names this machine, a loopback listen
-        address is dialled.
-        """
-        g = Graphics("vnc", 0, 5901, listen="127.0.0.1")
-        self.assertEqual(dial_host(vm(g, hypervisor="qemu+tcp://localhost/system"), g), "127.0.0.1")
-        self.assertEqual(dial_host(vm(g, hypervisor="test:///tmp/node.xml"), g), "127.0.0.1")
-
-    def test_hypervisorHost(self) -> None:
-        """
-        When URIs are local, remote, IPv6 or test-driver files, their host
-        part is found or None.
-        """
-        self.assertIsNone(hypervisor_host("qemu:///system"))
-        self.assertIsNone(hypervisor_host("test:///tmp/node.xml"))
-        self.assertEqual(hypervisor_host("qemu+tls://[2001:db8::5]/system"), "2001:db8::5")
-        self.assertEqual(hypervisor_host("qemu+tcp://h2:16509/system"), "h2")
-
-
-# ---------------------------------------------------------------------------
-# A fake libvirt module, pool and reactor
-# ---------------------------------------------------------------------------
+from vaporproxy.vm.domain import domain_identity, graphics_from_domain_xml
+from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
+from vaporproxy.vm.libvirt import MAX_CACHE_TTL, LibvirtConsoleLocator
+from vaporproxy.vm.target import ConsoleTarget
+
+from .domains import UUID1, UUID2, VNC_LIVE, domain
 
 
 class FakeLibvirtError(Exception):
@@ -591,6 +108,12 @@ class FakeDomain:
     def name(self) -> str:
         return self.dname or ""
 
+    def openGraphicsFD(self, idx: int, flags: int) -> int:
+        self.lv.record("openGraphicsFD", idx, flags)
+        if self.lv.graphics_error is not None:
+            raise self.lv.graphics_error
+        return 1000 + idx
+
 
 class FakeConnection:
     def __init__(self, lv: "FakeLibvirt", uri: str, domains: List[FakeDomain]):
@@ -655,6 +178,7 @@ class FakeLibvirt:
         self.off_pool: List[tuple] = []
         self.handlers: List[Any] = []
         self.invalid_uuids: set = set()
+        self.graphics_error: Optional[FakeLibvirtError] = None
 
     def record(self, *call: Any) -> None:
         self.calls.append(call)
@@ -716,6 +240,49 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
         verifyObject(IConsoleLocator, self.locator)
         self.assertEqual(len(self.lv.handlers), 1)
         self.assertIsNone(self.lv.handlers[0][0](None, None))
+
+    def test_localAndSpiceTLS(self) -> None:
+        """
+        When a VM is found, it says whether its hypervisor is local and has spice_tls, as the hypervisor's settings say.
+        """
+        lv = FakeLibvirt(self.pool)
+        lv.hosts["qemu:///system"] = [FakeDomain(lv, VNC_LIVE)]
+        lv.hosts["qemu+ssh://h1/system"] = [FakeDomain(lv, domain("", "db2", UUID2))]
+        locator = LibvirtConsoleLocator(
+            [HypervisorConfig("qemu:///system", spice_tls=SpiceTLSConfig()), HypervisorConfig("qemu+ssh://h1/system")],
+            self.reactor,
+            self.pool,  # type: ignore[arg-type]
+            libvirt_module=lv,
+            cache_ttl=0,
+        )
+        web1 = self.successResultOf(self.drive(locator.locate("web1")))
+        db2 = self.successResultOf(self.drive(locator.locate("db2")))
+        self.assertEqual([(web1.local, web1.spice_tls), (db2.local, db2.spice_tls)], [(True, True), (False, False)])
+
+    def test_openGraphics(self) -> None:
+        """
+        When a console without a listener is opened, libvirt's openGraphicsFD is called on the pool with the device index and SKIPAUTH, and its descriptor is the answer.
+        """
+        g = Graphics("vnc", 0, None, listen_type="none", device=2)
+        target = ConsoleTarget(LIBVIRT_HANDOFF, g, "qemu+ssh://h1/system", LIBVIRT_HANDOFF, UUID1)
+        d = self.locator.open_graphics(target)
+        self.assertNoResult(d)
+        self.assertEqual(self.successResultOf(self.drive(d)), 1002)
+        self.assertEqual(self.calls("openGraphicsFD"), [("openGraphicsFD", 2, 1)])
+        self.assertEqual(self.lv.off_pool, [])
+
+    def test_openGraphicsFails(self) -> None:
+        """
+        When libvirt refuses to open the graphics, the answer is CONNECTION_FAILED and the reason is logged.
+        """
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.lv.graphics_error = FakeLibvirtError("Operation not supported: can't open graphics", 84)
+        target = ConsoleTarget(LIBVIRT_HANDOFF, Graphics("spice", 0, None, listen_type="none"), "qemu+ssh://h1/system", "", UUID1)
+        error = self.failureResultOf(self.drive(self.locator.open_graphics(target)), ConsoleError).value
+        self.assertIs(error.code, ErrorCode.CONNECTION_FAILED)
+        self.assertIn("can't open graphics", [e for e in events if "detail" in e][-1]["detail"])
 
     def test_nothingBeforeThePoolRuns(self) -> None:
         """

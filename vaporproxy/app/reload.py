@@ -97,7 +97,7 @@ class ReloadService(Service):
 def check_files(config: Config) -> None:
     """
     Load the files a config refers to (the JWT key, the hypervisors'
-    C{vnc_tls} CA, certificate and key files) so that a bad one stops
+    C{vnc_tls} and C{spice_tls} CA, certificate and key files) so that a bad one stops
     start-up with a one-line error, and a SIGHUP with a bad one changes
     nothing, instead of failing half-way through applying it.
 
@@ -111,6 +111,10 @@ def check_files(config: Config) -> None:
         from vaporproxy.guards.vencrypt import vnc_tls_by_uri
 
         vnc_tls_by_uri(config.hypervisors)
+    if any(h.spice_tls is not None for h in config.hypervisors):
+        from vaporproxy.vm.dial import spice_tls_by_uri
+
+        spice_tls_by_uri(config.hypervisors)
 
 
 def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, bridge_factory: Any,

@@ -49,7 +49,8 @@ from vaporproxy.http.request import client_ip_from
 from vaporproxy.http.routing import Root, relative_redirect, render_deferred
 from vaporproxy.http.recordings import RecordingsAPI
 from vaporproxy.http.site import ADMIN_PAGE, JSON_CONTENT_TYPE, PLAYBACK_PAGE, STATIC_DIR, console_page_body, page_body, static_tree
-from vaporproxy.vm.libvirt import UUID_RE, is_loopback
+from vaporproxy.vm.libvirt import UUID_RE
+from vaporproxy.vm.target import is_loopback
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 

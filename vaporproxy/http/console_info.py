@@ -20,7 +20,7 @@ from vaporproxy.interfaces import CONSOLE_TYPES, Grant
 from vaporproxy.logs import debug_enabled
 from vaporproxy.stores.tokens import token_log_id
 from vaporproxy.timestamps import iso_utc
-from vaporproxy.vm.libvirt import dial_host, select_console
+from vaporproxy.vm.target import dial_host, select_console
 
 VM_PATH = "/api/v1/virtualization/virtualmachines"
 PASSWORD_MASK = "********"

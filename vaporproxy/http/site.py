@@ -265,10 +265,11 @@ class StaticFiles(File):
 
 #: The Content-Security-Policy of the bundled console page: scripts and
 #: styles from this origin only, WebSockets to any host (the page may sit
-#: behind a proxy that rewrites the host), nothing else.
+#: behind a proxy that rewrites the host), sound from blob: URLs (spice-html5
+#: plays the playback channel through a MediaSource), nothing else.
 CONSOLE_PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data: blob:; font-src 'self'; connect-src 'self' ws: wss:; "
+    "img-src 'self' data: blob:; media-src blob:; font-src 'self'; connect-src 'self' ws: wss:; "
     "base-uri 'none'; form-action 'none'; object-src 'none'"
 )
 

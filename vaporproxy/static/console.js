@@ -491,6 +491,18 @@ function disconnect() {
 // adds under #screen when the VM opens a playback channel.  The Mute button
 // appears with the first one and mutes every one (later ones too).
 vapor.audio = { elements: 0, muted: false };
+// Seconds of sound the browser has buffered from the playback channel (the
+// Opus it decoded), read by tests through window.vapor.
+Object.defineProperty(vapor.audio, "bufferedSeconds", {
+  enumerable: true,
+  get() {
+    let total = 0;
+    for (const audio of $("screen").querySelectorAll("audio")) {
+      for (let i = 0; i < audio.buffered.length; i++) total += audio.buffered.end(i) - audio.buffered.start(i);
+    }
+    return total;
+  },
+});
 
 function applyMute() {
   for (const audio of $("screen").querySelectorAll("audio")) audio.muted = vapor.audio.muted;

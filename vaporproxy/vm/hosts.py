@@ -1,7 +1,10 @@
 """
 The C{allowed_hosts} policy: which console servers the proxy may dial.
 
-Entries are host names, IPv4 or IPv6 addresses, or CIDRs.  A target is
+Entries are host names, IPv4 or IPv6 addresses, or CIDRs, or absolute
+directory paths (C{/var/lib/libvirt/qemu/}): UNIX-socket consoles are
+allowed when their socket, symbolic links resolved, lies under one of
+them.  A target is
 resolved first; every address it resolves to is checked against the allowed
 set (allowed names are themselves resolved, at check time, to addresses);
 the first allowed address is the answer, and that address -- not the name --
@@ -19,10 +22,11 @@ long after.  Empty answers (a name that does not resolve) are not cached.
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHostnameResolver, IReactorTime, IResolutionReceiver
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -36,6 +40,10 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: The message a client sees for a refused host: it never names the host.
 NOT_ALLOWED_MESSAGE = "Console host is not allowed"
+
+#: The "host" of a console without a listener: libvirt hands over its
+#: connection (virDomainOpenGraphicsFD), so there is no address to check.
+LIBVIRT_HANDOFF = "libvirt:open-graphics"
 
 #: Seconds a name resolution is reused.
 DEFAULT_NAME_TTL = 5.0
@@ -94,6 +102,8 @@ def parse_allowed(allowed: Iterable[str]) -> Tuple[Tuple[IPNetwork, ...], Tuple[
         if not isinstance(entry, str) or not entry.strip():
             raise ValueError(f"allowed_hosts: {entry!r} is not a host name, address or CIDR")
         text = entry.strip()
+        if text.startswith("/"):
+            continue  # a socket directory: see socket_directories
         address = parse_address(text)
         if address is not None:
             networks.append(ipaddress.ip_network(address))
@@ -116,6 +126,32 @@ def parse_allowed(allowed: Iterable[str]) -> Tuple[Tuple[IPNetwork, ...], Tuple[
             raise ValueError(f"allowed_hosts: {entry!r} is not a host name, address or CIDR")
         names.append(name)
     return tuple(networks), tuple(names)
+
+
+def socket_directories(allowed: Iterable[str]) -> Tuple[str, ...]:
+    """
+    The socket directories among C{allowed_hosts} entries (absolute paths),
+    symbolic links resolved, each ending with C{/}.
+    """
+    found = []
+    for entry in allowed:
+        if isinstance(entry, str) and entry.strip().startswith("/"):
+            found.append(os.path.realpath(entry.strip()).rstrip("/") + "/")
+    return tuple(found)
+
+
+def check_socket(path: str, directories: Sequence[str]) -> str:
+    """
+    The path to dial for UNIX socket C{path}: itself, symbolic links
+    resolved, when that lies under one of C{directories}.
+
+    @raise ConsoleError: UNAUTHORIZED (403) otherwise.
+    """
+    real = os.path.realpath(path)
+    if any(real.startswith(directory) for directory in directories):
+        return real
+    log.warn("console socket {path} is not under an allowed_hosts directory", path=path)
+    raise _not_allowed()
 
 
 @implementer(IResolutionReceiver)
@@ -181,6 +217,7 @@ class HostPolicy:
         resolutions are dropped.
         """
         self._networks, self._names = parse_allowed(allowed)
+        self._socket_dirs = socket_directories(allowed)
         self._cache.clear()
         self._allowed_literals = {}
 
@@ -236,12 +273,21 @@ class HostPolicy:
 
     def resolve(self, host: str) -> "Deferred[str]":
         """
-        The checked address to dial for C{host}.
+        The checked address to dial for C{host} (an absolute path is a UNIX
+        socket, checked against the allowed directories; L{LIBVIRT_HANDOFF}
+        is answered as is).
 
         Fails with C{ConsoleError(UNAUTHORIZED)} when no address of C{host}
         is allowed, C{ConsoleError(CONNECTION_FAILED)} when C{host} does
         not resolve.
         """
+        if host == LIBVIRT_HANDOFF:
+            return succeed(host)
+        if isinstance(host, str) and host.startswith("/"):
+            try:
+                return succeed(check_socket(host, self._socket_dirs))
+            except ConsoleError as e:
+                return fail(e)
         known = self._allowed_literals.get(host) if isinstance(host, str) else None
         if known is not None:
             return succeed(known)

@@ -1,15 +1,14 @@
 """
-Finding a VM's graphics consoles: domain XML parsing and the libvirt locator.
+Finding a VM's graphics consoles: the libvirt locator.
 
-The core is pure: L{graphics_from_domain_xml} turns domain XML (bytes) into
-L{Graphics} values with a hardened lxml parser, L{select_console} picks the
-device a client asked for and L{dial_host} says which address to dial.
+The domain XML is parsed by L{vaporproxy.vm.domain} (pure); which console
+and where to dial it is L{vaporproxy.vm.target}.
 
-The edge is L{LibvirtConsoleLocator}: every libvirt call is blocking, so each
+L{LibvirtConsoleLocator}: every libvirt call is blocking, so each
 one runs on a dedicated thread pool (C{deferToThreadPool}); the reactor
 thread never waits for libvirt.  It keeps one read-write connection per
 hypervisor URI (C{passwd} needs C{VIR_DOMAIN_XML_SECURE}, which read-only
-connections refuse) and reopens it when it breaks.
+connections refuse) and reopens it when it breaks (L{vaporproxy.vm.connections}).
 
 Lookups of running VMs are cached for C{cache_ttl} seconds (1 s by default,
 at most L{MAX_CACHE_TTL}): opening a console asks twice for the same VM
@@ -20,15 +19,9 @@ L{LibvirtConsoleLocator} for what a cached answer may miss.
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import threading
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
-from urllib.parse import urlsplit
 
-from lxml import etree
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -37,38 +30,18 @@ from zope.interface import implementer
 
 from vaporproxy.config import HypervisorConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.interfaces import CONSOLE_TYPES, Graphics, IConsoleLocator, VMConsoles
+from vaporproxy.interfaces import IConsoleLocator, VMConsoles
+from vaporproxy.vm.connections import Connections, HypervisorFailed, error_code
+from vaporproxy.vm.domain import DomainXMLError, console_error, graphics_of, identity_of, parse_domain
+from vaporproxy.vm.target import hypervisor_host
 
 log = Logger(namespace="vaporproxy.consoles")
 
 _T = TypeVar("_T")
 
-#: Domain XML larger than this is refused (real domains are a few KB).
-MAX_DOMAIN_XML = 4 * 1024 * 1024
-
-#: The client-safe message for domain XML that cannot be used.
-_BAD_XML_MESSAGE = "The virtual machine's console configuration could not be read"
-
 #: libvirt's "no such domain" and "invalid argument" error codes.
 VIR_ERR_NO_DOMAIN = 42
 VIR_ERR_INVALID_ARG = 8
-
-#: libvirt error codes and domains that mean "the connection is broken".
-_CONNECTION_ERROR_CODES = frozenset(
-    {
-        5,  # VIR_ERR_NO_CONNECT
-        6,  # VIR_ERR_INVALID_CONN
-        38,  # VIR_ERR_SYSTEM_ERROR
-        39,  # VIR_ERR_RPC
-        86,  # VIR_ERR_AUTH_CANCELLED
-    }
-)
-_CONNECTION_ERROR_DOMAINS = frozenset(
-    {
-        7,  # VIR_FROM_RPC
-        13,  # VIR_FROM_REMOTE
-    }
-)
 
 #: A libvirt UUID, with or without dashes, any case.
 UUID_RE = re.compile(
@@ -96,338 +69,18 @@ def _cache_key(vm_ref: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Domain XML
-# ---------------------------------------------------------------------------
-
-
-def _parser() -> etree.XMLParser:
-    """
-    A hardened parser: no DTD loading, no entity expansion, no network, no
-    huge trees.
-    """
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_pis=True,
-        collect_ids=False,
-    )
-
-
-class DomainXMLError(Exception):
-    """
-    Domain XML that cannot be used; C{detail} is for the log only.
-    """
-
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.detail = detail
-
-
-def _console_error(error: DomainXMLError, **context: Any) -> ConsoleError:
-    """
-    Log C{error}'s detail and answer the client-safe INTERNAL_ERROR.
-    """
-    log.error("unusable domain XML: {detail}", detail=error.detail, **context)
-    return ConsoleError(ErrorCode.INTERNAL_ERROR, _BAD_XML_MESSAGE)
-
-
-def _parse_domain(xml: bytes) -> Any:
-    """
-    Parse domain XML into its root element, refusing anything that is not a
-    plain C{<domain>} document.
-
-    @raise DomainXMLError: with a log-only detail.
-    """
-    if isinstance(xml, str):
-        xml = xml.encode("utf-8")
-    if not isinstance(xml, (bytes, bytearray)):
-        raise DomainXMLError(f"expected bytes, got {type(xml).__name__}")
-    if len(xml) > MAX_DOMAIN_XML:
-        raise DomainXMLError(f"{len(xml)} bytes is more than {MAX_DOMAIN_XML}")
-    # Refuse DTDs outright: a domain document never has one, and a DTD is
-    # the vehicle of entity expansion and external entity attacks.
-    if b"<!DOCTYPE" in xml or b"<!ENTITY" in xml:
-        raise DomainXMLError("document type declarations are not accepted")
-    try:
-        root = etree.fromstring(bytes(xml), _parser())
-    except (etree.LxmlError, ValueError) as e:
-        raise DomainXMLError(f"malformed: {e}")
-    if root is None:
-        raise DomainXMLError("empty document")
-    docinfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
-        raise DomainXMLError("document type declarations are not accepted")
-    if root.tag != "domain":
-        raise DomainXMLError(f"root element is {str(root.tag)[:40]!r}, not 'domain'")
-    return root
-
-
-def _port(value: Optional[str]) -> Optional[int]:
-    """
-    A TCP port attribute: C{None} when missing, C{-1} (autoport not yet
-    assigned), out of range or not a number.
-    """
-    if value is None:
-        return None
-    try:
-        port = int(value.strip())
-    except ValueError:
-        return None
-    if 0 < port < 65536:
-        return port
-    return None
-
-
-def _listen(element: Any) -> Tuple[bool, Optional[str]]:
-    """
-    Where a graphics device listens.
-
-    @return: C{(tcp, address)}: C{tcp} is false when the device listens on a
-        UNIX socket only or not at all; C{address} is the listen address
-        (the C{<listen>} child wins over the C{listen} attribute) or
-        C{None}.
-    """
-    if element.get("socket"):
-        return False, None
-    address = element.get("listen") or None
-    for child in element.iterfind("listen"):
-        kind = child.get("type", "address")
-        if kind in ("socket", "none"):
-            return False, None
-        if kind in ("address", "network"):
-            child_address = child.get("address")
-            if child_address:
-                address = child_address
-        # Only the first <listen> child is used, as QEMU does.
-        break
-    return True, address
-
-
-def graphics_from_domain_xml(xml: bytes) -> Tuple[Graphics, ...]:
-    """
-    The VNC and SPICE graphics devices of a domain, in document order.
-
-    Other graphics types (sdl, rdp, egl-headless, dbus, ...) are ignored.
-    C{index} counts devices of the same type.  A device that listens only on
-    a UNIX socket (or nowhere) has no ports.
-
-    @param xml: domain XML as given by C{virDomainGetXMLDesc}.
-    @raise ConsoleError: INTERNAL_ERROR (client-safe message; the detail is
-        logged) when the XML is malformed or carries a DTD.
-    """
-    try:
-        return _graphics(_parse_domain(xml))
-    except DomainXMLError as e:
-        raise _console_error(e) from None
-
-
-def _graphics(root: Any) -> Tuple[Graphics, ...]:
-    counts: Dict[str, int] = {}
-    found: List[Graphics] = []
-    for element in root.iterfind("devices/graphics"):
-        kind = element.get("type")
-        if kind not in CONSOLE_TYPES:
-            continue
-        index = counts.get(kind, 0)
-        counts[kind] = index + 1
-        tcp, address = _listen(element)
-        autoport = element.get("autoport") == "yes"
-        port = _port(element.get("port")) if tcp else None
-        tls_port = _port(element.get("tlsPort")) if tcp and kind == "spice" else None
-        found.append(
-            Graphics(
-                type=kind,
-                index=index,
-                port=port,
-                tls_port=tls_port,
-                listen=address,
-                password=element.get("passwd"),
-                autoport=autoport,
-            )
-        )
-    return tuple(found)
-
-
-def domain_identity(xml: bytes) -> Tuple[Optional[str], Optional[str]]:
-    """
-    The C{(uuid, name)} of a domain from its XML (lower-case UUID), each
-    C{None} when absent.
-
-    @raise ConsoleError: INTERNAL_ERROR as L{graphics_from_domain_xml}.
-    """
-    try:
-        return _identity(_parse_domain(xml))
-    except DomainXMLError as e:
-        raise _console_error(e) from None
-
-
-def _identity(root: Any) -> Tuple[Optional[str], Optional[str]]:
-    uuid = root.findtext("uuid")
-    name = root.findtext("name")
-    return (
-        uuid.strip().lower() if uuid else None,
-        name.strip() if name else None,
-    )
-
-
-# ---------------------------------------------------------------------------
-# Choosing a console and where to dial it
-# ---------------------------------------------------------------------------
-
-
-def select_console(
-    vm: VMConsoles, console_type: Optional[str], display: Optional[int]
-) -> Graphics:
-    """
-    The graphics device a client asked for.
-
-    @param console_type: C{"vnc"}, C{"spice"} or C{None} for the first
-        device in document order.
-    @param display: index among devices of that type, or C{None} for the
-        first.
-    @raise ConsoleError: BAD_REQUEST for an unknown type or a negative
-        display; NO_CONSOLE_AVAILABLE (the message says why) when the VM is
-        not running, has no such device, or the device has no port yet.
-    """
-    if console_type is not None and console_type not in CONSOLE_TYPES:
-        raise ConsoleError(ErrorCode.BAD_REQUEST, "Console type must be 'vnc' or 'spice'")
-    if display is not None and (isinstance(display, bool) or not isinstance(display, int)):
-        raise ConsoleError(ErrorCode.BAD_REQUEST, "Display must be a non-negative integer")
-    if display is not None and display < 0:
-        raise ConsoleError(ErrorCode.BAD_REQUEST, "Display must be a non-negative integer")
-    if not vm.running:
-        raise ConsoleError(ErrorCode.NO_CONSOLE_AVAILABLE, "The virtual machine is not running")
-    if not vm.graphics:
-        raise ConsoleError(
-            ErrorCode.NO_CONSOLE_AVAILABLE, "The virtual machine has no graphical console"
-        )
-    candidates = [
-        g for g in vm.graphics if console_type is None or g.type == console_type
-    ]
-    if not candidates:
-        raise ConsoleError(
-            ErrorCode.NO_CONSOLE_AVAILABLE,
-            f"The virtual machine has no {console_type.upper()} console",
-        )
-    if display is not None:
-        candidates = [g for g in candidates if g.index == display]
-        if not candidates:
-            what = f"{console_type.upper()} display" if console_type else "display"
-            raise ConsoleError(
-                ErrorCode.NO_CONSOLE_AVAILABLE,
-                f"The virtual machine has no {what} {display}",
-            )
-    chosen = candidates[0]
-    if chosen.port is None:
-        raise ConsoleError(
-            ErrorCode.NO_CONSOLE_AVAILABLE,
-            "The console has no TCP port (not assigned yet, or not listening on TCP)",
-        )
-    return chosen
-
-
-@lru_cache(maxsize=1024)
-def _is_wildcard(address: Optional[str]) -> bool:
-    if address is None or address.strip() in ("", "*"):
-        return True
-    try:
-        return ipaddress.ip_address(address.strip().strip("[]")).is_unspecified
-    except ValueError:
-        return False
-
-
-@lru_cache(maxsize=256)
-def hypervisor_host(uri: str) -> Optional[str]:
-    """
-    The host part of a libvirt URI (C{qemu+ssh://root@h1/system} is
-    C{h1}), or C{None} for a local URI (C{qemu:///system}).
-    """
-    try:
-        host = urlsplit(uri).hostname
-    except ValueError:
-        return None
-    return host or None
-
-
-@lru_cache(maxsize=1024)
-def is_loopback(host: str) -> bool:
-    """
-    Whether C{host} (an address, bracketed or not, with or without an IPv6
-    zone, or C{localhost}) names this machine's loopback interface.
-    """
-    host = host.strip().strip("[]").split("%", 1)[0].lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def dial_host(vm: VMConsoles, g: Graphics) -> str:
-    """
-    The address to dial for console C{g} of C{vm}.
-
-    The listen address, unless it is a wildcard (C{0.0.0.0}, C{::}, empty):
-    then the hypervisor's configured C{console_host}, else C{127.0.0.1} for
-    a local hypervisor URI, else the URI's host.
-
-    @raise ConsoleError: NO_CONSOLE_AVAILABLE when the console listens on
-        the loopback interface of a remote hypervisor: dialling that address
-        here would reach this machine, not the VM.
-    """
-    if not _is_wildcard(g.listen):
-        assert g.listen is not None
-        listen = g.listen.strip()
-        remote = hypervisor_host(vm.hypervisor)
-        if is_loopback(listen) and remote is not None and not is_loopback(remote):
-            log.warn(
-                "console of {vm_uuid} listens on {listen} of remote hypervisor {uri}; not dialling",
-                vm_uuid=vm.uuid,
-                listen=listen,
-                uri=vm.hypervisor,
-            )
-            raise ConsoleError(
-                ErrorCode.NO_CONSOLE_AVAILABLE,
-                "The console listens only on the virtualization host's loopback interface",
-            )
-        return listen
-    if vm.console_host:
-        return vm.console_host
-    return hypervisor_host(vm.hypervisor) or "127.0.0.1"
-
-
-# ---------------------------------------------------------------------------
 # The libvirt locator
 # ---------------------------------------------------------------------------
 
 
-class _HypervisorFailed(Exception):
+def is_local(config: HypervisorConfig) -> bool:
     """
-    A hypervisor could not answer (log-only detail in C{args[0]}).
+    Whether the proxy runs on the hypervisor's host: its C{local} setting,
+    else whether its URI names no host (C{qemu:///system}).
     """
-
-    def __init__(self, detail: str, short: str):
-        super().__init__(detail)
-        self.detail = detail
-        self.short = short
-
-
-@dataclass
-class _Slot:
-    """
-    The cached connection of one hypervisor URI and the lock guarding it.
-    """
-
-    config: HypervisorConfig
-    lock: threading.Lock
-    conn: Any = None
-    #: After a failed open, no new attempt before this time (fail fast).
-    retry_at: float = 0.0
-    last_error: str = ""
+    if config.local is not None:
+        return config.local
+    return hypervisor_host(config.uri) is None
 
 
 def _import_libvirt() -> Any:
@@ -491,18 +144,15 @@ class LibvirtConsoleLocator:
         self._cache_ttl = float(cache_ttl)
         #: cache key -> (expiry time, the VM); touched on the reactor thread only.
         self._cache: Dict[str, Tuple[float, VMConsoles]] = {}
-        self._reopen_backoff = reopen_backoff
         self._pool = threadpool
         self._libvirt = libvirt_module if libvirt_module is not None else _import_libvirt()
         # libvirt prints every error to stderr unless a handler is set.
         self._libvirt.registerErrorHandler(lambda ctx, err: None, None)
-        self._slots: Dict[str, _Slot] = {}
-        self._order: List[str] = []
-        for hv in hypervisors:
-            if hv.uri in self._slots:
-                continue
-            self._slots[hv.uri] = _Slot(config=hv, lock=threading.Lock())
-            self._order.append(hv.uri)
+        self._connections = Connections(
+            hypervisors, self._libvirt, reactor.seconds, reopen_backoff, self._log_from_pool
+        )
+        self._slots = self._connections.slots
+        self._order = self._connections.order
 
     # -- reactor side ------------------------------------------------------
 
@@ -581,8 +231,8 @@ class LibvirtConsoleLocator:
             try:
                 vm = await self._in_pool(self._locate_on, uri, vm_ref)
             except DomainXMLError as e:
-                raise _console_error(e, uri=uri, vm_ref=vm_ref) from None
-            except _HypervisorFailed as e:
+                raise console_error(e, uri=uri, vm_ref=vm_ref) from None
+            except HypervisorFailed as e:
                 log.error(
                     "hypervisor {uri} failed looking up {vm_ref!r}: {detail}",
                     uri=uri,
@@ -604,6 +254,31 @@ class LibvirtConsoleLocator:
             )
         raise ConsoleError(ErrorCode.VM_NOT_FOUND)
 
+    def open_graphics(self, target: Any) -> "Deferred[int]":
+        """
+        A connected socket (its file descriptor, which the caller closes)
+        to console C{target.graphics} of VM C{target.vm_uuid}, from libvirt
+        (C{virDomainOpenGraphicsFD} with C{SKIPAUTH}: QEMU's C{add_client}
+        with C{skipauth}, so the VM asks no password); for consoles with no
+        listener.  Fails with CONNECTION_FAILED (the reason is logged).
+        """
+        uri, vm_uuid, device = target.hypervisor, target.vm_uuid, target.graphics.device
+        d = self._in_pool(self._open_graphics_on, uri, vm_uuid, device)
+
+        def failed(f: Any) -> None:
+            detail = f.value.detail if f.check(HypervisorFailed) else str(f.value)
+            log.warn(
+                "libvirt did not open graphics {device} of {vm_uuid} on {uri}: {detail}",
+                device=device,
+                vm_uuid=vm_uuid,
+                uri=uri,
+                detail=detail,
+            )
+            raise ConsoleError(ErrorCode.CONNECTION_FAILED)
+
+        d.addErrback(failed)
+        return d
+
     def check(self) -> "Deferred[Mapping[str, str]]":
         """
         C{{uri: "ok" | short error}} for every hypervisor (for /readyz).
@@ -614,7 +289,7 @@ class LibvirtConsoleLocator:
             d = self._in_pool(self._check_on, uri)
 
             def failed(f: Any) -> Tuple[str, str]:
-                if f.check(_HypervisorFailed):
+                if f.check(HypervisorFailed):
                     log.warn("hypervisor {uri} not ready: {detail}", uri=uri, detail=f.value.detail)
                     return uri, f.value.short
                 log.failure("checking hypervisor {uri}", f, uri=uri)
@@ -635,104 +310,17 @@ class LibvirtConsoleLocator:
         # Only hypervisors with an open connection need the pool.
         open_uris = [uri for uri in self._order if self._slots[uri].conn is not None]
         return gatherResults(
-            [self._in_pool(self._drop, uri, None) for uri in open_uris]
+            [self._in_pool(self._connections.drop, uri, None) for uri in open_uris]
         ).addCallback(lambda _: None)
 
     # -- pool side: everything below blocks ---------------------------------
-
-    def _code(self, error: Exception) -> Tuple[Optional[int], Optional[int]]:
-        get_code = getattr(error, "get_error_code", None)
-        get_domain = getattr(error, "get_error_domain", None)
-        return (get_code() if get_code else None, get_domain() if get_domain else None)
-
-    def _is_connection_error(self, error: Exception) -> bool:
-        code, domain = self._code(error)
-        return code in _CONNECTION_ERROR_CODES or domain in _CONNECTION_ERROR_DOMAINS
-
-    def _connection(self, uri: str) -> Any:
-        """
-        The cached live connection of C{uri}, opened (read-write) if needed.
-        """
-        slot = self._slots[uri]
-        with slot.lock:
-            conn = slot.conn
-            if conn is not None:
-                try:
-                    alive = conn.isAlive()
-                except self._libvirt.libvirtError:
-                    alive = False
-                if alive:
-                    return conn
-                self._log_from_pool("info", "connection to {uri} is no longer alive; reopening", uri=uri)
-                self._close_quietly(conn)
-                slot.conn = None
-            now = self._reactor.seconds()
-            if now < slot.retry_at:
-                raise _HypervisorFailed(
-                    f"not retrying for {slot.retry_at - now:.1f}s after: {slot.last_error}",
-                    "unreachable",
-                )
-            error = "cannot open: no connection"
-            try:
-                conn = self._libvirt.open(uri)
-            except self._libvirt.libvirtError as e:
-                conn, error = None, f"cannot open: {e}"
-            if conn is None:
-                slot.last_error = error
-                slot.retry_at = self._reactor.seconds() + self._reopen_backoff
-                raise _HypervisorFailed(slot.last_error, "unreachable")
-            slot.retry_at, slot.last_error = 0.0, ""
-            slot.conn = conn
-            self._log_from_pool("info", "connected to hypervisor {uri}", uri=uri)
-            return conn
-
-    def _close_quietly(self, conn: Any) -> None:
-        try:
-            conn.close()
-        except Exception:
-            pass
-
-    def _drop(self, uri: str, conn: Any) -> None:
-        """
-        Forget (and close) the cached connection of C{uri} if it is C{conn}
-        (any connection when C{conn} is C{None}).
-        """
-        slot = self._slots[uri]
-        with slot.lock:
-            if slot.conn is not None and (conn is None or slot.conn is conn):
-                self._close_quietly(slot.conn)
-                slot.conn = None
-
-    def _with_connection(self, uri: str, action: Callable[[Any], _T]) -> _T:
-        """
-        Run C{action(conn)}; on a connection-level error close the
-        connection, reopen it once and retry.
-        """
-        conn = self._connection(uri)
-        try:
-            return action(conn)
-        except self._libvirt.libvirtError as e:
-            if not self._is_connection_error(e):
-                raise
-            self._log_from_pool(
-                "warn", "connection to {uri} broke ({error}); reconnecting", uri=uri, error=str(e)
-            )
-            self._drop(uri, conn)
-        conn = self._connection(uri)
-        try:
-            return action(conn)
-        except self._libvirt.libvirtError as e:
-            if self._is_connection_error(e):
-                self._drop(uri, conn)
-                raise _HypervisorFailed(f"connection failed after reconnecting: {e}", "unreachable") from None
-            raise
 
     def _lookup(self, conn: Any, vm_ref: str) -> Any:
         if UUID_RE.match(vm_ref):
             try:
                 return conn.lookupByUUIDString(vm_ref)
             except self._libvirt.libvirtError as e:
-                if self._code(e)[0] != VIR_ERR_INVALID_ARG:
+                if error_code(e)[0] != VIR_ERR_INVALID_ARG:
                     raise
         return conn.lookupByName(vm_ref)
 
@@ -741,7 +329,7 @@ class LibvirtConsoleLocator:
         try:
             xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_SECURE)
         except lv.libvirtError as e:
-            if self._is_connection_error(e) or self._code(e)[0] == VIR_ERR_NO_DOMAIN:
+            if self._connections.is_connection_error(e) or error_code(e)[0] == VIR_ERR_NO_DOMAIN:
                 raise
             # A read-only or restricted connection refuses the secure XML:
             # go on without passwords, but say so.
@@ -753,16 +341,20 @@ class LibvirtConsoleLocator:
             )
             xml = dom.XMLDesc(0)
         running = bool(dom.isActive())
-        root = _parse_domain(xml)
-        graphics = _graphics(root)
-        uuid, name = _identity(root)
+        config = self._slots[uri].config
+        root = parse_domain(xml)
+        graphics = graphics_of(root)
+        uuid, name = identity_of(root)
         return VMConsoles(
             uuid=uuid or dom.UUIDString().lower(),
             name=name or dom.name(),
             running=running,
             graphics=graphics,
             hypervisor=uri,
-            console_host=self._slots[uri].config.console_host,
+            console_host=config.console_host,
+            local=is_local(config),
+            spice_tls=config.spice_tls is not None,
+            open_graphics=config.open_graphics,
         )
 
     def _locate_on(self, uri: str, vm_ref: str) -> Optional[VMConsoles]:
@@ -774,19 +366,29 @@ class LibvirtConsoleLocator:
             return self._describe(uri, self._lookup(conn, vm_ref))
 
         try:
-            return self._with_connection(uri, action)
+            return self._connections.with_connection(uri, action)
         except self._libvirt.libvirtError as e:
-            code, _ = self._code(e)
+            code, _ = error_code(e)
             if code == VIR_ERR_NO_DOMAIN:
                 return None
             if code == VIR_ERR_INVALID_ARG:
                 # Not a name libvirt accepts: no such domain here.
                 return None
-            raise _HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
+            raise HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
+
+    def _open_graphics_on(self, uri: str, vm_uuid: str, device: int) -> int:
+        if uri not in self._slots:
+            raise HypervisorFailed(f"{uri} is not a configured hypervisor", "unknown")
+        flags = getattr(self._libvirt, "VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH", 1)
+
+        def action(conn: Any) -> int:
+            return conn.lookupByUUIDString(vm_uuid).openGraphicsFD(device, flags)
+
+        return self._connections.with_connection(uri, action)
 
     def _check_on(self, uri: str) -> None:
         try:
-            self._with_connection(uri, lambda conn: conn.getLibVersion())
+            self._connections.with_connection(uri, lambda conn: conn.getLibVersion())
         except self._libvirt.libvirtError as e:
-            code, _ = self._code(e)
-            raise _HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
+            code, _ = error_code(e)
+            raise HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None

@@ -54,7 +54,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vaporproxy.config import Config, ConfigError
-from vaporproxy.vm.libvirt import dial_host, select_console
+from vaporproxy.vm.dial import dial, spice_tls_by_uri
+from vaporproxy.vm.target import console_target, dial_host, select_console
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 from vaporproxy.interfaces import Outcome, Redemption
 from vaporproxy.stores.tokens import token_log_id
@@ -766,7 +767,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         address = await factory.host_policy.resolve(host)
         if self._finished:
             return
-        self._target = (address, graphics.port)
+        self._target = console_target(vm, graphics, host, address, factory.locator)
         if graphics.type == "vnc":
             if not await self._admit_owner():
                 return
@@ -873,7 +874,6 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def _dial(self) -> None:
         if self._finished:
             return
-        address, port = self._target
         # The connection timer (connectionMade) ends the console at the
         # deadline, the dial included; the connector needs a timeout of its
         # own only without one (one timer fewer per console).
@@ -881,8 +881,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if self._connect_timer is None:
             remaining = self._console.connection_timeout - (self._seconds() - self._started_at)
             timeout = max(1, int(remaining + 0.999))
-        # An address literal (the host policy's answer), IPv4 or IPv6.
-        self._connecting = self._reactor.connectTCP(address, port, _BackendFactory(self), timeout=timeout)
+        # The host policy's answer (an address literal, or a socket path);
+        # plain or TLS as the SPICE channel the guard has read says.
+        tls = self.factory.spice_tls.get(self._target.hypervisor)
+        channel = getattr(self._guard, "channel_type", None)
+        self._connecting = dial(self._reactor, self._target, tls, _BackendFactory(self), timeout, channel)
 
     def _dial_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -1475,6 +1478,7 @@ class ConsoleBridgeFactory(WebSocketServerFactory):
 
         # Raises ConfigError at start-up when a certificate file is unusable.
         self.vnc_tls: Dict[str, Any] = vnc_tls_by_uri(config.hypervisors)
+        self.spice_tls: Dict[str, Any] = spice_tls_by_uri(config.hypervisors)
         self._apply(config)
 
     #: The protocol options each connection copies (see
@@ -1525,5 +1529,6 @@ class ConsoleBridgeFactory(WebSocketServerFactory):
         try:
             # Re-read, so renewed certificates are picked up on SIGHUP.
             self.vnc_tls = vnc_tls_by_uri(config.hypervisors)
+            self.spice_tls = spice_tls_by_uri(config.hypervisors)
         except ConfigError as e:
             log.error("vnc_tls not reloaded, keeping the previous settings: {error}", error=str(e))
