@@ -141,3 +141,75 @@ class BackpressureTests(TestCase):
         few C{buffer_size} and the VM is paused.
         """
         return Deferred.fromCoroutine(self._stalled())
+
+
+class PingFlooder(WebSocketClientProtocol):
+    """
+    A browser that sends pings as fast as it can and reads nothing.
+    """
+
+    def onOpen(self) -> None:
+        self.transport.pauseProducing()
+        self.sent = 0
+        self._loop = task.LoopingCall(self._flood)
+        self._loop.start(0.001)
+        self.factory.opened.callback(self)
+
+    def _flood(self) -> None:
+        # Keep our own socket buffer from growing without bound too.
+        if write_buffered(self.transport) > 4 * BUFFER:
+            return
+        for _ in range(200):
+            self.sendPing(b"p" * 125)
+            self.sent += 1
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.stop()
+        self.factory.closed.callback((code, reason))
+
+
+class PingFloodTests(TestCase):
+    """
+    A browser that pings and never reads its pongs (issue 11).
+    """
+
+    timeout = 30
+
+    async def _flood(self) -> None:
+        vm_factory = Factory()
+        vm_factory.protocol = Protocol
+        vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
+        self.addCleanup(vm.stopListening)
+        proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
+        factory = client_factory(proxy.url(proxy.token()))
+        factory.protocol = PingFlooder
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
+        client = await factory.opened
+        [record] = proxy.registry.consoles()
+        bridge = record.owner
+        samples = []
+        paused = False
+        for _ in range(30):
+            await sleep(0.1)
+            samples.append(write_buffered(bridge.transport))
+            paused = paused or bridge._pings_paused
+        # Every ping costs a pong; a browser that reads none gets its reads
+        # paused, so the proxy holds at most buffer_size plus one read's pongs.
+        self.assertTrue(paused)
+        self.assertGreater(client.sent, 5000)
+        self.assertLessEqual(max(samples), BUFFER + 4 * 65536, samples)
+        client.stop()
+        client.transport.resumeProducing()
+        client.dropConnection(abort=True)
+        await factory.closed
+        await sleep(0.05)
+
+    def test_pingFloodBounded(self) -> None:
+        """
+        When a browser floods pings and reads nothing, the proxy's buffer for it stays within a few buffer_size and its reads are paused.
+        """
+        return Deferred.fromCoroutine(self._flood())

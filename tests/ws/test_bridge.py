@@ -673,7 +673,9 @@ class FlowControlTests(SynchronousTestCase):
         h = Harness()
         conn = h.open(h.token())
         backend = conn.connect_backend()
-        self.assertIs(conn.transport.producer, backend)
+        # The browser's transport's producer is the VM's transport (behind a
+        # watch that also learns when the browser's buffer drained).
+        self.assertIs(conn.transport.producer._backend, backend)
         self.assertTrue(conn.transport.streamingProducer)
         self.assertIs(backend.producer, conn.transport)
         self.assertTrue(backend.streaming)
@@ -687,6 +689,30 @@ class FlowControlTests(SynchronousTestCase):
         backend.producer.pauseProducing()
         backend.producer.resumeProducing()
         self.assertEqual(conn.transport.reading_states[before:], ["paused", "producing"])
+
+    def test_pingFloodPausesReads(self) -> None:
+        """
+        When a ping comes while the browser's outgoing buffer is at the high-water mark, reads from the browser pause until that buffer drains.
+        """
+        from vaporproxy.ws import bridge as bridge_module
+
+        h = Harness()
+        conn = h.open(h.token())
+        conn.connect_backend()
+        backlog = [0]
+        self.patch(bridge_module, "write_buffered", lambda transport: backlog[0])
+        before = len(conn.transport.reading_states)
+        conn.client.sendPing(b"1")
+        conn.pump.flush()
+        self.assertEqual(conn.transport.reading_states[before:], [])
+        backlog[0] = BUFFER
+        conn.client.sendPing(b"2")
+        conn.pump.flush()
+        self.assertEqual(conn.transport.reading_states[before:], ["paused"])
+        # The browser read its pongs: the transport resumes its producer.
+        conn.transport.producer.resumeProducing()
+        self.assertEqual(conn.transport.reading_states[before:], ["paused", "producing"])
+        self.assertIsNone(conn.closed)
 
     def test_unregisterOnClose(self) -> None:
         """

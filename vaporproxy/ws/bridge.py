@@ -48,9 +48,10 @@ from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
+from zope.interface import implementer
 from twisted.python.failure import Failure
 
 from vaporproxy.config import Config, ConfigError
@@ -60,7 +61,7 @@ from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 from vaporproxy.interfaces import Outcome, Redemption
 from vaporproxy.stores.tokens import token_log_id
 from vaporproxy.http.request import client_ip_from, origin_allowed, request_secure, vm_ref_from_path
-from vaporproxy.relay.fastwrite import high_water
+from vaporproxy.relay.fastwrite import high_water, write_buffered
 from vaporproxy.timestamps import iso_utc
 from vaporproxy.relay.policy import PolicyViolation
 from vaporproxy.ws.frames import ClientFrameParser, direct_writer, send_now
@@ -100,6 +101,8 @@ SPICE_CHANNEL_INPUTS = 3
 #: What a console WebSocket in clear is told when C{console.enable_tls} is
 #: on (UNAUTHORIZED, 4008).
 REQUIRE_TLS_MESSAGE = "console connections require TLS"
+
+_PING = 9
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -306,6 +309,31 @@ class ConsoleRegistry:
 # ---------------------------------------------------------------------------
 
 
+@implementer(IPushProducer)
+class _DrainWatch:
+    """
+    The browser's transport's producer: the VM's transport (paused while
+    the browser's buffer is over C{buffer_size}), and a call when that
+    buffer has drained.
+    """
+
+    __slots__ = ("_backend", "_drained")
+
+    def __init__(self, backend: Any, drained: Callable[[], None]):
+        self._backend = backend
+        self._drained = drained
+
+    def pauseProducing(self) -> None:
+        self._backend.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._backend.resumeProducing()
+        self._drained()
+
+    def stopProducing(self) -> None:
+        self._backend.stopProducing()
+
+
 class BackendProtocol(Protocol):
     """
     The TCP connection to the VM's VNC or SPICE server for one WebSocket.
@@ -408,6 +436,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     #: C{None}: bytes go straight.
     _pipeline: Any = None
     _throttle_timer: Optional[IDelayedCall] = None
+    #: Reads from the browser stopped because it does not read its pongs.
+    _pings_paused = False
     _guard: Any = None
     _record: Optional[ConsoleRecord] = None
     _lease: Any = None
@@ -701,7 +731,20 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         A whole close, ping or pong frame: handled by Autobahn exactly as
         its own parser would (pong, auto-ping bookkeeping, closing
         handshake).
+
+        A ping from a browser whose outgoing buffer is at the high-water
+        mark (it does not read its pongs) stops reads from it until that
+        buffer drains: pongs count against C{buffer_size} like data, so a
+        ping flood cannot grow the proxy's memory.  During the handshake,
+        when nothing is relayed to drain, such a browser is closed.
         """
+        if opcode == _PING and write_buffered(self.transport) >= self._console.buffer_size:
+            if not self._producers:
+                self._end(ConsoleError(ErrorCode.BAD_REQUEST, "Pings faster than the answers are read"),
+                          "ping flood during the handshake")  # fmt: skip
+                return
+            self._pings_paused = True
+            self.transport.pauseProducing()
         self.current_frame = FrameHeader(opcode, True, 0, len(payload), None)
         self.control_frame_data = [payload]
         try:
@@ -1065,7 +1108,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             ws_transport.unregisterProducer()
         except (RuntimeError, AttributeError):
             pass
-        ws_transport.registerProducer(backend_transport, True)
+        ws_transport.registerProducer(_DrainWatch(backend_transport, self._client_drained), True)
         backend_transport.registerProducer(ws_transport, True)
         self._producers = True
         self._backend_write = backend_transport.write
@@ -1157,6 +1200,13 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._last_activity = self._seconds()
         if passed:
             self._send_binary(passed)
+
+    def _client_drained(self) -> None:
+        """The browser read what was waiting for it: reads from it go on."""
+        if self._pings_paused:
+            self._pings_paused = False
+            if not self._finished:
+                self.transport.resumeProducing()
 
     def _send_to_vm_later(self, data: bytes) -> None:
         """A held message's time has come (paced update requests)."""
