@@ -282,10 +282,10 @@ class ILimiter(Interface):
     Per-VM and total admission of consoles.
     """
 
-    def acquire(vm_uuid: str, console_id: str) -> "Deferred[ILease]":
+    def acquire(vm_uuid: str, console_id: str, user: Optional[str] = None, client: Optional[str] = None) -> "Deferred[ILease]":
         """
-        Admit one console of C{vm_uuid} or fail with
-        C{ConsoleError(MAX_CONNECTIONS_REACHED)}.
+        Admit one console of C{vm_uuid} (of C{user}, from client address
+        C{client}) or fail with C{ConsoleError(MAX_CONNECTIONS_REACHED)}.
         """
 
     def set_limits(max_per_vm: int, max_total: int) -> None:

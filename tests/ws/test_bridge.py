@@ -174,8 +174,8 @@ class CountingLimiter:
         self.hold = False
         self.waiting: List[Tuple[Deferred, Deferred]] = []
 
-    def acquire(self, vm_uuid: str, console_id: str) -> Deferred:
-        d = self.inner.acquire(vm_uuid, console_id).addCallback(self._wrap)
+    def acquire(self, vm_uuid: str, console_id: str, user: Any = None, client: Any = None) -> Deferred:
+        d = self.inner.acquire(vm_uuid, console_id, user=user, client=client).addCallback(self._wrap)
         if not self.hold:
             return d
         outer: Deferred = Deferred()

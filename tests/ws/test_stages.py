@@ -134,3 +134,32 @@ class StagesTests(SynchronousTestCase):
         self.assertEqual(header["vm_id"], VM_UUID)
         self.assertEqual([r.data for r in records if r.kind == KIND_TO_BROWSER], [b"screen one"])
         self.assertEqual(meta["outcome"], "ok")  # the VM closed a relaying console: a normal end
+
+
+class OwnerCapsTests(SynchronousTestCase):
+    def test_perUserCap(self):
+        """
+        When max_connections_per_user is 1, a user's second console closes with 4007 while the first stays, and another user still opens one.
+        """
+        from vaporproxy.stores.limits import MemoryLimiter
+
+        h = Harness()
+        h.factory.limiter = MemoryLimiter(5, 100, 1, 0)
+        first = h.open(h.token())
+        first.pump.flush()
+        first.connect_backend()
+        second = h.open(h.token())
+        second.pump.flush()
+        self.assertEqual(second.closed, (4007, "MAX_CONNECTIONS_REACHED"))
+        self.assertIsNone(first.closed)
+        other = h.open(self.bob_token(h))
+        other.pump.flush()
+        self.assertIsNone(other.closed)
+
+    def bob_token(self, h):
+        from vaporproxy.interfaces import Grant
+
+        grant = Grant(vm_ref=VM_UUID, vm_uuid=VM_UUID, console_type="vnc", display=0, user="bob")
+        result = []
+        h.tokens.issue(grant).addCallback(result.append)
+        return result[0].token

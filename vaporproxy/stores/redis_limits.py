@@ -125,7 +125,13 @@ class RedisLimiter:
                 self._renewer.stop()
             self._renewer = None
 
-    def acquire(self, vm_uuid: str, console_id: str) -> Deferred:
+    def acquire(self, vm_uuid: str, console_id: str, user: Optional[str] = None,
+                client: Optional[str] = None) -> Deferred:  # fmt: skip
+        """
+        A cluster-wide lease per VM and in total.  (Per-user and per-client
+        caps are the memory limiter's for now: C{user} and C{client} are
+        taken and not counted here.)
+        """
         return Deferred.fromCoroutine(self._acquire(vm_uuid, console_id))
 
     async def _acquire(self, vm_uuid: str, console_id: str) -> Lease:

@@ -842,7 +842,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         the console ended meanwhile (the lease is then given back here).
         """
         grant = self._redemption.grant  # type: ignore[union-attr]
-        lease = await self.factory.limiter.acquire(grant.vm_uuid, self.console_id)
+        lease = await self.factory.limiter.acquire(
+            grant.vm_uuid, self.console_id, user=grant.user, client=self._client_ip
+        )
         if self._finished:
             lease.release()
             return False
