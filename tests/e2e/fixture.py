@@ -111,15 +111,18 @@ class Environment:
             self._guest_vm = vm
         return self._guest_vm
 
-    def config_text(self, port: int, console: Optional[Mapping[str, Any]] = None) -> str:
+    def config_text(self, port: int, console: Optional[Mapping[str, Any]] = None,
+                    sections: Optional[Mapping[str, Any]] = None) -> str:  # fmt: skip
         return proxy_config_text(
             listen_port=port,
             hypervisor_uri=self.daemon.uri,
             api_keys=[{"user": "e2e", "sha256": sha256_hex(self.key), "vms": ["*"], "admin": True}],
             console=console,
+            sections=sections,
         )
 
-    def proxy(self, name: str, console: Optional[Mapping[str, Any]] = None) -> ProxyProcess:
+    def proxy(self, name: str, console: Optional[Mapping[str, Any]] = None,
+              sections: Optional[Mapping[str, Any]] = None) -> ProxyProcess:  # fmt: skip
         """
         The proxy called C{name}, started with C{console} overrides the
         first time it is asked for.
@@ -128,7 +131,7 @@ class Environment:
             port = free_port()
             path = os.path.join(self.workdir, f"vapor-{name}.conf")
             with open(path, "w") as f:
-                f.write(self.config_text(port, console))
+                f.write(self.config_text(port, console, sections))
             proxy = ProxyProcess(path, port, log_path=os.path.join(self.workdir, f"proxy-{name}.log"))
             self.proxies[name] = proxy
             proxy.start()

@@ -22,12 +22,14 @@ def proxy_config_text(
     hypervisor_uri: str,
     api_keys: Sequence[Mapping[str, object]],
     console: Optional[Mapping[str, object]] = None,
+    sections: Optional[Mapping[str, Mapping[str, object]]] = None,
 ) -> str:
     """
     A C{vapor.conf} (YAML) for a proxy on 127.0.0.1:C{listen_port} that
     finds VMs on C{hypervisor_uri}.  C{api_keys} are C{{user, sha256, vms,
-    admin}} mappings; C{console} overrides keys of the C{console:} section.
-    JSON is valid YAML, so the values are written with C{json.dumps}.
+    admin}} mappings; C{console} overrides keys of the C{console:} section;
+    C{sections} adds whole sections (e.g. C{recording}).  JSON is valid
+    YAML, so the values are written with C{json.dumps}.
     """
     lines = [
         "server:",
@@ -50,6 +52,8 @@ def proxy_config_text(
         lines.append("console:")
         for k, v in console.items():
             lines.append(f"  {k}: {json.dumps(v)}")
+    for name, values in (sections or {}).items():
+        lines.append(f"{name}: {json.dumps(dict(values))}")
     return "\n".join(lines) + "\n"
 
 

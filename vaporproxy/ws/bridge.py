@@ -438,6 +438,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     _throttle_timer: Optional[IDelayedCall] = None
     #: Reads from the browser stopped because it does not read its pongs.
     _pings_paused = False
+    #: What the guard sent the browser, kept for a recording (which starts
+    #: at the splice) while recording is on; C{None} otherwise.
+    _handshake_copy: Optional[List[bytes]] = None
     _guard: Any = None
     _record: Optional[ConsoleRecord] = None
     _lease: Any = None
@@ -606,6 +609,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             except Exception:
                 pass  # not TCP (e.g. a Unix socket)
             self._connectionMade()
+        planner = getattr(self.factory, "planner", None)
+        if planner is not None and planner.recordings is not None:
+            self._handshake_copy = []
         if self._console.connection_timeout > 0:
             self._connect_timer = self._reactor.callLater(
                 self._console.connection_timeout, self._connection_timed_out
@@ -976,6 +982,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if self._finished or not data:
             return
         self._bytes_sent += len(data)
+        copy = self._handshake_copy
+        if copy is not None:
+            copy.append(data)
         self._send_binary(data)
 
     def send_to_server(self, data: bytes) -> None:
@@ -1157,6 +1166,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 self.factory.observer.recording_started()
         guard_info = self._spice_info
         channel = recorder.open_channel(guard_info) if recorder is not None else 0
+        handshake, self._handshake_copy = self._handshake_copy, None
+        if recorder is not None and handshake:
+            # The browser's side of the handshake (no secret: the proxy
+            # offered it security None), so that a player can replay it.
+            recorder.to_browser(channel, b"".join(handshake))
         pipeline = planner.plan(
             grant,
             grant.console_type,

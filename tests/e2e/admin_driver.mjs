@@ -1,0 +1,55 @@
+// Drives the control room in headless Chromium (playwright-core, system
+// Chromium): a console page connected to the VM, then /admin, which must
+// list that console and its recording; a screenshot of it; then its
+// Terminate button, which must close the console (4010).  Prints one JSON
+// line with what both pages said.
+//
+//   node tests/e2e/admin_driver.mjs '{"console_url": U, "admin_url": A, "screenshot": P, "timeout_ms": N}'
+import { chromium } from "playwright-core";
+
+const spec = JSON.parse(process.argv[2]);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function waitFor(page, predicate, timeoutMs) {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (await page.evaluate(predicate)) return true;
+    await sleep(100);
+  }
+  return false;
+}
+
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const out = { errors: [] };
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 560 } });
+  const consolePage = await context.newPage();
+  consolePage.on("pageerror", (e) => out.errors.push("console: " + String(e)));
+  await consolePage.goto(spec.console_url);
+  out.connected = await waitFor(consolePage, () => window.vapor && window.vapor.state === "connected", spec.timeout_ms);
+  await sleep(1500);  // some bytes to count, some recording to list
+  const admin = await context.newPage();
+  admin.on("pageerror", (e) => out.errors.push("admin: " + String(e)));
+  await admin.goto(spec.admin_url);
+  out.listed = await waitFor(admin, () => window.vaporAdmin && window.vaporAdmin.refreshes >= 2
+    && window.vaporAdmin.consoles.length >= 1 && (window.vaporAdmin.recordings || []).length >= 1, spec.timeout_ms);
+  out.admin = await admin.evaluate(() => JSON.parse(JSON.stringify(window.vaporAdmin)));
+  out.adminUrl = admin.url();
+  out.rows = await admin.evaluate(() => document.querySelectorAll("#consoles tbody tr").length);
+  out.playLinks = await admin.evaluate(() => [...document.querySelectorAll("#recordings a")].map((a) => a.getAttribute("href")));
+  if (spec.screenshot) await admin.screenshot({ path: spec.screenshot });
+  await admin.click("#consoles tbody button");
+  out.terminated = await waitFor(consolePage, () => window.vapor.closeCode === 4010, spec.timeout_ms);
+  out.console = await consolePage.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
+  out.afterTerminate = await waitFor(admin, () => window.vaporAdmin.consoles.length === 0, spec.timeout_ms);
+  out.adminAfter = await admin.evaluate(() => JSON.parse(JSON.stringify(window.vaporAdmin)));
+} catch (e) {
+  out.fatal = String(e && e.stack ? e.stack : e);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
