@@ -189,6 +189,10 @@ class ConsoleRecord:
         self.owner = owner
         self.channels: List[ConsoleWebSocketProtocol] = [owner]
         self.spice_session_id: Optional[int] = None
+        #: Shown by stats and the control room (set by the owner at admission).
+        self.vm_name: Optional[str] = None
+        self.mode = "control"
+        self.client: Optional[str] = None
         #: SPICE channels whose main channel lives in another process: a
         #: part of a console counted there, not a console of this process.
         self.remote = False
@@ -225,6 +229,9 @@ class ConsoleRecord:
         return {
             "console_id": self.console_id,
             "vm_id": self.vm_id,
+            "vm_name": self.vm_name,
+            "mode": self.mode,
+            "client": self.client,
             "type": self.type,
             "user": self.user,
             "channels": len(self.channels),
@@ -858,6 +865,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         self._record = ConsoleRecord(
             self.console_id, grant.vm_uuid, grant.console_type, grant.user, self._started_at, self
         )
+        self._record.vm_name, self._record.mode, self._record.client = grant.vm_name, grant.mode, self._client_ip
         self.factory.registry.add(self._record)
         return True
 
