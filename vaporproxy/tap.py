@@ -142,6 +142,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                          host_policy=host_policy, registry=registry, reactor=reactor)  # fmt: skip
     bridge_factory = ConsoleBridgeFactory(observer=metrics, **collaborators)
     bridge_factory.planner = StagePlanner(config, reactor, metrics, recordings)
+    bridge_factory.audit = audit
     api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), cluster=redis,
                      audit=audit, recordings=recordings, **collaborators)  # fmt: skip
     if redis is not None:

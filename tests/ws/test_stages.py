@@ -163,3 +163,30 @@ class OwnerCapsTests(SynchronousTestCase):
         result = []
         h.tokens.issue(grant).addCallback(result.append)
         return result[0].token
+
+
+class AuditedConsoleTests(SynchronousTestCase):
+    def test_openedAndClosed(self):
+        """
+        When a console opens and ends, the audit trail gets console_opened and console_closed with its VM, mode, bytes and outcome, and no token.
+        """
+        import json
+
+        from vaporproxy.audit import AuditTrail
+
+        h = Harness()
+        path = self.mktemp()
+        h.factory.audit = AuditTrail(h.reactor, DiskWriter(h.reactor, threaded=False).open(path, flush_each=True))
+        token = h.token(vm_name="web-1", mode="view")
+        conn = h.open(token)
+        conn.pump.flush()
+        conn.connect_backend()
+        conn.from_vm(b"screen")
+        conn.vm_closes()
+        with open(path) as f:
+            text = f.read()
+        opened, closed = [json.loads(line) for line in text.splitlines()]
+        self.assertEqual((opened["event"], opened["vm_name"], opened["mode"]), ("console_opened", "web-1", "view"))
+        self.assertEqual((closed["event"], closed["bytes_to_client"], closed["outcome"]), ("console_closed", 6, None))
+        self.assertEqual(closed["console_id"], opened["console_id"])
+        self.assertNotIn(token, text)

@@ -448,6 +448,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     #: What the guard sent the browser, kept for a recording (which starts
     #: at the splice) while recording is on; C{None} otherwise.
     _handshake_copy: Optional[List[bytes]] = None
+    #: The audit trail was told this console opened (so it is told it closed).
+    _audited = False
     _guard: Any = None
     _record: Optional[ConsoleRecord] = None
     _lease: Any = None
@@ -1150,6 +1152,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 self.factory.observer.console_opened(self._console_type or "unknown")
             except Exception:
                 log.failure("observer.console_opened failed")
+            self._audit_opened()
 
     # -- the relay pipeline (vaporproxy.relay.pipeline) --------------------
 
@@ -1484,6 +1487,26 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             self.factory.observer.console_closed(outcome)
         except Exception:
             log.failure("observer.console_closed failed")
+        if self._audited and grant is not None:
+            recorder = getattr(self._record, "recorder", None)
+            self.factory.audit.console_closed(
+                console_id=self.console_id, user=grant.user, vm_uuid=grant.vm_uuid, vm_name=grant.vm_name,
+                client=self._client_ip or "", console_type=grant.console_type, mode=grant.mode,
+                bytes_to_client=sent, bytes_from_client=received, duration_s=outcome.duration_s,
+                outcome=outcome.error, reason=reason, recording_id=recorder.id if recorder is not None else None,
+            )  # fmt: skip
+
+    def _audit_opened(self) -> None:
+        """The audit trail's console_opened (when the factory has a trail)."""
+        audit = getattr(self.factory, "audit", None)
+        if audit is None or self._redemption is None:
+            return
+        grant = self._redemption.grant
+        self._audited = True
+        audit.console_opened(
+            console_id=self.console_id, user=grant.user, vm_uuid=grant.vm_uuid, vm_name=grant.vm_name,
+            client=self._client_ip or "", console_type=grant.console_type, mode=grant.mode,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
