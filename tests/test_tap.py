@@ -263,6 +263,7 @@ class MakeServiceTests(SynchronousTestCase):
             def __init__(self, reactor: Any) -> None:
                 self.token_store = MemoryTokenStore(reactor, 300)
                 self.limiter = MemoryLimiter(5, 3)
+                self.client = object()  # the share store's connection (not used here)
                 self.callbacks: List[Any] = []
                 self.closed = 0
 

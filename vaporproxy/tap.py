@@ -26,6 +26,7 @@ from vaporproxy.app.services import (
     VaporService,
     audit_trail,
     recording_store,
+    share_store,
     purge_timer,
     token_backend,
 )
@@ -143,8 +144,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     bridge_factory = ConsoleBridgeFactory(observer=metrics, **collaborators)
     bridge_factory.planner = StagePlanner(config, reactor, metrics, recordings)
     bridge_factory.audit = audit
+    shares = share_store(redis, reactor)
     api = ConsoleAPI(bridge_factory=bridge_factory, metrics=metrics, static_dirs=static_dirs(environ), cluster=redis,
-                     audit=audit, recordings=recordings, **collaborators)  # fmt: skip
+                     audit=audit, recordings=recordings, shares=shares,
+                     **collaborators)  # fmt: skip
     if redis is not None:
         redis.on_terminate(registry.terminate_vm)
         # Before the listeners: started before them, stopped after them.
@@ -157,7 +160,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     listening = SwitchFactory(site, bridge_factory, reactor)
     guard = guarded(listening, config.server, reactor)
     listen(root, guard, config.server.listen, options["worker_fds"], reactor)
-    purge_timer(config.console.cleanup_interval, token_store, reactor).setServiceParent(root)
+    purge_timer(config.console.cleanup_interval, token_store, reactor, shares).setServiceParent(root)
 
     def apply(new: Config) -> None:
         apply_reload(new, limiter=limiter, host_policy=host_policy, api=api, bridge_factory=bridge_factory,

@@ -188,7 +188,7 @@ class Harness:
     """
 
     def __init__(self, config: Config = CONFIG, static_dirs: Optional[Dict[str, str]] = None, cluster: Any = None,
-                 audit: Any = None, recordings: Any = None):  # fmt: skip
+                 audit: Any = None, recordings: Any = None, shares: Any = None):  # fmt: skip
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = MemoryTokenStore(self.clock, config.console.token_ttl)
@@ -214,6 +214,7 @@ class Harness:
             cluster=cluster,
             audit=audit,
             recordings=recordings,
+            shares=shares,
         )
         self.treq = StubTreq(self.api.resource())
 
@@ -1482,3 +1483,97 @@ class JWTAccessTests(JWTSetup, APITestCase):
         self.assertError(response, body, 403, ErrorCode.UNAUTHORIZED)
         response, body = self.json_request("GET", f"{VMS}/web-1/console", self.jwt())
         self.assertEqual(body["mode"], "control")
+
+
+class ShareRouteTests(APITestCase):
+    """
+    Share links (issue 9): create, use, list, revoke; never more than the
+    creator has; secrets never listed.
+    """
+
+    VIEW_KEY = "view-key-5c1e0d9a8b"
+
+    def setUp(self) -> None:
+        super().setUp()
+        from vaporproxy.stores.shares import MemoryShareStore
+
+        keys = KEYS + (ApiKey(user="watcher", sha256=sha(self.VIEW_KEY), vms=("*",), access="view"),)
+        self.shares = MemoryShareStore(Clock())
+        self.h = Harness(replace(CONFIG, auth=AuthConfig(api_keys=keys)), shares=self.shares)
+        self.shares._clock = self.h.clock
+
+    def share(self, key: str = USER_KEY, **body: Any) -> Any:
+        return self.json_request("POST", f"{VMS}/web-1/console/shares", key, data=json.dumps(body).encode())
+
+    def use(self, secret: str) -> Any:
+        return self.json_request("GET", f"{VMS}/web-1/console", headers={"Authorization": [f"Share {secret}"]})
+
+    def test_createAndUse(self) -> None:
+        """When a control user shares a VM's console, the link opens a view console as many times as it allows."""
+        response, body = self.share(max_uses=2)
+        self.assertEqual(response.code, 201)
+        self.assertEqual((body["mode"], body["max_uses"]), ("view", 2))
+        secret = body["url"].split("#share=")[1]
+        self.assertEqual(body["url"], f"/console/web-1#share={secret}")
+        for _ in range(2):
+            response, info = self.use(secret)
+            self.assertEqual((response.code, info["mode"]), (200, "view"))
+        response, info = self.use(secret)
+        self.assertError(response, info, 401, ErrorCode.TOKEN_ALREADY_USED)
+
+    def test_listWithoutSecret(self) -> None:
+        """When the VM's shares are listed, each shows its id, mode and uses left, never the secret."""
+        _, body = self.share(mode="control", ttl="1h")
+        secret = body["url"].split("#share=")[1]
+        response, listed = self.json_request("GET", f"{VMS}/web-1/console/shares", USER_KEY)
+        self.assertEqual(response.code, 200)
+        [entry] = listed["shares"]
+        self.assertEqual((entry["share_id"], entry["mode"], entry["uses_left"], entry["creator"]),
+                         (body["share_id"], "control", 1, "alice"))  # fmt: skip
+        self.assertNotIn(secret, json.dumps(listed))
+        _, others = self.json_request("GET", f"{VMS}/web-1/console/shares", WEB_KEY)
+        self.assertEqual(others["shares"], [])  # not webops's share
+        _, admin = self.json_request("GET", f"{VMS}/web-1/console/shares", ADMIN_KEY)
+        self.assertEqual(len(admin["shares"]), 1)
+
+    def test_revoke(self) -> None:
+        """When the creator revokes a share, its link stops working; another user cannot revoke it."""
+        _, body = self.share()
+        secret = body["url"].split("#share=")[1]
+        path = f"{VMS}/web-1/console/shares/{body['share_id']}"
+        response, _ = self.json_request("DELETE", path, WEB_KEY)
+        self.assertEqual(response.code, 403)
+        response, answer = self.json_request("DELETE", path, USER_KEY)
+        self.assertEqual((response.code, answer["revoked"]), (200, body["share_id"]))
+        response, info = self.use(secret)
+        self.assertError(response, info, 401, ErrorCode.INVALID_TOKEN)
+
+    def test_viewKeyCannotShare(self) -> None:
+        """When a view-only credential tries to share, it is refused (a share never grants more than its creator has)."""
+        response, body = self.share(key=self.VIEW_KEY)
+        self.assertError(response, body, 403, ErrorCode.UNAUTHORIZED)
+
+    def test_badBodies(self) -> None:
+        """When the body has an unknown field, a bad mode or uses, or is not JSON, the answer is 400."""
+        for body in ({"mode": "admin"}, {"max_uses": 0}, {"ttl": "forever"}, {"owner": "x"}):
+            response, answer = self.share(**body)
+            self.assertError(response, answer, 400, ErrorCode.BAD_REQUEST)
+        response, answer = self.json_request("POST", f"{VMS}/web-1/console/shares", USER_KEY, data=b"{nope")
+        self.assertError(response, answer, 400, ErrorCode.BAD_REQUEST)
+
+    def test_wrongVm(self) -> None:
+        """When a share of one VM is presented for another, it is refused as an invalid token."""
+        _, body = self.share()
+        secret = body["url"].split("#share=")[1]
+        response, info = self.json_request("GET", f"{VMS}/db-1/console", headers={"Authorization": [f"Share {secret}"]})
+        self.assertError(response, info, 401, ErrorCode.INVALID_TOKEN)
+
+
+    def test_creatorRemoved(self) -> None:
+        """When the creator's key is removed on reload, the creator's share link stops working."""
+        _, body = self.share()
+        secret = body["url"].split("#share=")[1]
+        without_alice = tuple(k for k in self.h.api._config.auth.api_keys if k.user != "alice")
+        self.h.api.reload(replace(CONFIG, auth=AuthConfig(api_keys=without_alice)))
+        response, info = self.use(secret)
+        self.assertError(response, info, 401, ErrorCode.INVALID_TOKEN)

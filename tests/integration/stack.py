@@ -235,12 +235,16 @@ class Stack:
         host = "localhost" if self.tls else "127.0.0.1"
         return f"{scheme}://{host}:{self.port}{path}"
 
-    async def request(self, method: str, path: str, key: Optional[str] = None) -> Tuple[int, Any]:
+    async def request(self, method: str, path: str, key: Optional[str] = None, body: Optional[bytes] = None,
+                      authorization: Optional[str] = None) -> Tuple[int, Any]:  # fmt: skip
         """
-        One HTTP request; answer (status, decoded JSON body).
+        One HTTP request (a Bearer C{key}, or an C{authorization} value
+        as it is); answer (status, decoded JSON body).
         """
         headers = {b"authorization": [b"Bearer " + key.encode()]} if key else {}
-        response = await self.http.request(method, self.url(path), headers=headers)
+        if authorization is not None:
+            headers = {b"authorization": [authorization.encode()]}
+        response = await self.http.request(method, self.url(path), headers=headers, data=body)
         body = await response.content()
         return response.code, json.loads(body)
 

@@ -621,3 +621,36 @@ class FullPathSpiceTests(TestCase):
         channels close and the session id admits no one.
         """
         return Deferred.fromCoroutine(self._channels())
+
+
+class ShareLinkTests(VNCStackMixin, TestCase):
+    """
+    A share link through the whole stack (issue 9).
+    """
+
+    async def _shared(self) -> None:
+        status, share = await self.stack.request(
+            "POST", f"{VM_PATH}/vm-vnc/console/shares", key=ALICE_KEY, body=b'{"mode": "view", "max_uses": 2}'
+        )
+        self.assertEqual(status, 201, share)
+        secret = share["url"].split("#share=")[1]
+        status, info = await self.stack.request(
+            "GET", f"{VM_PATH}/vm-vnc/console", authorization=f"Share {secret}"
+        )
+        self.assertEqual((status, info["mode"]), (200, "view"), info)
+        ws = await self.stack.websocket(info["ws_path"], info["token"])
+        await rfb_client_handshake(self, ws)
+        status, answer = await self.stack.request(
+            "DELETE", f"{VM_PATH}/vm-vnc/console/shares/{share['share_id']}", key=ALICE_KEY
+        )
+        self.assertEqual((status, answer["consoles_closed"]), (200, 1), answer)
+        code, reason = await ws.closed
+        self.assertEqual(code, 4010)
+        status, info = await self.stack.request("GET", f"{VM_PATH}/vm-vnc/console", authorization=f"Share {secret}")
+        self.assertEqual((status, info["code"]), (401, "INVALID_TOKEN"))
+
+    def test_shareOpensAndRevokeCloses(self) -> Deferred:
+        """
+        When a share link opens a console and its creator revokes it, that console closes with 4010 and the link stops working.
+        """
+        return Deferred.fromCoroutine(self._shared())

@@ -140,7 +140,7 @@ def token_backend(config: Config, reactor: Any) -> Any:
     return RevokingTokenStore(store, revocation), limiter, None
 
 
-def purge_tokens(token_store: Any) -> Deferred:
+def purge_tokens(token_store: Any, shares: Any = None) -> Deferred:
     """
     The cleanup timer's body: purge expired tokens.  Never fails (a failure
     would stop the timer for good): errors are logged.
@@ -150,17 +150,20 @@ def purge_tokens(token_store: Any) -> Deferred:
         if count:
             log.debug("purged {count} expired tokens", count=count)
 
+    if shares is not None:
+        shares.purge()
     d = maybeDeferred(token_store.purge)
     d.addCallback(purged)
     d.addErrback(lambda f: log.failure("token purge failed; will retry", f, level=LogLevel.error))
     return d
 
 
-def purge_timer(interval: float, token_store: Any, clock: Any) -> TimerService:
+def purge_timer(interval: float, token_store: Any, clock: Any, shares: Any = None) -> TimerService:
     """
-    The service that purges expired tokens every C{interval} seconds.
+    The service that purges expired tokens (and share links) every
+    C{interval} seconds.
     """
-    timer = TimerService(interval, purge_tokens, token_store)
+    timer = TimerService(interval, purge_tokens, token_store, shares)
     timer.clock = clock
     return timer
 
@@ -230,3 +233,17 @@ def recording_store(config: Config, reactor: Any, pool: Any, metrics: Any, paren
     timer.clock = reactor
     timer.setServiceParent(parent)
     return store
+
+
+def share_store(redis: Any, reactor: Any) -> Any:
+    """
+    The share links' store: in Redis with the Redis backend (every node
+    sees them), else in memory (its expired shares purged with the tokens).
+    """
+    if redis is not None:
+        from vaporproxy.stores.redis_shares import RedisShareStore
+
+        return RedisShareStore(redis.client, reactor)
+    from vaporproxy.stores.shares import MemoryShareStore
+
+    return MemoryShareStore(reactor)

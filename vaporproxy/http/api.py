@@ -48,6 +48,8 @@ from vaporproxy.http.mint import MintLimits
 from vaporproxy.http.request import client_ip_from
 from vaporproxy.http.routing import Root, relative_redirect, render_deferred
 from vaporproxy.http.recordings import RecordingsAPI
+from vaporproxy.http.revocation import close_revoked
+from vaporproxy.http.shares import ShareRoutes, creator_allows, share_secret
 from vaporproxy.http.site import ADMIN_PAGE, JSON_CONTENT_TYPE, PLAYBACK_PAGE, STATIC_DIR, console_page_body, page_body, static_tree
 from vaporproxy.vm.libvirt import UUID_RE
 from vaporproxy.vm.target import is_loopback
@@ -95,7 +97,7 @@ class ConsoleAPI:
     def __init__(self, *, config: Config, token_store: Any, locator: Any, limiter: Any, host_policy: Any,
                  registry: Any, bridge_factory: Any, metrics: Any, reactor: IReactorTime,
                  static_dirs: Mapping[str, str], cluster: Any = None, audit: Any = None,
-                 recordings: Any = None):  # fmt: skip
+                 recordings: Any = None, shares: Any = None):  # fmt: skip
         """
         @param cluster: the L{vaporproxy.stores.redis.RedisBackend} when
             this process is one of a cluster (C{tokens.backend: redis}),
@@ -109,6 +111,10 @@ class ConsoleAPI:
             answer 404).
         """
         self._audit = audit
+        self._shares = None if shares is None else ShareRoutes(
+            shares, locator, lambda share_id: close_revoked(registry, lambda g: g.key_id != "share:" + share_id), audit,
+            creator_allows=lambda user, vm: creator_allows(self._config.auth, user, vm),
+        )
         self._recordings = None if recordings is None else RecordingsAPI(
             recordings, self._require_admin, self._json, query_arg
         )
@@ -219,7 +225,11 @@ class ConsoleAPI:
 
     async def _console_info(self, request: IRequest, vm_id: str) -> bytes:
         check_id(vm_id)
-        key = self._authenticate(request)
+        secret = share_secret(request.getHeader(b"authorization"))
+        if secret is not None and self._shares is not None:
+            key = await self._shares.principal(secret, vm_id)
+        else:
+            key = self._authenticate(request)
         console_type, display = console_params(request)
         config = self._config
         client = request_client_ip(request, config.server.trusted_proxies)
@@ -339,6 +349,39 @@ class ConsoleAPI:
         """
         check_id(vm_id)
         return console_page_body(request)
+
+    # -- share links (issue 9) -----------------------------------------------
+
+    def _share_routes(self) -> ShareRoutes:
+        if self._shares is None:
+            raise ConsoleError(ErrorCode.NOT_FOUND, "Share links are not available on this server")
+        return self._shares
+
+    @app.route(VM_PATH + "/<string:vm_id>/console/shares", methods=["POST"])
+    def share_create(self, request: IRequest, vm_id: str) -> Deferred:
+        async def go() -> bytes:
+            check_id(vm_id)
+            body = await self._share_routes().create(request, self._authenticate(request), vm_id)
+            return self._json(request, body, 201)
+
+        return Deferred.fromCoroutine(go())
+
+    @app.route(VM_PATH + "/<string:vm_id>/console/shares", methods=["GET"])
+    def share_list(self, request: IRequest, vm_id: str) -> Deferred:
+        async def go() -> bytes:
+            check_id(vm_id)
+            return self._json(request, await self._share_routes().list(self._authenticate(request), vm_id))
+
+        return Deferred.fromCoroutine(go())
+
+    @app.route(VM_PATH + "/<string:vm_id>/console/shares/<string:share_id>", methods=["DELETE"])
+    def share_revoke(self, request: IRequest, vm_id: str, share_id: str) -> Deferred:
+        async def go() -> bytes:
+            check_id(vm_id)
+            body = await self._share_routes().revoke(self._authenticate(request), vm_id, share_id)
+            return self._json(request, body)
+
+        return Deferred.fromCoroutine(go())
 
     @app.route("/admin", methods=["GET"])
     def admin_page(self, request: IRequest) -> bytes:

@@ -51,6 +51,10 @@ class Revocation:
             return True
         if key_id.startswith("jwt:"):
             return self._jwt
+        if key_id.startswith("share:"):
+            # A share's console stands until the share is revoked (which
+            # closes it); a removed creator's shares are revoked on reload.
+            return True
         key = self._keys.get(key_id)
         if key is None:
             return False

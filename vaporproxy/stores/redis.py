@@ -83,6 +83,8 @@ class RedisBackend:
         prefix: str = DEFAULT_PREFIX,
     ):
         self._redis = redis
+        #: The connection, for other stores of the cluster (share links).
+        self.client = redis
         self._reactor = reactor
         self.token_store = token_store
         self.limiter = limiter
