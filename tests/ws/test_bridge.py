@@ -25,12 +25,9 @@ from zope.interface import implementer
 from vaporproxy.http.request import client_ip_from, origin_allowed, vm_ref_from_path
 from vaporproxy.relay.fastwrite import high_water as _high_water
 from vaporproxy.timestamps import iso_utc
-from vaporproxy.ws.bridge import (
-    MAX_SPICE_CHANNELS,
-    ConsoleBridgeFactory,
-    ConsoleRegistry,
-    _ReactorTimer,
-)
+from vaporproxy.console.registry import ConsoleRegistry
+from vaporproxy.ws.autobahn_compat import ReactorTimer as _ReactorTimer
+from vaporproxy.ws.channel import MAX_SPICE_CHANNELS, ConsoleBridgeFactory
 from vaporproxy.config import Config, ConsoleConfig, ServerConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.vm.hosts import HostPolicy
@@ -1653,7 +1650,7 @@ class CorkTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        from vaporproxy.ws import bridge
+        from vaporproxy.ws import autobahn_compat, channel
 
         self.sends: List[List[bytes]] = []
 
@@ -1662,8 +1659,9 @@ class CorkTests(SynchronousTestCase):
             transport.writeSequence(list(chunks))
 
         # The fake transport stands in for a plain TCP connection.
-        self.patch(bridge, "direct_writer", lambda transport: transport)
-        self.patch(bridge, "send_now", send_now)
+        for module in (autobahn_compat, channel):
+            self.patch(module, "direct_writer", lambda transport: transport)
+            self.patch(module, "send_now", send_now)
         self.h = Harness()
         self.h.factory.vnc_guard = GreetingGuard
 
@@ -1728,9 +1726,9 @@ class SetupParserTests(SynchronousTestCase):
         backend = conn.connect_backend()
         conn.send(b"he")
         self.assertIsNotNone(conn.server._parser)
-        self.assertFalse(conn.server._relaying)
+        self.assertFalse(conn.server.relaying)
         conn.send_raw(frame(2, b"ll", fin=False) + frame(0, b"o!"))
-        self.assertTrue(conn.server._relaying)
+        self.assertTrue(conn.server.relaying)
         conn.send(b"after")
         self.assertEqual(backend.value(), b"hello!after")
         [record] = self.h.registry.consoles()
