@@ -55,6 +55,7 @@ from vaporproxy.http.request import client_ip_from, origin_allowed, request_secu
 from vaporproxy.interfaces import Redemption
 from vaporproxy.relay.backend import BackendProtocol, dial
 from vaporproxy.relay.fastwrite import high_water
+from vaporproxy.relay.flow import Flow
 from vaporproxy.vm.libvirt import dial_host, select_console
 from vaporproxy.ws.autobahn_compat import (
     STATE_CLOSED,
@@ -126,7 +127,8 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
     relaying = False
     _in_on_connect = False
     _reads_paused = False
-    _producers = False
+    #: The relay's flow control, while relaying.
+    _flow: Optional[Flow] = None
     bytes_sent = 0
     bytes_received = 0
     last_activity = 0.0
@@ -621,18 +623,7 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
         self._connect_timer = None
         ws_transport = self.transport
         backend_transport = self._backend.transport
-        size = self._console.buffer_size
-        high_water(ws_transport, size)
-        high_water(backend_transport, size)
-        # Twisted Web's HTTPChannel stays registered on the transport that
-        # Autobahn took over; replace it with the backend.
-        try:
-            ws_transport.unregisterProducer()
-        except (RuntimeError, AttributeError):
-            pass
-        ws_transport.registerProducer(backend_transport, True)
-        backend_transport.registerProducer(ws_transport, True)
-        self._producers = True
+        self._flow = Flow(ws_transport, backend_transport, self._console.buffer_size)
         self._backend_write = backend_transport.write
         self._ws_direct = direct_writer(ws_transport)
         self._backend_direct = direct_writer(backend_transport)
@@ -778,13 +769,9 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
                 connecting.stopConnecting()
             except Exception:
                 pass  # connected or failed meanwhile
-        if self._producers:
-            self._producers = False
-            for transport in (self.transport, self._backend.transport if self._backend else None):
-                try:
-                    transport.unregisterProducer()
-                except Exception:
-                    pass
+        if self._flow is not None:
+            flow, self._flow = self._flow, None
+            flow.stop()
         if self._backend is not None:
             self._backend.transport.loseConnection()
 
