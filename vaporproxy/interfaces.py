@@ -364,3 +364,30 @@ class IGuardSink(Interface):
 
     def fail(error: Any, reason: str) -> None:
         """End the console with this L{ConsoleError}; C{reason} is log-only."""
+
+
+class IRelayStage(Interface):
+    """
+    One stage of a relaying console's byte path (L{vaporproxy.relay.pipeline}).
+
+    While the handshake runs, the protocol guard is the only stage; once it
+    is C{established}, the console's stages (C{stages_for(grant, policy)})
+    are spliced in, in order, browser to VM for C{to_vm} and VM to browser
+    for C{to_browser}.  With no stage the bytes go straight, at no cost.
+
+    A stage sees the bytes of one direction as they come (message payloads
+    towards the VM, socket reads towards the browser) and answers the bytes
+    that go on: the same (pass), other bytes, C{b""} (drop, or hold for a
+    later call), and it may keep a copy.  It never holds more than
+    C{buffer_size} bytes: it drops, or fails the console, rather than grow.
+    It does no I/O of its own and never blocks.
+    """
+
+    def to_vm(data: bytes) -> bytes:
+        """Bytes from the browser towards the VM; answer what goes on."""
+
+    def to_browser(data: bytes) -> bytes:
+        """Bytes from the VM towards the browser; answer what goes on."""
+
+    def close() -> None:
+        """The console ended: let go of what is held (nothing more comes)."""

@@ -56,6 +56,7 @@ from vaporproxy.interfaces import Redemption
 from vaporproxy.relay.backend import BackendProtocol, dial
 from vaporproxy.relay.fastwrite import high_water
 from vaporproxy.relay.flow import Flow
+from vaporproxy.relay.pipeline import Pipeline, build, stages_for
 from vaporproxy.vm.libvirt import dial_host, select_console
 from vaporproxy.ws.autobahn_compat import (
     STATE_CLOSED,
@@ -127,6 +128,8 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
     relaying = False
     _in_on_connect = False
     _reads_paused = False
+    #: The relay's stages, while relaying (C{None}: bytes go straight).
+    _pipeline: Optional[Pipeline] = None
     #: The relay's flow control, while relaying.
     _flow: Optional[Flow] = None
     bytes_sent = 0
@@ -284,6 +287,12 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
             return
         self.bytes_received += len(payload)
         self.last_activity = self._seconds()
+        pipeline = self._pipeline
+        if pipeline is not None:
+            payload = pipeline.to_vm(payload)
+            if not payload:
+                self.traffic_seen()
+                return
         direct = self._backend_direct
         if direct is not None:
             send_now(direct, (payload,))
@@ -309,7 +318,10 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
             # Hot path.
             self.bytes_received += len(payload)
             self.last_activity = self._seconds()
-            self._backend_write(payload)
+            if self._pipeline is not None:
+                payload = self._pipeline.to_vm(payload)
+            if payload:
+                self._backend_write(payload)
             return
         self._setup_message(payload, isBinary)
 
@@ -495,6 +507,11 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
         """
         self.bytes_sent += len(data)
         self.last_activity = self._seconds()
+        pipeline = self._pipeline
+        if pipeline is not None:
+            data = pipeline.to_browser(data)
+            if not data:
+                return
         self._send_binary(data)
 
     def backend_lost(self, backend: BackendProtocol, reason: Optional[Failure] = None) -> None:
@@ -624,6 +641,9 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
         ws_transport = self.transport
         backend_transport = self._backend.transport
         self._flow = Flow(ws_transport, backend_transport, self._console.buffer_size)
+        # The guard was the only stage; now the console's own, if any.
+        grant = self._redemption.grant if self._redemption is not None else None
+        self._pipeline = build(self.factory.stages_for(grant, self._console))
         self._backend_write = backend_transport.write
         self._ws_direct = direct_writer(ws_transport)
         self._backend_direct = direct_writer(backend_transport)
@@ -772,6 +792,9 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
         if self._flow is not None:
             flow, self._flow = self._flow, None
             flow.stop()
+        if self._pipeline is not None:
+            pipeline, self._pipeline = self._pipeline, None
+            pipeline.close()
         if self._backend is not None:
             self._backend.transport.loseConnection()
 
@@ -879,6 +902,8 @@ class ConsoleBridgeFactory(FastServerFactory):
         self.host_policy = host_policy
         self.registry = registry
         self.observer = observer
+        #: C{(grant, policy) -> stages} spliced in once a console relays.
+        self.stages_for: Callable[..., Any] = stages_for
         self.vnc_guard: Callable[..., Any] = _rfb_guard
         self.spice_guard: Callable[..., Any] = _spice_guard
         self.config = config
