@@ -861,6 +861,24 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(self.h.limiter.live(), 1)
         self.assertEqual(self.h.observer.outcomes[0].error, "MAX_CONNECTIONS_REACHED")
 
+    def test_maxConnectionsDoesNotSpendToken(self) -> None:
+        """
+        When a console is refused with MAX_CONNECTIONS_REACHED, its token
+        is not spent: once a slot is free, the same token opens a console.
+        """
+        self.h = Harness(max_per_vm=1)
+        first = self.h.open(self.h.token())
+        first.connect_backend()
+        token = self.h.token()
+        refused = self.h.open(token)
+        self.assertEqual(refused.closed, (4007, "MAX_CONNECTIONS_REACHED"))
+        first.vm_closes()
+        retry = self.h.open(token)
+        retry.connect_backend()
+        self.assertIsNone(retry.closed)
+        self.assertEqual(self.h.limiter.live(), 1)
+        self.assertEqual(len(self.h.registry.consoles()), 1)
+
     def test_unauthorizedHost(self) -> None:
         """
         When the VM's console address is not in C{allowed_hosts},

@@ -390,7 +390,12 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
         the console ended meanwhile (the lease is then given back here).
         """
         grant = self._redemption.grant  # type: ignore[union-attr]
-        lease = await self.factory.limiter.acquire(grant.vm_uuid, self.console_id)
+        try:
+            lease = await self.factory.limiter.acquire(grant.vm_uuid, self.console_id)
+        except ConsoleError as e:
+            if e.code is ErrorCode.MAX_CONNECTIONS_REACHED:
+                self._unspend()
+            raise
         if self._finished:
             lease.release()
             return False
@@ -400,6 +405,18 @@ class ConsoleWebSocketProtocol(FastServerProtocol):
         )
         self.factory.registry.add(self._record)
         return True
+
+    def _unspend(self) -> None:
+        """
+        Refused for lack of a slot (4007): the token is not spent, the
+        browser may retry until it expires (SPEC.md "Hostile clients"), with
+        a store that can give a redemption back (C{unredeem}).
+        """
+        unredeem = getattr(self.factory.token_store, "unredeem", None)
+        if unredeem is None or self._token is None or not self._redemption.first:  # type: ignore[union-attr]
+            return
+        d = unredeem(self._token)
+        d.addErrback(self._log_store_error, "unredeem")
 
     def _setup_failed(self, failure: Failure) -> None:
         if failure.check(ConsoleError):
