@@ -435,7 +435,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     from vaporproxy.console.registry import ConsoleRegistry
-    from vaporproxy.ws.channel import ConsoleBridgeFactory
+    from vaporproxy.ws.factory import ConsoleBridgeFactory
     from vaporproxy.vm.libvirt import LibvirtConsoleLocator
     from vaporproxy.vm.hosts import HostPolicy
     from vaporproxy.metrics import Metrics

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from vaporproxy.console.registry import ConsoleRegistry
-from vaporproxy.ws.channel import ConsoleBridgeFactory
+from vaporproxy.ws.factory import ConsoleBridgeFactory
 from vaporproxy.config import Config, ConsoleConfig
 from vaporproxy.vm.hosts import HostPolicy
 from vaporproxy.interfaces import Grant, Graphics, VMConsoles

@@ -27,7 +27,8 @@ from vaporproxy.relay.fastwrite import high_water as _high_water
 from vaporproxy.timestamps import iso_utc
 from vaporproxy.console.registry import ConsoleRegistry
 from vaporproxy.ws.autobahn_compat import ReactorTimer as _ReactorTimer
-from vaporproxy.ws.channel import MAX_SPICE_CHANNELS, ConsoleBridgeFactory
+from vaporproxy.ws.channel import MAX_SPICE_CHANNELS
+from vaporproxy.ws.factory import ConsoleBridgeFactory
 from vaporproxy.config import Config, ConsoleConfig, ServerConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.vm.hosts import HostPolicy
@@ -1671,7 +1672,7 @@ class CorkTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        from vaporproxy.ws import autobahn_compat, channel
+        from vaporproxy.ws import autobahn_compat, channel, guard_sink, relay_path
 
         self.sends: List[List[bytes]] = []
 
@@ -1680,9 +1681,11 @@ class CorkTests(SynchronousTestCase):
             transport.writeSequence(list(chunks))
 
         # The fake transport stands in for a plain TCP connection.
-        for module in (autobahn_compat, channel):
-            self.patch(module, "direct_writer", lambda transport: transport)
-            self.patch(module, "send_now", send_now)
+        for module in (autobahn_compat, channel, guard_sink, relay_path):
+            if hasattr(module, "direct_writer"):
+                self.patch(module, "direct_writer", lambda transport: transport)
+            if hasattr(module, "send_now"):
+                self.patch(module, "send_now", send_now)
         self.h = Harness()
         self.h.factory.vnc_guard = GreetingGuard
 

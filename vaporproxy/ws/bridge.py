@@ -5,7 +5,8 @@ from where they live now.
 
 from vaporproxy.console.registry import ConsoleRecord, ConsoleRegistry
 from vaporproxy.relay.backend import BackendProtocol
-from vaporproxy.ws.channel import MAX_SPICE_CHANNELS, ConsoleBridgeFactory, ConsoleWebSocketProtocol
+from vaporproxy.ws.channel import MAX_SPICE_CHANNELS, ConsoleWebSocketProtocol
+from vaporproxy.ws.factory import ConsoleBridgeFactory
 
 __all__ = [
     "MAX_SPICE_CHANNELS",
