@@ -22,7 +22,9 @@ from vaporproxy.console.session import (
     Dial,
     Ended,
     GuardEstablished,
+    GuardAdmit,
     GuardFailed,
+    JoinConsole,
     Locate,
     Located,
     Opened,
@@ -116,6 +118,35 @@ class HappyPathTests(SynchronousTestCase):
         book = Playbook(TO_HANDSHAKING + [GuardEstablished()])
         self.assertEqual(book.last(), [])
         self.assertNotIsInstance(book.session.state, Relaying)
+
+
+class SpiceTests(SessionTestsMixin, SynchronousTestCase):
+    """
+    SPICE: the guard reads the link message before the console is admitted.
+    """
+
+    def test_mainChannel(self) -> None:
+        """When a SPICE main channel sets up, the guard starts first, the slot is taken on its admit, then the VM is dialled."""
+        book = Playbook([Opened(TOKEN), Redeemed(REDEMPTION), Located(TARGET, spice=True), GuardAdmit(True), Admitted(LEASE)])
+        self.assertEqual(book.steps[2:], [[StartGuard()], [Acquire(GRANT.vm_uuid)], [Dial(TARGET)]])
+
+    def test_laterChannelJoins(self) -> None:
+        """When a later channel of a live SPICE console is admitted, it joins without a lease and its end releases none."""
+        joined = Redemption(grant=GRANT, first=False, spice_session_id=7)
+        book = self.play(
+            [Opened(TOKEN), Redeemed(joined), Located(TARGET, spice=True), GuardAdmit(False), BackendConnected(),
+             GuardEstablished(), ClientClosed(1000)],
+        )  # fmt: skip
+        self.assertEqual(book.steps[3], [JoinConsole(), Dial(TARGET)])
+        self.assertEqual(book.of(Acquire), [])
+
+    def test_linkDoesNotMatchToken(self) -> None:
+        """When the link's kind does not match the token's use (a second main channel), TOKEN_ALREADY_USED and no slot."""
+        joined = Redemption(grant=GRANT, first=False, spice_session_id=7)
+        book = self.play([Opened(TOKEN), Redeemed(joined), Located(TARGET, spice=True), GuardAdmit(True)])
+        [outcome] = book.of(RecordOutcome)
+        self.assertEqual(outcome.error, "TOKEN_ALREADY_USED")
+        self.assertEqual(book.of(Acquire), [])
 
 
 class EndingTests(SessionTestsMixin, SynchronousTestCase):

@@ -47,9 +47,20 @@ class Redeemed:
 
 @dataclass(frozen=True)
 class Located:
-    """The VM's console was found and its host allowed: dial C{target}."""
+    """
+    The VM's console was found and its host allowed: dial C{target}.
+    C{spice}: the guard reads the link message before admission.
+    """
 
     target: Any
+    spice: bool = False
+
+
+@dataclass(frozen=True)
+class GuardAdmit:
+    """SPICE: the link message was read; C{is_main}: the main channel."""
+
+    is_main: bool
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,7 @@ class PolicyRevoked:
 
 
 Input = Union[
-    Opened, Redeemed, Located, Admitted, SetupFailed, BackendConnected, BackendFailed, BackendLost,
+    Opened, Redeemed, Located, GuardAdmit, Admitted, SetupFailed, BackendConnected, BackendFailed, BackendLost,
     GuardEstablished, GuardFailed, ClientClosed, TimerFired, Terminate, Shutdown, PolicyRevoked,
 ]  # fmt: skip
 
@@ -158,6 +169,11 @@ class Dial:
 
 
 @dataclass(frozen=True)
+class JoinConsole:
+    """SPICE: a later channel joins its console (no lease of its own)."""
+
+
+@dataclass(frozen=True)
 class SplicePipeline:
     pass
 
@@ -192,7 +208,7 @@ class ReleaseLease:
 
 
 Output = Union[
-    Redeem, Locate, Acquire, Unredeem, StartGuard, Dial, SplicePipeline, StartIdleTimer, StopBackend,
+    Redeem, Locate, Acquire, Unredeem, StartGuard, JoinConsole, Dial, SplicePipeline, StartIdleTimer, StopBackend,
     CloseClient, RecordOutcome, ReleaseLease,
 ]  # fmt: skip
 
@@ -205,7 +221,7 @@ class SettingUp:
     token: Optional[str] = None
     redemption: Any = None
     target: Any = None
-    lease: Any = None
+    guard_started: bool = False
 
 
 @dataclass
@@ -266,11 +282,28 @@ class Session:
 
     def _SettingUp_Located(self, state: SettingUp, event: Located) -> List[Output]:
         state.target = event.target
+        if event.spice:
+            # SPICE: the guard reads the link message, then says admit.
+            state.guard_started = True
+            return [StartGuard()]
         return [Acquire(state.redemption.grant.vm_uuid)]
+
+    def _SettingUp_GuardAdmit(self, state: SettingUp, event: GuardAdmit) -> List[Output]:
+        if state.target is None or not state.guard_started:
+            return []
+        if event.is_main != state.redemption.first:
+            # A second main channel, or a first use that is not main.
+            error = ConsoleError(ErrorCode.TOKEN_ALREADY_USED)
+            return self._finish(error, "spice channel does not match the token's use")
+        if event.is_main:
+            return [Acquire(state.redemption.grant.vm_uuid)]
+        self.state = Handshaking(state.redemption, None)
+        return [JoinConsole(), Dial(state.target)]
 
     def _SettingUp_Admitted(self, state: SettingUp, event: Admitted) -> List[Output]:
         self.state = Handshaking(state.redemption, event.lease)
-        return [StartGuard(), Dial(state.target)]
+        start: List[Output] = [] if state.guard_started else [StartGuard()]
+        return start + [Dial(state.target)]
 
     def _SettingUp_SetupFailed(self, state: SettingUp, event: SetupFailed) -> List[Output]:
         out: List[Output] = []
