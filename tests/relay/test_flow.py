@@ -155,6 +155,15 @@ class FlowTests(SynchronousTestCase):
         self.ws.doWrite()
         self.assertTrue(self.ws.reading())
 
+    def test_lostSideTakesTheOther(self) -> None:
+        """When one side's connection is lost, the other side's connection is closed too (Twisted tells the valve to stop producing)."""
+        self.ws.loseConnection = lambda: setattr(self.ws, "lost", True)  # type: ignore[method-assign]
+        self.vm.loseConnection = lambda: setattr(self.vm, "lost", True)  # type: ignore[method-assign]
+        self.ws.producer.stopProducing()
+        self.assertTrue(getattr(self.vm, "lost", False))
+        self.vm.producer.stopProducing()
+        self.assertTrue(getattr(self.ws, "lost", False))
+
     def test_stop(self) -> None:
         """When the console ends, the valves are unregistered, held reads resume and the low-water hook is gone."""
         self.ws.write(b"f" * (BUFFER + 1))
