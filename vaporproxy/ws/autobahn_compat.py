@@ -24,7 +24,7 @@ from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from vaporproxy.ws.frames import direct_writer, send_now
+from vaporproxy.relay.fastwrite import direct_writer, send_now
 
 __all__ = [
     "READ_BY",

@@ -17,7 +17,7 @@ from vaporproxy.console.registry import ConsoleRecord
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.relay.flow import Flow
 from vaporproxy.relay.pipeline import build
-from vaporproxy.ws.frames import direct_writer, send_now
+from vaporproxy.relay.fastwrite import direct_writer, send_now
 
 __all__ = ["MAX_SPICE_CHANNELS", "GuardSink"]
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.ws.autobahn_compat import STATE_CLOSED, STATE_CONNECTING, STATE_OPEN
-from vaporproxy.ws.frames import ClientFrameParser, send_now
+from vaporproxy.relay.fastwrite import send_now
+from vaporproxy.ws.frames import ClientFrameParser
 
 __all__ = ["MAX_HANDSHAKE_SIZE", "RelayPath"]
 

@@ -18,7 +18,7 @@ from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.relay.backend import BackendProtocol, dial
 from vaporproxy.relay.fastwrite import high_water
 from vaporproxy.vm.libvirt import dial_host, select_console
-from vaporproxy.ws.frames import direct_writer
+from vaporproxy.relay.fastwrite import direct_writer
 
 __all__ = ["REQUIRE_TLS_MESSAGE", "SetupPath"]
 
