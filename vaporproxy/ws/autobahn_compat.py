@@ -149,6 +149,8 @@ class FastServerProtocol(WebSocketServerProtocol):
         straight to a plain TCP socket when nothing is queued (one send
         instead of a write-readiness round trip per console); Autobahn's
         own otherwise (queued, chopped or octet-logged writes, debug on).
+        Measured 2026-12-04 with L{succeedHandshake}'s cork: without both,
+        2.72 M instructions per set-up instead of 2.65 M (+2.6%).
         """
         cork = self._cork
         if cork is not None:
@@ -172,7 +174,9 @@ class FastServerProtocol(WebSocketServerProtocol):
     # base class's plus the factory's connection count, and a debug line
     # whose arguments (hltype() with click styling, str() of the Failure)
     # are computed even when debug logging is off: about 1.5% of a
-    # console's set-up cost.
+    # console's set-up cost (re-measured 2026-12-04 on this layout: without
+    # these two overrides 2.71 M instructions per set-up instead of 2.65 M,
+    # +2.3%).
 
     def _connectionMade(self) -> None:
         if autobahn_debug():
