@@ -3,7 +3,10 @@ One console as one I/O-free state machine (DESIGN.md rule 4, issue #8).
 
 Typed inputs in (what happened), typed outputs out (what to do); no
 sockets, no reactor, no Deferreds.  The adapter (the console WebSocket)
-turns events into inputs and executes the outputs.
+is to turn events into inputs and execute the outputs; today the channel
+(L{vaporproxy.ws.channel}) still runs the same lifecycle itself, and this
+machine is its specification, proven by the playbooks in
+C{tests/console/test_session.py} (issue #8: the wiring is what is left).
 
 States, each with only the data it needs::
 
