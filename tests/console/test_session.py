@@ -28,6 +28,8 @@ from vaporproxy.console.session import (
     Locate,
     Located,
     Opened,
+    OwnerEnded,
+    ProtocolError,
     PolicyRevoked,
     RecordOutcome,
     Redeem,
@@ -36,12 +38,14 @@ from vaporproxy.console.session import (
     Relaying,
     Session,
     SetupFailed,
+    SetupOverflow,
     Shutdown,
     SplicePipeline,
     StartGuard,
     StartIdleTimer,
     StopBackend,
     Terminate,
+    TextMessage,
     TimerFired,
     Unredeem,
 )
@@ -245,6 +249,42 @@ class EndingTests(SessionTestsMixin, SynchronousTestCase):
         self.assertEqual(book.of(CloseClient), [CloseClient(None, CLOSE_GOING_AWAY)])
         book = self.play(TO_HANDSHAKING + [PolicyRevoked()], leases=1)
         self.assertEnded(book, "SESSION_TERMINATED", "policy revoked")
+
+
+class BrowserMisbehaviourTests(SessionTestsMixin, SynchronousTestCase):
+    """
+    The endings a browser causes (the channel's reasons, kept for the logs).
+    """
+
+    def test_handshakeNotCompleted(self) -> None:
+        """When the browser goes away before the WebSocket opened, the reason says the handshake was not completed."""
+        book = self.play([ClientClosed(None)])
+        self.assertEqual(book.of(RecordOutcome), [RecordOutcome(None, "websocket handshake not completed")])
+
+    def test_textMessage(self) -> None:
+        """When the browser sends text, BAD_REQUEST "text message", in any live state, lease given back."""
+        book = self.play(TO_RELAYING + [TextMessage()], leases=1)
+        self.assertEqual(book.of(RecordOutcome), [RecordOutcome("BAD_REQUEST", "text message")])
+
+    def test_protocolError(self) -> None:
+        """When the browser breaks framing, the console closes with the WebSocket code and no error message."""
+        book = self.play(TO_RELAYING + [ProtocolError(1009, "message too big")], leases=1)
+        self.assertEqual(book.of(CloseClient), [CloseClient(None, 1009)])
+        self.assertEqual(book.of(RecordOutcome), [RecordOutcome(None, "websocket protocol error: message too big")])
+
+    def test_setupOverflow(self) -> None:
+        """When the browser sends too much before the guard exists, BAD_REQUEST "setup buffer overflow"; once relaying it means nothing."""
+        book = self.play([Opened(TOKEN), SetupOverflow()])
+        self.assertEqual(book.of(RecordOutcome), [RecordOutcome("BAD_REQUEST", "setup buffer overflow")])
+        self.assertEqual(Playbook(TO_RELAYING + [SetupOverflow()]).last(), [])
+
+    def test_ownerEnded(self) -> None:
+        """When a joined SPICE channel's console ends, the channel ends with its reason and close code 1000 by default."""
+        joined = Redemption(grant=GRANT, first=False, spice_session_id=7)
+        start = [Opened(TOKEN), Redeemed(joined), Located(TARGET, spice=True), GuardAdmit(False), BackendConnected(), GuardEstablished()]
+        book = self.play(start + [OwnerEnded(None, "backend closed", None)])
+        self.assertEqual(book.of(RecordOutcome), [RecordOutcome(None, "console ended: backend closed")])
+        self.assertEqual(book.of(CloseClient), [CloseClient(None, 1000)])
 
 
 class LateArrivalTests(SessionTestsMixin, SynchronousTestCase):

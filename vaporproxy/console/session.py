@@ -132,9 +132,37 @@ class PolicyRevoked:
     pass
 
 
+@dataclass(frozen=True)
+class TextMessage:
+    """The browser sent a text message: console streams are binary."""
+
+
+@dataclass(frozen=True)
+class ProtocolError:
+    """The browser broke WebSocket framing (1002) or a size cap (1009)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetupOverflow:
+    """The browser sent more than C{buffer_size} before the guard existed."""
+
+
+@dataclass(frozen=True)
+class OwnerEnded:
+    """SPICE: the console this channel joined ended (its main channel)."""
+
+    error: Optional[ConsoleError]
+    reason: str
+    code: Optional[int]
+
+
 Input = Union[
     Opened, Redeemed, Located, GuardAdmit, Admitted, SetupFailed, BackendConnected, BackendFailed, BackendLost,
     GuardEstablished, GuardFailed, ClientClosed, TimerFired, Terminate, Shutdown, PolicyRevoked,
+    TextMessage, ProtocolError, SetupOverflow, OwnerEnded,
 ]  # fmt: skip
 
 
@@ -225,6 +253,7 @@ class SettingUp:
     redemption: Any = None
     target: Any = None
     guard_started: bool = False
+    opened: bool = False
 
 
 @dataclass
@@ -272,6 +301,7 @@ class Session:
     # -- setting up -------------------------------------------------------
 
     def _SettingUp_Opened(self, state: SettingUp, event: Opened) -> List[Output]:
+        state.opened = True
         if not event.tls_ok:
             return self._finish(ConsoleError(ErrorCode.UNAUTHORIZED), "console connections require TLS")
         if not event.token:
@@ -371,7 +401,18 @@ class Session:
         if isinstance(state, (Closing, Ended)):
             return self._late(event)
         if isinstance(event, ClientClosed):
+            if isinstance(state, SettingUp) and not state.opened:
+                return self._finish(None, "websocket handshake not completed", closed=True)
             return self._finish(None, f"client closed (code {event.code})", closed=True)
+        if isinstance(event, TextMessage):
+            return self._finish(ConsoleError(ErrorCode.BAD_REQUEST, "Console streams are binary"), "text message")
+        if isinstance(event, ProtocolError):
+            return self._finish(None, f"websocket protocol error: {event.reason}", event.code)
+        if isinstance(event, SetupOverflow) and not isinstance(state, Relaying):
+            error = ConsoleError(ErrorCode.BAD_REQUEST, "Too much data before the console was ready")
+            return self._finish(error, "setup buffer overflow")
+        if isinstance(event, OwnerEnded):
+            return self._finish(event.error, f"console ended: {event.reason}", event.code or 1000)
         if isinstance(event, TimerFired) and event.which == "connect":
             return self._finish(ConsoleError(ErrorCode.CONNECTION_FAILED), "connection timeout")
         if isinstance(event, Terminate):
