@@ -3,8 +3,8 @@ The package's layers (DESIGN.md: imports only point down the table's "may
 import" column), read from every module's imports at any depth:
 
 - C{http/} imports nothing of C{ws/}: the console WebSocket is the bridge's;
-- C{console/}, C{relay/} and C{guards/} import no Autobahn and no Twisted
-  transport (they are sans-IO or take transports as values);
+- C{console/} and C{guards/} import no Autobahn and no Twisted transport
+  (they are sans-IO); C{relay/} no Autobahn (it owns the VM's TCP side);
 - C{stores/} and C{vm/} know nothing of HTTP or WebSockets;
 - the ground floor (config, errors, interfaces, timestamps) imports no
   sub-package.
@@ -67,9 +67,10 @@ class LayeringTests(SynchronousTestCase):
         self.assertNoImport("vaporproxy.http", ("vaporproxy.ws",))
 
     def test_sansIOPackagesImportNoTransport(self) -> None:
-        """When console/, relay/ and guards/ are read, none imports Autobahn or a Twisted transport."""
-        for package in ("vaporproxy.console", "vaporproxy.relay", "vaporproxy.guards"):
+        """When console/ and guards/ are read, none imports Autobahn or a Twisted transport; relay/ no Autobahn."""
+        for package in ("vaporproxy.console", "vaporproxy.guards"):
             self.assertNoImport(package, TRANSPORTS)
+        self.assertNoImport("vaporproxy.relay", ("autobahn", "vaporproxy.ws", "vaporproxy.http"))
 
     def test_storesAndVmKnowNoWeb(self) -> None:
         """When stores/ and vm/ are read, none imports http/, ws/ or the WebSocket libraries."""

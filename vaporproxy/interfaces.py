@@ -408,23 +408,26 @@ class IGuardSink(Interface):
 
 class IRelayStage(Interface):
     """
-    One stage of a console's relay pipeline (L{vaporproxy.relay.pipeline}),
-    spliced in once the handshake is over.
+    One stage of a relaying console's byte path (L{vaporproxy.relay.pipeline}).
 
-    A stage sees each direction's bytes in order, in any fragmentation, and
-    answers what goes on: the same bytes (pass), fewer or none (drop, or
-    hold until a later call), or them after copying them elsewhere (tap).
-    It may hold at most a message header or one bounded message, never more
-    than the console's C{buffer_size}: flow control stays the transports'.
-    It raises L{vaporproxy.relay.policy.PolicyViolation} when it cannot go
-    on (the console then closes with 4012 BAD_REQUEST).
+    While the handshake runs, the protocol guard is the only stage; once it
+    is C{established}, the console's stages (C{stages_for(grant, policy)})
+    are spliced in, in order, browser to VM for C{to_vm} and VM to browser
+    for C{to_browser}.  With no stage the bytes go straight, at no cost.
+
+    A stage sees the bytes of one direction as they come (message payloads
+    towards the VM, socket reads towards the browser) and answers the bytes
+    that go on: the same (pass), other bytes, C{b""} (drop, or hold for a
+    later call), and it may keep a copy.  It never holds more than
+    C{buffer_size} bytes: it drops, or fails the console, rather than grow.
+    It does no I/O of its own and never blocks.
     """
 
     def to_vm(data: bytes) -> bytes:
-        """Bytes from the browser; answer those for the VM."""
+        """Bytes from the browser towards the VM; answer what goes on."""
 
     def to_browser(data: bytes) -> bytes:
-        """Bytes from the VM; answer those for the browser."""
+        """Bytes from the VM towards the browser; answer what goes on."""
 
     def close() -> None:
-        """The console ended: cancel timers, let go of taps."""
+        """The console ended: let go of what is held (nothing more comes)."""

@@ -111,7 +111,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build vaporproxy's service tree from parsed L{Options}."""
     if reactor is None:
         from twisted.internet import reactor
-    from vaporproxy.ws.bridge import ConsoleBridgeFactory, ConsoleRegistry
+    from vaporproxy.console.registry import ConsoleRegistry
+    from vaporproxy.ws.factory import ConsoleBridgeFactory
     from vaporproxy.vm.libvirt import LibvirtConsoleLocator
     from vaporproxy.vm.hosts import HostPolicy
     from vaporproxy.metrics import Metrics

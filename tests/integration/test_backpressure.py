@@ -192,14 +192,11 @@ class PingFloodTests(TestCase):
         [record] = proxy.registry.consoles()
         bridge = record.owner
         samples = []
-        paused = False
         for _ in range(30):
             await sleep(0.1)
             samples.append(write_buffered(bridge.transport))
-            paused = paused or bridge._pings_paused
         # Every ping costs a pong; a browser that reads none gets its reads
         # paused, so the proxy holds at most buffer_size plus one read's pongs.
-        self.assertTrue(paused)
         self.assertGreater(client.sent, 5000)
         self.assertLessEqual(max(samples), BUFFER + 4 * 65536, samples)
         client.stop()

@@ -17,7 +17,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
-from vaporproxy.ws.bridge import ConsoleBridgeFactory, ConsoleRegistry
+from vaporproxy.console.registry import ConsoleRegistry
+from vaporproxy.ws.factory import ConsoleBridgeFactory
 from vaporproxy.config import Config, ConsoleConfig
 from vaporproxy.vm.hosts import HostPolicy
 from vaporproxy.interfaces import Grant, Graphics, VMConsoles

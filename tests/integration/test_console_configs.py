@@ -194,7 +194,7 @@ class SpicePerChannelTests(TestCase):
         info = await console(self, stack, "vm-mixed")
         self.assertNotEqual(await spice_session(self, stack, info), 0)
         vm_dials = [c for c in connects if c[0] in (port, tls_port)]
-        self.assertEqual(vm_dials, [(tls_port, "_VMTLSFactory"), (port, "_BackendFactory")])
+        self.assertEqual(vm_dials, [(tls_port, "_VMTLSFactory"), (port, "BackendFactory")])
 
     def test_mainSecureDisplayPlain(self) -> None:
         """

@@ -92,12 +92,15 @@ class TLSConsoleTests(TestCase):
         self.assertNotIsInstance(tls, FileDescriptor)
         tcp = fd_under(tls)
         self.assertEqual((tcp.bufferSize, backend.bufferSize), (BUFFER_SIZE, BUFFER_SIZE))
-        # The backend is the (streaming) producer of the TLS WebSocket...
-        self.assertIs(tls._producer._producer, backend)
+        # The flow's valve for the browser's side is the (streaming)
+        # producer of the TLS WebSocket, and holds the backend's reads...
+        valve = tls._producer._producer
+        self.assertIs(valve.flow.vm_transport, backend)
         self.assertTrue(tcp.streamingProducer)
         self.assertIs(tcp.producer, tls._producer)
-        # ...and the TLS WebSocket the producer of the backend.
-        self.assertIs(backend.producer, tls)
+        # ...and the VM side's valve the producer of the backend, holding
+        # the TLS WebSocket's reads.
+        self.assertIs(backend.producer.flow.ws_transport, tls)
         self.assertTrue(backend.streamingProducer)
         # The socket's buffer filling up pauses reads from the VM, through
         # the TLS layer; draining resumes them.

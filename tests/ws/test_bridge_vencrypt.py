@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.integration.qemu_fixture import write_x509_credentials
 from tests.ws.test_bridge import BUFFER, Connection, Harness, error_of
 from tests.guards.rfb_scripts import CHALLENGE, client_script, expected_to_client, u32, vencrypt_before_tls, version
-from vaporproxy.ws.bridge import ConsoleBridgeFactory, _rfb_guard
+from vaporproxy.ws.factory import ConsoleBridgeFactory, _rfb_guard
 from vaporproxy.config import ConfigError, ConsoleConfig, HypervisorConfig, VncTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Graphics, VMConsoles

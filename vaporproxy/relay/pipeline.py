@@ -16,7 +16,7 @@ bandwidth throttle and the recorder tap.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from zope.interface import implementer
 
@@ -26,7 +26,7 @@ from vaporproxy.relay.rfbclient import RFBClientFilter
 from vaporproxy.relay.rfbserver import OutputPolicy, RFBServerFilter, restrict_encodings
 from vaporproxy.relay.spiceclient import SpiceMainFilter
 
-__all__ = ["CountingStage", "Pipeline", "RFBConsoleStage", "RecorderStage", "SpiceMainStage", "ThrottleStage"]
+__all__ = ["Pipeline", "RFBConsoleStage", "RecorderStage", "SpiceMainStage", "ThrottleStage", "build", "stages_for"]
 
 
 class Pipeline:
@@ -57,26 +57,6 @@ class Pipeline:
     def close(self) -> None:
         for stage in self.stages:
             stage.close()
-
-
-@implementer(IRelayStage)
-class CountingStage:
-    """Counts the bytes of each direction (the trivial stage; tests and metrics)."""
-
-    def __init__(self) -> None:
-        self.to_vm_bytes = 0
-        self.to_browser_bytes = 0
-
-    def to_vm(self, data: bytes) -> bytes:
-        self.to_vm_bytes += len(data)
-        return data
-
-    def to_browser(self, data: bytes) -> bytes:
-        self.to_browser_bytes += len(data)
-        return data
-
-    def close(self) -> None:
-        pass
 
 
 @implementer(IRelayStage)
@@ -211,6 +191,15 @@ class RecorderStage:
         self._recorder.close_channel(self._channel)
 
 
-def pipeline_of(stages: List[Any]) -> Optional[Pipeline]:
+def build(stages: Sequence[Any]) -> Optional[Pipeline]:
     """A pipeline of C{stages}, or C{None} when there are none (bytes go straight)."""
     return Pipeline(stages) if stages else None
+
+
+def stages_for(grant: Any, policy: Any) -> Tuple[Any, ...]:
+    """
+    The factory's fixed stages of every console (none by default; tests and
+    deployments may set C{factory.stages_for}); the policy's own stages
+    come from L{vaporproxy.relay.planner.StagePlanner}.
+    """
+    return ()

@@ -24,7 +24,7 @@ from vaporproxy.relay.pipeline import (
     RFBConsoleStage,
     SpiceMainStage,
     ThrottleStage,
-    pipeline_of,
+    build,
 )
 from vaporproxy.relay.policy import InputPolicy
 from vaporproxy.relay.rfbserver import OutputPolicy
@@ -122,7 +122,7 @@ class StagePlanner:
             stages.append(ThrottleStage(buckets, pause_vm, self._metrics.throttled))
         if recorder is not None:
             stages.append(RecorderStage(recorder, channel))
-        return pipeline_of(stages)
+        return build(stages)
 
     def _buckets(self, grant: Any, key: Any) -> List[TokenBucket]:
         buckets = []

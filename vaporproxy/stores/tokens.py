@@ -217,6 +217,18 @@ class MemoryTokenStore:
             log.debug("token {token_id} redeemed", token_id=digest[:12])
         return succeed(Redemption(grant=entry.grant, first=True))
 
+    def unredeem(self, token: str) -> Deferred:
+        """
+        Give back the redemption of C{token}: the console it opened was
+        refused for lack of a slot (4007) before it used the VM, and a
+        refused console does not spend its token (SPEC.md "Hostile
+        clients").  Nothing happens to a token with a SPICE session.
+        """
+        entry = self._entries.get(token_hash(token)) if is_well_formed(token) else None
+        if entry is not None and entry.used and entry.spice_session_id is None:
+            entry.used = False
+        return succeed(None)
+
     def attach_spice_session(self, token: str, session_id: int) -> Deferred:
         entry = self._entries.get(token_hash(token)) if is_well_formed(token) else None
         if entry is None or not entry.used:

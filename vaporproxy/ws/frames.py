@@ -18,7 +18,11 @@ reactor turn), and falls back to the transport's own buffered C{write}.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Sequence, Set
+from typing import Any, Callable, List
+
+# Re-exported: writing straight to a plain TCP socket reads Twisted's
+# transport internals, so it lives with them (relay/fastwrite.py).
+from vaporproxy.relay.fastwrite import direct_writer, send_now
 
 __all__ = [
     "CLOSE_PROTOCOL_ERROR",
@@ -362,70 +366,3 @@ def _rotate(mask: bytes, n: int) -> bytes:
     """
     k = n & 3
     return mask[k:] + mask[:k] if k else mask
-
-
-# ---------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------
-
-
-#: Transport classes whose instances L{send_now} may write to (found from
-#: a first live instance; a class not found so is checked every time).
-_DIRECT_CLASSES: Set[type] = set()
-
-
-def direct_writer(transport: Any) -> Any:
-    """
-    C{transport} when L{send_now} may write to its socket directly (a plain
-    TCP connection of Twisted's, not TLS), else C{None}.
-    """
-    if getattr(transport, "TLS", False):
-        # startTLS was called on it (VeNCrypt towards the VM): its bytes
-        # must go through the TLS layer, never straight to the socket.
-        return None
-    cls = type(transport)
-    if cls in _DIRECT_CLASSES:
-        return transport
-    from twisted.internet.tcp import Connection
-
-    if isinstance(transport, Connection) and all(
-        hasattr(transport, name) for name in ("socket", "dataBuffer", "offset", "_tempDataLen", "disconnecting")
-    ):
-        _DIRECT_CLASSES.add(cls)
-        return transport
-    return None
-
-
-def send_now(transport: Any, chunks: Sequence[bytes]) -> None:
-    """
-    Write C{chunks} to the TCP C{transport} (from L{direct_writer}): straight
-    to the socket when nothing is buffered before them, the rest (or, on
-    any error, everything) through C{transport.write}, which keeps order,
-    the high-water mark and the producer pausing that goes with it.
-    """
-    if (
-        transport._tempDataLen
-        or len(transport.dataBuffer) != transport.offset
-        or transport.disconnecting
-        or not transport.connected
-    ):
-        transport.writeSequence(chunks)
-        return
-    try:
-        if len(chunks) == 1:
-            sent = transport.socket.send(chunks[0])
-        else:
-            sent = transport.socket.sendmsg(chunks)
-    except OSError:
-        # EAGAIN, or an error that Twisted's own write path will find and
-        # report as connection loss.
-        transport.writeSequence(chunks)
-        return
-    for i, chunk in enumerate(chunks):
-        n = len(chunk)
-        if sent < n:
-            rest = [chunk[sent:] if sent else chunk]
-            rest.extend(chunks[i + 1 :])
-            transport.writeSequence(rest)
-            return
-        sent -= n

@@ -1,0 +1,110 @@
+"""
+The contract between L{vaporproxy.ws.autobahn_compat} and the installed
+Autobahn: every private name the compat module relies on exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, List
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from vaporproxy.ws import autobahn_compat
+from vaporproxy.ws.autobahn_compat import READ_BY, RELIES_ON, FastServerFactory, FastServerProtocol
+
+
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: proxy.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def _resolve(dotted: str) -> Any:
+    """
+    The module or class named C{dotted}.
+    """
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def _connected_protocol() -> FastServerProtocol:
+    factory = FastServerFactory(reactor=MemoryReactorClock())
+    factory.use_reactor(factory.reactor)
+    factory.protocol = FastServerProtocol
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(HANDSHAKE)
+    return protocol
+
+
+class AutobahnContractTests(SynchronousTestCase):
+    """
+    The installed Autobahn has what L{vaporproxy.ws.autobahn_compat} uses.
+    """
+
+    def test_namesExist(self) -> None:
+        """When Autobahn is upgraded, every module-level and class-level private name the compat module relies on still exists."""
+        missing: List[str] = []
+        for owner, name in RELIES_ON:
+            if owner == "instance":
+                continue
+            try:
+                if not hasattr(_resolve(owner), name):
+                    missing.append(f"{owner}.{name}")
+            except (ImportError, AttributeError):
+                missing.append(f"{owner} (itself)")
+        self.assertEqual(
+            missing,
+            [],
+            "the installed Autobahn lacks names vaporproxy/ws/autobahn_compat.py relies on: "
+            + ", ".join(missing)
+            + "; pin Autobahn to the tested range (requirements.txt) or update the compat module",
+        )
+
+    def test_instanceAttributesExist(self) -> None:
+        """When a console WebSocket is connected, every Autobahn instance attribute the compat module reads or sets exists."""
+        protocol = _connected_protocol()
+        factory = protocol.factory
+        missing = [
+            name
+            for owner, name in RELIES_ON
+            if owner == "instance" and not (hasattr(protocol, name) or hasattr(factory, name))
+        ]
+        self.assertEqual(
+            missing,
+            [],
+            "the installed Autobahn's WebSocket protocol lacks attributes vaporproxy/ws/autobahn_compat.py relies on: "
+            + ", ".join(missing),
+        )
+
+    def test_readByStillRead(self) -> None:
+        """When Autobahn is upgraded, the methods that read attributes vaporproxy sets for them still read those names."""
+        stale = [f"{where} no longer reads {name}" for where, name in READ_BY if name not in inspect.getsource(_resolve(where))]
+        self.assertEqual(stale, [], "vaporproxy/ws/autobahn_compat.py relies on: " + "; ".join(stale))
+
+    def test_everyPrivateImportListed(self) -> None:
+        """When the compat module imports a private Autobahn function, it is listed in RELIES_ON (so the contract covers it)."""
+        listed = {name for _, name in RELIES_ON}
+        private = [n for n in vars(autobahn_compat) if n.startswith("_") and not n.startswith("__")]
+        imported = [n for n in private if getattr(getattr(autobahn_compat, n), "__module__", "").startswith("autobahn")]
+        self.assertEqual([n for n in imported if n not in listed], [])
+        self.assertIn("_is_tls_error", imported)
+
+    def test_controlFrameThroughAutobahn(self) -> None:
+        """When the relay hands a ping to Autobahn through control_frame, Autobahn answers it with a pong carrying the same payload."""
+        protocol = _connected_protocol()
+        self.assertTrue(protocol.parser_between_messages())
+        protocol.transport.clear()
+        protocol.control_frame(9, b"hi")
+        self.assertEqual(protocol.transport.value(), b"\x8a\x02hi")

@@ -1,0 +1,3 @@
+"""
+Relay stages (L{vaporproxy.interfaces.IRelayStage}): one file each.
+"""

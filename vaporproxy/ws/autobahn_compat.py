@@ -1,0 +1,364 @@
+"""
+Every private Autobahn name vaporproxy uses, in one room (DESIGN.md rule 6).
+
+The console WebSocket is an Autobahn server protocol with a few of its
+internals replaced or read for speed (issue #3).  They all live here, each
+with why and what it measured, so that an Autobahn upgrade is checked in one
+place: C{tests/ws/test_autobahn_compat.py} fails with a clear message when
+the installed Autobahn lacks a name listed in L{RELIES_ON}.
+
+Gains quoted are shares of one console's set-up cost (callgrind
+instructions per set-up, 8 at a time) measured when each was introduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import txaio
+from autobahn.twisted.util import create_transport_details, peer2str
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import _is_tls_error, _maybe_tls_reason
+from autobahn.wamp.types import TransportDetails
+from autobahn.websocket.protocol import FrameHeader, WebSocketProtocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from vaporproxy.relay.fastwrite import direct_writer, send_now
+
+__all__ = [
+    "READ_BY",
+    "RELIES_ON",
+    "STATE_CLOSED",
+    "STATE_CONNECTING",
+    "STATE_OPEN",
+    "FastServerFactory",
+    "FastServerProtocol",
+    "ReactorTimer",
+    "autobahn_debug",
+]
+
+STATE_OPEN = WebSocketProtocol.STATE_OPEN
+STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
+
+#: (module or class, attribute) pairs this module relies on: the contract
+#: test checks each exists in the installed Autobahn.  Instance attributes
+#: set by Autobahn at run time are listed as C{("instance", name)} and
+#: checked on an open protocol; names Autobahn reads from a method's body
+#: are listed as C{("read by", "module.Class.method", name)} in L{READ_BY}.
+RELIES_ON = (
+    ("autobahn.util", "_is_tls_error"),
+    ("autobahn.util", "_maybe_tls_reason"),
+    ("autobahn.twisted.util", "create_transport_details"),
+    ("autobahn.twisted.util", "peer2str"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_connectionMade"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_connectionLost"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_dataReceived"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_cancelAutoPingTimeoutCall"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "processControlFrame"),
+    ("autobahn.websocket.protocol.WebSocketServerProtocol", "succeedHandshake"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "STATE_OPEN"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "STATE_CONNECTING"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "STATE_CLOSED"),
+    ("autobahn.websocket.protocol.WebSocketServerProtocol", "CONFIG_ATTRS"),
+    ("autobahn.twisted.websocket.WebSocketServerProtocol", "_connectionMade"),
+    ("autobahn.twisted.websocket.WebSocketServerProtocol", "_connectionLost"),
+    ("autobahn.twisted.websocket.WebSocketServerFactory", "setProtocolOptions"),
+    ("autobahn.websocket.protocol.FrameHeader", "__init__"),
+    ("instance", "_batched_timer"),
+    ("instance", "_transport_details"),
+    ("instance", "send_queue"),
+    ("instance", "logOctets"),
+    ("instance", "trafficStats"),
+    ("instance", "current_frame"),
+    ("instance", "inside_message"),
+    ("instance", "data"),
+    ("instance", "autoPingTimeoutCall"),
+    ("instance", "autoPingRestartOnAnyTraffic"),
+)
+
+
+#: Attributes vaporproxy sets for an Autobahn method to read (the control
+#: frame handed to C{processControlFrame}).
+READ_BY = (("autobahn.websocket.protocol.WebSocketProtocol.processControlFrame", "control_frame_data"),)
+
+
+class ReactorTimer:
+    """
+    Autobahn's batched timer interface (C{factory._batched_timer}) over an
+    injected reactor, so that Autobahn's own timeouts (opening and closing
+    handshakes, auto-ping) run on the reactor we were given instead of
+    txaio's global one (DESIGN.md rule 1; correctness, not speed).
+    """
+
+    def __init__(self, reactor: IReactorTime):
+        self._reactor = reactor
+
+    def call_later(self, delay: float, fun: Callable, *args: Any, **kwargs: Any) -> "_Call":
+        return _Call(self._reactor.callLater(delay, fun, *args, **kwargs))
+
+
+class _Call:
+    """
+    A delayed call whose C{cancel} may be called after it ran.
+    """
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: IDelayedCall):
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+def autobahn_debug() -> bool:
+    """
+    Whether txaio's global log level (which Autobahn's loggers follow)
+    lets debug lines through: then Autobahn's own code runs unchanged.
+    """
+    return txaio.get_global_log_level() in ("debug", "trace")
+
+
+class FastServerProtocol(WebSocketServerProtocol):
+    """
+    Autobahn's server protocol with its per-connection overheads removed;
+    behaviour is Autobahn's (with debug logging on, Autobahn's own code runs).
+    """
+
+    #: Autobahn's _connectionMade copies every option in CONFIG_ATTRS from
+    #: the factory and pformats the list for a debug line, evaluated even
+    #: when debug logging is off (about a tenth of a console's set-up
+    #: cost).  L{autobahn_connection_made} copies them instead, once per
+    #: factory configuration, and Autobahn is given nothing to copy.
+    CONFIG_ATTRS: tuple = ()
+    _OPTIONS_FROM_FACTORY = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
+    #: The plain TCP transport that L{send_now} may write to directly.
+    _ws_direct: Any = None
+    #: The bytes for the client held while C{succeedHandshake} runs.
+    _cork: Optional[List[bytes]] = None
+    #: Whether L{transport_details} were built.
+    _details_built = False
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        """
+        Autobahn's C{sendData} (the 101 answer, close frames, pings) written
+        straight to a plain TCP socket when nothing is queued (one send
+        instead of a write-readiness round trip per console); Autobahn's
+        own otherwise (queued, chopped or octet-logged writes, debug on).
+        Measured 2026-12-04 with L{succeedHandshake}'s cork: without both,
+        2.72 M instructions per set-up instead of 2.65 M (+2.6%).
+        """
+        cork = self._cork
+        if cork is not None:
+            if not (sync or chopsize):
+                cork.append(data)
+                return
+            if cork:  # what is corked goes first, to keep the order
+                send_now(self._ws_direct, list(cork))
+                cork.clear()
+        direct = self._ws_direct
+        if direct is None or sync or chopsize or self.send_queue or self.logOctets or autobahn_debug():
+            super().sendData(data, sync, chopsize)
+            return
+        send_now(direct, (data,))
+        if self.state == STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif self.state == STATE_CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+
+    # Autobahn's server-side _connectionMade and _connectionLost are the
+    # base class's plus the factory's connection count, and a debug line
+    # whose arguments (hltype() with click styling, str() of the Failure)
+    # are computed even when debug logging is off: about 1.5% of a
+    # console's set-up cost (re-measured 2026-12-04 on this layout: without
+    # these two overrides 2.71 M instructions per set-up instead of 2.65 M,
+    # +2.3%).
+
+    def _connectionMade(self) -> None:
+        if autobahn_debug():
+            super()._connectionMade()
+            return
+        WebSocketProtocol._connectionMade(self)
+        self.factory.countConnections += 1
+
+    def _connectionLost(self, reason: Any) -> None:
+        if autobahn_debug():
+            super()._connectionLost(reason)
+            return
+        WebSocketProtocol._connectionLost(self, reason)
+        self.factory.countConnections -= 1
+
+    def connectionMade(self) -> None:
+        self.autobahn_connection_made()
+
+    def autobahn_connection_made(self) -> None:
+        """
+        Autobahn's Twisted adapter's C{connectionMade} with the factory's
+        options copied once per configuration and without its closing debug
+        line (hltype() computed even when debug is off); transport details
+        are built on first use (L{transport_details}).
+        """
+        factory = self.factory
+        options = factory._protocol_options
+        if options is None:
+            options = factory._protocol_options = {
+                name: getattr(factory, name) for name in self._OPTIONS_FROM_FACTORY if not hasattr(self, name)
+            }
+        self.__dict__.update(options)
+        # Plain TCP: the 101 answer and the guard's bytes go straight to the
+        # socket too.
+        self._ws_direct = direct_writer(self.transport)
+        if autobahn_debug():
+            WebSocketServerProtocol.connectionMade(self)
+            return
+        self.peer = peer2str(self.transport)
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:
+            pass  # not TCP (e.g. a Unix socket)
+        self._connectionMade()
+
+    def autobahn_connection_lost(self, reason: Failure) -> None:
+        """
+        Autobahn's Twisted adapter's C{connectionLost} (a TLS failure logged
+        as an error, then C{_connectionLost}) without its debug lines.
+        """
+        if autobahn_debug():
+            WebSocketServerProtocol.connectionLost(self, reason)
+            return
+        if _is_tls_error(reason.value):
+            self.log.error(_maybe_tls_reason(reason.value))
+        self._connectionLost(reason)
+
+    def succeedHandshake(self, res: Any) -> None:
+        """
+        Autobahn's C{succeedHandshake} (the 101 answer, then C{onOpen}) with
+        the bytes for the client corked until it returns: on plain TCP the
+        101 and the guard's greeting leave in one write instead of two.
+        """
+        if self._ws_direct is None or self.send_queue or self.logOctets or autobahn_debug():
+            super().succeedHandshake(res)
+            return
+        self._cork = []
+        try:
+            super().succeedHandshake(res)
+        finally:
+            self.uncork()
+
+    def uncork(self) -> None:
+        """
+        Send what was corked in one write; from now on bytes for the client
+        leave as they come.
+        """
+        cork, self._cork = self._cork, None
+        if cork:
+            send_now(self._ws_direct, cork)
+
+    @property
+    def transport_details(self) -> Optional[TransportDetails]:
+        """
+        Autobahn's details of this connection, built on first use: nothing
+        in vaporproxy reads them, and building them for every console (two
+        system calls and a validated object) was a visible share of a
+        console's set-up cost (issue #3).
+        """
+        if not self._details_built and self.transport is not None:
+            details = create_transport_details(self.transport, self.is_server)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self._transport_details = details
+            self._details_built = True
+        return self._transport_details
+
+    # -- what the relay's own frame parser needs of Autobahn's --------------
+
+    def parser_between_messages(self) -> bool:
+        """
+        Whether the WebSocket is open and Autobahn's parser is between
+        messages (what it holds is at most part of the next frame header),
+        so that the relay's parser may take over.
+        """
+        return self.state == STATE_OPEN and self.current_frame is None and not self.inside_message
+
+    def take_unparsed(self) -> bytes:
+        """
+        The bytes Autobahn's parser holds, now the relay's parser's.
+        """
+        held, self.data = self.data, b""
+        return held
+
+    def handshake_buffered(self) -> int:
+        """
+        How many bytes of opening handshake Autobahn holds (it holds any
+        number; the caller caps it).
+        """
+        return len(self.data) if self.state == STATE_CONNECTING else 0
+
+    def autobahn_feed(self, data: bytes) -> None:
+        """
+        Bytes for Autobahn's own parser (before the relay's takes over).
+        """
+        self._dataReceived(data)
+
+    def clear_handshake(self) -> None:
+        self.data = b""
+
+    def control_frame(self, opcode: int, payload: bytes) -> None:
+        """
+        A whole close, ping or pong frame read by the relay's parser,
+        handled by Autobahn exactly as its own parser would (pong, auto-ping
+        bookkeeping, closing handshake): the relay skips Autobahn's
+        per-frame parsing of data frames (issue #3, the relay hot path).
+        """
+        self.current_frame = FrameHeader(opcode, True, 0, len(payload), None)
+        self.control_frame_data = [payload]
+        try:
+            self.processControlFrame()
+        finally:
+            self.current_frame = None
+
+    def traffic_seen(self) -> None:
+        """
+        As Autobahn does on every data frame (autobahn-python #1327): any
+        traffic restarts the auto-ping timeout.
+        """
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            self._cancelAutoPingTimeoutCall()
+
+
+class FastServerFactory(WebSocketServerFactory):
+    """
+    Autobahn's server factory running Autobahn's timers on the injected
+    reactor, keeping the options each connection copies
+    (L{FastServerProtocol.autobahn_connection_made}).
+    """
+
+    #: The protocol options each connection copies; rebuilt after every
+    #: change of options.
+    _protocol_options: Optional[Dict[str, Any]] = None
+
+    def use_reactor(self, reactor: Any) -> None:
+        # Autobahn schedules its own timeouts through txaio's global loop;
+        # run them on the injected reactor instead (DESIGN.md rule 1).
+        self._batched_timer = ReactorTimer(reactor)
+
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        super().setProtocolOptions(*args, **kwargs)
+        self._protocol_options = None
+
+    def resetProtocolOptions(self) -> None:
+        super().resetProtocolOptions()
+        self._protocol_options = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An option set directly on the factory (not through
+        # setProtocolOptions) is seen by the next connection too.
+        if name in _OPTION_NAMES:
+            self.__dict__["_protocol_options"] = None
+        object.__setattr__(self, name, value)
+
+
+_OPTION_NAMES = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
