@@ -563,7 +563,7 @@ class ReloadTests(SynchronousTestCase):
             [
                 ("api", "reload", (new,)),
                 ("bridge", "reload", (new,)),
-                ("limiter", "set_limits", (5, 100)),
+                ("limiter", "set_limits", (5, 100, 0, 0)),
                 ("hosts", "set_allowed", (("localhost", "127.0.0.1", "::1"),)),
             ],
         )

@@ -15,6 +15,8 @@ Layout in Redis (all keys under a prefix, C{vaporproxy:} by default)::
   tokens:fresh      zset sha256 -> expires_at: unused tokens, for count.
   leases            zset "vm|node|id" -> lease expiry (Redis TIME, ms).
   leases:vm:<uuid>  zset, the same members for one VM.
+  leases:user:<u>   zset, the same members for one user.
+  leases:client:<a> zset, the same members for one client address.
   procs             hash node -> JSON figures of that process.
   procs:alive       zset node -> expiry of those figures (Redis TIME, ms).
   channel terminate pub/sub: a VM UUID whose consoles must all close.
@@ -247,6 +249,8 @@ def connect_redis(
         console.max_total_connections,
         node_id=node_id,
         prefix=prefix,
+        max_per_user=console.max_connections_per_user,
+        max_per_client=console.max_connections_per_client,
     )
     backend = RedisBackend(redis, store, limiter, reactor, tokens.lease_ttl, prefix=prefix)
     log.info(
