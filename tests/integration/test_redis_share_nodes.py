@@ -9,19 +9,17 @@ Redis tests share.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from tests.integration.proxy_cluster import (
     ADMIN_KEY,
-    HTTP,
     USER_KEY,
     VM_PATH,
     ProxyProcess,
@@ -29,17 +27,16 @@ from tests.integration.proxy_cluster import (
     WSClient,
     config_yaml,
     echo,
-    new_directory,
     sleep,
     vnc_console,
-    ws_connect,
 )
+from tests.integration import test_cluster as cluster
 from tests.integration.redis_server import RedisServer
 from vaporproxy.config import ConsoleConfig, TokensConfig
 from vaporproxy.stores.redis import RedisBackend, connect_redis
 from vaporproxy.stores.redis_shares import RedisShareStore
 
-VM_UUID = "d2b6f8a1-5c2e-4d3b-8f4a-6b7c8d9e0f12"
+VM_UUID = cluster.VNC_UUID
 SHARES = f"{VM_PATH}/{VM_UUID}/console/shares"
 
 
@@ -58,30 +55,14 @@ class TwoNodes:
     """
 
     timeout = 60
+    vnc: Optional[RFBEchoServer] = None
 
-    def setUp(self) -> None:
-        self.redis = RedisServer()
-        self.redis.start()
-        self.addCleanup(self.redis.cleanup)
-        self.directory = new_directory()
-        self.addCleanup(shutil.rmtree, self.directory, True)
-        self.http = HTTP()
-        self.clients: List[Any] = []
-        self.proxies: List[ProxyProcess] = []
-        self.vnc: Optional[RFBEchoServer] = None
-        self.addCleanup(lambda: Deferred.fromCoroutine(self._close_all()))
-
-    async def _close_all(self) -> None:
-        for factory in self.clients:
-            proto = getattr(factory, "_proto", None)
-            if not factory.closed.called and proto is not None and proto.transport is not None:
-                proto.transport.abortConnection()
-        await DeferredList([f.closed for f in self.clients if not f.closed.called], consumeErrors=True)
-        for proxy in self.proxies:
-            proxy.kill()
-        if self.vnc is not None:
-            await self.vnc.close()
-        await self.http.pool.closeCachedConnections()
+    # The cluster tests' fixture: one Redis, the proxies and WebSockets
+    # closed at the end.
+    setUp = cluster.ClusterTests.setUp
+    _close_everything = cluster.ClusterTests._close_everything
+    _close_all = cluster.ClusterTests._close_all
+    open = cluster.ClusterTests.open
 
     async def start_nodes(self, settings: Optional[Dict[str, Any]] = None) -> Tuple[ProxyProcess, ProxyProcess]:
         self.vnc = RFBEchoServer()
@@ -115,12 +96,6 @@ class TwoNodes:
         code, body, _ = await self.info(proxy, auth)
         self.assertEqual(code, 200, body)
         return body["token"]
-
-    async def open(self, proxy: ProxyProcess, token: str) -> Tuple[Optional[WSClient], Any]:
-        client, factory = await ws_connect(proxy, VM_UUID, token)
-        factory._proto = client
-        self.clients.append(factory)
-        return client, factory
 
     async def console(self, proxy: ProxyProcess, token: str, check_echo: bool = True) -> WSClient:
         """A VNC console through C{proxy}, past ServerInit (and relaying, when C{check_echo})."""
