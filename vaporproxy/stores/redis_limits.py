@@ -4,8 +4,9 @@ Cluster-wide admission limits in Redis: one lease per live console.
 Each lease is a member of the sorted sets it counts in: every lease, its
 VM's, and its user's and client address's (when given; so per-user and
 per-client caps hold across the cluster, and a reload that sets a cap
-counts the consoles already open).  Leases are scored with Redis's own clock (C{TIME} inside the scripts), so
-node clock skew cannot stretch or shrink them.  Each process renews its live
+counts the consoles already open).  Leases are scored with Redis's own
+clock (C{TIME} inside the scripts), so node clock skew cannot stretch or
+shrink them.  Each process renews its live
 leases every C{lease_ttl / 3}; a process that dies stops renewing and its
 slots lapse within C{lease_ttl}.  Every acquire first drops lapsed members.
 """
