@@ -9,6 +9,7 @@ the refusals show in C{/metrics} as on one node.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Dict
 
 from twisted.trial.unittest import TestCase
@@ -17,6 +18,7 @@ from tests.integration.proxy_cluster import ADMIN_KEY, sleep
 from tests.integration.test_redis_share_nodes import TwoNodes
 
 ADMIN = "Bearer " + ADMIN_KEY
+STATS = "/api/v1/console/stats"
 
 
 class CapsAcrossNodesTests(TwoNodes, TestCase):
@@ -31,10 +33,15 @@ class CapsAcrossNodesTests(TwoNodes, TestCase):
         found = re.findall(r'^vaporproxy_console_outcomes_total\{[^}]*MAX_CONNECTIONS_REACHED[^}]*\} (\S+)$', text, re.M)
         return sum(float(n) for n in found)
 
-    async def hang_up(self, client: Any) -> None:
+    async def hang_up(self, proxy: Any, client: Any) -> None:
+        """Close C{client}'s console and wait until the cluster no longer counts it."""
+        before = (await self.call("GET", proxy, STATS, ADMIN))[1]["total_connections"]
         client.transport.loseConnection()
         await client.closed
-        await sleep(0.3)  # the lease's release reaches Redis
+        deadline = time.monotonic() + 10
+        while (await self.call("GET", proxy, STATS, ADMIN))[1]["total_connections"] >= before:
+            self.assertLess(time.monotonic(), deadline, "the closed console's lease was not released")
+            await sleep(0.05)
 
     async def test_perUserCapAcrossNodes(self) -> None:
         """When a user holds max_connections_per_user consoles on A and B, the next is refused 4007 on either node while another user is admitted; once one closes, the refused token opens on the other node."""
@@ -46,7 +53,7 @@ class CapsAcrossNodesTests(TwoNodes, TestCase):
         self.assertEqual((code, error["code"]), (4007, "MAX_CONNECTIONS_REACHED"))
         await self.console(a, await self.token(b, ADMIN))
         self.assertGreaterEqual(await self.refusals(b), 1)
-        await self.hang_up(on_a)
+        await self.hang_up(b, on_a)
         await self.console(a, spare)
 
     async def test_perClientCapAcrossNodes(self) -> None:
@@ -56,7 +63,7 @@ class CapsAcrossNodesTests(TwoNodes, TestCase):
         token = await self.token(b, ADMIN)
         code, error = await self.refused(b, token)
         self.assertEqual((code, error["code"]), (4007, "MAX_CONNECTIONS_REACHED"))
-        await self.hang_up(first)
+        await self.hang_up(b, first)
         await self.console(b, token)
 
     async def test_outstandingTokensAcrossNodes(self) -> None:
