@@ -265,12 +265,16 @@ class MakeServiceTests(SynchronousTestCase):
                 self.limiter = MemoryLimiter(5, 3)
                 self.client = object()  # the share store's connection (not used here)
                 self.callbacks: List[Any] = []
+                self.share_callbacks: List[Any] = []
                 self.closed = 0
 
                 self.started = 0
 
             def on_terminate(self, callback: Any) -> None:
                 self.callbacks.append(callback)
+
+            def on_share_revoked(self, callback: Any) -> None:
+                self.share_callbacks.append(callback)
 
             def start(self) -> None:
                 self.started += 1
@@ -291,6 +295,7 @@ class MakeServiceTests(SynchronousTestCase):
         [backend] = backends
         self.assertEqual(backend.callbacks, [root.pieces["registry"].terminate_vm])
         self.assertEqual(backend.callbacks[0]("no-such-vm"), 0)
+        self.assertEqual(backend.share_callbacks[0]("no-such-share"), 0)  # closes that share's consoles (none)
         self.assertEqual(backend.started, 0)
         root.startService()
         self.assertEqual((backend.started, backend.closed), (1, 0))
@@ -563,7 +568,7 @@ class ReloadTests(SynchronousTestCase):
             [
                 ("api", "reload", (new,)),
                 ("bridge", "reload", (new,)),
-                ("limiter", "set_limits", (5, 100)),
+                ("limiter", "set_limits", (5, 100, 0, 0)),
                 ("hosts", "set_allowed", (("localhost", "127.0.0.1", "::1"),)),
             ],
         )

@@ -288,9 +288,12 @@ class ILimiter(Interface):
         C{client}) or fail with C{ConsoleError(MAX_CONNECTIONS_REACHED)}.
         """
 
-    def set_limits(max_per_vm: int, max_total: int) -> None:
+    def set_limits(max_per_vm: int, max_total: int, max_per_user: Optional[int] = None,
+                   max_per_client: Optional[int] = None) -> None:
         """
-        Change the limits (SIGHUP reload).  Live leases are kept.
+        Change the limits (SIGHUP reload).  Live leases are kept; a
+        per-user or per-client cap of C{None} is kept as it was (0:
+        unlimited).
         """
 
     def stats() -> "Deferred[Mapping]":

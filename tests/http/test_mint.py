@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -15,7 +16,7 @@ from vaporproxy.config import AuthConfig
 from vaporproxy.errors import ErrorCode
 from vaporproxy.http.mint import MAX_BUCKETS, MintLimits, RateLimited
 from vaporproxy.interfaces import Grant
-from vaporproxy.stores.tokens import MemoryTokenStore
+from vaporproxy.stores.tokens import MemoryTokenStore, OutstandingLimit
 
 INFO = f"{VMS}/web-1/console"
 
@@ -100,6 +101,20 @@ class MintLimitsTests(SynchronousTestCase):
         clock.advance(1)
         mint.take("jwt:late")
         self.assertLessEqual(len(mint._buckets), 2)
+
+    def test_issue_within(self) -> None:
+        """When the store checks and mints in one step (Redis), its refusal becomes RATE_LIMITED with Retry-After and its cap is the config's."""
+        asked: list = []
+
+        class AtomicStore:
+            def issue_within(self, grant: Grant, cap: int) -> object:
+                asked.append((grant.key_id, cap))
+                return fail(OutstandingLimit(cap, 41.2))
+
+        mint = MintLimits(Clock(), AuthConfig(max_outstanding_tokens=3))
+        grant = Grant(vm_ref="v", vm_uuid="u", console_type="vnc", display=0, user="a", key_id="k")
+        error = self.failureResultOf(Deferred.fromCoroutine(mint.issue(AtomicStore(), grant)), RateLimited).value
+        self.assertEqual((error.code, error.retry_after, asked), (ErrorCode.RATE_LIMITED, 42, [("k", 3)]))
 
 
 class OutstandingStoreTests(SynchronousTestCase):

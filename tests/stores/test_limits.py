@@ -22,6 +22,8 @@ from vaporproxy.stores.limits import Lease, MemoryLimiter
 VM_A = "5f1c7a52-3b6e-4c1d-9a53-0f2d7c8e9b10"
 VM_B = "0b8e4f7a-1c2d-4e3f-8a9b-7c6d5e4f3a21"
 VM_C = "9d3a1e64-5b7c-4f8e-a1b2-c3d4e5f60718"
+CLIENT = "198.51.100.7"
+OTHER = "198.51.100.8"
 
 
 class LimiterTestsMixin:
@@ -187,6 +189,70 @@ class LimiterTestsMixin:
             lease.release()
         await self.settle()
         self.assertEqual((await a.stats())["total_connections"], 0)
+
+
+    async def capped(self, n: int, max_per_user: int = 0, max_per_client: int = 0) -> List[Any]:
+        nodes = await self.makeNodes(n, 10, 10)
+        for node in nodes:
+            node.set_limits(10, 10, max_per_user, max_per_client)
+        return nodes
+
+    async def test_perUserCapAcrossNodes(self) -> None:
+        """
+        When a user holds max_per_user consoles over two nodes, the next is refused on either; another user is admitted; a release frees one.
+        """
+        a, b = await self.capped(2, max_per_user=2)
+        held = [await a.acquire(VM_A, "c1", user="alice", client=CLIENT),
+                await b.acquire(VM_B, "c2", user="alice", client=OTHER)]  # fmt: skip
+        await self.assertRefused(a.acquire(VM_C, "c3", user="alice", client=OTHER))
+        await self.assertRefused(b.acquire(VM_C, "c3", user="alice"))
+        bob = await b.acquire(VM_C, "c4", user="bob", client=CLIENT)
+        held.pop(0).release()
+        await self.settle()
+        held.append(await b.acquire(VM_C, "c5", user="alice"))
+        for lease in held + [bob]:
+            lease.release()
+        await self.settle()
+        self.assertEqual((await a.stats())["total_connections"], 0)
+
+    async def test_perClientCapAcrossNodes(self) -> None:
+        """
+        When one client address holds max_per_client consoles over two nodes, the next from it is refused whatever the user; another address is admitted.
+        """
+        a, b = await self.capped(2, max_per_client=2)
+        held = [await a.acquire(VM_A, "c1", user="alice", client=CLIENT),
+                await b.acquire(VM_A, "c2", user="bob", client=CLIENT)]  # fmt: skip
+        await self.assertRefused(a.acquire(VM_B, "c3", user="carol", client=CLIENT))
+        held.append(await b.acquire(VM_B, "c4", user="carol", client=OTHER))
+        held.append(await a.acquire(VM_B, "c5"))  # no address known: not counted
+        for lease in held:
+            lease.release()
+
+    async def test_capsUnlimitedByDefault(self) -> None:
+        """
+        When the per-user and per-client caps are 0, one user from one address may take every slot.
+        """
+        limiter = (await self.makeNodes(1, 50, 50))[0]
+        held = [await limiter.acquire(VM_A, f"c{i}", user="bench", client=CLIENT) for i in range(50)]
+        await self.assertRefused(limiter.acquire(VM_B, "c51", user="other", client=OTHER))
+        for lease in held:
+            lease.release()
+
+    async def test_capSetCountsLiveConsoles(self) -> None:
+        """
+        When a reload sets a per-user cap, the consoles the user already holds count against it, and a release with the cap lowered frees them.
+        """
+        limiter = (await self.makeNodes(1, 10, 10))[0]
+        held = [await limiter.acquire(VM_A, f"c{i}", user="alice", client=CLIENT) for i in range(2)]
+        limiter.set_limits(10, 10, 2, 0)
+        await self.assertRefused(limiter.acquire(VM_B, "c3", user="alice"))
+        limiter.set_limits(10, 10)
+        self.assertEqual((limiter.max_per_user, limiter.max_per_client), (2, 0))
+        held.pop().release()
+        await self.settle()
+        held.append(await limiter.acquire(VM_B, "c3", user="alice"))
+        for lease in held:
+            lease.release()
 
 
 @synchronously

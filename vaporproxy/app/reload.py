@@ -14,7 +14,6 @@ from twisted.logger import Logger
 
 from vaporproxy.config import Config, ConfigError, load_config, with_listen
 from vaporproxy.logs import LogSetup, effective_level
-from vaporproxy.stores.limits import MemoryLimiter
 
 log = Logger(namespace="vaporproxy.tap")
 
@@ -133,11 +132,8 @@ def apply_reload(config: Config, *, limiter: Any, host_policy: Any, api: Any, br
         planner.reload(config)
     if token_store is not None:
         token_store.ttl = console.token_ttl  # tokens issued from now on
-    if isinstance(limiter, MemoryLimiter):
-        limiter.set_limits(console.max_connections_per_vm, console.max_total_connections,
-                           console.max_connections_per_user, console.max_connections_per_client)  # fmt: skip
-    else:  # the Redis limiter has no per-user/per-client caps yet
-        limiter.set_limits(console.max_connections_per_vm, console.max_total_connections)
+    limiter.set_limits(console.max_connections_per_vm, console.max_total_connections,
+                       console.max_connections_per_user, console.max_connections_per_client)  # fmt: skip
     host_policy.set_allowed(console.allowed_hosts)
     revocation = getattr(token_store, "revocation", None)
     if revocation is not None:

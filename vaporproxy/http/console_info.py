@@ -172,11 +172,10 @@ class ConsoleIssuer:
                 log.warn("console host of {vm_uuid} is not in allowed_hosts", vm_uuid=vm.uuid)
                 raise ConsoleError(ErrorCode.UNAUTHORIZED, e.message, http_status=403)
             raise
-        await self._mint.check_outstanding(self._token_store, key.key_id)
         grant = Grant(vm_ref=vm_id, vm_uuid=vm.uuid, console_type=graphics.type, display=graphics.index,
                       user=key.user, client_ip=client_ip, key_id=key.key_id, vm_name=vm.name,
                       mode=mode)  # fmt: skip
-        issued = await self._token_store.issue(grant)
+        issued = await self._mint.issue(self._token_store, grant)
         self._metrics.token_issued()
         if self._audit is not None:
             self._audit.token_issued(user=key.user, vm_uuid=vm.uuid, vm_name=vm.name, client=client,

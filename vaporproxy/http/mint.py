@@ -5,7 +5,9 @@ and at most C{auth.max_outstanding_tokens} unused tokens per credential.
 Past either, console info answers 429 C{RATE_LIMITED} with C{Retry-After}.
 
 The buckets live in this process (in a cluster each process has its own);
-the outstanding count is the token store's (L{ITokenStore.outstanding}).
+the outstanding count is the token store's: a store with C{issue_within}
+(Redis) checks and mints in one step, so the cap holds across nodes; else
+(memory, one thread) the count is checked, then the token minted.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from twisted.logger import Logger
 
 from vaporproxy.config import AuthConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.interfaces import Grant, IssuedToken
+from vaporproxy.stores.tokens import OutstandingLimit
 
 log = Logger(namespace="vaporproxy.web.ConsoleAPI")
 
 #: Buckets kept before full (idle) ones are forgotten: bounds memory when
 #: many JWT users come and go.
 MAX_BUCKETS = 4096
+
+_TOO_MANY = "Too many unused tokens (auth.max_outstanding_tokens)"
 
 
 class RateLimited(ConsoleError):
@@ -85,6 +91,23 @@ class MintLimits:
         for key_id in full:
             del self._buckets[key_id]
 
+    async def issue(self, token_store: Any, grant: Grant) -> IssuedToken:
+        """
+        A token for C{grant} within C{max_outstanding} of its credential.
+
+        @raise RateLimited: at the cap (the retry waits for the oldest to
+            expire).
+        """
+        issue_within = getattr(token_store, "issue_within", None)
+        if self.max_outstanding <= 0 or issue_within is None:
+            await self.check_outstanding(token_store, grant.key_id or "")
+            return await token_store.issue(grant)
+        try:
+            return await issue_within(grant, self.max_outstanding)
+        except OutstandingLimit as e:
+            log.debug("credential {key_id} holds {count} unused tokens; refused", key_id=grant.key_id, count=e.count)
+            raise RateLimited(e.wait, _TOO_MANY) from None
+
     async def check_outstanding(self, token_store: Any, key_id: str) -> None:
         """
         @raise RateLimited: when C{key_id} has C{max_outstanding} unused
@@ -96,4 +119,4 @@ class MintLimits:
         count, wait = await count_of(key_id)
         if count >= self.max_outstanding:
             log.debug("credential {key_id} holds {count} unused tokens; refused", key_id=key_id, count=count)
-            raise RateLimited(wait, "Too many unused tokens (auth.max_outstanding_tokens)")
+            raise RateLimited(wait, _TOO_MANY)

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import ILease, ILimiter
 
-__all__ = ["Lease", "MemoryLimiter"]
+__all__ = ["Caps", "Lease", "MemoryLimiter"]
 
 log = Logger(namespace="vaporproxy.limits")
 
@@ -55,8 +55,31 @@ class Lease:
         return f"<Lease {self.console_id} vm={self.vm_uuid} released={self.released}>"
 
 
+class Caps:
+    """
+    The caps a limiter keeps (the memory one and the Redis one alike).
+    """
+
+    max_per_vm: int
+    max_total: int
+    max_per_user: int
+    max_per_client: int
+
+    def set_limits(self, max_per_vm: int, max_total: int, max_per_user: Optional[int] = None,
+                   max_per_client: Optional[int] = None) -> None:  # fmt: skip
+        """
+        New caps for new consoles (live ones stay); C{None} keeps a cap.
+        """
+        self.max_per_vm = int(max_per_vm)
+        self.max_total = int(max_total)
+        if max_per_user is not None or not hasattr(self, "max_per_user"):
+            self.max_per_user = int(max_per_user or 0)
+        if max_per_client is not None or not hasattr(self, "max_per_client"):
+            self.max_per_client = int(max_per_client or 0)
+
+
 @implementer(ILimiter)
-class MemoryLimiter:
+class MemoryLimiter(Caps):
     """
     Per-VM and total admission within this process.
 
@@ -131,18 +154,6 @@ class MemoryLimiter:
         self._down(self._per_vm, lease.vm_uuid)
         self._down(self._per_user, lease.user)
         self._down(self._per_client, lease.client)
-
-    def set_limits(self, max_per_vm: int, max_total: int, max_per_user: Optional[int] = None,
-                   max_per_client: Optional[int] = None) -> None:  # fmt: skip
-        """
-        New caps for new consoles (live ones stay); C{None} keeps a cap.
-        """
-        self.max_per_vm = int(max_per_vm)
-        self.max_total = int(max_total)
-        if max_per_user is not None or not hasattr(self, "max_per_user"):
-            self.max_per_user = int(max_per_user or 0)
-        if max_per_client is not None or not hasattr(self, "max_per_client"):
-            self.max_per_client = int(max_per_client or 0)
 
     def stats(self) -> Deferred:
         return succeed(

@@ -15,9 +15,12 @@ Layout in Redis (all keys under a prefix, C{vaporproxy:} by default)::
   tokens:fresh      zset sha256 -> expires_at: unused tokens, for count.
   leases            zset "vm|node|id" -> lease expiry (Redis TIME, ms).
   leases:vm:<uuid>  zset, the same members for one VM.
+  leases:user:<u>   zset, the same members for one user.
+  leases:client:<a> zset, the same members for one client address.
   procs             hash node -> JSON figures of that process.
   procs:alive       zset node -> expiry of those figures (Redis TIME, ms).
-  channel terminate pub/sub: a VM UUID whose consoles must all close.
+  channel terminate pub/sub: {"vm_uuid"} whose consoles must all close, or
+                    {"share_id"} of a revoked share link (its consoles close).
 
 The pieces live in their own modules: L{vaporproxy.stores.redis_client}
 (connection, timeouts), L{vaporproxy.stores.redis_tokens} (tokens, SPICE
@@ -94,6 +97,7 @@ class RedisBackend:
         self._alive = prefix + "procs:alive"
         self._channel = prefix + "terminate"
         self._callbacks: List[Callable[[str], Any]] = []
+        self._share_callbacks: List[Callable[[str], Any]] = []
         self._subscriber: Optional[Any] = None
         self._started: Optional[float] = None
         self._reporter: Optional[LoopingCall] = None
@@ -130,20 +134,29 @@ class RedisBackend:
         """
         self._callbacks.append(callback)
 
+    def on_share_revoked(self, callback: Callable[[str], Any]) -> None:
+        """
+        Call C{callback(share_id)} whenever a node revokes a share link
+        (L{vaporproxy.stores.redis_shares.RedisShareStore.revoke} publishes it).
+        """
+        self._share_callbacks.append(callback)
+
     def _received(self, channel: str, message: str) -> None:
         try:
-            vm_uuid = json.loads(message)["vm_uuid"]
-            if not isinstance(vm_uuid, str):
-                raise ValueError("vm_uuid is not a string")
+            body = json.loads(message)
+            share = "share_id" in body
+            target = body["share_id"] if share else body["vm_uuid"]
+            if not isinstance(target, str):
+                raise ValueError("not a string")
         except (ValueError, KeyError, TypeError):
             log.warn("ignored a malformed terminate message")
             return
-        log.info("terminate request for {vm_uuid}", vm_uuid=vm_uuid)
-        for callback in list(self._callbacks):
+        log.info("terminate request for {what} {target}", what="share" if share else "VM", target=target)
+        for callback in list(self._share_callbacks if share else self._callbacks):
             try:
-                callback(vm_uuid)
+                callback(target)
             except Exception:
-                log.failure("terminate callback failed for {vm_uuid}", vm_uuid=vm_uuid)
+                log.failure("terminate callback failed for {target}", target=target)
 
     def _figures(self) -> Dict[str, Any]:
         local = self.limiter.local_stats()
@@ -247,6 +260,8 @@ def connect_redis(
         console.max_total_connections,
         node_id=node_id,
         prefix=prefix,
+        max_per_user=console.max_connections_per_user,
+        max_per_client=console.max_connections_per_client,
     )
     backend = RedisBackend(redis, store, limiter, reactor, tokens.lease_ttl, prefix=prefix)
     log.info(

@@ -1,8 +1,12 @@
 """
 Cluster-wide admission limits in Redis: one lease per live console.
 
-Leases are scored with Redis's own clock (C{TIME} inside the scripts), so
-node clock skew cannot stretch or shrink them.  Each process renews its live
+Each lease is a member of the sorted sets it counts in: every lease, its
+VM's, and its user's and client address's (when given; so per-user and
+per-client caps hold across the cluster, and a reload that sets a cap
+counts the consoles already open).  Leases are scored with Redis's own
+clock (C{TIME} inside the scripts), so node clock skew cannot stretch or
+shrink them.  Each process renews its live
 leases every C{lease_ttl / 3}; a process that dies stops renewing and its
 slots lapse within C{lease_ttl}.  Every acquire first drops lapsed members.
 """
@@ -10,7 +14,7 @@ slots lapse within C{lease_ttl}.  Every acquire first drops lapsed members.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -20,7 +24,7 @@ from zope.interface import implementer
 
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import ILimiter
-from vaporproxy.stores.limits import Lease
+from vaporproxy.stores.limits import Caps, Lease
 from vaporproxy.stores.periodic import periodic
 from vaporproxy.stores.redis_client import DEFAULT_PREFIX, LUA_NOW_MS, RedisClient
 
@@ -28,42 +32,60 @@ __all__ = ["RedisLimiter"]
 
 log = Logger(namespace="vaporproxy.redis_tokens")
 
-# KEYS: leases, leases:vm:<uuid>.  ARGV: lease ttl (ms), max per vm,
-# max total, member.
+# KEYS: leases, leases:vm:<uuid>, then leases:user:<user> and
+# leases:client:<address> when given.  ARGV: lease ttl (ms), max per vm,
+# max total, member, max per user, max per client ("" for an owner not
+# given; 0: counted, not capped).  Answers OK, or which cap refused it:
+# USER, CLIENT, VM, TOTAL.
 _ACQUIRE = LUA_NOW_MS + """
 local ttl = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[4])
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ttl * 2)
-redis.call('PEXPIRE', KEYS[2], ttl * 2)
-return 1
+local owners = {}
+local k = 3
+for i, which in ipairs({'USER', 'CLIENT'}) do
+  if ARGV[4 + i] ~= '' then
+    owners[#owners + 1] = {KEYS[k], tonumber(ARGV[4 + i]), which}
+    k = k + 1
+  end
+end
+for i = 1, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now) end
+for _, o in ipairs(owners) do
+  if o[2] > 0 and redis.call('ZCARD', o[1]) >= o[2] then return o[3] end
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 'VM' end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 'TOTAL' end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[4])
+  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+end
+return 'OK'
 """
 
-# KEYS: leases, then leases:vm:<uuid> of each lease.  ARGV: lease ttl (ms),
-# then the member of each lease.  Leases that had lapsed are put back (the
-# console is still live) and counted in the answer.
+# KEYS: leases, then the other keys of each lease (vm, and user and client
+# when it has them).  ARGV: lease ttl (ms), then for each lease its member
+# and how many keys of KEYS it has.  Leases that had lapsed are put back
+# (the console is still live) and counted in the answer.
 _RENEW = LUA_NOW_MS + """
 local ttl = tonumber(ARGV[1])
 local lapsed = 0
-for i = 2, #KEYS do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+local k = 2
+for i = 2, #ARGV, 2 do
+  local member = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], member)
   if (not score) or tonumber(score) <= now then lapsed = lapsed + 1 end
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
-  redis.call('ZADD', KEYS[i], now + ttl, ARGV[i])
-  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+  redis.call('ZADD', KEYS[1], now + ttl, member)
+  for j = k, k + tonumber(ARGV[i + 1]) - 1 do
+    redis.call('ZADD', KEYS[j], now + ttl, member)
+    redis.call('PEXPIRE', KEYS[j], ttl * 2)
+  end
+  k = k + tonumber(ARGV[i + 1])
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return lapsed
 """
 
-# KEYS: leases, leases:vm:<uuid>.  ARGV: member.
+# KEYS: every key of the lease.  ARGV: member.
 _RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1
 """
 
@@ -75,12 +97,14 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 
 
 @implementer(ILimiter)
-class RedisLimiter:
+class RedisLimiter(Caps):
     """
     Cluster-wide admission: leases in Redis sorted sets scored by expiry,
     renewed by this process every C{lease_ttl / 3} while they live.
 
     @ivar node_id: this process's id (part of every lease member).
+    @ivar max_per_user: live consoles per user (0: unlimited).
+    @ivar max_per_client: live consoles per client address (0: unlimited).
     """
 
     def __init__(
@@ -92,15 +116,18 @@ class RedisLimiter:
         max_total: int,
         node_id: Optional[str] = None,
         prefix: str = DEFAULT_PREFIX,
+        max_per_user: int = 0,
+        max_per_client: int = 0,
     ):
         self._redis = redis
         self._clock = clock
         self.lease_ttl = float(lease_ttl)
-        self.max_per_vm = int(max_per_vm)
-        self.max_total = int(max_total)
+        self.set_limits(max_per_vm, max_total, max_per_user, max_per_client)
         self.node_id = node_id or uuid.uuid4().hex[:16]
         self._all = prefix + "leases"
         self._vm_prefix = prefix + "leases:vm:"
+        self._user_prefix = prefix + "leases:user:"
+        self._client_prefix = prefix + "leases:client:"
         self._leases: Dict[str, Lease] = {}
         self._releasing: Set[Deferred] = set()
         self._renewer: Optional[LoopingCall] = None
@@ -125,43 +152,60 @@ class RedisLimiter:
                 self._renewer.stop()
             self._renewer = None
 
+    def _keys_of(self, vm_uuid: str, user: Optional[str], client: Optional[str]) -> List[str]:
+        """
+        The sorted sets a lease is a member of, besides the one of all
+        leases: its VM's, then its user's and its client's when given.
+        """
+        keys = [self._vm_prefix + vm_uuid]
+        if user is not None:
+            keys.append(self._user_prefix + user)
+        if client is not None:
+            keys.append(self._client_prefix + client)
+        return keys
+
     def acquire(self, vm_uuid: str, console_id: str, user: Optional[str] = None,
                 client: Optional[str] = None) -> Deferred:  # fmt: skip
         """
-        A cluster-wide lease per VM and in total.  (Per-user and per-client
-        caps are the memory limiter's for now: C{user} and C{client} are
-        taken and not counted here.)
+        A cluster-wide lease per VM, in total, and (when given and capped)
+        per user and per client address; or MAX_CONNECTIONS_REACHED.
         """
-        return Deferred.fromCoroutine(self._acquire(vm_uuid, console_id))
+        return Deferred.fromCoroutine(self._acquire(vm_uuid, console_id, user, client))
 
-    async def _acquire(self, vm_uuid: str, console_id: str) -> Lease:
+    async def _acquire(self, vm_uuid: str, console_id: str, user: Optional[str], client: Optional[str]) -> Lease:
         member = f"{vm_uuid}|{self.node_id}|{uuid.uuid4().hex}"
-        admitted = await self._redis.eval(
+        caps = ["" if user is None else self.max_per_user, "" if client is None else self.max_per_client]
+        verdict = await self._redis.eval(
             _ACQUIRE,
-            [self._all, self._vm_prefix + vm_uuid],
-            [self._ttl_ms, self.max_per_vm, self.max_total, member],
+            [self._all] + self._keys_of(vm_uuid, user, client),
+            [self._ttl_ms, self.max_per_vm, self.max_total, member] + caps,
         )
-        if not int(admitted):
-            log.info(
-                "console {console_id} of {vm_uuid} refused: cluster limit reached"
-                " (max {max_per_vm} per VM, {max_total} in total)",
-                console_id=console_id,
-                vm_uuid=vm_uuid,
-                max_per_vm=self.max_per_vm,
-                max_total=self.max_total,
-            )
+        if verdict != "OK":
+            self._log_refusal(verdict, vm_uuid, console_id, user, client)
             raise ConsoleError(ErrorCode.MAX_CONNECTIONS_REACHED)
-        lease = Lease(member, vm_uuid, console_id, self._release)
+        lease = Lease(member, vm_uuid, console_id, self._release, user, client)
         self._leases[member] = lease
         self.start()
         return lease
+
+    def _log_refusal(self, verdict: str, vm_uuid: str, console_id: str, user: Optional[str],
+                     client: Optional[str]) -> None:  # fmt: skip
+        if verdict == "USER":
+            over = f"user {user} has {self.max_per_user} in the cluster"
+        elif verdict == "CLIENT":
+            over = f"client {client} has {self.max_per_client} in the cluster"
+        else:
+            over = f"cluster limit reached (max {self.max_per_vm} per VM, {self.max_total} in total)"
+        log.info("console {console_id} of {vm_uuid} refused: {over}", console_id=console_id, vm_uuid=vm_uuid,
+                 over=over)  # fmt: skip
 
     def _release(self, lease: Lease) -> None:
         if self._leases.pop(lease.key, None) is None:
             return
         if not self._leases:
             self.stop()
-        d = self._redis.eval(_RELEASE, [self._all, self._vm_prefix + lease.vm_uuid], [lease.key])
+        keys = [self._all] + self._keys_of(lease.vm_uuid, lease.user, lease.client)
+        d = self._redis.eval(_RELEASE, keys, [lease.key])
         d.addErrback(
             lambda f: log.warn(
                 "lease of console {console_id} not released in Redis (it lapses within {ttl}s): {error}",
@@ -188,20 +232,15 @@ class RedisLimiter:
         leases = list(self._leases.values())
         if not leases:
             return 0
-        lapsed = int(
-            await self._redis.eval(
-                _RENEW,
-                [self._all] + [self._vm_prefix + lease.vm_uuid for lease in leases],
-                [self._ttl_ms] + [lease.key for lease in leases],
-            )
-        )
+        keys, args = [self._all], [self._ttl_ms]
+        for lease in leases:
+            mine = self._keys_of(lease.vm_uuid, lease.user, lease.client)
+            keys += mine
+            args += [lease.key, len(mine)]
+        lapsed = int(await self._redis.eval(_RENEW, keys, args))
         if lapsed:
             log.warn("{n} leases had lapsed (renewals late?) and were restored", n=lapsed)
         return len(leases)
-
-    def set_limits(self, max_per_vm: int, max_total: int) -> None:
-        self.max_per_vm = int(max_per_vm)
-        self.max_total = int(max_total)
 
     def local_stats(self) -> Dict[str, Any]:
         """

@@ -9,6 +9,10 @@ Layout (under the store's prefix, C{vaporproxy:} by default)::
     shares:vm:<vm uuid>        set of digests (members whose share expired are pruned on read)
     shares:by:<creator>        set of digests (revocation when a key is removed)
 
+A revocation is one Lua script that also publishes C{{"share_id": …}} on
+the cluster's terminate channel: every node closes the consoles opened
+through the share (L{vaporproxy.stores.redis.RedisBackend.on_share_revoked}).
+
 A use is one Lua script: read, check expiry and uses, decrement, write back
 keeping the key's TTL, so exactly one of N racing uses of the last one
 wins, on any node.  Expiry compares with the calling node's clock, like
@@ -52,7 +56,9 @@ redis.call('SET', KEYS[1], updated, 'KEEPTTL')
 return updated
 """
 
-# KEYS: share-id.  ARGV: share key prefix, vm set prefix, creator set prefix.
+# KEYS: share-id.  ARGV: share key prefix, vm set prefix, creator set prefix,
+# the terminate channel, its message.  Every node hears that the share is
+# revoked (and closes the consoles opened through it) in the same step.
 _REVOKE = """
 local digest = redis.call('GET', KEYS[1])
 if not digest then return false end
@@ -63,6 +69,7 @@ if text then
   redis.call('SREM', ARGV[2] .. share['vm_uuid'], digest)
   redis.call('SREM', ARGV[3] .. share['creator'], digest)
 end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return text or false
 """
 
@@ -93,6 +100,8 @@ class RedisShareStore:
         self._id = prefix + "share-id:"
         self._vm = prefix + "shares:vm:"
         self._by = prefix + "shares:by:"
+        #: The cluster's terminate channel (L{vaporproxy.stores.redis.RedisBackend}).
+        self._channel = prefix + "terminate"
 
     def create(
         self, *, vm_uuid: str, vm_name: Optional[str], mode: str, creator: str, ttl: float, max_uses: int
@@ -157,7 +166,10 @@ class RedisShareStore:
         return Deferred.fromCoroutine(self._revoke(share_id))
 
     async def _revoke(self, share_id: str) -> Optional[Share]:
-        text = await self._redis.eval(_REVOKE, [self._id + share_id], [self._share, self._vm, self._by])
+        message = json.dumps({"share_id": share_id})
+        text = await self._redis.eval(
+            _REVOKE, [self._id + share_id], [self._share, self._vm, self._by, self._channel, message]
+        )
         return _share(text) if text else None
 
     def revoke_by_creator(self, creator: str) -> Deferred:

@@ -20,7 +20,7 @@ import json
 from dataclasses import asdict
 from typing import Optional, Set
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -30,29 +30,49 @@ from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import Grant, IssuedToken, ITokenStore, Redemption
 from vaporproxy.stores.periodic import periodic
 from vaporproxy.stores.redis_client import DEFAULT_PREFIX, LUA_REPLICAS, RedisClient
-from vaporproxy.stores.tokens import is_well_formed, new_token, stamp, token_hash, token_log_id
+from vaporproxy.stores.tokens import OutstandingLimit, is_well_formed, new_token, stamp, token_hash, token_log_id
 
 __all__ = ["RedisTokenStore"]
 
 log = Logger(namespace="vaporproxy.redis_tokens")
 
-# KEYS: tok key, tokens, tokens:fresh
-# ARGV: sha256, grant JSON, vm_ref, vm_uuid, ip or "", exp, key ttl (ms)
-# Answers the number of connected replicas.
-_ISSUE = """
-redis.call('HSET', KEYS[1], 'grant', ARGV[2], 'vm_ref', ARGV[3],
-           'vm_uuid', ARGV[4], 'ip', ARGV[5], 'exp', ARGV[6], 'used', '0')
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-return """ + LUA_REPLICAS + """
+# Lua prologue for KEYS[1], the unused tokens of one credential (sha256 ->
+# exp), and ARGV[1], now: drop the expired ones; C{count}, C{oldest} (the
+# first expiry, a string, or '0').
+_LUA_OUTSTANDING = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local count = redis.call('ZCARD', KEYS[1])
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local oldest = first[2] or '0'
+"""
+
+# KEYS: tokens:key:<key id>, tok key, tokens, tokens:fresh.
+# ARGV: now, sha256, grant JSON, vm_ref, vm_uuid, ip or "", exp, key ttl
+# (ms), key id, most outstanding tokens of the key id (0: no cap).
+# Answers {'OK', connected replicas} or {'LIMIT', count, oldest expiry}.
+_ISSUE = _LUA_OUTSTANDING + """
+local cap = tonumber(ARGV[10])
+if cap > 0 and count >= cap then return {'LIMIT', count, oldest} end
+redis.call('HSET', KEYS[2], 'grant', ARGV[3], 'vm_ref', ARGV[4], 'vm_uuid', ARGV[5],
+           'ip', ARGV[6], 'exp', ARGV[7], 'used', '0', 'kid', ARGV[9])
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[7], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+return {'OK', """ + LUA_REPLICAS + """}
+"""
+
+# KEYS: tokens:key:<key id>.  ARGV: now.  Answers {count, oldest expiry}.
+_OUTSTANDING = _LUA_OUTSTANDING + """
+return {count, oldest}
 """
 
 # KEYS: tok key, tokens:fresh
-# ARGV: sha256, now, vm_ref, client ip or ""
+# ARGV: sha256, now, vm_ref, client ip or "", tokens:key: prefix
 # Answers {verdict, ...}; 'OK' with the grant and the connected replicas.
 _REDEEM = """
-local t = redis.call('HMGET', KEYS[1], 'grant', 'vm_ref', 'vm_uuid', 'ip', 'exp', 'used', 'sid')
+local t = redis.call('HMGET', KEYS[1], 'grant', 'vm_ref', 'vm_uuid', 'ip', 'exp', 'used', 'sid', 'kid')
 if not t[1] then return {'INVALID'} end
 if ARGV[3] ~= t[2] and ARGV[3] ~= t[3] then return {'INVALID'} end
 if t[4] ~= '' and ARGV[4] ~= t[4] then return {'INVALID'} end
@@ -61,7 +81,20 @@ if tonumber(ARGV[2]) >= tonumber(t[5]) then return {'EXPIRED'} end
 if t[6] == '1' then return {'USED'} end
 redis.call('HSET', KEYS[1], 'used', '1')
 redis.call('ZREM', KEYS[2], ARGV[1])
+if t[8] then redis.call('ZREM', ARGV[5] .. t[8], ARGV[1]) end
 return {'OK', t[1], """ + LUA_REPLICAS + """}
+"""
+
+# KEYS: tok key, tokens:fresh.  ARGV: sha256, tokens:key: prefix.
+# A used token without a SPICE session becomes unused again; its key's
+# expiry is left as it is.  Answers 1 when it was given back.
+_UNREDEEM = """
+local t = redis.call('HMGET', KEYS[1], 'used', 'sid', 'exp', 'kid')
+if t[1] ~= '1' or t[2] then return 0 end
+redis.call('HSET', KEYS[1], 'used', '0')
+redis.call('ZADD', KEYS[2], t[3], ARGV[1])
+if t[4] then redis.call('ZADD', ARGV[2] .. t[4], t[3], ARGV[1]) end
+return 1
 """
 
 # KEYS: tok key.  ARGV: session id, keep-alive (ms).
@@ -154,6 +187,7 @@ class RedisTokenStore:
         self._all = prefix + "tokens"
         self._fresh = prefix + "tokens:fresh"
         self._tok = prefix + "tok:"
+        self._by_key = prefix + "tokens:key:"
         #: Keys of the SPICE sessions this process attached and keeps alive.
         self._sessions: Set[str] = set()
         self._keeper: Optional[LoopingCall] = None
@@ -179,16 +213,30 @@ class RedisTokenStore:
         return self._tok + digest
 
     def issue(self, grant: Grant) -> Deferred:
-        return Deferred.fromCoroutine(self._issue(grant))
+        return Deferred.fromCoroutine(self._issue(grant, 0))
 
-    async def _issue(self, grant: Grant) -> IssuedToken:
+    def issue_within(self, grant: Grant, max_outstanding: int) -> Deferred:
+        """
+        Mint a token for C{grant} unless its credential (C{grant.key_id})
+        already holds C{max_outstanding} unused, unexpired tokens: one
+        script checks and mints, so the cap holds across every node.
+
+        @raise OutstandingLimit: at the cap (C{wait}: seconds until the
+            oldest of them expires).
+        """
+        return Deferred.fromCoroutine(self._issue(grant, int(max_outstanding)))
+
+    async def _issue(self, grant: Grant, max_outstanding: int) -> IssuedToken:
         token = new_token()
         digest = token_hash(token)
-        stamped = stamp(grant, self._clock.seconds(), self.ttl)
-        replicas = await self._redis.eval(
+        now = self._clock.seconds()
+        stamped = stamp(grant, now, self.ttl)
+        key_id = stamped.key_id or ""
+        answer = await self._redis.eval(
             _ISSUE,
-            [self._key(digest), self._all, self._fresh],
+            [self._by_key + key_id, self._key(digest), self._all, self._fresh],
             [
+                repr(now),
                 digest,
                 _grant_json(stamped),
                 stamped.vm_ref,
@@ -196,10 +244,35 @@ class RedisTokenStore:
                 stamped.client_ip or "",
                 repr(stamped.expires_at),
                 int((self.ttl + self.grace) * 1000),
+                key_id,
+                max_outstanding,
             ],
         )
-        await self._redis.replicated(int(replicas))
+        if answer[0] == "LIMIT":
+            raise OutstandingLimit(int(answer[1]), max(0.0, float(answer[2]) - now))
+        await self._redis.replicated(int(answer[1]))
         return IssuedToken(token=token, grant=stamped)
+
+    def outstanding(self, key_id: Optional[str]) -> Deferred:
+        """
+        C{(count, wait)}: the unused, unexpired tokens of credential
+        C{key_id} in the cluster, and the seconds until the oldest expires.
+        """
+        now = self._clock.seconds()
+        d = self._redis.eval(_OUTSTANDING, [self._by_key + (key_id or "")], [repr(now)])
+        return d.addCallback(lambda a: (int(a[0]), max(0.0, float(a[1]) - now) if int(a[0]) else 0.0))
+
+    def unredeem(self, token: str) -> Deferred:
+        """
+        Give back the redemption of C{token} (its console was refused with
+        4007 before it used the VM), on every node at once; the token keeps
+        its expiry.  Nothing happens to a token with a SPICE session.
+        """
+        if not is_well_formed(token):
+            return succeed(None)
+        digest = token_hash(token)
+        d = self._redis.eval(_UNREDEEM, [self._key(digest), self._fresh], [digest, self._by_key])
+        return d.addCallback(lambda _: None)
 
     def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
         return Deferred.fromCoroutine(self._redeem(token, vm_ref, client_ip))
@@ -214,7 +287,7 @@ class RedisTokenStore:
         answer = await self._redis.eval(
             _REDEEM,
             [self._key(digest), self._fresh],
-            [digest, repr(self._clock.seconds()), vm_ref, ip],
+            [digest, repr(self._clock.seconds()), vm_ref, ip, self._by_key],
         )
         verdict = answer[0]
         if verdict == "OK":

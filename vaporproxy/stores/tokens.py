@@ -40,6 +40,7 @@ from vaporproxy.logs import debug_enabled
 
 __all__ = [
     "MemoryTokenStore",
+    "OutstandingLimit",
     "TOKEN_BYTES",
     "is_well_formed",
     "new_token",
@@ -82,6 +83,21 @@ def token_log_id(token: str) -> str:
     of its SHA-256.
     """
     return token_hash(token)[:12]
+
+
+class OutstandingLimit(ConsoleError):
+    """
+    A credential holds its most unused tokens (C{auth.max_outstanding_tokens}):
+    no token is minted.
+
+    @ivar count: its unused, unexpired tokens.
+    @ivar wait: seconds until the oldest of them expires.
+    """
+
+    def __init__(self, count: int, wait: float):
+        super().__init__(ErrorCode.RATE_LIMITED, "Too many unused tokens")
+        self.count = count
+        self.wait = wait
 
 
 def bound_ip_matches(grant: Grant, client_ip: Optional[str]) -> bool:
@@ -143,10 +159,16 @@ class MemoryTokenStore:
         stamped = stamp(grant, self._clock.seconds(), self.ttl)
         # Logged once, by the API that issues it (web.py), with its context.
         self._entries[digest] = _Entry(stamped)
-        key_id = stamped.key_id or ""
-        self._unused[digest] = (key_id, stamped.expires_at)
-        self._by_key.setdefault(key_id, OrderedDict())[digest] = stamped.expires_at
+        self._unspent(digest, stamped)
         return succeed(IssuedToken(token=token, grant=stamped))
+
+    def _unspent(self, digest: str, grant: Grant) -> None:
+        """
+        Token C{digest} counts as outstanding (issued, or given back).
+        """
+        key_id = grant.key_id or ""
+        self._unused[digest] = (key_id, grant.expires_at)
+        self._by_key.setdefault(key_id, OrderedDict())[digest] = grant.expires_at
 
     def _spent(self, digest: str) -> None:
         """
@@ -227,6 +249,8 @@ class MemoryTokenStore:
         entry = self._entries.get(token_hash(token)) if is_well_formed(token) else None
         if entry is not None and entry.used and entry.spice_session_id is None:
             entry.used = False
+            # Counted again (behind later tokens: pruned a little late).
+            self._unspent(token_hash(token), entry.grant)
         return succeed(None)
 
     def attach_spice_session(self, token: str, session_id: int) -> Deferred:
