@@ -119,7 +119,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from vaporproxy.ws.switch import SwitchFactory
     from vaporproxy.http.api import ConsoleAPI
     from vaporproxy.http.site import ConsoleSite
-    from vaporproxy.http.revocation import close_revoked
+    from vaporproxy.http.revocation import terminate_share
     from vaporproxy.relay.planner import StagePlanner
 
     config: Config = options["parsed"]
@@ -152,7 +152,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                      **collaborators)  # fmt: skip
     if redis is not None:
         redis.on_terminate(registry.terminate_vm)
-        redis.on_share_revoked(lambda share_id: close_revoked(registry, lambda g: g.key_id != "share:" + share_id))
+        redis.on_share_revoked(lambda share_id: terminate_share(registry, token_store, share_id))
         # Before the listeners: started before them, stopped after them.
         RedisService(redis).setServiceParent(root)
 

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from vaporproxy.config import ApiKey, AuthConfig, JWTConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.auth import jwt_key_id, key_id_of
-from vaporproxy.http.revocation import Revocation, RevokingTokenStore, close_revoked
+from vaporproxy.http import revocation as revocation_module
+from vaporproxy.http.revocation import Revocation, RevokingTokenStore, close_revoked, terminate_share
 from vaporproxy.interfaces import Grant, Redemption
 from vaporproxy.stores.tokens import MemoryTokenStore
 
@@ -65,6 +66,61 @@ class RevocationTests(SynchronousTestCase):
     def test_grant_without_identity(self) -> None:
         """When a grant carries no credential identity (minted before identities), it stands."""
         self.assertTrue(Revocation(AuthConfig()).allows(replace(grant(ALICE), key_id=None)))
+
+
+def share_grant(creator: ApiKey, share_id: str = "5ea1") -> Grant:
+    """A grant minted through share C{share_id} that C{creator} made."""
+    return replace(grant(creator), key_id="share:" + share_id)
+
+
+class ShareRevocationTests(SynchronousTestCase):
+    """
+    Grants minted through share links.
+    """
+
+    def test_share_stands(self) -> None:
+        """When the share stands and its creator may still control the VM, its grant stands."""
+        self.assertTrue(Revocation(AUTH).allows(share_grant(ALICE)))
+
+    def test_creator_removed(self) -> None:
+        """When a reload removes the share's creator, the share's grants are refused."""
+        self.assertFalse(Revocation(AuthConfig(api_keys=(BOB,))).allows(share_grant(ALICE)))
+
+    def test_creator_narrowed(self) -> None:
+        """When the creator's key no longer matches the VM, the share's grants are refused."""
+        narrowed = replace(ALICE, vms=("db-*",))
+        self.assertFalse(Revocation(AuthConfig(api_keys=(narrowed, BOB))).allows(share_grant(ALICE)))
+
+    def test_creator_view_only(self) -> None:
+        """When the creator's key became view-only, a share it made is refused (a share never grants more than its creator)."""
+        viewer = replace(ALICE, access="view")
+        self.assertFalse(Revocation(AuthConfig(api_keys=(viewer, BOB))).allows(share_grant(ALICE)))
+
+    def test_share_revoked(self) -> None:
+        """When the share is revoked, its grants are refused and another share's stand."""
+        revocation = Revocation(AUTH)
+        revocation.revoke_share("5ea1")
+        self.assertEqual((revocation.allows(share_grant(ALICE)), revocation.allows(share_grant(ALICE, "0th3r"))),
+                         (False, True))  # fmt: skip
+
+    def test_bounded(self) -> None:
+        """When more shares are revoked than are remembered, the oldest are forgotten first."""
+        self.patch(revocation_module, "REVOKED_SHARES_KEPT", 3)
+        revocation = Revocation(AUTH)
+        for share_id in ("a", "b", "c", "d"):
+            revocation.revoke_share(share_id)
+        self.assertEqual([revocation.allows(share_grant(ALICE, i)) for i in "abcd"], [True, False, False, False])
+
+    def test_terminate_share(self) -> None:
+        """When a share is revoked, a token minted through it earlier is refused and only its consoles are closed."""
+        revocation = Revocation(AUTH)
+        store = RevokingTokenStore(MemoryTokenStore(Clock(), 300), revocation)
+        issued = self.successResultOf(store.issue(share_grant(ALICE)))
+        through, other = FakeRecord("c1", share_grant(ALICE)), FakeRecord("c2", share_grant(ALICE, "0th3r"))
+        self.assertEqual(terminate_share(FakeRegistry(through, other), store, "5ea1"), 1)
+        self.assertEqual((through.owner.ended, other.owner.ended), ([(ErrorCode.SESSION_TERMINATED, "revoked")], []))
+        failure = self.failureResultOf(store.redeem(issued.token, WEB_UUID, None), ConsoleError)
+        self.assertEqual(failure.value.message, "Token revoked")
 
 
 class RevokingStoreTests(SynchronousTestCase):

@@ -48,7 +48,7 @@ from vaporproxy.http.mint import MintLimits
 from vaporproxy.http.request import client_ip_from
 from vaporproxy.http.routing import Root, relative_redirect, render_deferred
 from vaporproxy.http.recordings import RecordingsAPI
-from vaporproxy.http.revocation import close_revoked
+from vaporproxy.http.revocation import terminate_share
 from vaporproxy.http.shares import ShareRoutes, creator_allows, share_secret
 from vaporproxy.http.site import ADMIN_PAGE, JSON_CONTENT_TYPE, PLAYBACK_PAGE, STATIC_DIR, console_page_body, page_body, static_tree
 from vaporproxy.vm.libvirt import UUID_RE
@@ -112,7 +112,7 @@ class ConsoleAPI:
         """
         self._audit = audit
         self._shares = None if shares is None else ShareRoutes(
-            shares, locator, lambda share_id: close_revoked(registry, lambda g: g.key_id != "share:" + share_id), audit,
+            shares, locator, lambda share_id: terminate_share(registry, token_store, share_id), audit,
             creator_allows=lambda user, vm: creator_allows(self._config.auth, user, vm),
         )
         self._recordings = None if recordings is None else RecordingsAPI(

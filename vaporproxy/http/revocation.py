@@ -12,8 +12,9 @@ allows.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -21,9 +22,22 @@ from twisted.logger import Logger
 from vaporproxy.config import ApiKey, AuthConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.auth import key_id_of
+from vaporproxy.http.shares import creator_allows
 from vaporproxy.interfaces import Grant, Redemption
 
 log = Logger(namespace="vaporproxy.revocation")
+
+#: How many revoked share ids a process remembers.  A token minted through
+#: a share lives C{console.token_ttl} (seconds to minutes), so only the
+#: shares revoked within that span matter; the oldest are forgotten first.
+REVOKED_SHARES_KEPT = 10_000
+
+
+class _VM(NamedTuple):
+    """A grant's VM as L{creator_allows} reads it."""
+
+    uuid: str
+    name: Optional[str]
 
 
 class Revocation:
@@ -32,9 +46,18 @@ class Revocation:
     """
 
     def __init__(self, auth: AuthConfig):
+        self._revoked_shares: "OrderedDict[str, None]" = OrderedDict()
         self.reload(auth)
 
+    def revoke_share(self, share_id: str) -> None:
+        """Refuse from now on what share C{share_id} granted (bounded memory)."""
+        self._revoked_shares[share_id] = None
+        self._revoked_shares.move_to_end(share_id)
+        while len(self._revoked_shares) > REVOKED_SHARES_KEPT:
+            self._revoked_shares.popitem(last=False)
+
     def reload(self, auth: AuthConfig) -> None:
+        self._auth = auth
         self._keys: Dict[str, ApiKey] = {key_id_of(key): key for key in auth.api_keys}
         self._jwt = auth.jwt is not None
 
@@ -52,9 +75,11 @@ class Revocation:
         if key_id.startswith("jwt:"):
             return self._jwt
         if key_id.startswith("share:"):
-            # A share's console stands until the share is revoked (which
-            # closes it); a removed creator's shares are revoked on reload.
-            return True
+            # Until the share is revoked, and while its creator may still
+            # control the VM (a key removed or narrowed on SIGHUP).
+            if key_id[6:] in self._revoked_shares:
+                return False
+            return creator_allows(self._auth, grant.user, _VM(grant.vm_uuid, grant.vm_name))
         key = self._keys.get(key_id)
         if key is None:
             return False
@@ -96,6 +121,19 @@ class RevokingTokenStore:
                      user=grant.user, vm_uuid=grant.vm_uuid)  # fmt: skip
             raise ConsoleError(ErrorCode.INVALID_TOKEN, "Token revoked")
         return redemption
+
+
+def terminate_share(registry: Any, token_store: Any, share_id: str) -> int:
+    """
+    Share C{share_id} was revoked: refuse the tokens minted through it
+    (when C{token_store} is a L{RevokingTokenStore}) and close (4010) the
+    consoles opened through it; answer how many.
+    """
+    revocation = getattr(token_store, "revocation", None)
+    if revocation is not None:
+        revocation.revoke_share(share_id)
+    key_id = "share:" + share_id
+    return close_revoked(registry, lambda grant: grant.key_id != key_id)
 
 
 def grant_of(record: Any) -> Optional[Grant]:
