@@ -124,7 +124,7 @@ class ShareAcrossNodesTests(TwoNodes, TestCase):
     """
 
     async def test_shareAcrossNodes(self) -> None:
-        """When a share is made on A, it opens a view console on B, its two uses are spent across both nodes, and revoking it on A closes the console on B with 4010."""
+        """When a share is made on A, it opens a view console on B, its two uses are spent across both nodes, and revoking it on A closes the console on B with 4010 and refuses on B the token its second use minted on A."""
         a, b = await self.start_nodes()
         code, share, _ = await self.call("POST", a, SHARES, "Bearer " + USER_KEY, {"mode": "view", "max_uses": 2})
         self.assertEqual(code, 201, share)
@@ -143,6 +143,8 @@ class ShareAcrossNodesTests(TwoNodes, TestCase):
         self.assertEqual((code, revoked["revoked"]), (200, share["share_id"]))
         self.assertEqual(await self.closed_within(watcher, 10), 4010)
         print(f"\nshare revoked on A: console on B closed 4010 in {time.monotonic() - started:.3f}s")
+        code, error = await self.refused(b, second["token"])
+        self.assertEqual((code, error and error.get("code")), (4001, "INVALID_TOKEN"), error)
         self.assertEqual((await self.call("GET", a, SHARES, "Bearer " + ADMIN_KEY))[1], {"shares": []})
 
     async def test_otherConsolesStay(self) -> None:
