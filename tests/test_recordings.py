@@ -86,6 +86,19 @@ class RecordingTests(SynchronousTestCase):
         self.assertEqual(listed[crashed.id]["outcome"], "INTERRUPTED")
         self.assertEqual(listed[crashed.id]["user"], "alice")
 
+    def test_endedBeforeItsMetadataIsWritten(self):
+        """
+        When a console has ended but the disk thread has not yet written its metadata, the list shows the final outcome, not LIVE.
+        """
+        queued = []
+        self.writer.replace = lambda path, data: queued.append(path)
+        recorder = self.record_one(self.store)
+        self.store.finish(recorder, bytes_sent=5, outcome="SESSION_TERMINATED")
+        self.assertEqual(len(queued), 1)
+        [listed] = self.successResultOf(self.store.list())
+        self.assertEqual((listed["id"], listed["outcome"], listed["bytes"]), (recorder.id, "SESSION_TERMINATED", 5))
+        self.assertEqual(listed["size"], os.path.getsize(recording_path(self.dir, recorder.id)))
+
     def test_diskTroubleDropsRecordingOnly(self):
         """
         When the disk cannot keep up, the recording is given up and reported; recording calls go on without error.

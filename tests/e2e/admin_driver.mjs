@@ -45,7 +45,8 @@ try {
   await admin.click("#consoles tbody button");
   out.terminated = await waitFor(consolePage, () => window.vapor.closeCode === 4010, spec.timeout_ms);
   out.console = await consolePage.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
-  out.afterTerminate = await waitFor(admin, () => window.vaporAdmin.consoles.length === 0, spec.timeout_ms);
+  out.afterTerminate = await waitFor(admin, () => window.vaporAdmin.consoles.length === 0
+    && (window.vaporAdmin.recordings || []).every((r) => r.outcome !== "LIVE"), spec.timeout_ms);
   out.adminAfter = await admin.evaluate(() => JSON.parse(JSON.stringify(window.vaporAdmin)));
 } catch (e) {
   out.fatal = String(e && e.stack ? e.stack : e);

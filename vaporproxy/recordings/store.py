@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
@@ -28,6 +29,8 @@ __all__ = ["RecordingStore", "cleanup_directory", "is_recording_id", "list_direc
 
 #: How much of a file is read to learn its header when it has no metadata.
 HEADER_PROBE = 64 * 1024 + 16
+#: How many ended recordings' metadata a store keeps in memory (a few KB).
+ENDED_KEPT = 256
 
 
 def is_recording_id(text: str) -> bool:
@@ -133,6 +136,10 @@ class RecordingStore:
         self.max_total_size = max_total_size
         self._on_dropped = on_dropped
         self.live: Dict[str, ConsoleRecorder] = {}
+        #: Metadata of recordings that ended lately, kept because their .json
+        #: is written by the disk thread after the console is gone: a listing
+        #: made in between shows the final outcome, never LIVE or INTERRUPTED.
+        self._ended: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
 
     def start(self, *, vm_id: str, vm_name: Optional[str], console_type: str, user: str) -> ConsoleRecorder:
         """Begin recording a console."""
@@ -155,9 +162,8 @@ class RecordingStore:
 
     def finish(self, recorder: ConsoleRecorder, *, bytes_sent: int, outcome: Optional[str]) -> Dict[str, Any]:
         """The console ended: write the recording's metadata."""
-        self.live.pop(recorder.id, None)
         now = self._clock.seconds()
-        return recorder.finish(
+        meta = recorder.finish(
             {
                 "ended_at": iso_utc(now),
                 "duration_s": round(now - recorder.header["started_at_s"], 3),
@@ -165,11 +171,24 @@ class RecordingStore:
                 "outcome": outcome or "ok",
             }
         )
+        self._ended[recorder.id] = meta
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+        self.live.pop(recorder.id, None)
+        return meta
 
     def list(self) -> Deferred:
-        return self._run(list_directory, self.directory, list(self.live))
+        """Every recording on disk; those that just ended with their final metadata."""
+        d = self._run(list_directory, self.directory, list(self.live))
+        d.addCallback(self._with_ended)
+        return d
+
+    def _with_ended(self, found: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        ended = self._ended
+        return [dict(ended[m["id"]], id=m["id"], size=m["size"]) if m["id"] in ended else m for m in found]
 
     def delete(self, recording_id: str) -> Deferred:
+        self._ended.pop(recording_id, None)
         if not is_recording_id(recording_id) or recording_id in self.live:
             return succeed(False)
         return self._run(delete_files, self.directory, recording_id)
