@@ -336,6 +336,12 @@ class IOutcomeObserver(Interface):
     def token_issued() -> None:
         """A token was issued."""
 
+    def view_only_opened() -> None:
+        """A view-only console started relaying (once per console)."""
+
+    def recording_started() -> None:
+        """A console's recording began."""
+
 
 class IProtocolGuard(Interface):
     """

@@ -72,6 +72,12 @@ class Observer:
     def token_issued(self) -> None:
         pass
 
+    def view_only_opened(self) -> None:
+        pass
+
+    def recording_started(self) -> None:
+        pass
+
 
 class Proxy:
     """

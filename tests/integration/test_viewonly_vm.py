@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from tests.integration.qemu_fixture import start_guest_qemu
 from tests.integration.stack import Stack, free_port
-from tests.integration.test_full_path import ALICE_KEY, VM_PATH, sha256
+from tests.integration.test_full_path import ALICE_KEY, OPS_KEY, VM_PATH, sha256
 
 VNC_PASSWORD = "guest-secret"
 VIEW_KEY = "viewer-key-" + "c" * 21
@@ -36,6 +36,7 @@ auth:
   api_keys:
     - {{user: alice, sha256: "{alice}", vms: ["*"]}}
     - {{user: viewer, sha256: "{viewer}", vms: ["*"], access: view}}
+    - {{user: ops, sha256: "{ops}", vms: ["*"], admin: true}}
 hypervisors:
   - uri: "{uri}"
 console:
@@ -61,7 +62,7 @@ class ViewOnlyGuestTests(TestCase):
         domain = domain_xml("guest", UUID, [graphics_xml("vnc", self.qemu.vnc_port, passwd=VNC_PASSWORD)])
         uri = node_uri(write_node_file(directory, [domain]))
         port = free_port()
-        text = CONFIG.format(port=port, alice=sha256(ALICE_KEY), viewer=sha256(VIEW_KEY), uri=uri)
+        text = CONFIG.format(port=port, alice=sha256(ALICE_KEY), viewer=sha256(VIEW_KEY), ops=sha256(OPS_KEY), uri=uri)
         self.stack = Stack.start(self, reactor, text, port)
 
     async def console(self, key: str, mode: str = "") -> tuple:
@@ -106,6 +107,10 @@ class ViewOnlyGuestTests(TestCase):
         self.assertFalse([line for line in lines if hidden in line], lines)
         self.assertFalse(viewer.client.state == viewer.client.STATE_CLOSED)
         self.assertFalse(control.client.state == control.client.STATE_CLOSED)
+        status, metrics = await self.stack.get_text("/metrics", key=OPS_KEY)
+        self.assertEqual(status, 200, metrics)
+        self.assertIn("vaporproxy_consoles_view_only_total 1.0", metrics)
+        self.assertRegex(metrics, r'vaporproxy_policy_dropped_messages_total\{[^}]*kind="input"[^}]*\} [1-9]')
 
     async def test_viewModeAsked(self) -> None:
         """

@@ -209,6 +209,12 @@ class RecordingObserver:
     def token_issued(self) -> None:
         pass
 
+    def view_only_opened(self) -> None:
+        pass
+
+    def recording_started(self) -> None:
+        pass
+
 
 class NoResolver:
     """An IHostnameResolver that knows no names."""

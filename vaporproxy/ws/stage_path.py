@@ -55,6 +55,8 @@ class StagePath:
         if planner is None or grant is None:
             return []
         recorder = self._recorder(planner, grant)
+        if grant.mode == "view" and self._record is not None and self._record.owner is self:
+            self.factory.observer.view_only_opened()  # once per console: its first channel
         info = self._spice_channel or {}
         channel = recorder.open_channel(info) if recorder is not None else 0
         if recorder is not None and handshake:
