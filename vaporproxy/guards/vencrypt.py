@@ -301,16 +301,23 @@ class VncTLS:
         return creator
 
 
-def vnc_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, VncTLS]:
+def tls_by_uri(hypervisors: Iterable[HypervisorConfig], section: str = "vnc_tls") -> Dict[str, VncTLS]:
     """
-    The loaded VeNCrypt settings of every hypervisor that has a
-    C{vnc_tls} section, by hypervisor URI (what L{VMConsoles.hypervisor}
-    holds).
+    The loaded TLS settings of every hypervisor that has the section
+    C{section} (C{vnc_tls} or C{spice_tls}), by hypervisor URI (what
+    L{VMConsoles.hypervisor} holds): the CA, client certificate and key are
+    read once here (at start-up and on SIGHUP).
 
-    @raise ConfigError: when a certificate or key file is unusable.
+    @raise ConfigError: naming the key of the first unusable file.
     """
     found: Dict[str, VncTLS] = {}
     for i, hypervisor in enumerate(hypervisors):
-        if hypervisor.vnc_tls is not None:
-            found[hypervisor.uri] = VncTLS(hypervisor.vnc_tls, f"hypervisors[{i}].vnc_tls")
+        config = getattr(hypervisor, section)
+        if config is not None:
+            found[hypervisor.uri] = VncTLS(config, f"hypervisors[{i}].{section}")
     return found
+
+
+def vnc_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, VncTLS]:
+    """The loaded VeNCrypt settings (C{vnc_tls}) by hypervisor URI (L{tls_by_uri})."""
+    return tls_by_uri(hypervisors, "vnc_tls")

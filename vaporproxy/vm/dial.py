@@ -38,18 +38,13 @@ NO_TLS_MESSAGE = "The console accepts only TLS and no spice_tls is configured fo
 def spice_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, Any]:
     """
     The loaded C{spice_tls} settings of every hypervisor that has them, by
-    URI: the CA, client certificate and key are read once here (at start-up
-    and on SIGHUP).
+    URI (L{vaporproxy.guards.vencrypt.tls_by_uri}).
 
     @raise ConfigError: naming the key of the first unusable file.
     """
-    from vaporproxy.guards.vencrypt import VncTLS
+    from vaporproxy.guards.vencrypt import tls_by_uri
 
-    found: Dict[str, Any] = {}
-    for i, hypervisor in enumerate(hypervisors):
-        if hypervisor.spice_tls is not None:
-            found[hypervisor.uri] = VncTLS(hypervisor.spice_tls, f"hypervisors[{i}].spice_tls")
-    return found
+    return tls_by_uri(hypervisors, "spice_tls")
 
 
 class _VMTLSProtocol(TLSMemoryBIOProtocol):
