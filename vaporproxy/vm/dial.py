@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from vaporproxy.config import HypervisorConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.tls import describe_connection_lost, tls_by_uri
 from vaporproxy.vm.target import ConsoleTarget, channel_uses_tls
 
 log = Logger(namespace="vaporproxy.consoles")
@@ -38,12 +39,10 @@ NO_TLS_MESSAGE = "The console accepts only TLS and no spice_tls is configured fo
 def spice_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, Any]:
     """
     The loaded C{spice_tls} settings of every hypervisor that has them, by
-    URI (L{vaporproxy.guards.vencrypt.tls_by_uri}).
+    URI (L{vaporproxy.tls.tls_by_uri}).
 
     @raise ConfigError: naming the key of the first unusable file.
     """
-    from vaporproxy.guards.vencrypt import tls_by_uri
-
     return tls_by_uri(hypervisors, "spice_tls")
 
 
@@ -56,8 +55,6 @@ class _VMTLSProtocol(TLSMemoryBIOProtocol):
 
     def connectionLost(self, reason: Any) -> None:
         if not self._handshakeDone and self._tlsConnection is not None:
-            from vaporproxy.guards.vencrypt import describe_connection_lost
-
             # Twisted keeps the TLS error (or the failed verification) in
             # _reason and reports it in place of the transport's reason.
             log.warn(
