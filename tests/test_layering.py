@@ -61,7 +61,6 @@ MAY_IMPORT: Dict[str, Set[str]] = {
 #: Imports that cross the table today: (module, room it imports) -> why.
 #: Each must still be there (take it off the list when it is fixed).
 KNOWN_CROSSINGS: Dict[Tuple[str, str], str] = {
-    ("relay/backend.py", "vm"): "relay.backend.dial hands its factory to vm.dial (called so from ws/setup_path)",
     ("ws/channel.py", "http"): "the request helpers (client IP, origin, TLS, path) live in http/request.py",
     ("ws/factory.py", "guards"): "the factory builds the guards (RFB, SPICE) and their TLS settings",
     ("ws/factory.py", "vm"): "spice_tls_by_uri comes from vm/dial.py",

@@ -7,7 +7,8 @@ L{describe_connection_lost} turns a failed TLS handshake into a log reason.
 
 A value on the ground floor: the VeNCrypt guard
 (L{vaporproxy.guards.vencrypt}) and the dialler of SPICE C{tlsPort}s
-(L{vaporproxy.vm.dial}) both take it, so neither imports the other.
+(L{vaporproxy.relay.dial}, given the settings L{vaporproxy.vm.dial}
+loads) both take it, so none of them imports another.
 """
 
 from __future__ import annotations
