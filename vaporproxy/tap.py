@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from vaporproxy.app.listen import guarded, listen, supervisor
+from vaporproxy.app.listen import listen, served, supervisor
 from vaporproxy.app.reload import ReloadService, apply_reload, check_files, log_startup
 from vaporproxy.app.services import (
     ShutdownService,
@@ -114,9 +114,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from vaporproxy.ws.factory import ConsoleBridgeFactory
     from vaporproxy.vm.hosts import HostPolicy
     from vaporproxy.metrics import Metrics
-    from vaporproxy.ws.switch import SwitchFactory
     from vaporproxy.http.api import ConsoleAPI
-    from vaporproxy.http.site import ConsoleSite
     from vaporproxy.relay.planner import StagePlanner
 
     config: Config = options["parsed"]
@@ -146,12 +144,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if redis is not None:
         follow_cluster(redis, registry, token_store, root)
 
-    site = ConsoleSite(api.resource())
-    site.access_log = config.logging.access_log
     # Console WebSocket upgrades go from the listening port straight to the bridge, everything else
     # to the site (vaporproxy.ws.switch); both behind the guard (vaporproxy.http.guard).
-    listening = SwitchFactory(site, bridge_factory, reactor)
-    guard = guarded(listening, config.server, reactor)
+    site, listening, guard = served(api, bridge_factory, config, reactor)
     listen(root, guard, config.server.listen, options["worker_fds"], reactor)
     purge_timer(config.console.cleanup_interval, token_store, reactor, shares).setServiceParent(root)
 
