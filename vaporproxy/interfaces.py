@@ -119,7 +119,7 @@ class Grant:
     @ivar issued_at: POSIX time of issue (from the injected clock).
     @ivar expires_at: POSIX time of expiry.
     @ivar key_id: the identity of the credential that asked for it
-        (L{vaporproxy.http.auth.key_id_of}): per-credential token limits,
+        (L{vaporproxy.http.principal.key_id_of}): per-credential token limits,
         and revocation when a SIGHUP removes or narrows that credential.
     @ivar vm_name: the domain name (the key's patterns may name it).
     @ivar mode: C{"control"} or C{"view"}: what the console lets the

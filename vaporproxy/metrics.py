@@ -57,6 +57,38 @@ class _ByteCounters:
             yield CounterMetricFamily(name, text, value=value)
 
 
+#: Every metric family, in exposition order: (attribute of L{Metrics}, type,
+#: name, help, labels, further arguments).  The byte counters' row stands
+#: for L{_ByteCounters}, computed when collected.
+FAMILIES: Tuple[Tuple[str, Any, str, str, Tuple[str, ...], Dict[str, Any]], ...] = (
+    ("_live", Gauge, "vaporproxy_consoles_live", "Consoles relaying now, by type", ("type",), {}),
+    ("_tokens", Gauge, "vaporproxy_tokens_outstanding", "Issued tokens not yet used nor expired", (), {}),
+    ("_tokens_issued", Counter, "vaporproxy_tokens_issued", "Console tokens issued", (), {}),
+    ("_opened", Counter, "vaporproxy_consoles_opened", "Consoles that started relaying, by type", ("type",), {}),
+    ("_outcomes", Counter, "vaporproxy_console_outcomes", "Consoles ended, by error code (ok for a normal close)",
+     ("code",), {}),
+    ("", _ByteCounters, "", "", (), {}),
+    ("_durations", Histogram, "vaporproxy_console_duration_seconds", "Durations of ended consoles", (),
+     {"buckets": DURATION_BUCKETS}),
+    ("_audit_events", Counter, "vaporproxy_audit_events", "Audit events written, by event", ("event",), {}),
+    ("_audit_dropped", Counter, "vaporproxy_audit_dropped",
+     "Times the audit file was given up (disk full, too slow); events still reach the log", (), {}),
+    ("_view_only", Counter, "vaporproxy_consoles_view_only", "View-only consoles that started relaying", (), {}),
+    ("_policy_dropped", Counter, "vaporproxy_policy_dropped_messages",
+     "Messages dropped by console policy, by kind (input, clipboard) and direction (to_vm, from_vm)",
+     ("kind", "direction"), {}),
+    ("_throttled", Counter, "vaporproxy_throttled_seconds", "Seconds reads from VMs were paused by bandwidth limits",
+     (), {}),
+    ("_recordings_active", Gauge, "vaporproxy_recordings_active", "Consoles being recorded now", (), {}),
+    ("_recording_bytes", Counter, "vaporproxy_recording_bytes_written", "Bytes written to recording files", (), {}),
+    ("_recordings_dropped", Counter, "vaporproxy_recordings_dropped",
+     "Recordings given up (disk full or too slow); their consoles went on", (), {}),
+    ("_recording_files", Gauge, "vaporproxy_recording_files", "Recording files on disk", (), {}),
+    ("_recordings_size", Gauge, "vaporproxy_recordings_size_bytes", "Total size of the recording files on disk", (),
+     {}),
+)  # fmt: skip
+
+
 @implementer(IOutcomeObserver)
 class Metrics:
     """
@@ -75,25 +107,6 @@ class Metrics:
         self._token_store = token_store
         self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self._live = Gauge(
-            "vaporproxy_consoles_live", "Consoles relaying now, by type", ["type"], registry=r
-        )
-        self._tokens = Gauge(
-            "vaporproxy_tokens_outstanding", "Issued tokens not yet used nor expired", registry=r
-        )
-        self._tokens_issued = Counter(
-            "vaporproxy_tokens_issued", "Console tokens issued", registry=r
-        )
-        self._opened = Counter(
-            "vaporproxy_consoles_opened", "Consoles that started relaying, by type", ["type"], registry=r
-        )
-        self._outcomes = Counter(
-            "vaporproxy_console_outcomes",
-            "Consoles ended, by error code (ok for a normal close)",
-            ["code"],
-            registry=r,
-        )
         #: Bytes of ended consoles (sent, received).
         self._closed_bytes = [0, 0]
         #: Consoles reported closed that may still be in the registry (so
@@ -101,46 +114,11 @@ class Metrics:
         self._closed_ids: Set[str] = set()
         #: The last totals exported: a counter never goes down.
         self._exported = (0, 0)
-        r.register(_ByteCounters(self))
-        self._durations = Histogram(
-            "vaporproxy_console_duration_seconds",
-            "Durations of ended consoles",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self._audit_events = Counter(
-            "vaporproxy_audit_events", "Audit events written, by event", ["event"], registry=r
-        )
-        self._audit_dropped = Counter(
-            "vaporproxy_audit_dropped",
-            "Times the audit file was given up (disk full, too slow); events still reach the log",
-            registry=r,
-        )
-        self._view_only = Counter(
-            "vaporproxy_consoles_view_only", "View-only consoles that started relaying", registry=r
-        )
-        self._policy_dropped = Counter(
-            "vaporproxy_policy_dropped_messages",
-            "Messages dropped by console policy, by kind (input, clipboard) and direction (to_vm, from_vm)",
-            ["kind", "direction"],
-            registry=r,
-        )
-        self._throttled = Counter(
-            "vaporproxy_throttled_seconds", "Seconds reads from VMs were paused by bandwidth limits", registry=r
-        )
-        self._recordings_active = Gauge("vaporproxy_recordings_active", "Consoles being recorded now", registry=r)
-        self._recording_bytes = Counter(
-            "vaporproxy_recording_bytes_written", "Bytes written to recording files", registry=r
-        )
-        self._recordings_dropped = Counter(
-            "vaporproxy_recordings_dropped",
-            "Recordings given up (disk full or too slow); their consoles went on",
-            registry=r,
-        )
-        self._recording_files = Gauge("vaporproxy_recording_files", "Recording files on disk", registry=r)
-        self._recordings_size = Gauge(
-            "vaporproxy_recordings_size_bytes", "Total size of the recording files on disk", registry=r
-        )
+        for attribute, kind, name, text, labels, options in FAMILIES:
+            if kind is _ByteCounters:
+                self.registry.register(_ByteCounters(self))
+            else:
+                setattr(self, attribute, kind(name, text, labels, registry=self.registry, **options))
         self._live_types = set(CONSOLE_TYPES)
         #: Labelled children by label value (C{labels()} takes a lock and
         #: builds a key on every call; it is called twice per console).

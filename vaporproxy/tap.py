@@ -15,19 +15,18 @@ from typing import Any, Mapping, Optional
 
 from twisted.application.service import MultiService
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
-from vaporproxy.app.listen import guarded, listen, supervisor
+from vaporproxy.app.listen import listen, served, supervisor
 from vaporproxy.app.reload import ReloadService, apply_reload, check_files, log_startup
 from vaporproxy.app.services import (
-    RedisService,
     ShutdownService,
-    ThreadPoolService,
     VaporService,
     audit_trail,
+    follow_cluster,
+    libvirt_locator,
+    purge_timer,
     recording_store,
     share_store,
-    purge_timer,
     token_backend,
 )
 from vaporproxy.config import Config, ConfigError, load_config, with_listen
@@ -113,13 +112,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor
     from vaporproxy.console.registry import ConsoleRegistry
     from vaporproxy.ws.factory import ConsoleBridgeFactory
-    from vaporproxy.vm.libvirt import LibvirtConsoleLocator
     from vaporproxy.vm.hosts import HostPolicy
     from vaporproxy.metrics import Metrics
-    from vaporproxy.ws.switch import SwitchFactory
     from vaporproxy.http.api import ConsoleAPI
-    from vaporproxy.http.site import ConsoleSite
-    from vaporproxy.http.revocation import terminate_share
     from vaporproxy.relay.planner import StagePlanner
 
     config: Config = options["parsed"]
@@ -130,12 +125,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if config.server.workers > 1 and not options["worker_fds"]:
         return supervisor(root, options, reactor)
 
-    pool = ThreadPool(minthreads=0, maxthreads=max(4, 2 * len(config.hypervisors)), name="vaporproxy-libvirt")
-    pool_service = ThreadPoolService(pool, reactor)
-    pool_service.setServiceParent(root)
+    pool, locator = libvirt_locator(config, reactor, root)
     token_store, limiter, redis = token_backend(config, reactor)
-    locator = LibvirtConsoleLocator(config.hypervisors, reactor, pool)
-    pool_service.before_stop = locator.close
     host_policy = HostPolicy(config.console.allowed_hosts, reactor.nameResolver, clock=reactor)
     registry = ConsoleRegistry(reactor)
     metrics = Metrics(registry, token_store, reactor)
@@ -151,17 +142,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                      audit=audit, recordings=recordings, shares=shares,
                      **collaborators)  # fmt: skip
     if redis is not None:
-        redis.on_terminate(registry.terminate_vm)
-        redis.on_share_revoked(lambda share_id: terminate_share(registry, token_store, share_id))
-        # Before the listeners: started before them, stopped after them.
-        RedisService(redis).setServiceParent(root)
+        follow_cluster(redis, registry, token_store, root)
 
-    site = ConsoleSite(api.resource())
-    site.access_log = config.logging.access_log
     # Console WebSocket upgrades go from the listening port straight to the bridge, everything else
     # to the site (vaporproxy.ws.switch); both behind the guard (vaporproxy.http.guard).
-    listening = SwitchFactory(site, bridge_factory, reactor)
-    guard = guarded(listening, config.server, reactor)
+    site, listening, guard = served(api, bridge_factory, config, reactor)
     listen(root, guard, config.server.listen, options["worker_fds"], reactor)
     purge_timer(config.console.cleanup_interval, token_store, reactor, shares).setServiceParent(root)
 

@@ -1,7 +1,8 @@
 """
 The guards' place in the layout (DESIGN.md): of the project's own modules a
-guard imports only the other guards (the kit above all), the errors and the
-configuration, so it stays sans-IO and usable without the bridge.
+guard imports only the other guards (the kit above all), the errors, the
+configuration and the TLS settings it is given (L{vaporproxy.tls}, a value),
+so it stays sans-IO and usable without the bridge.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import vaporproxy.guards
 
-ALLOWED = ("vaporproxy.guards", "vaporproxy.errors", "vaporproxy.config")
+ALLOWED = ("vaporproxy.guards", "vaporproxy.errors", "vaporproxy.config", "vaporproxy.tls")
 
 
 def project_imports(path: str) -> List[str]:
@@ -40,7 +41,7 @@ class GuardImportsTests(SynchronousTestCase):
     def test_only_guards_errors_config(self) -> None:
         """
         When every module of vaporproxy/guards is read, its project imports
-        are only guards, errors and config, and none is relative.
+        are only guards, errors, config and tls, and none is relative.
         """
         folder = os.path.dirname(vaporproxy.guards.__file__)
         modules = sorted(name for name in os.listdir(folder) if name.endswith(".py"))

@@ -1,7 +1,7 @@
 """
 A plain QEMU (no libvirt) whose consoles are configured as production hosts
 have them: SPICE on a TLS port only (C{x509-dir}), VNC and SPICE on UNIX
-sockets.  For the integration tests of L{vaporproxy.vm.dial}.
+sockets.  For the integration tests of L{vaporproxy.relay.dial}.
 
 Usage in a trial test case::
 

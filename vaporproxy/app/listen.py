@@ -1,16 +1,33 @@
 """
-Listening: the endpoints of C{server.listen}, the sockets a worker inherits,
-or the supervisor of C{server.workers} worker processes.
+Listening: what the port serves (the guard, the port switch, the site), the
+endpoints of C{server.listen}, the sockets a worker inherits, or the
+supervisor of C{server.workers} worker processes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 
 from vaporproxy.config import Config
+
+
+def served(api: Any, bridge_factory: Any, config: Config, reactor: Any) -> Tuple[Any, Any, Any]:
+    """
+    C{(site, listening, guard)}: the API's site (with C{logging.access_log});
+    the port switch in front of it, which hands console WebSocket upgrades
+    straight to C{bridge_factory} (L{vaporproxy.ws.switch}); and the guard
+    of pending connections in front of both (L{guarded}), which listens.
+    """
+    from vaporproxy.http.site import ConsoleSite
+    from vaporproxy.ws.switch import SwitchFactory
+
+    site = ConsoleSite(api.resource())
+    site.access_log = config.logging.access_log
+    listening = SwitchFactory(site, bridge_factory, reactor)
+    return site, listening, guarded(listening, config.server, reactor)
 
 
 def listen(root: MultiService, site: Any, listen: Sequence[str], worker_fds: Sequence[int], reactor: Any) -> None:

@@ -103,7 +103,7 @@ def check_files(config: Config) -> None:
     @raise ConfigError: naming the key of the first unusable file.
     """
     if config.auth.jwt is not None:
-        from vaporproxy.http.auth import load_jwt_key
+        from vaporproxy.http.jwt_keys import load_jwt_key
 
         load_jwt_key(config.auth.jwt)
     if any(h.vnc_tls is not None for h in config.hypervisors):

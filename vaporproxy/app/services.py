@@ -5,7 +5,7 @@ Redis backend, the shutdown steps and the token purge timer's body.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -114,6 +114,35 @@ class ShutdownService(Service):
     def stopService(self) -> Deferred:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
+
+
+def libvirt_locator(config: Config, reactor: Any, parent: Any) -> Tuple[ThreadPool, Any]:
+    """
+    The libvirt thread pool and the locator on it.  The pool is a service
+    of C{parent} that stops after the locator has closed its connections.
+    """
+    from vaporproxy.vm.libvirt import LibvirtConsoleLocator
+
+    pool = ThreadPool(minthreads=0, maxthreads=max(4, 2 * len(config.hypervisors)), name="vaporproxy-libvirt")
+    pool_service = ThreadPoolService(pool, reactor)
+    pool_service.setServiceParent(parent)
+    locator = LibvirtConsoleLocator(config.hypervisors, reactor, pool)
+    pool_service.before_stop = locator.close
+    return pool, locator
+
+
+def follow_cluster(redis: Any, registry: Any, token_store: Any, parent: Any) -> None:
+    """
+    On Redis, close this process's consoles when any process terminates a
+    VM's consoles or revokes a share, and run the backend as a service of
+    C{parent} (add it before the listeners: started before them, stopped
+    after them).
+    """
+    from vaporproxy.http.revocation import terminate_share
+
+    redis.on_terminate(registry.terminate_vm)
+    redis.on_share_revoked(lambda share_id: terminate_share(registry, token_store, share_id))
+    RedisService(redis).setServiceParent(parent)
 
 
 def token_backend(config: Config, reactor: Any) -> Any:

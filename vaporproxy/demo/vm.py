@@ -21,41 +21,9 @@ from vaporproxy.demo.guest import GuestImage
 from vaporproxy.demo.libvirtd import SessionLibvirtd
 
 
-def domain_xml(
-    name: str,
-    uuid: str,
-    vnc_password: Optional[str],
-    spice_password: Optional[str],
-    memory_mib: int = 128,
-    emulator: str = QEMU_BINARY,
-    guest: Optional[GuestImage] = None,
-    serial_path: Optional[str] = None,
-) -> str:
-    """
-    A diskless TCG domain with qxl video, a VNC and a SPICE console, both
-    listening on 127.0.0.1 with automatically assigned ports.  Without
-    C{guest} it boots SeaBIOS to "No bootable device", which shows "Machine
-    UUID <uuid>"; with it, that kernel and initramfs, its serial port going
-    to the file C{serial_path}.
-    """
-    vnc_pw = f" passwd={quoteattr(vnc_password)}" if vnc_password else ""
-    spice_pw = f" passwd={quoteattr(spice_password)}" if spice_password else ""
-    if guest is None:
-        boot = "<boot dev='hd'/>"
-    else:
-        boot = (
-            f"<kernel>{escape(guest.kernel)}</kernel>\n"
-            f"    <initrd>{escape(guest.initrd)}</initrd>\n"
-            f"    <cmdline>{escape(guest.cmdline)}</cmdline>"
-        )
-    serial = ""
-    if serial_path is not None:
-        serial = f"""
-    <serial type='file'>
-      <source path={quoteattr(serial_path)}/>
-      <target port='0'/>
-    </serial>"""
-    return f"""<domain type='qemu'>
+#: The demo domain; C{{boot}}, C{{vnc_pw}}, C{{spice_pw}} and C{{serial}} are
+#: filled in by L{domain_xml}.
+DOMAIN_TEMPLATE = """<domain type='qemu'>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
   <memory unit='MiB'>{memory_mib}</memory>
@@ -82,6 +50,49 @@ def domain_xml(
   </devices>
 </domain>
 """
+
+SERIAL_TEMPLATE = """
+    <serial type='file'>
+      <source path={path}/>
+      <target port='0'/>
+    </serial>"""
+
+
+def domain_xml(
+    name: str,
+    uuid: str,
+    vnc_password: Optional[str],
+    spice_password: Optional[str],
+    memory_mib: int = 128,
+    emulator: str = QEMU_BINARY,
+    guest: Optional[GuestImage] = None,
+    serial_path: Optional[str] = None,
+) -> str:
+    """
+    A diskless TCG domain with qxl video, a VNC and a SPICE console, both
+    listening on 127.0.0.1 with automatically assigned ports.  Without
+    C{guest} it boots SeaBIOS to "No bootable device", which shows "Machine
+    UUID <uuid>"; with it, that kernel and initramfs, its serial port going
+    to the file C{serial_path}.
+    """
+    if guest is None:
+        boot = "<boot dev='hd'/>"
+    else:
+        boot = (
+            f"<kernel>{escape(guest.kernel)}</kernel>\n"
+            f"    <initrd>{escape(guest.initrd)}</initrd>\n"
+            f"    <cmdline>{escape(guest.cmdline)}</cmdline>"
+        )
+    return DOMAIN_TEMPLATE.format(
+        name=name,
+        uuid=uuid,
+        memory_mib=memory_mib,
+        boot=boot,
+        emulator=emulator,
+        vnc_pw=f" passwd={quoteattr(vnc_password)}" if vnc_password else "",
+        spice_pw=f" passwd={quoteattr(spice_password)}" if spice_password else "",
+        serial="" if serial_path is None else SERIAL_TEMPLATE.format(path=quoteattr(serial_path)),
+    )
 
 
 def live_graphics_ports(xml: bytes) -> Dict[str, int]:

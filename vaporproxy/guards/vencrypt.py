@@ -5,39 +5,30 @@ VM's X.509 certificate checked, and VNC authentication or none inside it.
 L{vencrypt_steps} is the negotiation the RFB guard runs once it has chosen
 security type 19: version 0.2, the sub-type choice (L{choose_subtype}), the
 VM's acceptance, then L{StartTLS}; from then on the guard gets plaintext.
-The X.509 settings of a hypervisor are loaded once into a L{VncTLS} (see
-L{vnc_tls_by_uri}); L{VncTLS.for_host} gives the L{VeNCryptTLS} the guard
-takes for one connection.  L{describe_connection_lost} turns a lost
-connection (a failed TLS handshake in particular) into a log reason.
+The X.509 settings of a hypervisor are loaded once into a
+L{vaporproxy.tls.VncTLS} (see L{vnc_tls_by_uri}); C{VncTLS.for_host} gives
+the L{VeNCryptTLS} the guard takes for one connection.
 """
 
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, Tuple
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
-from twisted.internet.error import VerifyError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    KeyPair,
-    PrivateCertificate,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from vaporproxy.config import ConfigError, HypervisorConfig, VncTLSConfig
+from vaporproxy.config import HypervisorConfig
 from vaporproxy.guards.kit import Need, Output, SendToServer, StartTLS, StepReader, server_failure
+
+# The TLS settings are a value the guard takes (and the SPICE dialler too):
+# vaporproxy.tls; their names stay importable from here.
+from vaporproxy.tls import (  # noqa: F401
+    AnonymousTLSCreator,
+    VeNCryptTLS,
+    VncTLS,
+    describe_connection_lost,
+    tls_by_uri,
+)
 
 # The namespace the guards' log lines have always had.
 log = Logger(namespace="vaporproxy.rfb")
@@ -76,22 +67,6 @@ def subtype_name(subtype: int) -> str:
     """
     name = _SUBTYPE_NAMES.get(subtype)
     return "%s (%d)" % (name, subtype) if name else str(subtype)
-
-
-@dataclass(frozen=True)
-class VeNCryptTLS:
-    """
-    What the guard needs for VeNCrypt with one VM connection.
-
-    @ivar creator: the connection creator for the X.509 sub-types (checks
-        the VM's certificate unless verification is off); the guard hands it
-        out in L{StartTLS}.
-    @ivar anonymous: the creator for the anonymous-TLS sub-types (TLSVnc,
-        TLSNone), or C{None} when they are refused.
-    """
-
-    creator: Any
-    anonymous: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -164,153 +139,6 @@ def vencrypt_steps(
     return subtype
 
 
-def describe_connection_lost(reason: object) -> str:
-    """
-    A one-line log description of why a connection closed: OpenSSL's
-    reasons for a TLS error (e.g. C{certificate verify failed}), the
-    message of a hostname mismatch, or the exception's name.
-    """
-    value = reason.value if isinstance(reason, Failure) else reason
-    if value is None:
-        return "connection closed"
-    if isinstance(value, SSL.Error):
-        parts = []
-        for item in value.args[0] if value.args and isinstance(value.args[0], list) else ():
-            if isinstance(item, tuple) and item:
-                parts.append(str(item[-1]))
-        if parts:
-            return "; ".join(parts)[:300]
-    text = str(value).strip().splitlines()[0] if str(value).strip() else ""
-    name = type(value).__name__
-    return ("%s: %s" % (name, text) if text else name)[:300]
-
-
-# ---------------------------------------------------------------------------
-# TLS settings
-# ---------------------------------------------------------------------------
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class AnonymousTLSCreator:
-    """
-    TLS 1.2 with anonymous Diffie-Hellman only (what VeNCrypt's TLSNone and
-    TLSVnc use): encrypted but unauthenticated, so only used when
-    C{allow_anonymous} is set.
-    """
-
-    def __init__(self) -> None:
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.set_max_proto_version(SSL.TLS1_2_VERSION)
-        context.set_cipher_list(b"aNULL:!eNULL:@SECLEVEL=0")
-        self._context = context
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
-
-
-def _read(key: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ConfigError(f"{key}: {path!r} cannot be read ({e.strerror or e})") from None
-
-
-def _load_certificates(key: str, path: str) -> List[Certificate]:
-    try:
-        certificates = x509.load_pem_x509_certificates(_read(key, path))
-    except ValueError:
-        raise ConfigError(
-            f"{key}: {path!r} is not a PEM certificate file (expected one or more CERTIFICATE blocks)"
-        ) from None
-    return [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates]
-
-
-def _client_certificate(config: VncTLSConfig, key: str) -> Optional[PrivateCertificate]:
-    """
-    The proxy's own certificate and key from C{cert_file}/C{key_file}, or
-    C{None} when none is configured.
-    """
-    if config.cert_file is None:
-        return None
-    certificates = _load_certificates(f"{key}.cert_file", config.cert_file)
-    key_file = config.key_file or config.cert_file
-    try:
-        pair = KeyPair.load(_read(f"{key}.key_file", key_file), 1)  # FILETYPE_PEM
-    except Exception:
-        raise ConfigError(f"{key}.key_file: {key_file!r} is not a PEM private key") from None
-    try:
-        return PrivateCertificate.fromCertificateAndKeyPair(certificates[0], pair)
-    except VerifyError:
-        raise ConfigError(
-            f"{key}.key_file: {key_file!r} is not the key of {config.cert_file!r} (expected the matching key)"
-        ) from None
-
-
-class VncTLS:
-    """
-    The VeNCrypt TLS settings of one hypervisor's VMs, with the files read
-    once.  L{for_host} gives what the guard needs for one connection.
-
-    @param config: the hypervisor's C{vnc_tls} section.
-    @param key: the dotted config key, for error messages.
-    @raise ConfigError: when a file cannot be read or parsed.
-    """
-
-    #: How many per-host connection creators are kept.
-    CACHE_SIZE = 256
-
-    def __init__(self, config: VncTLSConfig, key: str = "vnc_tls"):
-        self.config = config
-        self._trust: Any = None
-        if config.verify:
-            if config.ca_file is None:
-                self._trust = platformTrust()
-            else:
-                self._trust = trustRootFromCertificates(_load_certificates(f"{key}.ca_file", config.ca_file))
-        self._client = _client_certificate(config, key)
-        self._anonymous = AnonymousTLSCreator() if config.allow_anonymous else None
-        self._unverified: Any = None
-        self._creators: "OrderedDict[str, Any]" = OrderedDict()
-
-    def for_host(self, host: str) -> VeNCryptTLS:
-        """
-        The TLS settings for a connection to C{host} (the host name or
-        address dialled; the certificate must name it unless C{server_name}
-        is configured, or verification is off).
-        """
-        return VeNCryptTLS(creator=self._creator(self.config.server_name or host), anonymous=self._anonymous)
-
-    def _creator(self, name: str) -> Any:
-        if not self.config.verify:
-            if self._unverified is None:
-                extra: Dict[str, Any] = {}
-                if self._client is not None:
-                    extra = {"privateKey": self._client.privateKey.original, "certificate": self._client.original}
-                self._unverified = CertificateOptions(verify=False, **extra)
-            return self._unverified
-        creator = self._creators.get(name)
-        if creator is None:
-            creator = optionsForClientTLS(name, trustRoot=self._trust, clientCertificate=self._client)
-            self._creators[name] = creator
-            while len(self._creators) > self.CACHE_SIZE:
-                self._creators.popitem(last=False)
-        else:
-            self._creators.move_to_end(name)
-        return creator
-
-
 def vnc_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, VncTLS]:
-    """
-    The loaded VeNCrypt settings of every hypervisor that has a
-    C{vnc_tls} section, by hypervisor URI (what L{VMConsoles.hypervisor}
-    holds).
-
-    @raise ConfigError: when a certificate or key file is unusable.
-    """
-    found: Dict[str, VncTLS] = {}
-    for i, hypervisor in enumerate(hypervisors):
-        if hypervisor.vnc_tls is not None:
-            found[hypervisor.uri] = VncTLS(hypervisor.vnc_tls, f"hypervisors[{i}].vnc_tls")
-    return found
+    """The loaded VeNCrypt settings (C{vnc_tls}) by hypervisor URI (L{tls_by_uri})."""
+    return tls_by_uri(hypervisors, "vnc_tls")

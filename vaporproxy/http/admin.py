@@ -5,12 +5,15 @@ cluster on Redis) and closing every console of a VM.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Dict
 
 from twisted.logger import Logger
 
-from vaporproxy.errors import ConsoleError
+from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.http.principal import Principal
 from vaporproxy.timestamps import iso_utc
+from vaporproxy.vm.libvirt import UUID_RE
 
 log = Logger(namespace="vaporproxy.web.ConsoleAPI")
 
@@ -21,8 +24,11 @@ class ConsoleAdmin:
     cluster) the Redis backend.
     """
 
-    def __init__(self, *, limiter: Any, token_store: Any, registry: Any, reactor: Any, cluster: Any = None):
+    def __init__(self, *, limiter: Any, token_store: Any, registry: Any, reactor: Any, cluster: Any = None,
+                 locator: Any = None, audit: Any = None):  # fmt: skip
         self._limiter = limiter
+        self._locator = locator
+        self._audit = audit
         self._token_store = token_store
         self._registry = registry
         self._reactor = reactor
@@ -74,6 +80,29 @@ class ConsoleAdmin:
                 "processes": processes,
             },
         }
+
+    async def delete_sessions(self, by: Principal, vm_id: str) -> int:
+        """
+        Close every live console of the VM C{vm_id} (a name or UUID) for
+        the admin C{by}, with a log line and an audit event; answer how many
+        (L{terminate_vm}).
+        """
+        vm_name = None
+        try:
+            vm = await self._locator.locate(vm_id)
+            vm_uuid, vm_name = vm.uuid, vm.name
+        except ConsoleError as e:
+            # A VM that is gone (or whose hypervisor is down) may still have
+            # live consoles: accept its UUID as given.
+            if e.code not in (ErrorCode.VM_NOT_FOUND, ErrorCode.INTERNAL_ERROR) or not UUID_RE.match(vm_id):
+                raise
+            # The canonical form (dashed, lower case) the registry keys on.
+            vm_uuid = str(uuid.UUID(vm_id))
+        terminated = await self.terminate_vm(vm_uuid)
+        log.info("{user} terminated {count} console(s) of {vm_uuid}", user=by.user, count=terminated, vm_uuid=vm_uuid)
+        if self._audit is not None:
+            self._audit.sessions_terminated(by=by.user, vm_uuid=vm_uuid, vm_name=vm_name, count=terminated)
+        return terminated
 
     async def terminate_vm(self, vm_uuid: str) -> int:
         """

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.http.auth import Principal
+from vaporproxy.http.principal import Principal
 from vaporproxy.http.stepup import check_step_up, policy_for
 from vaporproxy.interfaces import CONSOLE_TYPES, Grant
 from vaporproxy.logs import debug_enabled
@@ -152,6 +152,19 @@ class ConsoleIssuer:
             error = ConsoleError(ErrorCode.MFA_REQUIRED, refusal.description)
             error.challenge = refusal.challenge()
             raise error
+
+    async def answer(self, request: IRequest, key: Principal, vm_id: str, client: str, console: Any) -> Dict[str, Any]:
+        """
+        The console-info body of C{request} by C{key} from the address
+        C{client}: its C{?type}, C{?display} and C{?mode}, the token bound
+        to C{client} when C{console.bind_client_ip} (C{console}: the
+        C{console} config section).
+        """
+        console_type, display = console_params(request)
+        mode = console_mode(request, key)
+        client_ip = client if console.bind_client_ip else None
+        return await self.issue(key, vm_id, console_type, display, client_ip, console.enable_tls, client=client,
+                                mode=mode)  # fmt: skip
 
     async def issue(self, key: Principal, vm_id: str, console_type: Optional[str], display: Optional[int],
                     client_ip: Optional[str], tls_enabled: bool, client: str = "",

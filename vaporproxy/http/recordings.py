@@ -141,3 +141,15 @@ class RecordingsAPI:
             return self._respond(request, {"deleted": recording_id}, 200)
 
         return self._answer(request, work)
+
+
+class NoRecordings:
+    """
+    The recordings routes of a server where C{recording} is not
+    configured: every one answers 404.
+    """
+
+    def _off(self, *args: Any) -> Any:
+        raise ConsoleError(ErrorCode.NOT_FOUND, "Recording is not enabled on this server")
+
+    list = one = delete = data = _off

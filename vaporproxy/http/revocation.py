@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from vaporproxy.config import ApiKey, AuthConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.http.auth import key_id_of
+from vaporproxy.http.principal import key_id_of
 from vaporproxy.http.shares import creator_allows
 from vaporproxy.interfaces import Grant, Redemption
 

@@ -1,11 +1,10 @@
 """
-The root resource of the HTTP API (L{Root}): the two requests of every
-console skip Klein.
+The root resource of the HTTP API (L{Root}): console info, asked once per
+console, skips Klein; everything else goes through it.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Callable, Dict, Tuple
 from urllib.parse import urlsplit
@@ -17,13 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.http.site import JSON_CONTENT_TYPE
 
-#: The console WebSocket path as raw request bytes, for the fast route: one
-#: path segment for the VM, no percent-escapes (anything else goes through
-#: Klein, which decodes them).
-WS_PATH_RE = re.compile(rb"^/api/v1/virtualization/virtualmachines/[^/%]+/console/ws$")
 #: The console-info path as raw request bytes, for its fast route: a VM id of
 #: printable ASCII without C{/} or C{%} (so that the raw bytes are exactly
 #: what Klein would decode); anything else goes through Klein.
@@ -34,18 +27,17 @@ log = Logger(namespace="vaporproxy.web.ConsoleAPI")
 
 class Root(Resource):
     """
-    The root resource: the two requests of every console go straight to
-    their handlers, everything else to the Klein app.
-
-      - a console WebSocket upgrade (C{GET} of the console WebSocket path)
-        to L{ConsoleAPI.console_ws};
-      - console info (C{GET} of C{.../virtualmachines/{id}/console} with a
-        plain VM id) to L{ConsoleAPI.render_console_info}.
+    The root resource: console info (C{GET} of
+    C{.../virtualmachines/{id}/console} with a plain VM id) goes straight
+    to L{ConsoleAPI.render_console_info}, everything else to the Klein app.
 
     Skipping Klein's per-request URL map binding, matching and Deferred
-    plumbing for them is a measurable part of a console's set-up cost
+    plumbing for it is a measurable part of a console's set-up cost
     (issue #3).  The answers, errors included, are the same as through
-    Klein (tests compare both routes).
+    Klein (tests compare both routes); an id with a percent-escape goes
+    through Klein, which decodes it.  (The console WebSocket has its fast
+    door at the listening port, L{vaporproxy.ws.switch}; what reaches
+    twisted.web goes through Klein's route.)
     """
 
     isLeaf = True
@@ -57,20 +49,9 @@ class Root(Resource):
 
     def render(self, request: IRequest) -> Any:
         if request.method == b"GET":
-            path = request.path
-            if path.endswith(b"/ws"):
-                if WS_PATH_RE.match(path):
-                    try:
-                        return self._api.console_ws(request, "").render(request)
-                    except Exception:
-                        log.failure("unexpected error opening a console WebSocket")
-                        request.setResponseCode(500)
-                        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
-                        return json.dumps(ConsoleError(ErrorCode.INTERNAL_ERROR).to_dict()).encode("utf-8")
-            else:
-                match = INFO_PATH_RE.match(path)
-                if match is not None:
-                    return self._api.render_console_info(request, match.group(1).decode("ascii"))
+            match = INFO_PATH_RE.match(request.path)
+            if match is not None:
+                return self._api.render_console_info(request, match.group(1).decode("ascii"))
         return self._klein.render(request)
 
 

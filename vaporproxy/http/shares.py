@@ -28,7 +28,7 @@ from twisted.web.iweb import IRequest
 
 from vaporproxy.config import parse_duration
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.http.auth import Principal
+from vaporproxy.http.principal import Principal
 from vaporproxy.http.console_info import key_allows
 from vaporproxy.timestamps import iso_utc
 

@@ -81,6 +81,6 @@ def dial(reactor: Any, target: Any, console: Any, timeout: Optional[int], tls: A
     libvirt's hand-over) for C{console}, over TLS when the SPICE C{channel}
     needs it; answer the connector (C{stopConnecting} cancels).
     """
-    from vaporproxy.vm.dial import dial as dial_target
+    from vaporproxy.relay.dial import dial as dial_target
 
     return dial_target(reactor, target, tls, BackendFactory(console), timeout, channel)

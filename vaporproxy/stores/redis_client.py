@@ -107,6 +107,16 @@ class _SubscriberFactory(_Factory):
         return p
 
 
+def command_options(target: Any, timeout: float) -> Dict[str, Any]:
+    """
+    What every command connection to C{target} (L{DirectTarget} or a
+    Sentinel's master) is built with: lazy, its credentials, replies within
+    C{timeout}, numbers left as strings.
+    """
+    return dict(isLazy=True, password=target.password, username=target.username, replyTimeout=timeout,
+                convertNumbers=False)  # fmt: skip
+
+
 def _endpoint(reactor: Any, url: Dict[str, Any], timeout: float) -> Any:
     endpoint = HostnameEndpoint(reactor, url["host"], url["port"], timeout=max(1, int(timeout + 0.999)))
     if url["tls"]:
@@ -135,16 +145,7 @@ class DirectTarget:
         return _endpoint(reactor, self.url, timeout)
 
     def command_factory(self, timeout: float) -> txredisapi.RedisFactory:
-        return _Factory(
-            f"{self.url['host']}:{self.url['port']}",
-            self.db,
-            1,
-            isLazy=True,
-            password=self.password,
-            username=self.username,
-            replyTimeout=timeout,
-            convertNumbers=False,
-        )
+        return _Factory(f"{self.url['host']}:{self.url['port']}", self.db, 1, **command_options(self, timeout))
 
     def describe(self) -> str:
         return f"{self.url['host']}:{self.url['port']}/{self.db}"

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from vaporproxy.config import RedisSentinelConfig
+from vaporproxy.stores.redis_client import command_options
 
 __all__ = ["SentinelTarget"]
 
@@ -145,11 +146,7 @@ class SentinelTarget:
             uuid=None,
             dbid=self.db,
             poolsize=1,
-            isLazy=True,
-            password=self.password,
-            username=self.username,
-            replyTimeout=timeout,
-            convertNumbers=False,
+            **command_options(self, timeout),
         )
 
     def describe(self) -> str:

@@ -1,158 +1,22 @@
 """
-Dialling a VM's console: plain TCP, TLS from the first byte (SPICE
-C{tlsPort}), a UNIX socket, or a socket libvirt hands over (no listener).
-
-The bridge (and the guards) see the same plaintext stream either way: TLS
-sits under the guard, so the SPICE guard reads the link messages and
-injects the ticket as it does over plain TCP.
-
-Which port a SPICE channel uses is known only once the guard has read its
-link message (the channel type): the bridge dials after the guard's
-C{admit}, passing the guard's C{channel_type}, and L{dial} asks
-L{vaporproxy.vm.target.channel_uses_tls} (libvirt's C{<channel mode>},
-else C{defaultMode}).
+Which TLS settings a VM's SPICE console is dialled with: the hypervisor's
+C{spice_tls}, loaded once (L{spice_tls_by_uri}).  The dialling itself is
+the relay's (L{vaporproxy.relay.dial}).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-from typing import Any, Dict, Iterable, Optional
-
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocolFactory
-from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.python.failure import Failure
+from typing import Any, Dict, Iterable
 
 from vaporproxy.config import HypervisorConfig
-from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.vm.target import ConsoleTarget, channel_uses_tls
-
-log = Logger(namespace="vaporproxy.consoles")
-
-#: The message of a TLS-only console when the hypervisor has no spice_tls.
-NO_TLS_MESSAGE = "The console accepts only TLS and no spice_tls is configured for its host"
+from vaporproxy.tls import tls_by_uri
 
 
 def spice_tls_by_uri(hypervisors: Iterable[HypervisorConfig]) -> Dict[str, Any]:
     """
     The loaded C{spice_tls} settings of every hypervisor that has them, by
-    URI: the CA, client certificate and key are read once here (at start-up
-    and on SIGHUP).
+    URI (L{vaporproxy.tls.tls_by_uri}).
 
     @raise ConfigError: naming the key of the first unusable file.
     """
-    from vaporproxy.guards.vencrypt import VncTLS
-
-    found: Dict[str, Any] = {}
-    for i, hypervisor in enumerate(hypervisors):
-        if hypervisor.spice_tls is not None:
-            found[hypervisor.uri] = VncTLS(hypervisor.spice_tls, f"hypervisors[{i}].spice_tls")
-    return found
-
-
-class _VMTLSProtocol(TLSMemoryBIOProtocol):
-    """
-    TLS towards a VM that logs why a handshake failed (an unverifiable
-    certificate, a name mismatch, a VM that refused ours): the console
-    itself ends with CONNECTION_FAILED (4006), which cannot say why.
-    """
-
-    def connectionLost(self, reason: Any) -> None:
-        if not self._handshakeDone and self._tlsConnection is not None:
-            from vaporproxy.guards.vencrypt import describe_connection_lost
-
-            # Twisted keeps the TLS error (or the failed verification) in
-            # _reason and reports it in place of the transport's reason.
-            log.warn(
-                "TLS to the console at {where} failed: {why}",
-                where=self.factory.where,
-                why=describe_connection_lost(self._reason or reason),
-            )
-        super().connectionLost(reason)
-
-
-class _VMTLSFactory(TLSMemoryBIOFactory):
-    # Not Twisted's BufferingTLSTransport: the bridge writes whole WebSocket
-    # payloads already, and holding them a reactor turn adds latency.
-    protocol = _VMTLSProtocol
-    noisy = False
-
-    def __init__(self, creator: Any, factory: IProtocolFactory, where: str):
-        super().__init__(creator, True, factory)
-        self.where = where
-
-
-class GraphicsHandOff:
-    """
-    The "connector" of a console that libvirt hands over as a connected
-    socket (C{virDomainOpenGraphicsFD}): once the descriptor comes from the
-    thread pool, the reactor adopts it and C{factory} gets its protocol as
-    after a connect.
-    """
-
-    def __init__(self, reactor: Any, pending: Deferred, factory: Any):
-        self._reactor = reactor
-        self._factory = factory
-        self._stopped = False
-        pending.addCallbacks(self._adopt, self._failed)
-
-    def _adopt(self, fd: int) -> None:
-        try:
-            if not self._stopped:
-                # The reactor takes a duplicate: ours is closed below.
-                self._reactor.adoptStreamConnection(fd, socket.AF_UNIX, self._factory)
-        except Exception:
-            self._failed(Failure())
-        finally:
-            os.close(fd)
-
-    def _failed(self, failure: Failure) -> None:
-        if not self._stopped:
-            self._factory.clientConnectionFailed(self, failure)
-
-    def stopConnecting(self) -> None:
-        """Give up: a descriptor that comes later is closed unused."""
-        self._stopped = True
-
-    disconnect = stopConnecting
-
-
-def dial(
-    reactor: Any,
-    target: ConsoleTarget,
-    tls: Any,
-    factory: IProtocolFactory,
-    timeout: Optional[int] = None,
-    channel_type: Optional[int] = None,
-) -> Any:
-    """
-    Connect C{factory} to the console C{target}.
-
-    @param tls: the hypervisor's loaded C{spice_tls} (from
-        L{spice_tls_by_uri}), or C{None}.
-    @param timeout: the connect timeout in seconds, or C{None} for none
-        (the bridge's own timer covers the dial).
-    @param channel_type: the SPICE channel being opened (its link message
-        type), for the per-channel choice of plain or TLS.
-    @return: the connector (C{stopConnecting}, C{disconnect}); for a
-        console with no listener a L{GraphicsHandOff}.
-    @raise ConsoleError: NO_CONSOLE_AVAILABLE when the console needs TLS
-        and C{tls} is C{None}, or lacks the port its mode needs.
-    """
-    g = target.graphics
-    if target.hand_over or g.listen_type == "none":
-        open_graphics = getattr(target.locator, "open_graphics", None)
-        if open_graphics is None:
-            raise ConsoleError(ErrorCode.NO_CONSOLE_AVAILABLE, "The console has no listener")
-        return GraphicsHandOff(reactor, open_graphics(target), factory)
-    if g.listen_type == "socket":
-        return reactor.connectUNIX(target.address, factory, timeout=timeout)
-    if g.type == "spice" and channel_uses_tls(g, channel_type):
-        if tls is None:
-            raise ConsoleError(ErrorCode.NO_CONSOLE_AVAILABLE, NO_TLS_MESSAGE)
-        where = f"{target.address}:{g.tls_port}"
-        creator = tls.for_host(target.host or target.address).creator
-        return reactor.connectTCP(target.address, g.tls_port, _VMTLSFactory(creator, factory, where), timeout=timeout)
-    return reactor.connectTCP(target.address, g.port, factory, timeout=timeout)
+    return tls_by_uri(hypervisors, "spice_tls")

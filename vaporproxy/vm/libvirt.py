@@ -11,16 +11,16 @@ hypervisor URI (C{passwd} needs C{VIR_DOMAIN_XML_SECURE}, which read-only
 connections refuse) and reopens it when it breaks (L{vaporproxy.vm.connections}).
 
 Lookups of running VMs are cached for C{cache_ttl} seconds (1 s by default,
-at most L{MAX_CACHE_TTL}): opening a console asks twice for the same VM
-within milliseconds (console info, then the WebSocket), and each libvirt
-round trip costs a thread-pool hop, a libvirt call and an XML parse.  See
+at most L{MAX_CACHE_TTL}; L{vaporproxy.vm.lookup_cache}).  See
 L{LibvirtConsoleLocator} for what a cached answer may miss.
+
+The locator is the reactor side; L{_PoolSide} holds the calls that block,
+which run on the thread pool only.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -33,6 +33,7 @@ from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.interfaces import IConsoleLocator, VMConsoles
 from vaporproxy.vm.connections import Connections, HypervisorFailed, error_code
 from vaporproxy.vm.domain import DomainXMLError, console_error, graphics_of, identity_of, parse_domain
+from vaporproxy.vm.lookup_cache import UUID_RE, LookupCache
 from vaporproxy.vm.target import hypervisor_host
 
 log = Logger(namespace="vaporproxy.consoles")
@@ -43,30 +44,8 @@ _T = TypeVar("_T")
 VIR_ERR_NO_DOMAIN = 42
 VIR_ERR_INVALID_ARG = 8
 
-#: A libvirt UUID, with or without dashes, any case.
-UUID_RE = re.compile(
-    r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$",
-    re.IGNORECASE,
-)
-
 #: The longest lookup cache lifetime accepted (seconds).
 MAX_CACHE_TTL = 2.0
-
-#: Above this many cached entries, expired ones are swept on insert; the
-#: cache is emptied if that is not enough (it only ever holds running VMs
-#: that were asked for, twice each: by reference and by UUID).
-_CACHE_SWEEP_AT = 4096
-
-
-def _cache_key(vm_ref: str) -> str:
-    """
-    The lookup cache key of C{vm_ref}: a UUID in any accepted spelling
-    (upper case, without dashes) maps to one key; a name is itself.
-    """
-    if UUID_RE.match(vm_ref):
-        return "uuid:" + vm_ref.replace("-", "").lower()
-    return "name:" + vm_ref
-
 
 # ---------------------------------------------------------------------------
 # The libvirt locator
@@ -141,18 +120,15 @@ class LibvirtConsoleLocator:
         if not 0 <= cache_ttl <= MAX_CACHE_TTL:
             raise ValueError(f"cache_ttl must be between 0 and {MAX_CACHE_TTL} seconds")
         self._reactor = reactor
-        self._cache_ttl = float(cache_ttl)
-        #: cache key -> (expiry time, the VM); touched on the reactor thread only.
-        self._cache: Dict[str, Tuple[float, VMConsoles]] = {}
+        self._cache = LookupCache(cache_ttl, reactor.seconds)
         self._pool = threadpool
-        self._libvirt = libvirt_module if libvirt_module is not None else _import_libvirt()
+        libvirt = libvirt_module if libvirt_module is not None else _import_libvirt()
         # libvirt prints every error to stderr unless a handler is set.
-        self._libvirt.registerErrorHandler(lambda ctx, err: None, None)
-        self._connections = Connections(
-            hypervisors, self._libvirt, reactor.seconds, reopen_backoff, self._log_from_pool
-        )
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)
+        self._connections = Connections(hypervisors, libvirt, reactor.seconds, reopen_backoff, self._log_from_pool)
         self._slots = self._connections.slots
         self._order = self._connections.order
+        self._blocking = _PoolSide(libvirt, self._connections, self._log_from_pool)
 
     # -- reactor side ------------------------------------------------------
 
@@ -172,11 +148,9 @@ class LibvirtConsoleLocator:
         running VM looked up less than C{cache_ttl} seconds ago is answered
         at once from the cache.
         """
-        if self._cache_ttl > 0 and isinstance(vm_ref, str):
-            entry = self._cache.get(_cache_key(vm_ref))
-            if entry is not None:
-                if self._reactor.seconds() < entry[0]:
-                    return succeed(entry[1])
+        cached = self._cache.get(vm_ref)
+        if cached is not None:
+            return succeed(cached)
         return Deferred.fromCoroutine(self._locate(vm_ref))
 
     def invalidate(self, vm_ref: Optional[str] = None) -> None:
@@ -184,30 +158,7 @@ class LibvirtConsoleLocator:
         Forget the cached lookup of C{vm_ref} (a name or UUID; for a cached
         VM both its entries go), or of every VM when C{None}.
         """
-        if vm_ref is None:
-            self._cache.clear()
-            return
-        entry = self._cache.pop(_cache_key(vm_ref), None)
-        if entry is not None:
-            vm = entry[1]
-            for key in [k for k, (_, cached) in self._cache.items() if cached is vm]:
-                del self._cache[key]
-
-    def _remember(self, vm_ref: str, vm: VMConsoles) -> None:
-        """
-        Cache C{vm} (running VMs only) under C{vm_ref} and its UUID.
-        """
-        if self._cache_ttl <= 0 or not vm.running:
-            return
-        now = self._reactor.seconds()
-        if len(self._cache) >= _CACHE_SWEEP_AT:
-            for key in [k for k, (expires, _) in self._cache.items() if expires <= now]:
-                del self._cache[key]
-            if len(self._cache) >= _CACHE_SWEEP_AT:
-                self._cache.clear()
-        entry = (now + self._cache_ttl, vm)
-        self._cache[_cache_key(vm_ref)] = entry
-        self._cache[_cache_key(vm.uuid)] = entry
+        self._cache.invalidate(vm_ref)
 
     async def _locate(self, vm_ref: str) -> VMConsoles:
         if not isinstance(vm_ref, str) or not vm_ref or len(vm_ref) > 1024:
@@ -218,7 +169,7 @@ class LibvirtConsoleLocator:
             self.invalidate(vm_ref)
             raise
         if vm.running:
-            self._remember(vm_ref, vm)
+            self._cache.remember(vm_ref, vm)
         else:
             # A stopped VM: whatever was cached for it is out of date.
             self.invalidate(vm_ref)
@@ -229,7 +180,7 @@ class LibvirtConsoleLocator:
         failed: List[str] = []
         for uri in self._order:
             try:
-                vm = await self._in_pool(self._locate_on, uri, vm_ref)
+                vm = await self._in_pool(self._blocking.locate_on, uri, vm_ref)
             except DomainXMLError as e:
                 raise console_error(e, uri=uri, vm_ref=vm_ref) from None
             except HypervisorFailed as e:
@@ -263,7 +214,7 @@ class LibvirtConsoleLocator:
         listener.  Fails with CONNECTION_FAILED (the reason is logged).
         """
         uri, vm_uuid, device = target.hypervisor, target.vm_uuid, target.graphics.device
-        d = self._in_pool(self._open_graphics_on, uri, vm_uuid, device)
+        d = self._in_pool(self._blocking.open_graphics_on, uri, vm_uuid, device)
 
         def failed(f: Any) -> None:
             detail = f.value.detail if f.check(HypervisorFailed) else str(f.value)
@@ -286,7 +237,7 @@ class LibvirtConsoleLocator:
         """
 
         def one(uri: str) -> Deferred:
-            d = self._in_pool(self._check_on, uri)
+            d = self._in_pool(self._blocking.check_on, uri)
 
             def failed(f: Any) -> Tuple[str, str]:
                 if f.check(HypervisorFailed):
@@ -306,14 +257,25 @@ class LibvirtConsoleLocator:
         """
         Close every cached connection (at shutdown, before the pool stops).
         """
-        self._cache.clear()
+        self._cache.invalidate()
         # Only hypervisors with an open connection need the pool.
         open_uris = [uri for uri in self._order if self._slots[uri].conn is not None]
         return gatherResults(
             [self._in_pool(self._connections.drop, uri, None) for uri in open_uris]
         ).addCallback(lambda _: None)
 
-    # -- pool side: everything below blocks ---------------------------------
+
+class _PoolSide:
+    """
+    The locator's libvirt calls: every method blocks, so runs on the
+    thread pool only (logging through C{log_from_pool}).
+    """
+
+    def __init__(self, libvirt: Any, connections: Connections, log_from_pool: Callable[..., None]):
+        self._libvirt = libvirt
+        self._connections = connections
+        self._slots = connections.slots
+        self._log_from_pool = log_from_pool
 
     def _lookup(self, conn: Any, vm_ref: str) -> Any:
         if UUID_RE.match(vm_ref):
@@ -357,7 +319,7 @@ class LibvirtConsoleLocator:
             open_graphics=config.open_graphics,
         )
 
-    def _locate_on(self, uri: str, vm_ref: str) -> Optional[VMConsoles]:
+    def locate_on(self, uri: str, vm_ref: str) -> Optional[VMConsoles]:
         """
         C{vm_ref} on hypervisor C{uri}, or C{None} when it does not know it.
         """
@@ -376,7 +338,7 @@ class LibvirtConsoleLocator:
                 return None
             raise HypervisorFailed(f"libvirt error {code}: {e}", f"error (libvirt code {code})") from None
 
-    def _open_graphics_on(self, uri: str, vm_uuid: str, device: int) -> int:
+    def open_graphics_on(self, uri: str, vm_uuid: str, device: int) -> int:
         if uri not in self._slots:
             raise HypervisorFailed(f"{uri} is not a configured hypervisor", "unknown")
         flags = getattr(self._libvirt, "VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH", 1)
@@ -386,7 +348,7 @@ class LibvirtConsoleLocator:
 
         return self._connections.with_connection(uri, action)
 
-    def _check_on(self, uri: str) -> None:
+    def check_on(self, uri: str) -> None:
         try:
             self._connections.with_connection(uri, lambda conn: conn.getLibVersion())
         except self._libvirt.libvirtError as e:

@@ -238,7 +238,7 @@ def dial_host(vm: VMConsoles, g: Graphics) -> str:
 class ConsoleTarget:
     """
     A console whose address the host policy has checked: all the VM dial
-    (L{vaporproxy.vm.dial.dial}) needs.
+    (L{vaporproxy.relay.dial.dial}) needs.
 
     @ivar address: the checked address: an IP literal, or a UNIX socket
         path for a socket listener.
@@ -260,6 +260,10 @@ class ConsoleTarget:
     vm_uuid: str = ""
     locator: Any = field(default=None, compare=False, repr=False)
     hand_over: bool = False
+
+    def uses_tls(self, channel_type: Optional[int]) -> bool:
+        """Whether the SPICE channel C{channel_type} is dialled over TLS (L{channel_uses_tls})."""
+        return channel_uses_tls(self.graphics, channel_type)
 
 
 def handed_over(vm: VMConsoles, g: Graphics) -> bool:

@@ -1,5 +1,6 @@
 """
-Tests for L{vaporproxy.vm.dial}: plain TCP, TLS from the first byte and
+Tests for L{vaporproxy.relay.dial} (and L{vaporproxy.vm.dial}'s TLS
+settings): plain TCP, TLS from the first byte and
 UNIX sockets, on a L{MemoryReactor}; the TLS handshake with real TLS in
 memory (L{iosim}).
 """
@@ -28,7 +29,8 @@ from vaporproxy.config import ConfigError, HypervisorConfig, SpiceTLSConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.guards.spice import SpiceGuard
 from vaporproxy.interfaces import Graphics
-from vaporproxy.vm.dial import GraphicsHandOff, dial, spice_tls_by_uri
+from vaporproxy.relay.dial import GraphicsHandOff, dial
+from vaporproxy.vm.dial import spice_tls_by_uri
 from vaporproxy.vm.hosts import LIBVIRT_HANDOFF
 from vaporproxy.vm.target import ConsoleTarget
 
