@@ -85,6 +85,9 @@ class RecordingTests(SynchronousTestCase):
         self.assertEqual(listed[live.id]["outcome"], "LIVE")
         self.assertEqual(listed[crashed.id]["outcome"], "INTERRUPTED")
         self.assertEqual(listed[crashed.id]["user"], "alice")
+        self.assertEqual(
+            [listed[r.id]["complete"] for r in (finished, live, crashed)], [True, None, False]
+        )
 
     def test_endedBeforeItsMetadataIsWritten(self):
         """
@@ -108,6 +111,36 @@ class RecordingTests(SynchronousTestCase):
         recorder.to_browser(0, b"more")
         self.assertFalse(recorder.active)
         self.assertEqual(len(self.dropped), 1)
+
+    def test_droppedListedTruthfully(self):
+        """
+        When a recording was dropped, the list says it is not complete and why, while its console is live and after it ended.
+        """
+        self.writer.max_pending = 10
+        recorder = self.record_one(self.store, data=b"x" * 100)
+        [live] = self.successResultOf(self.store.list())
+        self.assertEqual((live["outcome"], live["complete"]), ("LIVE", False))
+        self.assertIn("bytes waiting for the disk", live["dropped"])
+        meta = self.store.finish(recorder, bytes_sent=100, outcome=None)
+        self.assertEqual((meta["outcome"], meta["complete"]), ("ok", False))
+        self.assertEqual(meta["dropped"], live["dropped"])
+        [ended] = self.successResultOf(self.store.list())
+        self.assertEqual((ended["complete"], ended["dropped"]), (False, live["dropped"]))
+        with open(os.path.join(self.dir, recorder.id + ".json")) as f:
+            self.assertEqual(json.load(f)["complete"], False)
+
+    def test_writtenWhileLive(self):
+        """
+        When consoles are being recorded, the store tells how many bytes their files hold so far; ended ones no longer count.
+        """
+        first = self.record_one(self.store, data=b"x" * 100)
+        second = self.record_one(self.store, data=b"y" * 50)
+        before = self.store.written()
+        self.assertEqual(before, first.size + second.size)
+        first.to_browser(0, b"z" * 1000)
+        self.assertGreaterEqual(self.store.written(), before + 1000)
+        self.store.finish(first, bytes_sent=1100, outcome=None)
+        self.assertEqual(self.store.written(), second.size)
 
     def test_retentionByAge(self):
         """

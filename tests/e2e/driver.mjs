@@ -24,6 +24,8 @@
 //         {"press": "Enter"}              press one key
 //         {"wait_ms": n}                  wait
 //       and reports the actions done ("acted") or the error ("action_error").
+//       "canvas_png_before" / "canvas_png": paths where the largest canvas
+//       under #screen is saved as PNG, before the actions / at the end.
 //
 //   {"kind": "ws", "origin": U, "ws_url": W, "protocols": [...],
 //    "close_after_data": bool, "timeout_ms": n}
@@ -83,6 +85,21 @@ async function screenBox(page) {
   }
   if (!best) throw new Error("no canvas under #screen");
   return best;
+}
+
+// Save the largest canvas under #screen as a PNG file; whether there was one.
+async function saveCanvas(page, path) {
+  const data = await page.evaluate(() => {
+    let best = null;
+    for (const c of document.querySelectorAll("#screen canvas")) {
+      if (c.width && c.height && (!best || c.width * c.height > best.width * best.height)) best = c;
+    }
+    return best ? best.toDataURL("image/png") : null;
+  });
+  if (!data) return false;
+  const fs = await import("node:fs");
+  fs.writeFileSync(path, Buffer.from(data.split(",")[1], "base64"));
+  return true;
 }
 
 async function act(page, actions) {
@@ -149,6 +166,8 @@ async function pageStep(browser, step, deadline) {
   }
   let acted = null;
   let actionError = null;
+  const saved = {};
+  if (reached && step.canvas_png_before) saved.before = await saveCanvas(page, step.canvas_png_before);
   if (reached && step.actions) {
     try {
       acted = await act(page, step.actions);
@@ -184,6 +203,7 @@ async function pageStep(browser, step, deadline) {
     }
   }
   canvas = await page.evaluate(canvasStatsInPage);
+  if (step.canvas_png) saved.end = await saveCanvas(page, step.canvas_png);
   if (step.screenshot) await page.screenshot({ path: step.screenshot });
   return {
     kind: "page",
@@ -194,6 +214,7 @@ async function pageStep(browser, step, deadline) {
     elapsed_ms: Date.now() - started,
     vapor,
     canvas,
+    saved,
     address: await page.evaluate(() => window.location.href),
     errors: errors.slice(0, 20),
   };

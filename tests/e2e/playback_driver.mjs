@@ -1,8 +1,14 @@
 // Drives the playback page in headless Chromium (playwright-core, system
-// Chromium) and prints one JSON line: what window.vaporPlayback said, and
-// PNGs of the canvas at the end of the recording and after a seek.
+// Chromium) like a person with its controls, and prints one JSON line:
+// what window.vaporPlayback said at each point, the time shown, and PNGs
+// of the screen (the largest canvas under #screen).
 //
-//   node tests/e2e/playback_driver.mjs '{"url": U, "end_png": P, "seek_png": P, "seek_ms": N, "timeout_ms": N}'
+//   node tests/e2e/playback_driver.mjs '{"url": U, "end_png": P, "timeout_ms": N,
+//       "speed": 8,               (optional) pick this speed in the select while playing,
+//                                 and measure how far the position moves in 1 s
+//       "seek_png": P, "seek_ms": N | "seek_middle": true,
+//                                 (optional) after the end, seek there with the seek bar
+//       "play_pause": true}'      (optional) then at 1x Play for a while, Pause, and watch it hold
 import { chromium } from "playwright-core";
 
 const spec = JSON.parse(process.argv[2]);
@@ -10,10 +16,13 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 async function canvasPng(page, path) {
   const data = await page.evaluate(() => {
-    const canvas = document.querySelector("#screen canvas");
-    return canvas ? canvas.toDataURL("image/png") : null;
+    let best = null;
+    for (const c of document.querySelectorAll("#screen canvas")) {
+      if (c.width && c.height && (!best || c.width * c.height > best.width * best.height)) best = c;
+    }
+    return best ? best.toDataURL("image/png") : null;
   });
-  if (!data) return false;
+  if (!data || !path) return false;
   const fs = await import("node:fs");
   fs.writeFileSync(path, Buffer.from(data.split(",")[1], "base64"));
   return true;
@@ -28,6 +37,47 @@ async function waitFor(page, predicate, timeoutMs) {
   return false;
 }
 
+const state = (page) => page.evaluate(() => ({
+  ...window.vaporPlayback,
+  shown: document.getElementById("time").textContent,
+  button: document.getElementById("play").textContent,
+}));
+
+async function checkSpeed(page, out) {
+  await page.selectOption("#speed", String(spec.speed));
+  const before = await state(page);
+  const t0 = Date.now();
+  await sleep(1000);
+  const after = await state(page);
+  out.speedCheck = { speed: after.speed, fromMs: before.positionMs, toMs: after.positionMs, realMs: Date.now() - t0,
+    stillPlaying: after.state === "playing" };
+}
+
+async function seek(page, out) {
+  const target = spec.seek_middle ? Math.floor(out.atEnd.durationMs / 2) : spec.seek_ms;
+  await page.$eval("#seek", (el, v) => {
+    el.value = String(v);
+    el.dispatchEvent(new Event("change", { bubbles: true }));
+  }, target);
+  out.seekTarget = target;
+  await waitFor(page, () => window.vaporPlayback.fed > 0, 5000);
+  await sleep(1000);  // SPICE: the later channels link and draw
+  out.afterSeek = await state(page);
+  out.seekPng = await canvasPng(page, spec.seek_png);
+}
+
+async function playPause(page, out) {
+  await page.selectOption("#speed", "1");
+  await page.click("#play");
+  await sleep(800);
+  const playing = await state(page);
+  await page.click("#play");
+  const paused = await state(page);
+  await sleep(700);
+  const held = await state(page);
+  out.playPause = { playing, paused, held };
+}
+
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,18 +88,19 @@ try {
   const page = await browser.newPage();
   page.on("pageerror", (e) => out.errors.push(String(e)));
   await page.goto(spec.url);
+  out.started = await waitFor(page, () => window.vaporPlayback && window.vaporPlayback.state !== "init"
+    && window.vaporPlayback.state !== "loading", spec.timeout_ms);
+  out.atStart = await state(page);
+  if (spec.speed && out.atStart.state === "playing") await checkSpeed(page, out);
   out.ended = await waitFor(page, () => window.vaporPlayback && ["ended", "failed"].includes(window.vaporPlayback.state),
     spec.timeout_ms);
-  out.atEnd = await page.evaluate(() => ({ ...window.vaporPlayback }));
   out.urlAfterLoad = page.url();
   await sleep(300);
+  out.atEnd = await state(page);
   out.endPng = await canvasPng(page, spec.end_png);
-  if (out.atEnd.state === "ended") {
-    await page.evaluate((ms) => window.vaporPlayer.seek(ms), spec.seek_ms);
-    await page.evaluate(() => window.vaporPlayer.pause());
-    await sleep(500);
-    out.afterSeek = await page.evaluate(() => ({ ...window.vaporPlayback }));
-    out.seekPng = await canvasPng(page, spec.seek_png);
+  if (out.atEnd.state === "ended" && (spec.seek_ms !== undefined || spec.seek_middle)) {
+    await seek(page, out);
+    if (spec.play_pause) await playPause(page, out);
   }
 } catch (e) {
   out.fatal = String(e && e.stack ? e.stack : e);

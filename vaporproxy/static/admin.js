@@ -126,7 +126,8 @@ function showRecordings(list) {
     cell(row, r.vm_name || r.vm_id);
     cell(row, r.type);
     cell(row, duration(r.duration_s), true);
-    cell(row, r.outcome || "–");
+    // A recording dropped (disk full or slow) or cut by a crash says so.
+    cell(row, (r.outcome || "–") + (r.complete === false ? " · incomplete" : "")).title = r.dropped || "";
     cell(row, bytes(r.size), true);
     const link = document.createElement("a");
     link.className = "button";

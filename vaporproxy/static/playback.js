@@ -4,15 +4,17 @@
 // to sessionStorage at once, sent only in an Authorization header), parses
 // the file (format version 1, see README "Recording files"), and plays it
 // with the real client: noVNC for VNC, spice-html5 for SPICE.  The client
-// is given a fake WebSocket that delivers what the VM sent the browser at
-// the recorded times (scaled by the speed) and ignores what the client
-// sends.  Seeking replays the recording from the start up to the chosen
-// point at once, into a fresh client, then plays on from there.
+// is given fake WebSockets (playback_sockets.js), one per recorded channel,
+// that deliver what the VM sent the browser at the recorded times (scaled
+// by the speed) and ignore what the client sends.  Seeking replays the
+// recording from the start up to the chosen point at once, into a fresh
+// client, then plays on from there.
 //
 // State for people and tests: the status line and window.vaporPlayback.
 "use strict";
 
 import { takeFromFragment } from "./fragment.js";
+import { VncChannel, spiceSocketClass } from "./playback_sockets.js";
 
 const API = "/api/v1/console/recordings/";
 const KEY_STORAGE = "vapor.key";
@@ -28,7 +30,11 @@ const playback = {
   positionMs: 0,
   speed: 1,
   fed: 0,            // records delivered to the client since the last (re)start
+  channels: 0,       // channels in the recording
+  linked: 0,         // of them, mapped to a client's socket since the last (re)start
+  unplayed: 0,       // at the end: records no socket of the client asked for
   seeks: 0,
+  clientErrors: [],  // what the client reported (spice-html5's onerror)
   error: null,
 };
 window.vaporPlayback = playback;
@@ -66,84 +72,73 @@ export function parseRecording(buffer) {
   return { header, records };
 }
 
-// -- fake sockets ----------------------------------------------------------
-
-// What noVNC takes as a "raw channel": already open, sends go nowhere.
-class VncChannel {
-  constructor() {
-    this.binaryType = "arraybuffer";
-    this.protocol = "";
-    this.readyState = "open";
-    this.onopen = null;
-    this.onmessage = null;
-    this.onerror = null;
-    this.onclose = null;
-  }
-  send() {}
-  close() { this.readyState = "closed"; }
-  ready() { return typeof this.onmessage === "function"; }
-  deliver(data) { this.onmessage({ data }); }
-}
-
-// What spice-html5 creates with `new WebSocket(uri, "binary")`: it links
-// as some channel type; the recorded channel of that type answers it.
-function spiceSocketClass(player) {
-  return class SpiceSocket extends EventTarget {
-    constructor() {
-      super();
-      this.binaryType = "arraybuffer";
-      this.protocol = "binary";
-      this.readyState = 0;
-      this.channel = null;
-      player.sockets.push(this);
-      setTimeout(() => { this.readyState = 1; this.dispatchEvent(new Event("open")); }, 0);
-    }
-    send(data) {
-      if (this.channel !== null) return;
-      // SpiceLinkHeader (16 bytes), then SpiceLinkMess: connection_id u32,
-      // channel_type u8, channel_id u8.
-      const bytes = new Uint8Array(data instanceof ArrayBuffer ? data : data.buffer || data);
-      if (bytes.length >= 22) this.channel = player.channelFor(bytes[20], bytes[21]);
-      player.pump();
-    }
-    close() { this.readyState = 3; }
-    ready() { return this.channel !== null; }
-    deliver(data) {
-      const event = new MessageEvent("message", { data });
-      this.dispatchEvent(event);
-    }
-  };
-}
-
 // -- the player ------------------------------------------------------------
 
+// Plays one recording into one client at a time.  Each recorded channel
+// has its own queue of records, played in order at their times (scaled by
+// the speed) into the socket mapped to it: a channel waits for its socket
+// (SPICE: opened by spice-html5 when the main channel's messages list it)
+// without holding the others back.  Seeking makes a fresh client (a new
+// generation of sockets) and plays everything before the point at once.
 class Player {
   constructor(recording) {
     this.header = recording.header;
-    this.records = recording.records.filter((r) => r.kind === KIND_TO_BROWSER);
-    this.opens = recording.records.filter((r) => r.kind === KIND_CHANNEL_OPEN);
+    this.queues = new Map();   // channel -> records the browser received
+    this.opens = [];           // [{channel, info}] in the order channels opened
+    for (const r of recording.records) {
+      if (r.kind === KIND_TO_BROWSER) {
+        if (!this.queues.has(r.channel)) this.queues.set(r.channel, []);
+        this.queues.get(r.channel).push(r);
+      } else if (r.kind === KIND_CHANNEL_OPEN) {
+        let info = {};
+        try { info = JSON.parse(new TextDecoder().decode(r.data)); } catch (e) { /* no info */ }
+        this.opens.push({ channel: r.channel, info });
+      }
+    }
+    this.total = recording.records.filter((r) => r.kind === KIND_TO_BROWSER).length;
     playback.durationMs = recording.records.length ? recording.records[recording.records.length - 1].t : 0;
-    this.next = 0;
+    playback.channels = this.opens.length;
+    this.cursors = new Map();  // channel -> index of its next record
+    this.generation = 0;
     this.timer = null;
+    this.scheduled = false;
     this.playing = false;
-    this.origin = 0;      // performance.now() when positionMs was `base`
+    this.origin = 0;      // performance.now() when the position was `base`
     this.base = 0;
     this.sockets = [];
     this.client = null;
+    this.SpiceSocket = null;
   }
 
-  // The recorded channel number a SPICE socket of this type/id is.
-  channelFor(type, id) {
-    const taken = new Set(this.sockets.map((s) => s.channel).filter((c) => c !== null));
-    for (const open of this.opens) {
-      let info = {};
-      try { info = JSON.parse(new TextDecoder().decode(open.data)); } catch (e) { /* no info */ }
-      if (info.channel_type === type && (info.channel_id ?? 0) === id && !taken.has(open.channel)) {
-        return open.channel;
-      }
-    }
-    return -1;  // never answered: the recording has no such channel
+  // -- what the fake sockets call ---------------------------------------
+
+  adopt(socket) {
+    this.sockets.push(socket);
   }
+
+  // A SPICE socket sent its link message: it is the next recorded channel
+  // of that type (and id) not yet taken in this generation.
+  linked(socket, type, id) {
+    const taken = new Set(this.sockets.map((s) => s.channel));
+    const open = this.opens.find(
+      (o) => o.info.channel_type === type && (o.info.channel_id ?? 0) === id && !taken.has(o.channel));
+    socket.channel = open ? open.channel : -1;
+    playback.linked = this.sockets.filter((s) => s.channel !== null && s.channel >= 0).length;
+    this.schedule();
+  }
+
+  // Pump on a later task, never inside a client's own call.
+  schedule() {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    const generation = this.generation;
+    setTimeout(() => {
+      this.scheduled = false;
+      if (generation === this.generation) this.pump();
+    }, 0);
+  }
+
+  // -- the clock ----------------------------------------------------------
 
   position() {
     if (!this.playing) return this.base;
@@ -152,9 +147,11 @@ class Player {
 
   async restart(atMs) {
     clearTimeout(this.timer);
+    this.generation += 1;
     this.teardown();
-    this.next = 0;
+    this.cursors = new Map();
     playback.fed = 0;
+    playback.linked = 0;
     this.base = atMs;
     this.origin = performance.now();
     await this.makeClient();
@@ -162,82 +159,103 @@ class Player {
   }
 
   teardown() {
-    if (this.client && this.client.disconnect) {
-      try { this.client.disconnect(); } catch (e) { /* already gone */ }
-    }
-    if (this.client && this.client.stop) {
-      try { this.client.stop(); } catch (e) { /* already gone */ }
-    }
+    const client = this.client;
     this.client = null;
+    for (const socket of this.sockets) socket.close();
     this.sockets = [];
+    if (client && client.disconnect) {
+      try { client.disconnect(); } catch (e) { /* already gone */ }
+    }
+    if (client && client.stop) {
+      try { client.stop(); } catch (e) { /* already gone */ }
+    }
     $("screen").replaceChildren();
   }
 
   async makeClient() {
     if (this.header.type === "spice") {
       const SpiceHtml5 = await import("/static/spice-html5/main.js");
-      const RealWebSocket = window.WebSocket;
-      window.WebSocket = spiceSocketClass(this);
-      try {
-        this.client = new SpiceHtml5.SpiceMainConn({
-          uri: "ws://recording/", screen_id: "screen", message_id: "spice-messages", password: "",
-          onerror: () => {}, onsuccess: () => {},
-        });
-      } finally {
-        // spice-html5 opens its later channels from inside its handlers.
-        setTimeout(() => { window.WebSocket = RealWebSocket; }, 60000);
+      if (this.SpiceSocket === null) {
+        // For good, not for a while: spice-html5 opens its later channels
+        // from inside its handlers, and this page wants no real socket.
+        this.SpiceSocket = spiceSocketClass(this);
+        window.WebSocket = this.SpiceSocket;
       }
+      const generation = this.generation;
+      this.client = new SpiceHtml5.SpiceMainConn({
+        uri: "ws://recording/", screen_id: "screen", message_id: "spice-messages", password: "",
+        onerror: (e) => {
+          if (generation === this.generation) playback.clientErrors.push(String(e && e.message ? e.message : e));
+        },
+        onsuccess: () => {},
+      });
     } else {
       const { default: RFB } = await import("/static/novnc/core/rfb.js");
       const channel = new VncChannel();
-      this.sockets.push(channel);
-      channel.channel = 0;
+      this.adopt(channel);
       this.client = new RFB($("screen"), channel, { shared: true });
       this.client.viewOnly = true;
       this.client.scaleViewport = true;
     }
   }
 
-  // Deliver every record that is due to a socket ready for it.
+  // Deliver every due record to its channel's socket, if that is ready.
   pump() {
     clearTimeout(this.timer);
+    this.timer = null;
+    const generation = this.generation;
     const now = this.position();
-    while (this.next < this.records.length && this.records[this.next].t <= now) {
-      const record = this.records[this.next];
-      const socket = this.sockets.find((s) => s.channel === record.channel);
-      if (!socket || !socket.ready()) break;  // not linked yet: wait for it
-      socket.deliver(record.data);
-      this.next += 1;
-      playback.fed += 1;
+    let due = Infinity;    // the time of the next record a ready socket waits for
+    for (let i = 0; i < this.sockets.length; i += 1) {
+      const socket = this.sockets[i];
+      if (!socket.ready()) continue;
+      const queue = this.queues.get(socket.channel) || [];
+      let next = this.cursors.get(socket.channel) || 0;
+      while (next < queue.length && queue[next].t <= now) {
+        socket.deliver(queue[next].data);
+        next += 1;
+        playback.fed += 1;
+        if (generation !== this.generation) return;  // the client restarted itself
+      }
+      this.cursors.set(socket.channel, next);
+      if (next < queue.length) due = Math.min(due, queue[next].t);
     }
     playback.positionMs = now;
     showTime();
-    if (this.next >= this.records.length && now >= playback.durationMs) {
-      this.playing = false;
-      this.base = playback.durationMs;
-      setStatus("ended", "ended");
-      $("play").textContent = "Play";
+    const waiting = this.sockets.some((s) => s.pending());
+    if (now >= playback.durationMs && due === Infinity && !waiting) {
+      this.finish();
       return;
     }
-    if (this.playing || this.next < this.records.length) {
-      const due = this.next < this.records.length ? this.records[this.next].t : playback.durationMs;
-      const wait = this.playing ? Math.max(5, (due - now) / playback.speed) : 20;
+    if (this.playing) {
+      const target = Math.min(due, playback.durationMs);
+      const wait = Math.max(5, (target - now) / playback.speed);
       this.timer = setTimeout(() => this.pump(), Math.min(wait, 250));
     }
+  }
+
+  finish() {
+    this.playing = false;
+    this.base = playback.durationMs;
+    playback.positionMs = playback.durationMs;
+    playback.unplayed = this.total - playback.fed;
+    showTime();
+    setStatus("ended", "ended");
+    $("play").textContent = "Play";
   }
 
   play() {
     if (playback.state === "ended") {
       this.playing = true;
       setStatus("playing", "playing");
-      this.restart(0);
-      return;
+      return this.restart(0);
     }
     this.base = this.position();
     this.origin = performance.now();
     this.playing = true;
     setStatus("playing", "playing");
     this.pump();
+    return Promise.resolve();
   }
 
   pause() {
