@@ -59,7 +59,7 @@ async function seek(page, out) {
     el.value = String(v);
     el.dispatchEvent(new Event("change", { bubbles: true }));
   }, target);
-  out.seekTarget = target;
+  out.seekTarget = Number(await page.$eval("#seek", (el) => el.value));  // the bar's step rounds it
   await waitFor(page, () => window.vaporPlayback.fed > 0, 5000);
   await sleep(1000);  // SPICE: the later channels link and draw
   out.afterSeek = await state(page);
@@ -88,8 +88,8 @@ try {
   const page = await browser.newPage();
   page.on("pageerror", (e) => out.errors.push(String(e)));
   await page.goto(spec.url);
-  out.started = await waitFor(page, () => window.vaporPlayback && window.vaporPlayback.state !== "init"
-    && window.vaporPlayback.state !== "loading", spec.timeout_ms);
+  out.started = await waitFor(page, () => window.vaporPlayback
+    && ["playing", "ended", "failed"].includes(window.vaporPlayback.state), spec.timeout_ms);
   out.atStart = await state(page);
   if (spec.speed && out.atStart.state === "playing") await checkSpeed(page, out);
   out.ended = await waitFor(page, () => window.vaporPlayback && ["ended", "failed"].includes(window.vaporPlayback.state),

@@ -193,6 +193,7 @@ class Player {
       const { default: RFB } = await import("/static/novnc/core/rfb.js");
       const channel = new VncChannel();
       this.adopt(channel);
+      playback.linked = 1;
       this.client = new RFB($("screen"), channel, { shared: true });
       this.client.viewOnly = true;
       this.client.scaleViewport = true;
