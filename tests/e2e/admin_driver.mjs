@@ -42,6 +42,16 @@ try {
   out.rows = await admin.evaluate(() => document.querySelectorAll("#consoles tbody tr").length);
   out.playLinks = await admin.evaluate(() => [...document.querySelectorAll("#recordings a")].map((a) => a.getAttribute("href")));
   if (spec.screenshot) await admin.screenshot({ path: spec.screenshot });
+  // Watch: the link opens a view-only console of that VM beside the live one.
+  out.watchLinks = await admin.evaluate(() => [...document.querySelectorAll("#consoles a")].map((a) => a.href));
+  if (out.watchLinks.length) {
+    const watcher = await context.newPage();
+    watcher.on("pageerror", (e) => out.errors.push("watch: " + String(e)));
+    await watcher.goto(out.watchLinks[0]);
+    out.watching = await waitFor(watcher, () => window.vapor && window.vapor.state === "connected", spec.timeout_ms);
+    out.watcher = await watcher.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
+    out.watchedConsoles = await waitFor(admin, () => window.vaporAdmin.consoles.length >= 2, spec.timeout_ms);
+  }
   await admin.click("#consoles tbody button");
   out.terminated = await waitFor(consolePage, () => window.vapor.closeCode === 4010, spec.timeout_ms);
   out.console = await consolePage.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));

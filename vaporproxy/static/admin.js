@@ -5,7 +5,7 @@
 // who is on which VM, for how long, how many bytes each way and at what
 // rate now (from the change since the last refresh).  A button per VM
 // closes all of its consoles (DELETE …/{id}/console/sessions); a watch link
-// opens a view-only console of that VM when the server offers view mode;
+// opens a view-only console of that VM (the proxy enforces view-only);
 // each recording links to its playback page.  The key moves from the URL
 // fragment to sessionStorage at once and is only sent in an Authorization
 // header.  State for people and tests: window.vaporAdmin.
@@ -26,7 +26,6 @@ const admin = {
   shares: null,      // null: the server has no share links API
   terminated: [],
   error: null,
-  viewMode: false,   // whether the server offers view-only consoles
 };
 window.vaporAdmin = admin;
 
@@ -100,15 +99,14 @@ function showConsoles(list) {
     stop.textContent = "Terminate VM's consoles";
     stop.addEventListener("click", () => terminate(c.vm_id));
     actions.appendChild(stop);
-    if (admin.viewMode) {
-      const watch = document.createElement("a");
-      watch.className = "button";
-      watch.textContent = "Watch";
-      watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view`;
-      watch.target = "_blank";
-      watch.rel = "noopener";
-      actions.appendChild(watch);
-    }
+    const watch = document.createElement("a");
+    watch.className = "button";
+    watch.textContent = "Watch";
+    // The key in the fragment, as for Play: a new tab (noopener) has no sessionStorage of ours.
+    watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view#key=${encodeURIComponent(key || "")}`;
+    watch.target = "_blank";
+    watch.rel = "noopener";
+    actions.appendChild(watch);
   }
   previous = seen;
   $("no-consoles").hidden = list.length > 0;
@@ -190,7 +188,6 @@ async function refresh() {
       return;  // a wrong key does not poll on
     }
     admin.consoles = stats.body.connections || [];
-    admin.viewMode = Boolean(stats.body.view_mode);
     showConsoles(admin.consoles);
     $("totals").textContent = `${stats.body.total_connections} console(s), ${stats.body.total_tokens} token(s)`;
     const recordings = await api("GET", "/api/v1/console/recordings");
