@@ -217,7 +217,7 @@ class Bench:
                 f"    <devices><graphics type='vnc' port='{self.backend_port}' listen='127.0.0.1'/></devices>\n"
                 "  </domain>\n</node>\n"
             )
-        conf = os.path.join(self.work, f"vapor-{port}.conf")
+        path = os.path.join(self.work, f"vapor-{port}.conf")
         sha = hashlib.sha256(self.api_key.encode()).hexdigest()
         admin_sha = hashlib.sha256(self.admin_key.encode()).hexdigest()
         limit = 2 * self.args.max_conc + 1000
@@ -247,9 +247,9 @@ class Bench:
         ]
         if redis_port is not None:
             lines += ["tokens:", "  backend: redis", f'  redis_url: "redis://127.0.0.1:{redis_port}/0"']
-        with open(conf, "w") as f:
+        with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
-        return conf
+        return path
 
     def vapor_target(self, name: str, nvx: bool = True, workers: int = 1,
                      workloads: Optional[List[str]] = None, redis: bool = False,
