@@ -13,6 +13,9 @@ share over the measured window, the spread, and PASS or FAIL.
 "Within +-10 % of each other" is read as: every run within 10 % of the
 median run.  The proxy's CPU share is its user + system time over the
 window (C{/proc/PID/stat}, read by the client at the window's edges).
+Each run also shows the share of the window the proxy's threads were
+runnable but waiting for a CPU (C{schedstat}): other work on the host,
+not the proxy, when it is large (then the verdict says little).
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ def report(verdict: Dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"run {i + 1}: ERROR {r['error']}")
             continue
-        cpu = r.get("proxy_cpu_share")
-        lines.append(f"run {i + 1}: {r['mib_s']:8.1f} MiB/s   proxy CPU {'–' if cpu is None else f'{cpu:.0%}'}")
+        cpu, wait = r.get("proxy_cpu_share"), r.get("proxy_wait_share")
+        lines.append(f"run {i + 1}: {r['mib_s']:8.1f} MiB/s   proxy CPU {'–' if cpu is None else f'{cpu:.0%}'}"
+                     + ("" if wait is None else f"   (runnable, waiting for a CPU: {wait:.0%})"))
     if "median_mib_s" in verdict:
         lines.append(f"median {verdict['median_mib_s']:.1f} MiB/s; largest deviation from the median "
                      f"{verdict['max_deviation']:.1%}; spread (max-min)/min {verdict['spread']:.1%}")

@@ -167,10 +167,16 @@ def table(results: dict, names: List[str]) -> List[str]:
             ratio = f" ({v / base:.2f})" if v is not None and base else ""
             cells.append(_fmt(v) + ratio)
         rows.append(f"| {label} ({unit}) | {_fmt(base)} | " + " | ".join(cells) + " |")
-    for label, wl in (("downstream 1: proxy CPU share", "down1"), ("downstream 16: proxy CPU share", "down16")):
-        base = _median(results, "vaporproxy", wl, "proxy_cpu_share")
+    for label, wl, key in (
+        ("downstream 1: proxy CPU share", "down1", "proxy_cpu_share"),
+        ("downstream 16: proxy CPU share", "down16", "proxy_cpu_share"),
+        # Summed over the proxy's threads (a recording's disk thread waits behind the reactor too).
+        ("downstream 1: proxy runnable, waiting for a CPU (share)", "down1", "proxy_wait_share"),
+        ("downstream 16: proxy runnable, waiting for a CPU (share)", "down16", "proxy_wait_share"),
+    ):
+        base = _median(results, "vaporproxy", wl, key)
         rows.append(f"| {label} | {_fmt(base)} | "
-                    + " | ".join(_fmt(_median(results, n, wl, "proxy_cpu_share")) for n, _ in cols) + " |")
+                    + " | ".join(_fmt(_median(results, n, wl, key)) for n, _ in cols) + " |")
     if any(n == "vaporproxy-recorded" for n, _ in cols):
         cells = []
         for wl in ("down1", "down16", "setup8"):
