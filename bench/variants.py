@@ -141,6 +141,14 @@ def _median(results: dict, target: str, wl: str, key: str) -> Optional[float]:
     return statistics.median(vals) if vals else None
 
 
+def _cpu_ms_per_mib(results: dict, target: str, wl: str) -> Optional[float]:
+    """The proxy's CPU milliseconds per MiB relayed (median of the runs): what other work on the host moves least."""
+    runs = results.get(target, {}).get(wl, {}).get("runs", [])
+    vals = [1000 * r["proxy_cpu_share"] / r["mib_s"] for r in runs
+            if isinstance(r.get("proxy_cpu_share"), (int, float)) and r.get("mib_s")]
+    return statistics.median(vals) if vals else None
+
+
 def _fmt(v: Optional[float]) -> str:
     if v is None:
         return "–"
@@ -177,6 +185,13 @@ def table(results: dict, names: List[str]) -> List[str]:
         base = _median(results, "vaporproxy", wl, key)
         rows.append(f"| {label} | {_fmt(base)} | "
                     + " | ".join(_fmt(_median(results, n, wl, key)) for n, _ in cols) + " |")
+    for label, wl in (("downstream 1: proxy CPU ms per MiB", "down1"), ("downstream 16: proxy CPU ms per MiB", "down16")):
+        base = _cpu_ms_per_mib(results, "vaporproxy", wl)
+        cells = []
+        for n, _ in cols:
+            v = _cpu_ms_per_mib(results, n, wl)
+            cells.append(_fmt(v) + (f" ({v / base:.2f})" if v is not None and base else ""))
+        rows.append(f"| {label} | {_fmt(base)} | " + " | ".join(cells) + " |")
     if any(n == "vaporproxy-recorded" for n, _ in cols):
         cells = []
         for wl in ("down1", "down16", "setup8"):
