@@ -185,7 +185,8 @@ def table(results: dict, names: List[str]) -> List[str]:
         base = _median(results, "vaporproxy", wl, key)
         rows.append(f"| {label} | {_fmt(base)} | "
                     + " | ".join(_fmt(_median(results, n, wl, key)) for n, _ in cols) + " |")
-    for label, wl in (("downstream 1: proxy CPU ms per MiB", "down1"), ("downstream 16: proxy CPU ms per MiB", "down16")):
+    for label, wl in (("downstream 1: proxy CPU ms per MiB", "down1"),
+                      ("downstream 16: proxy CPU ms per MiB", "down16")):
         base = _cpu_ms_per_mib(results, "vaporproxy", wl)
         cells = []
         for n, _ in cols:

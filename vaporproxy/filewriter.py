@@ -260,7 +260,8 @@ class DiskWriter(Service):
         if handle.written != handle._seen:
             handle._seen, handle._progress_at = handle.written, now
         elif now - handle._progress_at >= self.stall_timeout:
-            self._give_up(handle, f"the disk wrote none of its {handle.pending} waiting bytes for {self.stall_timeout:g} s")
+            why = f"the disk wrote none of its {handle.pending} waiting bytes for {self.stall_timeout:g} s"
+            self._give_up(handle, why)
             return
         self._watch(handle)
 

@@ -134,7 +134,8 @@ class Metrics:
         )
         self._recordings_dropped = Counter(
             "vaporproxy_recordings_dropped",
-            "Recordings given up (disk full or too slow); their consoles went on",
+            "Recordings given up (the disk failed, or wrote none of a paused recording for 5 s);"
+            " their consoles went on",
             registry=r,
         )
         self._recording_files = Gauge("vaporproxy_recording_files", "Recording files on disk", registry=r)
