@@ -144,6 +144,40 @@ class RecordingTests(SynchronousTestCase):
         recorder.detach(holds.append)
         self.assertEqual(len(self.dropped), 1)
 
+    def test_metadataSaysWhatTheDiskFinallyWrote(self):
+        """
+        When a console ends while its records still wait for the disk, its metadata file gives the size and completeness once they are written.
+        """
+        self.writer.hold()
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        recorder.to_browser(0, b"a" * 1000)
+        meta = self.store.finish(recorder, bytes_sent=1000, outcome=None)
+        self.assertEqual(meta["size"], 0)  # nothing written yet
+        self.writer.step()
+        with open(os.path.join(self.dir, recorder.id + ".json")) as f:
+            written = json.load(f)
+        self.assertEqual(written["size"], os.path.getsize(recording_path(self.dir, recorder.id)))
+        self.assertTrue(written["complete"])
+
+    def test_metadataSaysIncompleteWhenTheLastWritesFail(self):
+        """
+        When the records still waiting at the console's end fail to be written, its metadata file says incomplete.
+        """
+        self.writer.hold()
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        recorder.to_browser(0, b"a" * 1000)
+        self.assertTrue(self.store.finish(recorder, bytes_sent=1000, outcome=None)["complete"])
+
+        def full(fd, parts, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.writer.step(1)  # the open
+        self.patch(filewriter, "_writev_all", full)
+        self.writer.step()
+        with open(os.path.join(self.dir, recorder.id + ".json")) as f:
+            self.assertFalse(json.load(f)["complete"])
+        self.assertEqual(len(self.dropped), 1)
+
     def test_failedDiskDropsRecordingOnly(self):
         """
         When a write fails (the disk is full), the recording is given up and reported once; recording calls go on without error.

@@ -34,7 +34,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -175,11 +175,12 @@ class DiskWriter(Service):
         self._put(_OPEN, handle, None)
         return handle
 
-    def replace(self, path: str, data: bytes) -> None:
+    def replace(self, path: str, data: Union[bytes, Callable[[], bytes]]) -> None:
         """
         Write a small file whole, replacing C{path} atomically (a temporary
-        file renamed over it), after everything queued before.  A failure
-        is logged.
+        file renamed over it), after everything queued before.  C{data} may
+        be a function, called on the thread then (a recording's metadata,
+        once its last record is written or given up).  A failure is logged.
         """
         self._put(_REPLACE, None, (path, data))  # type: ignore[arg-type]
 
@@ -397,9 +398,11 @@ class DiskWriter(Service):
         if wake:
             self._on_reactor(self._drained, handle)
 
-    def _replace(self, path: str, data: bytes) -> None:
+    def _replace(self, path: str, data: Union[bytes, Callable[[], bytes]]) -> None:
         temporary = path + ".tmp"
         try:
+            if callable(data):
+                data = data()
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

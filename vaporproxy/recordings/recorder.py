@@ -142,15 +142,21 @@ class ConsoleRecorder:
         """
         The console ended: close the file and write its metadata (the
         header's fields, C{summary}'s and the size), also through the
-        writer.  Answer the metadata.
+        writer.  Answer the metadata (its size and completeness as of now;
+        the file's are taken once the disk thread has written, or given
+        up, the records still waiting for it).
         """
         meta = dict(self.header)
         meta.update(summary)
-        meta["size"] = self._handle.written
-        meta["complete"] = not self._handle.failed
-        self._handle.close()
-        path = os.path.join(self._directory, self.id + META_SUFFIX)
-        self._writer.replace(path, json.dumps(meta, sort_keys=True).encode())
+        handle = self._handle
+        meta["size"] = handle.written
+        meta["complete"] = not handle.failed
+        handle.close()
+
+        def final() -> bytes:
+            return json.dumps(dict(meta, size=handle.written, complete=not handle.failed), sort_keys=True).encode()
+
+        self._writer.replace(os.path.join(self._directory, self.id + META_SUFFIX), final)
         return meta
 
     def _failed(self, why: str) -> None:
