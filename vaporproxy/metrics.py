@@ -101,7 +101,7 @@ FAMILIES: Tuple[Tuple[str, Any, str, str, Tuple[str, ...], Dict[str, Any]], ...]
     ("_recordings_active", Gauge, "vaporproxy_recordings_active", "Consoles being recorded now", (), {}),
     ("", _RecordingBytes, "", "", (), {}),
     ("_recordings_dropped", Counter, "vaporproxy_recordings_dropped",
-     "Recordings given up (disk full or too slow); their consoles went on", (), {}),
+     "Recordings given up (the disk failed, or wrote none of a paused recording for 5 s); their consoles went on", (), {}),
     ("_recording_files", Gauge, "vaporproxy_recording_files", "Recording files on disk", (), {}),
     ("_recordings_size", Gauge, "vaporproxy_recordings_size_bytes", "Total size of the recording files on disk", (),
      {}),

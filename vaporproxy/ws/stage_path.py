@@ -72,6 +72,7 @@ class StagePath:
             mini_header=bool(info.get("mini_header", True)),
             recorder=recorder,
             channel=channel,
+            hold_vm=self._hold_vm,
         )
         return list(pipeline.stages) if pipeline is not None else []
 
@@ -99,17 +100,23 @@ class StagePath:
 
     def _pause_vm(self, seconds: float) -> None:
         """Bandwidth: no reads from the VM for C{seconds} (never buffering)."""
-        if self._finished or self._backend is None or self._throttle_timer is not None:
+        if self._finished or self._flow is None or self._throttle_timer is not None:
             return
-        transport = self._backend.transport
-        transport.pauseProducing()
+        # A hold beside the valves' and the recording's: whichever lets go
+        # last resumes the reads.
+        self._flow.hold_vm("throttle", True)
 
         def resume() -> None:
             self._throttle_timer = None
-            if not self._finished and self._backend is not None:
-                transport.resumeProducing()
+            if not self._finished and self._flow is not None:
+                self._flow.hold_vm("throttle", False)
 
         self._throttle_timer = self._reactor.callLater(seconds, resume)
+
+    def _hold_vm(self, on: bool) -> None:
+        """A recording's disk is behind (C{on}) or caught up: hold or let go the reads from the VM."""
+        if not self._finished and self._flow is not None:
+            self._flow.hold_vm("recording", on)
 
     def _stop_stages(self) -> None:
         """The console ends: no throttle timer outlives it."""
