@@ -200,11 +200,16 @@ class RecordingTests(SynchronousTestCase):
         """
         When a recording was dropped, the list says it is not complete and why, while its console is live and after it ended.
         """
-        self.writer.max_pending = 10
+        def full(fd, parts, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        real = filewriter._writev_all
+        self.patch(filewriter, "_writev_all", full)
         recorder = self.record_one(self.store, data=b"x" * 100)
         [live] = self.successResultOf(self.store.list())
         self.assertEqual((live["outcome"], live["complete"]), ("LIVE", False))
-        self.assertIn("bytes waiting for the disk", live["dropped"])
+        self.assertIn("No space left on device", live["dropped"])
+        self.patch(filewriter, "_writev_all", real)  # the disk has room again for the metadata
         meta = self.store.finish(recorder, bytes_sent=100, outcome=None)
         self.assertEqual((meta["outcome"], meta["complete"]), ("ok", False))
         self.assertEqual(meta["dropped"], live["dropped"])

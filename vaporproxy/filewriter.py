@@ -112,7 +112,125 @@ class AppendHandle:
             self._writer._put(_CLOSE, self, None)
 
 
-class DiskWriter(Service):
+class _ThreadSide:
+    """
+    The writer thread's half of L{DiskWriter}: it takes what the reactor
+    queued and writes it; it touches the reactor's state only through
+    C{_on_reactor}.
+    """
+
+    def _run(self) -> None:
+        """
+        Take what is queued, all of it, and write each file's part of it
+        with one C{writev} (in order per file; an open, a close or a
+        replace after the writes queued before it).  After a busy round,
+        wait C{_BATCH_WAIT} before the next: the reactor's puts then wake
+        nobody, and the next round writes more per call (a thread woken
+        per 64 KiB record cost more CPU than the writing).
+        """
+        while True:
+            items = [self._queue.get()]
+            while len(items) < _MAX_ITEMS:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not self._round(items):
+                return
+            if len(items) > 1:
+                time.sleep(_BATCH_WAIT)
+
+    def _round(self, items: List[Any]) -> bool:
+        """Do C{items}; C{False} once told to stop."""
+        writes: Dict[AppendHandle, List[bytes]] = {}
+        for op, handle, data in items:
+            if op == _WRITE:
+                parts = writes.setdefault(handle, [])
+                parts.extend(data)
+                if len(parts) >= _MAX_PARTS:
+                    self._write(handle, writes.pop(handle))
+                continue
+            if op == _REPLACE or op == _STOP:
+                for pending, parts in writes.items():
+                    self._write(pending, parts)
+                writes.clear()
+            elif handle in writes:
+                self._write(handle, writes.pop(handle))
+            if op == _STOP:
+                for open_handle in list(self._files):
+                    self._do(_CLOSE, open_handle, None)
+                return False
+            self._do(op, handle, data)
+        for handle, parts in writes.items():
+            self._write(handle, parts)
+        return True
+
+    def _do(self, op: int, handle: AppendHandle, data: Any) -> None:
+        if op == _WRITE:
+            self._write(handle, data)
+        elif op == _REPLACE:
+            self._replace(*data)
+        elif op == _OPEN:
+            try:
+                self._files[handle] = os.open(handle.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                self._fail(handle, e)
+        elif op == _CLOSE:
+            fd = self._files.pop(handle, None)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    log.error("could not close {path}: {error}", path=handle.path, error=e.strerror or str(e))
+
+    def _write(self, handle: AppendHandle, parts: List[bytes]) -> None:
+        size = sum(map(len, parts))
+        fd = self._files.get(handle)
+        if fd is not None and not handle.failed:
+            try:
+                _writev_all(fd, parts, size)
+                handle.written += size
+            except OSError as e:
+                self._fail(handle, e)
+        with self._lock:
+            self._pending -= size
+            handle.pending -= size
+            if handle.on_backlog is None:
+                self._unpressured -= size
+                return
+            wake = handle.paused and not handle._waking and handle.pending <= self.low_water
+            if wake:
+                handle._waking = True
+        if wake:
+            self._on_reactor(self._drained, handle)
+
+    def _replace(self, path: str, data: Union[bytes, Callable[[], bytes]]) -> None:
+        temporary = path + ".tmp"
+        try:
+            if callable(data):
+                data = data()
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(temporary, path)
+        except OSError as e:
+            log.error("could not write {path}: {error}", path=path, error=e.strerror or str(e))
+
+    def _fail(self, handle: AppendHandle, error: OSError) -> None:
+        """
+        A write or open of C{handle}'s file failed: close what is open and
+        give it up.
+        """
+        fd = self._files.pop(handle, None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._give_up(handle, f"{error.strerror or error} ({handle.path})")
+
+
+class DiskWriter(_ThreadSide, Service):
     """
     One thread appending to many files for the reactor.
 
@@ -310,118 +428,6 @@ class DiskWriter(Service):
         if thread is not None:
             self._queue.put((_STOP, None, None))
             thread.join(10)
-
-    # -- the thread's side -------------------------------------------------
-
-    def _run(self) -> None:
-        """
-        Take what is queued, all of it, and write each file's part of it
-        with one C{writev} (in order per file; an open, a close or a
-        replace after the writes queued before it).  After a busy round,
-        wait C{_BATCH_WAIT} before the next: the reactor's puts then wake
-        nobody, and the next round writes more per call (a thread woken
-        per 64 KiB record cost more CPU than the writing).
-        """
-        while True:
-            items = [self._queue.get()]
-            while len(items) < _MAX_ITEMS:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if not self._round(items):
-                return
-            if len(items) > 1:
-                time.sleep(_BATCH_WAIT)
-
-    def _round(self, items: List[Any]) -> bool:
-        """Do C{items}; C{False} once told to stop."""
-        writes: Dict[AppendHandle, List[bytes]] = {}
-        for op, handle, data in items:
-            if op == _WRITE:
-                parts = writes.setdefault(handle, [])
-                parts.extend(data)
-                if len(parts) >= _MAX_PARTS:
-                    self._write(handle, writes.pop(handle))
-                continue
-            if op == _REPLACE or op == _STOP:
-                for pending, parts in writes.items():
-                    self._write(pending, parts)
-                writes.clear()
-            elif handle in writes:
-                self._write(handle, writes.pop(handle))
-            if op == _STOP:
-                for open_handle in list(self._files):
-                    self._do(_CLOSE, open_handle, None)
-                return False
-            self._do(op, handle, data)
-        for handle, parts in writes.items():
-            self._write(handle, parts)
-        return True
-
-    def _do(self, op: int, handle: AppendHandle, data: Any) -> None:
-        if op == _WRITE:
-            self._write(handle, data)
-        elif op == _REPLACE:
-            self._replace(*data)
-        elif op == _OPEN:
-            try:
-                self._files[handle] = os.open(handle.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            except OSError as e:
-                self._fail(handle, e)
-        elif op == _CLOSE:
-            fd = self._files.pop(handle, None)
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError as e:
-                    log.error("could not close {path}: {error}", path=handle.path, error=e.strerror or str(e))
-
-    def _write(self, handle: AppendHandle, parts: List[bytes]) -> None:
-        size = sum(map(len, parts))
-        fd = self._files.get(handle)
-        if fd is not None and not handle.failed:
-            try:
-                _writev_all(fd, parts, size)
-                handle.written += size
-            except OSError as e:
-                self._fail(handle, e)
-        with self._lock:
-            self._pending -= size
-            handle.pending -= size
-            if handle.on_backlog is None:
-                self._unpressured -= size
-                return
-            wake = handle.paused and not handle._waking and handle.pending <= self.low_water
-            if wake:
-                handle._waking = True
-        if wake:
-            self._on_reactor(self._drained, handle)
-
-    def _replace(self, path: str, data: Union[bytes, Callable[[], bytes]]) -> None:
-        temporary = path + ".tmp"
-        try:
-            if callable(data):
-                data = data()
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(temporary, path)
-        except OSError as e:
-            log.error("could not write {path}: {error}", path=path, error=e.strerror or str(e))
-
-    def _fail(self, handle: AppendHandle, error: OSError) -> None:
-        """
-        A write or open of C{handle}'s file failed: close what is open and
-        give it up.
-        """
-        fd = self._files.pop(handle, None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._give_up(handle, f"{error.strerror or error} ({handle.path})")
 
 
 def _writev_all(fd: int, parts: List[bytes], size: int) -> None:
