@@ -5,8 +5,9 @@
 // who is on which VM, for how long, how many bytes each way and at what
 // rate now (from the change since the last refresh).  A button per VM
 // closes all of its consoles (DELETE …/{id}/console/sessions); a watch link
-// opens a view-only console of that VM when the server offers view mode;
-// each recording links to its playback page.  The key moves from the URL
+// opens a view-only console of that VM; each recording links to its
+// playback page (both in a new tab, which gets the key in its fragment: a
+// tab's sessionStorage is its own).  The key moves from the URL
 // fragment to sessionStorage at once and is only sent in an Authorization
 // header.  State for people and tests: window.vaporAdmin.
 "use strict";
@@ -26,7 +27,6 @@ const admin = {
   shares: null,      // null: the server has no share links API
   terminated: [],
   error: null,
-  viewMode: false,   // whether the server offers view-only consoles
 };
 window.vaporAdmin = admin;
 
@@ -34,6 +34,8 @@ const takeKey = () => takeFromFragment("key", KEY_STORAGE);
 
 const key = takeKey();
 const headers = () => (key ? { Authorization: `Bearer ${key}` } : {});
+// The key travels in the fragment only: never to the server in a URL.
+const keyFragment = () => `#key=${encodeURIComponent(key || "")}`;
 
 async function api(method, path) {
   const response = await fetch(path, { method, headers: headers(), cache: "no-store" });
@@ -100,15 +102,14 @@ function showConsoles(list) {
     stop.textContent = "Terminate VM's consoles";
     stop.addEventListener("click", () => terminate(c.vm_id));
     actions.appendChild(stop);
-    if (admin.viewMode) {
-      const watch = document.createElement("a");
-      watch.className = "button";
-      watch.textContent = "Watch";
-      watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view`;
-      watch.target = "_blank";
-      watch.rel = "noopener";
-      actions.appendChild(watch);
-    }
+    const watch = document.createElement("a");
+    watch.className = "button";
+    watch.textContent = "Watch";
+    watch.title = "Open a view-only console of this VM in a new tab";
+    watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view${keyFragment()}`;
+    watch.target = "_blank";
+    watch.rel = "noopener";
+    actions.appendChild(watch);
   }
   previous = seen;
   $("no-consoles").hidden = list.length > 0;
@@ -131,8 +132,7 @@ function showRecordings(list) {
     const link = document.createElement("a");
     link.className = "button";
     link.textContent = "Play";
-    // The key travels in the fragment only: never to the server in a URL.
-    link.href = `/console/recordings/${encodeURIComponent(r.id)}#key=${encodeURIComponent(key || "")}`;
+    link.href = `/console/recordings/${encodeURIComponent(r.id)}${keyFragment()}`;
     link.target = "_blank";
     link.rel = "noopener";
     cell(row, "").appendChild(link);
@@ -189,7 +189,6 @@ async function refresh() {
       return;  // a wrong key does not poll on
     }
     admin.consoles = stats.body.connections || [];
-    admin.viewMode = Boolean(stats.body.view_mode);
     showConsoles(admin.consoles);
     $("totals").textContent = `${stats.body.total_connections} console(s), ${stats.body.total_tokens} token(s)`;
     const recordings = await api("GET", "/api/v1/console/recordings");
