@@ -574,6 +574,31 @@ class ReloadTests(SynchronousTestCase):
         )
         self.assertEqual(setup.level, "error")
 
+    def restart_warnings(self, text: str) -> List[str]:
+        """Reload C{text}; the settings the log says need a restart."""
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        write(self.path, text)
+        self.assertTrue(self.reload.reload(), [e.get("error") for e in events])
+        return [e["keys"] for e in events if "restart to apply" in e.get("log_format", "")]
+
+    def test_recordingTurnedOnNeedsRestart(self) -> None:
+        """
+        When a reload turns recording on (its store is made at start-up) or changes the audit file, the log says a restart is needed.
+        """
+        recordings, audit = (json.dumps(os.path.abspath(self.mktemp())) for _ in range(2))
+        warned = self.restart_warnings(
+            CONFIG + f"recording: {{enabled: true, dir: {recordings}}}\naudit: {{file: {audit}}}\n"
+        )
+        self.assertEqual(warned, ["audit.file, recording"])
+
+    def test_recordingOffNeedsNoRestart(self) -> None:
+        """
+        When a reload leaves recording off, no restart is asked for.
+        """
+        self.assertEqual(self.restart_warnings(CONFIG + "recording: {enabled: false, dir: /elsewhere}\n"), [])
+
     def test_badVncTLSCertificateChangesNothing(self) -> None:
         """
         When a reloaded file has new limits and an unusable vnc_tls certificate, nothing of it is applied and the error is logged.

@@ -25,7 +25,22 @@ RESTART_ONLY = (
     ("console.cleanup_interval", lambda c: c.console.cleanup_interval),
     ("hypervisors", lambda c: c.hypervisors),
     ("logging.format", lambda c: c.logging.format),
+    ("audit.file", lambda c: c.audit.file),
 )
+
+
+def recording_stale(started: Config, new: Config) -> bool:
+    """
+    Whether C{new} asks for recording the process cannot do: its recording
+    store is made at start-up, so turning recording on, or changing where
+    and how it writes, needs a restart (turning it off, or its C{vms}, does
+    not).
+    """
+    was, now = started.recording, new.recording
+    if not now.enabled:
+        return False
+    how = lambda r: (r.dir, r.include_input, r.retention, r.max_total_size)  # noqa: E731
+    return not was.enabled or how(was) != how(now)
 
 
 class ReloadService(Service):
@@ -48,6 +63,7 @@ class ReloadService(Service):
         self.path = path
         self.listen = list(listen)
         self.config = config
+        self.started = config
         self.apply = apply
         self.reactor = reactor
         self._previous: Any = None
@@ -80,6 +96,8 @@ class ReloadService(Service):
             log.error("SIGHUP: {path} not reloaded, keeping the running config: {error}", path=self.path, error=str(e))
             return False
         stale = [key for key, get in RESTART_ONLY if get(new) != get(self.config)]
+        if recording_stale(self.started, new):
+            stale.append("recording")
         if stale:
             log.warn("SIGHUP: {keys} changed; restart to apply", keys=", ".join(stale))
         try:
