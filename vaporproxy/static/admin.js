@@ -144,9 +144,10 @@ function showShares(list) {
   if (list === null) return;
   const body = $("shares").tBodies[0];
   body.replaceChildren();
+  const names = new Map(admin.consoles.map((c) => [c.vm_id, c.vm_name]));
   for (const s of list) {
     const row = body.insertRow();
-    cell(row, s.vm_id);
+    cell(row, names.get(s.vm_id) || s.vm_id);
     cell(row, s.mode);
     cell(row, s.creator);
     cell(row, String(s.uses_left), true);
