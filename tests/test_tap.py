@@ -376,6 +376,25 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(nvx), 1)
         self.assertEqual(nvx[0]["nvx"], "on" if autobahn.websocket.USES_NVX else "off")
 
+    def test_logsFeaturesOn(self) -> None:
+        """
+        When the config turns recording, bandwidth limits and step-up on, the start-up log names them; a plain config logs none.
+        """
+        from vaporproxy.app.reload import features_on
+        from vaporproxy.config import parse_config
+
+        self.assertEqual(features_on(parse_config(CONFIG)), [])
+        config = parse_config(
+            CONFIG.replace("max_total_connections: 3}", "max_total_connections: 3, max_bandwidth: 8}")
+            + "recording: {enabled: true, dir: /srv/rec, include_input: true}\n"
+            + "auth: {policies: [{vms: [prod-*], require_mfa: true}]}\n"
+        )
+        self.assertEqual(
+            features_on(config),
+            ["recording to /srv/rec (VMs *, with the browser's input)", "max_bandwidth 8 KB/s per console",
+             "1 step-up policy(ies)"],
+        )  # fmt: skip
+
     def test_envLevel(self) -> None:
         """
         When VAPOR_LOG_LEVEL is set, the service's log setup uses it over the config.

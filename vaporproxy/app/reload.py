@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -182,7 +182,35 @@ def log_startup(config: Config) -> None:
         log.warn("autobahn NVX is off: WebSocket masking and UTF-8 checks run in pure Python (slower)")
     log.info("tokens: {backend}; listening on {listen}", backend=config.tokens.backend,
              listen=", ".join(config.server.listen))  # fmt: skip
+    features = features_on(config)
+    if features:
+        log.info("on: {features}", features="; ".join(features))
     log_limits(config)
+
+
+def features_on(config: Config) -> List[str]:
+    """
+    The optional behaviours this config turns on, for the start-up log: an
+    operator (or someone trying the demo) sees at once whether recording,
+    the audit trail, bandwidth limits or step-up sign-in are in force.
+    """
+    on: List[str] = []
+    recording = config.recording
+    if recording.enabled:
+        input_too = ", with the browser's input" if recording.include_input else ""
+        on.append(f"recording to {recording.dir} (VMs {', '.join(recording.vms)}{input_too})")
+    if config.audit.file is not None:
+        on.append(f"audit trail in {config.audit.file}")
+    console = config.console
+    if console.max_bandwidth:
+        on.append(f"max_bandwidth {console.max_bandwidth // 1024} KB/s per console")
+    if console.max_bandwidth_per_vm:
+        on.append(f"max_bandwidth_per_vm {console.max_bandwidth_per_vm // 1024} KB/s")
+    if console.min_update_interval:
+        on.append(f"min_update_interval {console.min_update_interval:g}s")
+    if config.auth.policies:
+        on.append(f"{len(config.auth.policies)} step-up policy(ies)")
+    return on
 
 
 def log_limits(config: Config) -> None:
