@@ -147,7 +147,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(args.extra_config) as f:
                 extra = f.read()
             demo_config_text(tempfile.gettempdir(), args.port, "qemu:///session", "check", extra)
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            print(f"vaporproxy demo: --extra-config: cannot read {args.extra_config}: {e.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as e:
             print(f"vaporproxy demo: {e}", file=sys.stderr)
             return 2
     signal.signal(signal.SIGTERM, _on_signal)
