@@ -1,7 +1,8 @@
 // Drives the control room in headless Chromium (playwright-core, system
 // Chromium): a console page connected to the VM, then /admin, which must
-// list that console and its recording; a screenshot of it; then its
-// Terminate button, which must close the console (4010).  Prints one JSON
+// list that console and its recording; a screenshot of it; its Watch link,
+// which must open a view-only console; then its Terminate button, which
+// must close the console (4010).  Prints one JSON
 // line with what both pages said.
 //
 //   node tests/e2e/admin_driver.mjs '{"console_url": U, "admin_url": A, "screenshot": P, "timeout_ms": N}'
@@ -42,16 +43,12 @@ try {
   out.rows = await admin.evaluate(() => document.querySelectorAll("#consoles tbody tr").length);
   out.playLinks = await admin.evaluate(() => [...document.querySelectorAll("#recordings a")].map((a) => a.getAttribute("href")));
   if (spec.screenshot) await admin.screenshot({ path: spec.screenshot });
-  // Watch: the link opens a view-only console of that VM beside the live one.
-  out.watchLinks = await admin.evaluate(() => [...document.querySelectorAll("#consoles a")].map((a) => a.href));
-  if (out.watchLinks.length) {
-    const watcher = await context.newPage();
-    watcher.on("pageerror", (e) => out.errors.push("watch: " + String(e)));
-    await watcher.goto(out.watchLinks[0]);
-    out.watching = await waitFor(watcher, () => window.vapor && window.vapor.state === "connected", spec.timeout_ms);
-    out.watcher = await watcher.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
-    out.watchedConsoles = await waitFor(admin, () => window.vaporAdmin.consoles.length >= 2, spec.timeout_ms);
-  }
+  // Watch: a view-only console of the VM in a new tab (the key in its fragment).
+  out.watchLinks = await admin.evaluate(() => [...document.querySelectorAll("#consoles a")].map((a) => a.getAttribute("href")));
+  const [watcher] = await Promise.all([context.waitForEvent("page"), admin.click("#consoles a")]);
+  watcher.on("pageerror", (e) => out.errors.push("watch: " + String(e)));
+  out.watched = await waitFor(watcher, () => window.vapor && window.vapor.state === "connected", spec.timeout_ms);
+  out.watcher = await watcher.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
   await admin.click("#consoles tbody button");
   out.terminated = await waitFor(consolePage, () => window.vapor.closeCode === 4010, spec.timeout_ms);
   out.console = await consolePage.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));

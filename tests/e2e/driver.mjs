@@ -13,7 +13,8 @@
 //       Loads the bundled console page and waits until window.vapor says
 //       connected (with a non-blank canvas when "paint", with at least
 //       min_channels open WebSockets), or until a console WebSocket closed.
-//       Reports window.vapor, the canvas statistics and page errors.
+//       Reports window.vapor, the canvas statistics, each button of the
+//       bar ("controls": {id: "enabled" | "disabled"}) and page errors.
 //       Then, with "then_connects": n, waits until the page has connected n
 //       times in all (reconnects); with "then_closed": true, until a console
 //       WebSocket closes (then "settle_ms" more).
@@ -23,6 +24,9 @@
 //         {"type": "text", "delay_ms": n} type text (key by key)
 //         {"press": "Enter"}              press one key
 //         {"wait_ms": n}                  wait
+//         {"fragment": "key=…"}           set the address's #fragment (a
+//                                         same-page navigation, as when a
+//                                         person pastes a key)
 //       and reports the actions done ("acted") or the error ("action_error").
 //       "canvas_png_before" / "canvas_png": paths where the largest canvas
 //       under #screen is saved as PNG, before the actions / at the end.
@@ -117,6 +121,8 @@ async function act(page, actions) {
       await page.keyboard.press(a.press, { delay: 50 });
     } else if (a.wait_ms) {
       await sleep(a.wait_ms);
+    } else if (a.fragment !== undefined) {
+      await page.evaluate((f) => { window.location.hash = f; }, a.fragment);
     } else {
       throw new Error("unknown action " + JSON.stringify(a));
     }
@@ -215,6 +221,8 @@ async function pageStep(browser, step, deadline) {
     vapor,
     canvas,
     saved,
+    controls: await page.evaluate(() => Object.fromEntries(
+      [...document.querySelectorAll("#bar button")].map((b) => [b.id, b.disabled ? "disabled" : "enabled"]))),
     address: await page.evaluate(() => window.location.href),
     errors: errors.slice(0, 20),
   };

@@ -5,8 +5,9 @@
 // who is on which VM, for how long, how many bytes each way and at what
 // rate now (from the change since the last refresh).  A button per VM
 // closes all of its consoles (DELETE …/{id}/console/sessions); a watch link
-// opens a view-only console of that VM (the proxy enforces view-only);
-// each recording links to its playback page.  The key moves from the URL
+// opens a view-only console of that VM; each recording links to its
+// playback page (both in a new tab, which gets the key in its fragment: a
+// tab's sessionStorage is its own).  The key moves from the URL
 // fragment to sessionStorage at once and is only sent in an Authorization
 // header.  State for people and tests: window.vaporAdmin.
 "use strict";
@@ -33,6 +34,8 @@ const takeKey = () => takeFromFragment("key", KEY_STORAGE);
 
 const key = takeKey();
 const headers = () => (key ? { Authorization: `Bearer ${key}` } : {});
+// The key travels in the fragment only: never to the server in a URL.
+const keyFragment = () => `#key=${encodeURIComponent(key || "")}`;
 
 async function api(method, path) {
   const response = await fetch(path, { method, headers: headers(), cache: "no-store" });
@@ -102,8 +105,8 @@ function showConsoles(list) {
     const watch = document.createElement("a");
     watch.className = "button";
     watch.textContent = "Watch";
-    // The key in the fragment, as for Play: a new tab (noopener) has no sessionStorage of ours.
-    watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view#key=${encodeURIComponent(key || "")}`;
+    watch.title = "Open a view-only console of this VM in a new tab";
+    watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view${keyFragment()}`;
     watch.target = "_blank";
     watch.rel = "noopener";
     actions.appendChild(watch);
@@ -130,8 +133,7 @@ function showRecordings(list) {
     const link = document.createElement("a");
     link.className = "button";
     link.textContent = "Play";
-    // The key travels in the fragment only: never to the server in a URL.
-    link.href = `/console/recordings/${encodeURIComponent(r.id)}#key=${encodeURIComponent(key || "")}`;
+    link.href = `/console/recordings/${encodeURIComponent(r.id)}${keyFragment()}`;
     link.target = "_blank";
     link.rel = "noopener";
     cell(row, "").appendChild(link);
@@ -143,9 +145,10 @@ function showShares(list) {
   if (list === null) return;
   const body = $("shares").tBodies[0];
   body.replaceChildren();
+  const names = new Map(admin.consoles.map((c) => [c.vm_id, c.vm_name]));
   for (const s of list) {
     const row = body.insertRow();
-    cell(row, s.vm_id);
+    cell(row, names.get(s.vm_id) || s.vm_id);
     cell(row, s.mode);
     cell(row, s.creator);
     cell(row, String(s.uses_left), true);
