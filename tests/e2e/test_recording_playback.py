@@ -205,17 +205,20 @@ class RecordingPlaybackTests(E2ETestCase):
         work = os.path.join(self.env.workdir, f"played-live-{console_type}")
         os.makedirs(work, exist_ok=True)
         before = {x["id"] for x in await self.recordings_of(console_type)}
+        marker = secrets.token_hex(6)  # typed once Ctrl+C stopped the ticking: the shell is free again
         console = Deferred.fromCoroutine(run_driver({"timeout_ms": 120000, "steps": [{
             "kind": "page", "url": self.page_url(self.proxy.base_url, GUEST_VM_NAME, f"?type={console_type}"),
             "until": "connected", "paint": True, "min_channels": channels, "timeout_ms": 60000,
             "actions": [{"wait_ms": 1500}, {"click": True}, {"type": TICKING}, {"press": "Enter"},
-                        {"wait_ms": LIVE_MS}],
+                        {"wait_ms": LIVE_MS}, {"press": "Control+c"}, {"wait_ms": 500}, {"type": f"mark {marker}"},
+                        {"press": "Enter"}, {"wait_ms": 500}],
         }]}))  # fmt: skip
         recording = await self.live_recording(console_type, before)
         report = await self.play(recording, work, seek_middle=False, play_pause=False, load_newer_after_ms=1500)
         [r] = await console
         why = json.dumps(report)[:3000] + self.env.proxy_log("recording")
         self.assertTrue(r.get("reached"), self.explain("recording", r))
+        await wait_for_serial(self.vm.serial, marker)
         self.assertNotIn("fatal", report, why)
         self.assertEqual(report["errors"], [], why)
 
