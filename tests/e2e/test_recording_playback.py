@@ -258,3 +258,9 @@ class RecordingPlaybackTests(E2ETestCase):
         When a VNC console is still open (the VM prints the time every second), its recording plays up to what was written and says "recording in progress — played up to now" instead of "ended"; Load newer plays on through what was recorded since.
         """
         return Deferred.fromCoroutine(self.play_live("vnc", 1))
+
+    def test_spice_live_recording_played(self) -> Deferred:
+        """
+        When a SPICE console is still open (the VM prints the time every second), its recording plays every channel up to what was written and says "recording in progress — played up to now"; Load newer plays on through what was recorded since.
+        """
+        return Deferred.fromCoroutine(self.play_live("spice", 4))
