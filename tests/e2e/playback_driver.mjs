@@ -60,7 +60,9 @@ function logTimes() {
     if (!time || !window.vaporPlayback) return;
     const last = window.__timeLog[window.__timeLog.length - 1];
     const now = { shown: time.textContent, state: window.vaporPlayback.state };
-    if (!last || last.shown !== now.shown || last.state !== now.state) window.__timeLog.push(now);
+    if (!last || last.shown !== now.shown || last.state !== now.state) {
+      window.__timeLog.push({ ...now, atMs: Math.round(performance.now()) });  // since navigation
+    }
   }, 5);
 }
 
