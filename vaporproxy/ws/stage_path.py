@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from twisted.logger import Logger
 
-from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.console.events import PolicyViolated
+from vaporproxy.errors import ConsoleError
 
 __all__ = ["StagePath"]
 
@@ -88,25 +89,25 @@ class StagePath:
         return recorder
 
     def _policy_violation(self, error: Exception, side: str) -> None:
-        """A stage could not frame what C{side} sent: close with 4012."""
-        message = "Message not allowed on this console" if side == "browser" else "The VM sent what the console's policy cannot pass"
-        self._end(ConsoleError(ErrorCode.BAD_REQUEST, message), f"policy, from the {side}: {error}")
+        """A stage could not frame what C{side} sent: the session closes with 4012."""
+        self._input(PolicyViolated(side, str(error)))
 
     def _send_to_vm_later(self, data: bytes) -> None:
         """A held message's time has come (paced update requests)."""
-        if not self._finished and self._backend is not None:
-            self._backend.transport.write(data)
+        backend = self._backend
+        if backend is not None:  # (none once the console ended)
+            backend.transport.write(data)
 
     def _pause_vm(self, seconds: float) -> None:
         """Bandwidth: no reads from the VM for C{seconds} (never buffering)."""
-        if self._finished or self._backend is None or self._throttle_timer is not None:
+        if self._backend is None or self._throttle_timer is not None:
             return
         transport = self._backend.transport
         transport.pauseProducing()
 
         def resume() -> None:
             self._throttle_timer = None
-            if not self._finished and self._backend is not None:
+            if self._backend is not None:
                 transport.resumeProducing()
 
         self._throttle_timer = self._reactor.callLater(seconds, resume)
