@@ -66,7 +66,10 @@ class GuardSink:
             self._input(SETUP_OVERFLOW)
 
     def _feed_held(self) -> None:
-        held, self._held, self._held_size = self._held, [], 0
+        held = self._held
+        if not held:
+            return  # nothing held (or the console ended: nothing is, any more)
+        self._held, self._held_size = [], 0
         for chunk in held:
             if self._guard is None:
                 return

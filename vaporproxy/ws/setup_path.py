@@ -150,6 +150,8 @@ class SetupPath:
             else:
                 self._guard = factory.vnc_guard(self, graphics.password, tls=vnc_tls.for_host(host))
             self._guard_call("start")
+            if self._guard is None:
+                return  # it refused: the console ended (the 101 leaves with the close)
             # The 101 and the guard's greeting leave now, before the dial.
             self.uncork()
             self._feed_held()
@@ -161,6 +163,8 @@ class SetupPath:
         held = {"hold_after_ticket": True} if hold else {}
         self._guard = factory.spice_guard(self, graphics.password, expected, **held)
         self._guard_call("start")
+        if self._guard is None:
+            return  # it refused: the console ended
         self._feed_held()
         if self._guard is not None and self._connecting is None and self._backend is None:
             # The link message is needed before admission.
