@@ -95,6 +95,10 @@ class Ended:
 
 
 State = Union[SettingUp, Handshaking, Relaying, Closing, Ended]
+
+# Closing and Ended hold nothing: one instance each serves every console.
+CLOSING = Closing()
+ENDED = Ended()
 Outputs = List[Output]
 
 
@@ -223,7 +227,7 @@ class Session:
     # -- closing and ended: late arrivals ----------------------------------
 
     def _client_closed_at_last(self, state: Closing, event: ClientClosed) -> Outputs:
-        self.state = Ended()
+        self.state = ENDED
         return []
 
     def _late(self, event: Input) -> Outputs:
@@ -313,10 +317,10 @@ class Session:
             out.append(RecordOutcome(error, reason, code))
         self.live = False
         if closed:
-            self.state = Ended()
+            self.state = ENDED
         else:
             out.append(CloseClient(error, code))
-            self.state = Closing()
+            self.state = CLOSING
         return out
 
 
