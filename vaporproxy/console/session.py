@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from vaporproxy.console.events import (
-    BACKEND_LOST, CONSOLE_OPENED, FORGET_LOCATED, LEAVE_CONSOLE, MAX_SPICE_CHANNELS, PAUSE_READING, REGISTER,
+    CONSOLE_OPENED, FORGET_LOCATED, LEAVE_CONSOLE, MAX_SPICE_CHANNELS, PAUSE_READING, REGISTER,
     REQUIRE_TLS_MESSAGE, START_GUARD, STOP_IO, Acquire, Admitted, BackendConnected, BackendFailed, BackendLost,
     CheckHost, ClientClosed, CloseClient, Dial, DropBackend, GuardAdmit, GuardCrashed, GuardEstablished, GuardFailed,
     GuardRefused, Input, JoinConsole, Locate, Located, Opened, Output, OwnerEnded, PolicyViolated, ProtocolError,
@@ -44,7 +44,7 @@ from vaporproxy.console.events import (
 )  # fmt: skip
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 
-__all__ = ["BACKEND_LOST", "JOINED", "OWNER", "REMOTE", "Session"]
+__all__ = ["JOINED", "OWNER", "REMOTE", "Session"]
 
 #: The roles of a channel in its console (see the module's docstring).
 OWNER = "owner"
