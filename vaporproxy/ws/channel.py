@@ -200,7 +200,7 @@ class ConsoleWebSocketProtocol(Effects, SetupPath, RelayPath, GuardSink, StagePa
         or a trusted proxy's X-Forwarded-Proto: https).
         """
         self._opened = True
-        self._input(Opened(self._token, self._secure or not self._console.enable_tls))
+        self._answer(Opened(self._token, self._secure or not self._console.enable_tls))
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         self._input(ClientClosed(code))

@@ -14,7 +14,7 @@ L{vaporproxy.ws.setup_path}, the relay's splice in L{vaporproxy.ws.guard_sink}.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.logger import Logger
 
@@ -66,6 +66,12 @@ class Effects:
     """
 
     _session: Any = None
+    #: Each output's method (a function of the class), by the output's type.
+    _effects: Dict[type, Callable[[Any, Any], None]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._effects = {kind: getattr(cls, name) for kind, name in EFFECTS.items() if hasattr(cls, name)}
 
     def _input(self, event: Any) -> None:
         """Hand C{event} to the session; carry out what it answers."""
@@ -74,8 +80,9 @@ class Effects:
         if not outputs:
             return
         live = session.live
+        effects = self._effects
         for output in outputs:
-            getattr(self, EFFECTS[type(output)])(output)
+            effects[type(output)](self, output)
             if live and not session.live:
                 return  # a nested input ended the console: the rest is moot
 

@@ -136,7 +136,7 @@ class GuardSink:
         channel takes a lease, a later channel joins its console).
         """
         if is_main:
-            self._input(ev.GuardAdmit(True))
+            self._answer(ev.GuardAdmit(True))
             return
         grant = self._redemption.grant
         session_id = self._redemption.spice_session_id
@@ -144,7 +144,7 @@ class GuardSink:
         channels = 0 if session_id is None else registry.spice_channels(grant.vm_uuid, session_id)
         here = session_id is not None and registry.find_spice(grant.vm_uuid, session_id) is not None
         inputs = getattr(self._guard, "channel_type", None) == SPICE_CHANNEL_INPUTS
-        self._input(ev.GuardAdmit(False, inputs, channels, here))
+        self._answer(ev.GuardAdmit(False, inputs, channels, here))
 
     def spice_session(self, session_id: int) -> None:
         if self._record is None or self._token is None:

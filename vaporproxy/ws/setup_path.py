@@ -6,8 +6,8 @@ checked, a slot taken (or the token given back when there is none, SPEC.md
 dialled (L{vaporproxy.relay.backend.dial}) and its connection's events.
 
 Each store call answers a Deferred whose result becomes the session's next
-input; a failure anywhere on the way (a callback included) becomes
-L{SetupFailed}.  What arrives after the console ended is the session's to
+input (L{SetupPath._answer}); a failure anywhere on the way (carrying out
+that input's outputs included) becomes L{SetupFailed}.  What arrives after the console ended is the session's to
 ignore (or to give back, for a lease).
 """
 
@@ -45,20 +45,20 @@ class SetupPath:
 
     def _redeem(self, output: ev.Redeem) -> None:
         d = self.factory.token_store.redeem(output.token, self._vm_ref, self._client_ip)
-        d.addCallback(self._redeemed).addErrback(self._setup_failed)
+        d.addCallbacks(self._redeemed, self._setup_failed)
 
     def _redeemed(self, redemption: Any) -> None:
-        self._input(ev.Redeemed(redemption))
+        self._answer(ev.Redeemed(redemption))
 
     def _locate(self, output: ev.Locate) -> None:
         self._redemption = redemption = output.redemption
         grant = redemption.grant
         self._console_type = grant.console_type
         d = self.factory.locator.locate(grant.vm_uuid)
-        d.addCallback(self._vm_found).addErrback(self._setup_failed)
+        d.addCallbacks(self._vm_found, self._setup_failed)
 
     def _vm_found(self, vm: Any) -> None:
-        self._input(ev.VmFound(vm))
+        self._answer(ev.VmFound(vm))
 
     def _check_host(self, output: ev.CheckHost) -> None:
         vm = output.vm
@@ -67,12 +67,27 @@ class SetupPath:
         host = dial_host(vm, graphics)
         self._located = (vm, graphics, host)
         d = self.factory.host_policy.resolve(host)
-        d.addCallback(self._host_allowed).addErrback(self._setup_failed)
+        d.addCallbacks(self._host_allowed, self._setup_failed)
 
     def _host_allowed(self, address: Any) -> None:
         vm, graphics, host = self._located
-        self._target = console_target(vm, graphics, host, address, self.factory.locator)
-        self._input(ev.Located(self._target, graphics.type != "vnc"))
+        try:
+            self._target = console_target(vm, graphics, host, address, self.factory.locator)
+        except Exception:
+            self._setup_failed(Failure())
+            return
+        self._answer(ev.Located(self._target, graphics.type != "vnc"))
+
+    def _answer(self, event: Any) -> None:
+        """
+        A store's answer, as the session's input: whatever fails while its
+        outputs are carried out fails the set-up (one callback per store
+        call, no errback of its own behind it).
+        """
+        try:
+            self._input(event)
+        except Exception:
+            self._setup_failed(Failure())
 
     def _setup_failed(self, failure: Failure) -> None:
         if failure.check(ConsoleError):
@@ -88,10 +103,10 @@ class SetupPath:
     def _acquire(self, output: ev.Acquire) -> None:
         grant = self._redemption.grant
         d = self.factory.limiter.acquire(output.vm_uuid, self.console_id, user=grant.user, client=self._client_ip)
-        d.addCallback(self._admitted).addErrback(self._setup_failed)
+        d.addCallbacks(self._admitted, self._setup_failed)
 
     def _admitted(self, lease: Any) -> None:
-        self._input(ev.Admitted(lease))
+        self._answer(ev.Admitted(lease))
 
     def _unredeem(self, output: ev.Unredeem) -> None:
         """
