@@ -8,14 +8,16 @@ L{tests.ws.test_bridge}.
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, get_args
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from vaporproxy.console import events
 from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.ws.channel import ConsoleWebSocketProtocol
 from tests.ws.test_bridge import Harness, PassthroughGuard, error_of
 
 
@@ -97,6 +99,10 @@ class ExecutorTests(SynchronousTestCase):
     """
     The outputs of one input are for the state it produced.
     """
+
+    def test_everyOutputHasAnEffect(self) -> None:
+        """When the channel class is built, every kind of session output has its method (none is left undone)."""
+        self.assertEqual(set(ConsoleWebSocketProtocol._effects), set(get_args(events.Output)))
 
     def test_guardRefusesAsItStarts(self) -> None:
         """When the guard refuses as it starts, the console ends with its error and the dial that was to follow is never made."""
