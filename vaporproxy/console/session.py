@@ -308,13 +308,12 @@ class Session:
         if forget or (error is not None and error.code is ErrorCode.CONNECTION_FAILED):
             out.append(FORGET_LOCATED)
         out.append(STOP_IO)
-        lease = getattr(state, "lease", None)
-        if lease is not None:
-            out.append(ReleaseLease(lease))
-        if getattr(state, "role", OWNER) is JOINED:
-            out.append(LEAVE_CONSOLE)
-        else:
-            out.append(RecordOutcome(error, reason, code))
+        joined = False
+        if type(state) is Handshaking or type(state) is Relaying:
+            if state.lease is not None:  # type: ignore[union-attr]
+                out.append(ReleaseLease(state.lease))  # type: ignore[union-attr]
+            joined = state.role is JOINED  # type: ignore[union-attr]
+        out.append(LEAVE_CONSOLE if joined else RecordOutcome(error, reason, code))
         self.live = False
         if closed:
             self.state = ENDED

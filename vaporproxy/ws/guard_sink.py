@@ -80,7 +80,10 @@ class GuardSink:
         Done with the guard: tell it (C{close}, when it has one) so that it
         stops its parsers, and forget it.
         """
-        guard, self._guard = self._guard, None
+        guard = self._guard
+        if guard is None:
+            return
+        self._guard = None
         close = getattr(guard, "close", None)
         if close is not None:
             try:
@@ -167,7 +170,8 @@ class GuardSink:
         when it has any (then C{client_rest}, what the browser sent that the
         guard held back, goes through them first).
         """
-        self._note_spice_channel(self._guard)
+        if self._spice:
+            self._note_spice_channel(self._guard)
         self._drop_guard()
         _cancel(self._connect_timer)
         self._connect_timer = None

@@ -40,6 +40,8 @@ class SetupPath:
 
     #: The VM, its chosen console and the host to dial, once located.
     _located: Any = None
+    #: The located console is SPICE (its guard knows the channel's type).
+    _spice = False
 
     # -- redeem, locate, check the host --------------------------------------
 
@@ -76,7 +78,8 @@ class SetupPath:
         except Exception:
             self._setup_failed(Failure())
             return
-        self._answer(ev.Located(self._target, graphics.type != "vnc"))
+        self._spice = spice = graphics.type != "vnc"
+        self._answer(ev.Located(self._target, spice))
 
     def _answer(self, event: Any) -> None:
         """
@@ -202,7 +205,7 @@ class SetupPath:
         # plain or TLS as the SPICE channel the guard has read says.
         target = output.target
         tls = self.factory.spice_tls.get(target.hypervisor)
-        channel = getattr(self._guard, "channel_type", None)
+        channel = getattr(self._guard, "channel_type", None) if self._spice else None
         self._connecting = dial(self._reactor, target, self, timeout, tls, channel)
 
     def dial_failed(self, failure: Failure) -> None:
@@ -231,7 +234,8 @@ class SetupPath:
         self._guard_call("server_data", data)
 
     def backend_lost(self, backend: BackendProtocol, reason: Optional[Failure] = None) -> None:
-        if getattr(self._guard, "server_lost", None) is not None:
+        guard = self._guard
+        if guard is not None and getattr(guard, "server_lost", None) is not None:
             # The RFB guard fails with why (e.g. the TLS handshake failed):
             # its failure, not the generic one, then ends the console.
             self._guard_call("server_lost", reason)
