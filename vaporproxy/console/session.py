@@ -1,5 +1,5 @@
 """
-One console as one I/O-free state machine (DESIGN.md rule 4, issue #8).
+One console as one I/O-free state machine (DESIGN.md rule 3, issue #8).
 
 Typed inputs in (what happened), typed outputs out (what to do), both in
 L{vaporproxy.console.events}; no sockets, no reactor, no Deferreds.  This

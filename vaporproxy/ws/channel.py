@@ -1,6 +1,6 @@
 """
 One console WebSocket (browser side): the adapter of the console's state
-machine (L{vaporproxy.console.session}, DESIGN.md rule 4, issue #8).
+machine (L{vaporproxy.console.session}, DESIGN.md rule 3, issue #8).
 
 The machine is the lifecycle: open, token redeemed, VM located, host
 checked, admitted, backend dialled, guard handshake, relaying, closed, and
@@ -25,7 +25,7 @@ and closes the WebSocket (errors go out as the JSON text message then a
 4000+n close frame, SPEC.md): the machine's C{_finish} says so, the
 playbooks prove it.
 
-Flow control (DESIGN.md rule 3): once relaying, L{vaporproxy.relay.flow}
+Flow control (DESIGN.md rule 5): once relaying, L{vaporproxy.relay.flow}
 pauses each direction at C{buffer_size} and resumes at half.
 
 SPICE (DESIGN.md rule 7): the WebSocket that consumes the token is the main
