@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from vaporproxy.console.events import (
     MAX_SPICE_CHANNELS,
     REQUIRE_TLS_MESSAGE,
+    SHARE_REVOKED,
     Acquire,
     CheckHost,
     Admitted,
@@ -346,6 +347,22 @@ class EndingTests(SessionTestsMixin, SynchronousTestCase):
         self.assertEqual(book.outcome(), (None, "shutdown", CLOSE_GOING_AWAY))
         book = self.play(TO_HANDSHAKING + [Revoked()], leases=1)
         self.assertEnded(book, "SESSION_TERMINATED", "revoked")
+
+    def test_whyTheBrowserReads(self) -> None:
+        """When a console is closed with 4010, the JSON error text the browser reads says why: an administrator by default, a revoked key, or a revoked share link (named in the log reason too)."""
+        cases = [
+            (Terminate(), "Console ended by an administrator", "terminated"),
+            (Terminate("Ended for maintenance"), "Ended for maintenance", "terminated"),
+            (Revoked(), "Your access to this VM was revoked", "revoked"),
+            (Revoked(SHARE_REVOKED), "Share link revoked", "revoked: share link"),
+        ]
+        for event, text, reason in cases:
+            book = self.play(TO_RELAYING + [event], leases=1)
+            [close] = book.of(CloseClient)
+            self.assertEqual((close.error.code, close.error.code.close_code, close.error.message, close.code),
+                             (ErrorCode.SESSION_TERMINATED, 4010, text, None), event)  # fmt: skip
+            self.assertEqual(book.of(RecordOutcome)[0].error.message, text)
+            self.assertEnded(book, "SESSION_TERMINATED", reason)
 
     def test_endingOrder(self) -> None:
         """When a console ends, it stops everything, gives the lease back, records the outcome, then closes the browser's side."""

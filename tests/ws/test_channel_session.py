@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from vaporproxy.console import events
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.ws.channel import ConsoleWebSocketProtocol
-from tests.ws.test_bridge import Harness, PassthroughGuard, error_of
+from tests.ws.test_bridge import VM_UUID, Harness, PassthroughGuard, error_of
 
 
 class AbortRecordingTransport(StringTransport):
@@ -139,3 +139,34 @@ class RegistryInputTests(SynchronousTestCase):
         self.assertEqual(h.registry.consoles(), [])
         record.owner.revoke()  # a second time: a late input, nothing more
         self.assertEqual(len(h.observer.outcomes), 1)
+
+    def test_whyInTheErrorText(self) -> None:
+        """When a console is closed with 4010, its JSON error text says why: the VM's consoles ended by an administrator (C{terminate_vm}), its access revoked, or its share link revoked."""
+        cases = [
+            (lambda h, record: h.registry.terminate_vm(VM_UUID), "Console ended by an administrator", "terminated"),
+            (lambda h, record: record.owner.revoke(), "Your access to this VM was revoked", "revoked"),
+            (lambda h, record: record.owner.revoke(events.SHARE_REVOKED), "Share link revoked", "revoked: share link"),
+        ]
+        for end, text, reason in cases:
+            h = Harness()
+            conn = h.open(h.token())
+            conn.connect_backend()
+            [record] = h.registry.consoles()
+            end(h, record)
+            conn.pump.flush()
+            self.assertEqual((error_of(conn), conn.closed[0]),
+                             ({"type": "error", "code": "SESSION_TERMINATED", "error": text}, 4010))  # fmt: skip
+            [outcome] = h.observer.outcomes
+            self.assertEqual((outcome.error, outcome.reason), ("SESSION_TERMINATED", reason))
+
+    def test_shareIdInStats(self) -> None:
+        """When a console is opened through a share link, its registry entry names the share (the user is the share's creator); other consoles name none."""
+        h = Harness()
+        shared = h.open(h.token(key_id="share:5ea1"))
+        own = h.open(h.token(key_id="key:alice"))
+        by_id = {r.console_id: r.as_dict(0.0) for r in h.registry.consoles()}
+        self.assertEqual(
+            (by_id[shared.server.console_id]["share_id"], by_id[shared.server.console_id]["user"],
+             by_id[own.server.console_id]["share_id"]),
+            ("5ea1", "alice", None),
+        )  # fmt: skip

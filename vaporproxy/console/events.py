@@ -14,7 +14,9 @@ from typing import Any, Optional, Union
 
 from vaporproxy.errors import ConsoleError
 
-__all__ = ["Input", "MAX_SPICE_CHANNELS", "Output", "REQUIRE_TLS_MESSAGE"]
+__all__ = [
+    "ACCESS_REVOKED", "ENDED_BY_ADMIN", "Input", "MAX_SPICE_CHANNELS", "Output", "REQUIRE_TLS_MESSAGE", "SHARE_REVOKED",
+]  # fmt: skip
 
 #: What a console WebSocket in clear is told when C{console.enable_tls} is
 #: on (UNAUTHORIZED, 4008).
@@ -27,6 +29,13 @@ REQUIRE_TLS_MESSAGE = "console connections require TLS"
 #: Channels of a console whose main channel is in another process are
 #: capped the same way, per token and session, in this process.
 MAX_SPICE_CHANNELS = 16
+
+#: What the browser of a console closed with 4010 SESSION_TERMINATED reads
+#: (the JSON error text), by why it ended: the code is the same for all, so
+#: the text is the only place a person learns which one happened.
+ENDED_BY_ADMIN = "Console ended by an administrator"
+SHARE_REVOKED = "Share link revoked"
+ACCESS_REVOKED = "Your access to this VM was revoked"
 
 _typed = dataclass(slots=True)
 
@@ -157,7 +166,9 @@ class TimerFired:
 
 @_typed
 class Terminate:
-    """C{DELETE} of the VM's consoles (4010)."""
+    """C{DELETE} of the VM's consoles (4010); C{message}: what the browser reads."""
+
+    message: str = ENDED_BY_ADMIN
 
 
 @_typed
@@ -167,7 +178,12 @@ class Shutdown:
 
 @_typed
 class Revoked:
-    """The credential or share that minted the token was revoked (4010)."""
+    """
+    The credential or share that minted the token was revoked (4010);
+    C{message}: what the browser reads (L{ACCESS_REVOKED}, L{SHARE_REVOKED}).
+    """
+
+    message: str = ACCESS_REVOKED
 
 
 @_typed

@@ -39,8 +39,8 @@ from vaporproxy.console.events import (
     REQUIRE_TLS_MESSAGE, START_GUARD, STOP_IO, Acquire, Admitted, BackendConnected, BackendFailed, BackendLost,
     CheckHost, ClientClosed, CloseClient, Dial, DropBackend, GuardAdmit, GuardCrashed, GuardEstablished, GuardFailed,
     GuardRefused, Input, JoinConsole, Locate, Located, Opened, Output, OwnerEnded, PolicyViolated, ProtocolError,
-    RecordOutcome, Redeem, Redeemed, ReleaseLease, Revoked, SetupFailed, SetupOverflow, Shutdown, SplicePipeline,
-    StartIdleTimer, Terminate, TextMessage, TimerFired, Unredeem, UseBackend, VmFound,
+    RecordOutcome, Redeem, Redeemed, ReleaseLease, Revoked, SHARE_REVOKED, SetupFailed, SetupOverflow, Shutdown,
+    SplicePipeline, StartIdleTimer, Terminate, TextMessage, TimerFired, Unredeem, UseBackend, VmFound,
 )  # fmt: skip
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 
@@ -271,13 +271,14 @@ class Session:
         return self._finish(event.error, f"console ended: {event.reason}", event.code or 1000)
 
     def _terminate(self, state: State, event: Terminate) -> Outputs:
-        return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED), "terminated")
+        return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED, event.message), "terminated")
 
     def _shutdown(self, state: State, event: Shutdown) -> Outputs:
         return self._finish(None, "shutdown", CLOSE_GOING_AWAY)
 
     def _revoked(self, state: State, event: Revoked) -> Outputs:
-        return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED), "revoked")
+        reason = "revoked: share link" if event.message == SHARE_REVOKED else "revoked"
+        return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED, event.message), reason)
 
     def _failed(self, state: State, event: SetupFailed) -> Outputs:
         return self._finish(event.error, event.reason or f"setup failed: {event.error.code.name}")

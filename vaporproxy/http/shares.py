@@ -29,6 +29,7 @@ from twisted.web.iweb import IRequest
 from vaporproxy.config import parse_duration
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.principal import Principal
+from vaporproxy.interfaces import SHARE_KEY_PREFIX
 from vaporproxy.http.console_info import key_allows
 from vaporproxy.timestamps import iso_utc
 
@@ -182,6 +183,6 @@ class ShareRoutes:
             user=share.creator,
             vms=(share.vm_uuid,),
             method="share",
-            key_id="share:" + share.share_id,
+            key_id=SHARE_KEY_PREFIX + share.share_id,
             access=share.mode,
         )

@@ -45,7 +45,9 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from vaporproxy.console.events import REVOKED, SHUTDOWN, TERMINATE, ClientClosed, Opened, OwnerEnded, SetupFailed
+from vaporproxy.console.events import (
+    REVOKED, SHUTDOWN, TERMINATE, ClientClosed, Opened, OwnerEnded, Revoked, SetupFailed, Terminate,
+)  # fmt: skip
 from vaporproxy.console.registry import ConsoleRecord
 from vaporproxy.console.session import Session
 from vaporproxy.errors import ConsoleError, ErrorCode
@@ -227,17 +229,23 @@ class ConsoleWebSocketProtocol(Effects, SetupPath, RelayPath, GuardSink, StagePa
 
     # -- inputs from the registry ------------------------------------------
 
-    def terminate(self) -> None:
-        """This console's VM had its consoles terminated (C{DELETE}): 4010."""
-        self._input(TERMINATE)
+    def terminate(self, message: Optional[str] = None) -> None:
+        """
+        This console's VM had its consoles terminated (C{DELETE}): 4010;
+        C{message} is what the browser reads (default: an administrator).
+        """
+        self._input(TERMINATE if message is None else Terminate(message))
 
     def shutdown(self) -> None:
         """The proxy is shutting down: close with 1001."""
         self._input(SHUTDOWN)
 
-    def revoke(self) -> None:
-        """The credential or share that minted this console's token was revoked: 4010."""
-        self._input(REVOKED)
+    def revoke(self, message: Optional[str] = None) -> None:
+        """
+        The credential or share that minted this console's token was
+        revoked: 4010; C{message} is what the browser reads.
+        """
+        self._input(REVOKED if message is None else Revoked(message))
 
     def owner_ended(self, error: Optional[ConsoleError], reason: str, code: Optional[int]) -> None:
         """SPICE: the console this channel joined ended (its main channel)."""

@@ -130,6 +130,7 @@ class SetupPath:
             self.console_id, grant.vm_uuid, grant.console_type, grant.user, self._started_at, self
         )
         record.vm_name, record.mode, record.client = grant.vm_name, grant.mode, self._client_ip
+        record.share_id = grant.share_id
         self.factory.registry.add(record)
 
     def _join(self, output: ev.JoinConsole) -> None:
