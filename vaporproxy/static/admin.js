@@ -87,7 +87,8 @@ function showConsoles(list) {
     c.rate = rate;
     const row = body.insertRow();
     row.dataset.vm = c.vm_id;
-    cell(row, c.user);
+    // A console opened through a share link runs as the share's creator.
+    cell(row, c.share_id ? `${c.user} via share ${c.share_id}` : c.user);
     cell(row, c.vm_name || c.vm_id);
     cell(row, c.type);
     cell(row, c.mode || "control");

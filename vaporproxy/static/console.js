@@ -64,6 +64,7 @@ const vapor = {
   mode: null,          // "control" | "view" once known (the proxy's answer)
   state: "init",       // init fetching connecting connected reconnecting disconnected failed
   lastError: null,     // an error code name (e.g. "TOKEN_ALREADY_USED") or a short text
+  errorText: null,     // the proxy's text of its last console error (e.g. "Share link revoked")
   statusText: "",      // what the status line says
   closeCode: null,     // the close code of the last closed console WebSocket
   closeReason: null,
@@ -72,7 +73,7 @@ const vapor = {
   tokenFetches: 0,     // console-info calls made (one per (re)connect)
   connects: 0,         // sessions that reached "connected"
   attempt: 0,          // consecutive failed attempts
-  history: [],         // [{code, reason, error}] of every ended session
+  history: [],         // [{code, reason, error, text}] of every ended session
 };
 window.vapor = vapor;
 
@@ -86,9 +87,10 @@ function setStatus(state, text) {
   el.textContent = text || state;
 }
 
-function errorLabel(code, reason, error) {
+function errorLabel(code, reason, error, text) {
   const name = error || reason || FATAL_CLOSE_CODES.get(code) || "";
-  const hint = FATAL_HINTS.get(code);
+  // 4010 closes for several reasons; the proxy's text says which one.
+  const hint = (code === 4010 && text) || FATAL_HINTS.get(code);
   if (code && name && hint) return `${hint} (${name}, ${code})`;
   if (code && name) return `${name} (${code})`;
   if (code) return `close code ${code}`;
@@ -198,6 +200,7 @@ function watchSocket(ws, sid, onClose) {
       const msg = JSON.parse(e.data);
       if (msg && msg.type === "error" && sid === sessionCounter) {
         vapor.lastError = msg.code || "error";
+        vapor.errorText = typeof msg.error === "string" ? msg.error : null;
       }
     } catch (err) {
       // not ours; ignore
@@ -369,6 +372,7 @@ async function connect() {
   vapor.channels = 0;
   vapor.closeCode = null;
   vapor.closeReason = null;
+  vapor.errorText = null;
   setStatus("fetching", "requesting a console token…");
   setButtons(false);
   let info;
@@ -423,14 +427,15 @@ function sessionConnected() {
 function sessionEnded(sid, code, reason) {
   if (sid !== sessionCounter) return;
   const error = code >= 4000 ? vapor.lastError : null;
-  vapor.history.push({ code: code || null, reason: reason || null, error });
+  const text = code >= 4000 ? vapor.errorText : null;
+  vapor.history.push({ code: code || null, reason: reason || null, error, text });
   session = null;
   if (userStopped) {
     setStatus("disconnected", "disconnected");
     setButtons(false);
     return;
   }
-  const label = errorLabel(code, reason, error);
+  const label = errorLabel(code, reason, error, text);
   if (code === 1001) {
     // The proxy is shutting down or restarting: come back later.
     scheduleReconnect("proxy going away (1001)");
