@@ -333,7 +333,7 @@ class ClusterTests(TestCase):
     async def test_deleteOnAClosesConsoleOnB(self) -> None:
         """
         When an admin deletes the VM's sessions on A, the console on B
-        closes with 4010 SESSION_TERMINATED.
+        closes with 4010 SESSION_TERMINATED, saying an administrator ended it.
         """
         a, b = await self.start_cluster()
         client = await self.console(b, await self.http.token(a, "vnc-vm"))
@@ -344,6 +344,8 @@ class ClusterTests(TestCase):
         closed.addTimeout(5, reactor)
         self.assertEqual(await closed, (4010, "SESSION_TERMINATED"))
         self.assertEqual(client.texts[0]["code"], "SESSION_TERMINATED")
+        # The terminate relayed over Redis still says who ended it.
+        self.assertEqual(client.texts[0]["error"], "Console ended by an administrator")
 
     # -- SPICE -------------------------------------------------------------------
 

@@ -241,7 +241,8 @@ class FullPathVNCTests(VNCStackMixin, TestCase):
         status, answer = await self.stack.request("DELETE", f"{VM_PATH}/{UUID_VNC}/console/sessions", key=OPS_KEY)
         self.assertEqual((status, answer), (200, {"terminated": 1}))
         self.assertEqual(await ws.closed, (4010, "SESSION_TERMINATED"))
-        self.assertEqual(error_of(ws)["code"], "SESSION_TERMINATED")
+        self.assertEqual(error_of(ws), {"type": "error", "code": "SESSION_TERMINATED",
+                                        "error": "Console ended by an administrator"})  # fmt: skip
         await session.closed
         status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
         self.assertEqual((stats["total_connections"], stats["connections"]), (0, []))

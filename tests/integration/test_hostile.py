@@ -335,9 +335,10 @@ def open_console(port: int, token: str) -> Console:
     return Console(s, head.split(b"\r\n\r\n", 1)[1])
 
 
-def close_code(console: Console) -> int:
+def close_code(console: Console, texts: Optional[List[str]] = None) -> int:
     """
-    Read server frames until the close frame; answer its code.
+    Read server frames until the close frame; answer its code (and add the
+    text frames before it, the JSON errors, to C{texts}).
     """
     s, data = console.sock, console.pending
 
@@ -362,6 +363,8 @@ def close_code(console: Console) -> int:
         payload, data = data[offset:offset + length], data[offset + length:]
         if opcode == 8:
             return int.from_bytes(payload[:2], "big")
+        if opcode == 1 and texts is not None:
+            texts.append(payload.decode("utf-8"))
 
 
 class RevocationTests(ProcessCase):
@@ -386,7 +389,9 @@ class RevocationTests(ProcessCase):
         self.write_config(keys[:1])
         os.kill(process.pid, signal.SIGHUP)
         self.assertTrue(wait(lambda: "SIGHUP: reloaded" in self.tail()), self.tail())
-        self.assertEqual(close_code(live), 4010)
+        texts: List[str] = []
+        self.assertEqual(close_code(live, texts), 4010)
+        self.assertEqual([json.loads(t)["error"] for t in texts], ["Your access to this VM was revoked"])
         late = open_console(self.port, unredeemed)
         self.addCleanup(late.close)
         self.assertEqual(close_code(late), 4001)
@@ -416,7 +421,9 @@ class RevocationTests(ProcessCase):
             os.kill(node.pid, signal.SIGHUP)
         log_b = os.path.join(self.dir, "twistd-b.log")
         self.assertTrue(wait(lambda: "SIGHUP: reloaded" in self.tail(log_b)), self.tail(log_b))
-        self.assertEqual(close_code(live), 4010)
+        texts: List[str] = []
+        self.assertEqual(close_code(live, texts), 4010)
+        self.assertEqual([json.loads(t)["error"] for t in texts], ["Your access to this VM was revoked"])
         late = open_console(port_b, unredeemed)
         self.addCleanup(late.close)
         self.assertEqual(close_code(late), 4001)
