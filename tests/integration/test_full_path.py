@@ -641,17 +641,21 @@ class ShareLinkTests(VNCStackMixin, TestCase):
         self.assertEqual((status, info["mode"]), (200, "view"), info)
         ws = await self.stack.websocket(info["ws_path"], info["token"])
         await rfb_client_handshake(self, ws)
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        [live] = stats["connections"]
+        self.assertEqual((live["share_id"], live["mode"]), (share["share_id"], "view"), live)
         status, answer = await self.stack.request(
             "DELETE", f"{VM_PATH}/vm-vnc/console/shares/{share['share_id']}", key=ALICE_KEY
         )
         self.assertEqual((status, answer["consoles_closed"]), (200, 1), answer)
         code, reason = await ws.closed
         self.assertEqual(code, 4010)
+        self.assertEqual(error_of(ws)["error"], "Share link revoked")
         status, info = await self.stack.request("GET", f"{VM_PATH}/vm-vnc/console", authorization=f"Share {secret}")
         self.assertEqual((status, info["code"]), (401, "INVALID_TOKEN"))
 
     def test_shareOpensAndRevokeCloses(self) -> Deferred:
         """
-        When a share link opens a console and its creator revokes it, that console closes with 4010 and the link stops working.
+        When a share link opens a console, stats name its share; when its creator revokes it, that console closes with 4010 saying the link was revoked, and the link stops working.
         """
         return Deferred.fromCoroutine(self._shared())
