@@ -403,7 +403,7 @@ class ConsoleLifecycleTests(E2ETestCase):
     def test_terminated_session_is_final(self) -> Deferred:
         """
         When an admin terminates the VM's consoles, the page shows 4010
-        SESSION_TERMINATED and does not reconnect.
+        SESSION_TERMINATED with the proxy's words for why, and does not reconnect.
         """
         proxy = self.env.proxy("main")
 
@@ -436,8 +436,11 @@ class ConsoleLifecycleTests(E2ETestCase):
             self.assertEqual(r["vapor"]["closeCode"], 4010, why)
             self.assertEqual(r["vapor"]["lastError"], "SESSION_TERMINATED", why)
             self.assertEqual(r["vapor"]["state"], "failed", why)
-            # The status line says what happened in words, not only the code.
-            self.assertIn("an administrator ended this VM's consoles", r["vapor"]["statusText"], why)
+            # The status line says what happened in words (the proxy's text
+            # of why), not only the code.
+            self.assertEqual(r["vapor"]["errorText"], "Console ended by an administrator", why)
+            self.assertEqual(r["vapor"]["statusText"],
+                             "closed: Console ended by an administrator (SESSION_TERMINATED, 4010)", why)  # fmt: skip
             self.assertEqual(r["vapor"]["tokenFetches"], 1, why)
 
         return Deferred.fromCoroutine(go())
