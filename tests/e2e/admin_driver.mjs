@@ -6,6 +6,8 @@
 // line with what both pages said.
 //
 //   node tests/e2e/admin_driver.mjs '{"console_url": U, "admin_url": A, "screenshot": P, "timeout_ms": N}'
+//
+// (U may be a share link's page: the control room then names the share.)
 import { chromium } from "playwright-core";
 
 const spec = JSON.parse(process.argv[2]);
@@ -41,6 +43,7 @@ try {
   out.admin = await admin.evaluate(() => JSON.parse(JSON.stringify(window.vaporAdmin)));
   out.adminUrl = admin.url();
   out.rows = await admin.evaluate(() => document.querySelectorAll("#consoles tbody tr").length);
+  out.users = await admin.evaluate(() => [...document.querySelectorAll("#consoles tbody tr")].map((tr) => tr.cells[0].textContent));
   out.playLinks = await admin.evaluate(() => [...document.querySelectorAll("#recordings a")].map((a) => a.getAttribute("href")));
   if (spec.screenshot) await admin.screenshot({ path: spec.screenshot });
   // Watch: a view-only console of the VM in a new tab (the key in its fragment).

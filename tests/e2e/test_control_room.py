@@ -12,12 +12,14 @@ import json
 import os
 from typing import Any, Dict
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.client import HTTPConnectionPool
 
-from tests.e2e.fixture import VM_NAME, environment, repo_root, skip_reason
+from tests.e2e.fixture import API_PREFIX, VM_NAME, environment, repo_root, skip_reason
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "admin_driver.mjs")
 
@@ -72,6 +74,7 @@ class ControlRoomTests(TestCase):
             self.assertEqual((live["type"], live["user"]), ("vnc", "e2e"))
             self.assertGreater(live["bytes_sent"], 0)
             self.assertEqual(r["rows"], 1)
+            self.assertEqual((live["share_id"], r["users"]), (None, ["e2e"]))
             [recording] = r["admin"]["recordings"]
             self.assertEqual(recording["outcome"], "LIVE")
             self.assertEqual(r["playLinks"], [f"/console/recordings/{recording['id']}#key={self.env.key}"])
@@ -85,6 +88,36 @@ class ControlRoomTests(TestCase):
             self.assertEqual(ended["outcome"], "SESSION_TERMINATED")
             self.assertGreater(ended["size"], 1000)
             await self.played_back(proxy, recording["id"])
+
+        return Deferred.fromCoroutine(go())
+
+    def test_shareWatcherNamed(self) -> Deferred:
+        """
+        When a console is opened through a share link, the control room shows it as its creator "via share <id>", and Terminate tells its page an administrator ended it.
+        """
+        proxy = self.env.proxy("recorded", sections={"recording": {"enabled": True, "dir": self.recordings}})
+
+        async def go() -> None:
+            created = await treq.post(
+                f"{proxy.base_url}{API_PREFIX}{VM_NAME}/console/shares",
+                data=json.dumps({"mode": "view"}).encode(),
+                headers={"Authorization": f"Bearer {self.env.key}"},
+                pool=HTTPConnectionPool(reactor, persistent=False),
+            )
+            share = json.loads(await created.content())
+            self.assertEqual(created.code, 201, share)
+            page, fragment = share["url"].split("#", 1)
+            spec = control_room_spec(self.env, proxy)
+            spec["console_url"] = f"{proxy.base_url}{page}?type=vnc#{fragment}"
+            r = await run_admin_driver(spec)
+            why = json.dumps(r)[:3000] + self.env.proxy_log("recorded")
+            self.assertNotIn("fatal", r, why)
+            self.assertTrue(r["listed"], why)
+            [live] = r["admin"]["consoles"]
+            self.assertEqual((live["user"], live["share_id"], live["mode"]), ("e2e", share["share_id"], "view"), why)
+            self.assertEqual(r["users"], [f"e2e via share {share['share_id']}"], why)
+            self.assertTrue(r["terminated"], why)
+            self.assertEqual(r["console"]["errorText"], "Console ended by an administrator", why)
 
         return Deferred.fromCoroutine(go())
 
