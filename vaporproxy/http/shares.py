@@ -29,8 +29,8 @@ from twisted.web.iweb import IRequest
 from vaporproxy.config import parse_duration
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.principal import Principal
-from vaporproxy.interfaces import SHARE_KEY_PREFIX
 from vaporproxy.http.console_info import key_allows
+from vaporproxy.interfaces import SHARE_KEY_PREFIX
 from vaporproxy.timestamps import iso_utc
 
 __all__ = ["SHARE_SCHEME", "ShareRoutes", "creator_allows", "share_secret"]
