@@ -38,7 +38,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest
 from twisted.web.client import HTTPConnectionPool
 
-from tests.integration.redis_server import free_port, stop_process
+from tests.integration.redis_server import stop_process
+from tests.support import free_port
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VM_PATH = "/api/v1/virtualization/virtualmachines"

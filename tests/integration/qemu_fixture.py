@@ -30,7 +30,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from ipaddress import ip_address
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,16 +39,10 @@ from cryptography.x509.oid import NameOID
 
 from twisted.trial.unittest import SkipTest
 
+from tests.support import free_port
+
 QEMU = "qemu-system-x86_64"
-
-
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+Q = TypeVar("Q", bound="QemuProcess")
 
 
 class QMPError(Exception):
@@ -65,7 +59,12 @@ class QemuProcess:
     @ivar spice_port: the SPICE TCP port on 127.0.0.1.
     """
 
-    def __init__(self, process: subprocess.Popen, qmp_path: str, workdir: str, spice_port: int):
+    def __init__(self, process: subprocess.Popen, qmp_path: str, workdir: str, spice_port: Optional[int],
+                 vnc_tcp: bool = True):  # fmt: skip
+        """
+        Connect QMP; with C{vnc_tcp}, ask QEMU for its VNC TCP port
+        (otherwise C{vnc_port} is C{None}: no VNC, or VNC on a UNIX socket).
+        """
         self.serial: Any = None
         self.boot_seconds: Optional[float] = None
         self.process = process
@@ -77,8 +76,7 @@ class QemuProcess:
         if "QMP" not in greeting:
             raise QMPError("no QMP greeting: %r" % (greeting,))
         self.qmp("qmp_capabilities")
-        vnc = self.qmp("query-vnc")
-        self.vnc_port = int(vnc["service"])
+        self.vnc_port = int(self.qmp("query-vnc")["service"]) if vnc_tcp else None
 
     def _connect_qmp(self, path: str, timeout: float = 10.0) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -363,10 +361,24 @@ def _launch(
     Start QEMU with C{args}, connect QMP, register the cleanup, set the
     passwords.
     """
+    qemu = launch(testcase, args, workdir, lambda process: QemuProcess(process, qmp_path, workdir, spice_port))
+    if vnc_password is not None:
+        qemu.set_password("vnc", vnc_password)
+    if spice_password is not None:
+        qemu.set_password("spice", spice_password)
+    return qemu
+
+
+def launch(testcase: Any, args: Sequence[str], workdir: str, connect: Callable[[subprocess.Popen], Q]) -> Q:
+    """
+    Start QEMU with C{args} (its log in C{workdir}/qemu.log), connect to it
+    with C{connect(process)} and register its cleanup; when connecting
+    fails, kill it and remove C{workdir}, so no failed start leaks a VM.
+    """
     with open(os.path.join(workdir, "qemu.log"), "wb") as log:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        qemu = QemuProcess(process, qmp_path, workdir, spice_port)
+        qemu = connect(process)
     except BaseException:
         if process.poll() is None:
             process.kill()
@@ -374,8 +386,4 @@ def _launch(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     testcase.addCleanup(qemu.stop)
-    if vnc_password is not None:
-        qemu.set_password("vnc", vnc_password)
-    if spice_password is not None:
-        qemu.set_password("spice", spice_password)
     return qemu

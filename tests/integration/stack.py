@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 from typing import Any, Callable, List, Optional, Tuple
 
 import treq
@@ -27,15 +26,6 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from vaporproxy import tap
-
-
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def self_signed(directory: str, hostname: str = "localhost") -> Tuple[str, str, bytes]:
@@ -197,7 +187,7 @@ class Stack:
         (live consoles closed, port closed, pools stopped) in
         C{testcase}'s cleanup.
 
-        @param port: the port the config listens on (see L{free_port}).
+        @param port: the port the config listens on (see L{tests.support.free_port}).
         @param ca_pem: the certificate to trust when it listens with TLS.
         """
         directory = testcase.mktemp()

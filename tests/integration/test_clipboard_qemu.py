@@ -22,7 +22,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
-from tests.integration.stack import Stack, free_port
+from tests.integration.stack import Stack
+from tests.support import free_port
 from tests.integration.test_full_path import ALICE_KEY, VM_PATH, sha256
 from tests.integration.test_rfbserver_qemu import PF_32, drain, handshake, set_encodings, start_plain_qemu
 from vaporproxy.relay.rfbserver import EXTENDED_CLIPBOARD

@@ -23,7 +23,9 @@ from . import test_full_path
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_consoles import start_console_qemu
 from .sound_guest import ensure_sound_guest
-from .qemu_fixture import free_port, write_x509_credentials
+from tests.support import free_port
+
+from .qemu_fixture import write_x509_credentials
 from .stack import ConsoleClientFactory, Stack
 from .test_full_path import ALICE_KEY, VM_PATH, error_of, main_init_session, sha256, spice_link, spice_link_channel
 

@@ -32,7 +32,9 @@ from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_M
 from .fake_vnc import SERVER_INIT, FakeVNCServer, expected_response
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_fixture import start_qemu
-from .stack import ConsoleClientFactory, Stack, free_port
+from tests.support import free_port
+
+from .stack import ConsoleClientFactory, Stack
 
 try:
     import libvirt

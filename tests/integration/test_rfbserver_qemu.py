@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
 import tempfile
 import time
 import zlib
@@ -35,7 +34,8 @@ from typing import Callable, List, Tuple
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.integration.qemu_fixture import QemuProcess, qemu_available
+from tests.integration.qemu_fixture import QemuProcess, launch, qemu_available
+from tests.support import recv_exactly
 from vaporproxy.relay import rfbserver
 from vaporproxy.relay.rfbserver import EXTENDED_CLIPBOARD, OutputPolicy, RFBServerFilter, restrict_encodings
 
@@ -96,26 +96,7 @@ def start_plain_qemu(testcase: SynchronousTestCase) -> QemuProcess:
         "-boot", "menu=on,splash=%s,splash-time=3000" % (splash,),
         "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
     ]
-    with open(os.path.join(workdir, "qemu.log"), "wb") as log:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        qemu = QemuProcess(process, qmp_path, workdir, spice_port=0)
-    except BaseException:
-        process.kill()
-        process.wait(timeout=10)
-        raise
-    testcase.addCleanup(qemu.stop)
-    return qemu
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("VNC server closed during the handshake")
-        data += chunk
-    return data
+    return launch(testcase, args, workdir, lambda process: QemuProcess(process, qmp_path, workdir, spice_port=0))
 
 
 def handshake(sock: socket.socket) -> bytes:

@@ -19,7 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
-from tests.integration.stack import Stack, free_port
+from tests.integration.stack import Stack
+from tests.support import free_port
 from tests.integration.test_full_path import ALICE_KEY, VM_PATH, sha256
 from tests.integration.qemu_fixture import qemu_available
 

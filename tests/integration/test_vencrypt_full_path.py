@@ -28,7 +28,9 @@ from twisted.trial.unittest import TestCase
 
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_fixture import start_qemu, write_x509_credentials
-from .stack import ConsoleClientFactory, Stack, free_port
+from tests.support import free_port
+
+from .stack import ConsoleClientFactory, Stack
 from .test_full_path import ALICE_KEY, OPS_KEY, STATS_PATH, VM_PATH, config_text, error_of
 
 try:

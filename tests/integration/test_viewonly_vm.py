@@ -21,7 +21,8 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from tests.integration.qemu_fixture import start_guest_qemu
-from tests.integration.stack import Stack, free_port
+from tests.integration.stack import Stack
+from tests.support import free_port
 from tests.integration.test_full_path import ALICE_KEY, OPS_KEY, VM_PATH, sha256
 
 VNC_PASSWORD = "guest-secret"

@@ -24,7 +24,8 @@ import urllib.request
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 from urllib.parse import urljoin, urlsplit
 
-from tests.integration.redis_server import free_port, stop_process
+from tests.integration.redis_server import stop_process
+from tests.support import free_port
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: What a build from a clean clone would not see.
