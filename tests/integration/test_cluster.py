@@ -42,19 +42,6 @@ SPICE_UUID = "c1a5e7e0-4b1d-4c2a-9e3f-5a6b7c8d9e02"
 SPICE_PASSWORD = "sp1ce-t1cket"
 
 
-def _deferred(f: Any) -> Any:
-    """
-    Run an C{async def} test method as a Deferred (trial waits for it).
-    """
-
-    def run(self: Any) -> Deferred:
-        return Deferred.fromCoroutine(f(self))
-
-    run.__name__ = f.__name__
-    run.__doc__ = f.__doc__
-    return run
-
-
 class ClusterTests(TestCase):
     """
     Two proxies on one Redis act as one.
@@ -140,7 +127,6 @@ class ClusterTests(TestCase):
 
     # -- tokens --------------------------------------------------------------
 
-    @_deferred
     async def test_tokenMintedOnARedeemedOnB(self) -> None:
         """
         When a token is minted on A, a WebSocket on B redeems it and relays
@@ -154,7 +140,6 @@ class ClusterTests(TestCase):
         self.assertEqual((code, reason), (4003, "TOKEN_ALREADY_USED"))
         self.assertEqual(error["code"], "TOKEN_ALREADY_USED")
 
-    @_deferred
     async def test_racingRedemptions(self) -> None:
         """
         When 50 WebSockets spread over A and B race to redeem one token,
@@ -186,7 +171,6 @@ class ClusterTests(TestCase):
 
     # -- limits --------------------------------------------------------------
 
-    @_deferred
     async def test_perVMLimitAcrossNodes(self) -> None:
         """
         When max_connections_per_vm is 2 and one console is open on each of
@@ -211,7 +195,6 @@ class ClusterTests(TestCase):
         self.assertEqual(stats["connections_per_vm"], {VNC_UUID: 1})
         await self.console(b, await self.http.token(a, "vnc-vm"))
 
-    @_deferred
     async def test_killedProcessSlotsLapse(self) -> None:
         """
         When A is killed with SIGKILL while holding the VM's only slot, B
@@ -244,7 +227,6 @@ class ClusterTests(TestCase):
 
     # -- Redis outage ----------------------------------------------------------
 
-    @_deferred
     async def test_redisOutage(self) -> None:
         """
         When redis-server stops, both proxies answer 503 to console info,
@@ -298,7 +280,6 @@ class ClusterTests(TestCase):
 
     # -- stats and DELETE --------------------------------------------------------
 
-    @_deferred
     async def test_statsShowClusterTotals(self) -> None:
         """
         When one console is open on A and two on B, stats on A report three
@@ -329,7 +310,6 @@ class ClusterTests(TestCase):
         self.assertEqual(processes[a.process.pid]["total_connections"], 1)
         self.assertEqual(processes[a.process.pid]["node_id"], cluster["node_id"])
 
-    @_deferred
     async def test_deleteOnAClosesConsoleOnB(self) -> None:
         """
         When an admin deletes the VM's sessions on A, the console on B
@@ -347,7 +327,6 @@ class ClusterTests(TestCase):
 
     # -- SPICE -------------------------------------------------------------------
 
-    @_deferred
     async def test_spiceChannelsOnAAndB(self) -> None:
         """
         When a SPICE console's main channel lands on A and a display channel
