@@ -25,6 +25,8 @@ from twisted.web.server import Site
 from vaporproxy.filewriter import DiskWriter
 from vaporproxy.recordings.store import RecordingStore
 from tests.http.test_api import ADMIN_KEY, Harness
+from tests.integration.qemu_fixture import start_bios_qemu
+from tests.support import recv_exactly
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOVNC = os.path.join(REPO, "node_modules", "@novnc", "novnc")
@@ -43,22 +45,8 @@ def skip_reason():
     return None
 
 
-def free_display():
-    for display in range(40, 90):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", 5900 + display)) != 0:
-                return display
-    raise SkipTest("no free VNC display")
-
-
 def recv_exact(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise AssertionError("VNC server closed")
-        data += chunk
-    return data
+    return recv_exactly(sock, size, closed=lambda: AssertionError("VNC server closed"))
 
 
 def record_vnc(port, recorder, seconds):
@@ -133,24 +121,7 @@ class PlaybackTests(TestCase):
             raise SkipTest(reason)
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
-        display = free_display()
-        self.port = 5900 + display
-        self.qemu = subprocess.Popen(
-            ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std",
-             "-display", "none", "-vnc", f"127.0.0.1:{display}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.addCleanup(self._stop_qemu)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            time.sleep(0.1)
-
-    def _stop_qemu(self):
-        self.qemu.kill()
-        self.qemu.wait(10)
+        self.port = start_bios_qemu(self, shutil.which("qemu-system-x86_64"))
 
     def serve(self, store):
         """The console API (pages, scripts, noVNC, recordings API) on loopback."""

@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from twisted.trial.unittest import SkipTest
 
-from tests.support import free_port
+from tests.support import free_port, free_vnc_display, listening, wait
 
 QEMU = "qemu-system-x86_64"
 Q = TypeVar("Q", bound="QemuProcess")
@@ -387,3 +387,25 @@ def launch(testcase: Any, args: Sequence[str], workdir: str, connect: Callable[[
         raise
     testcase.addCleanup(qemu.stop)
     return qemu
+
+
+def start_bios_qemu(testcase: Any, binary: str) -> int:
+    """
+    A diskless QEMU (64 MiB, no QMP) that only shows its BIOS screen, with
+    password-less VNC on a free display, killed at clean-up; answer its VNC
+    port once it accepts.
+
+    @raise SkipTest: when no VNC display is free.
+    """
+    display = free_vnc_display()
+    if display is None:
+        raise SkipTest("no free VNC display")
+    process = subprocess.Popen(
+        [binary, "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std", "-display", "none",
+         "-vnc", f"127.0.0.1:{display}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    testcase.addCleanup(lambda: (process.kill(), process.wait(10)))
+    port = 5900 + display
+    wait(lambda: listening(port), timeout=20, interval=0.1)
+    return port

@@ -9,9 +9,7 @@ requests to one per interval.
 from __future__ import annotations
 
 import os
-import socket
 import struct
-import subprocess
 import time
 
 from twisted.internet import reactor
@@ -22,7 +20,7 @@ from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_ur
 from tests.integration.stack import Stack
 from tests.support import free_port
 from tests.integration.test_full_path import ALICE_KEY, VM_PATH, sha256
-from tests.integration.qemu_fixture import qemu_available
+from tests.integration.qemu_fixture import qemu_available, start_bios_qemu
 
 UUID = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2201"
 CONFIG = """
@@ -49,17 +47,7 @@ class UpdatePacingTests(TestCase):
         binary = qemu_available()
         if binary is None:
             raise SkipTest("qemu-system-x86_64 is not installed")
-        display = next(d for d in range(40, 90) if socket.socket().connect_ex(("127.0.0.1", 5900 + d)) != 0)
-        self.vnc_port = 5900 + display
-        self.qemu = subprocess.Popen(
-            [binary, "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std", "-display", "none",
-             "-vnc", f"127.0.0.1:{display}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.addCleanup(lambda: (self.qemu.kill(), self.qemu.wait(10)))
-        deadline = time.monotonic() + 20
-        while socket.socket().connect_ex(("127.0.0.1", self.vnc_port)) != 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        self.vnc_port = start_bios_qemu(self, binary)
         time.sleep(2)  # SeaBIOS has drawn its screen; only the cursor blinks
 
     def stack(self, interval: str) -> Stack:
