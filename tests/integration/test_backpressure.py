@@ -6,18 +6,17 @@ C{buffer_size}s and the VM must be paused, instead of memory growing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List, Tuple
 
 from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from tests.integration.test_bridge_loopback import Proxy, client_factory
+from tests.integration.test_bridge_loopback import Proxy
 from vaporproxy.relay.fastwrite import write_buffered
 from vaporproxy.config import ConsoleConfig
 
@@ -62,6 +61,24 @@ class Streamer(Protocol):
             self._loop.stop()
 
 
+def streaming_vm(testcase: TestCase) -> Tuple[int, List[Streamer]]:
+    """
+    Listen on loopback as a VM whose every connection is a L{Streamer};
+    answer the port and the list the streamers are added to.
+    """
+    streamers: List[Streamer] = []
+
+    def build(addr: Any) -> Streamer:
+        streamers.append(Streamer())
+        return streamers[-1]
+
+    vm_factory = Factory()
+    vm_factory.buildProtocol = build  # type: ignore[assignment]
+    vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
+    testcase.addCleanup(vm.stopListening)
+    return vm.getHost().port, streamers
+
+
 class StalledClient(WebSocketClientProtocol):
     """
     A browser that reads nothing once the WebSocket is open.
@@ -87,22 +104,9 @@ class BackpressureTests(TestCase):
     timeout = 30
 
     async def _stalled(self) -> None:
-        streamers: list = []
-
-        def build() -> Streamer:
-            s = Streamer()
-            streamers.append(s)
-            return s
-
-        vm_factory = Factory()
-        vm_factory.buildProtocol = lambda addr: build()  # type: ignore[assignment]
-        vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
-        self.addCleanup(vm.stopListening)
-        proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
-        factory = client_factory(proxy.url(proxy.token()))
-        factory.protocol = StalledClient
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
-        client = await factory.opened
+        vm_port, streamers = streaming_vm(self)
+        proxy = Proxy(self, vm_port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
+        client, factory = await proxy.open_client(StalledClient)
         # Let the kernel's socket buffers on both legs fill up.
         await sleep(1.5)
         [record] = proxy.registry.consoles()
@@ -185,10 +189,7 @@ class PingFloodTests(TestCase):
         vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
         self.addCleanup(vm.stopListening)
         proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
-        factory = client_factory(proxy.url(proxy.token()))
-        factory.protocol = PingFlooder
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
-        client = await factory.opened
+        client, factory = await proxy.open_client(PingFlooder)
         [record] = proxy.registry.consoles()
         bridge = record.owner
         samples = []
