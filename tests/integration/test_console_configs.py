@@ -19,12 +19,12 @@ from twisted.trial.unittest import TestCase
 
 from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER
 
+from tests.support import free_port
+
 from . import test_full_path
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_consoles import start_console_qemu
 from .sound_guest import ensure_sound_guest
-from tests.support import free_port
-
 from .qemu_fixture import write_x509_credentials
 from .stack import ConsoleClientFactory, Stack
 from .test_full_path import ALICE_KEY, VM_PATH, error_of, main_init_session, sha256, spice_link, spice_link_channel
