@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from typing import Any, Callable, Sequence
 
-from twisted.trial.unittest import SkipTest
-
-from .qemu_fixture import QEMU, QemuProcess, launch, qemu_available
+from .qemu_fixture import QemuProcess, start_diskless_qemu
 
 
 class ConsoleQemu(QemuProcess):
@@ -41,22 +38,7 @@ def start_console_qemu(testcase: Any, display_args: Callable[[str], Sequence[str
 
     @raise SkipTest: when QEMU is not installed.
     """
-    binary = qemu_available()
-    if binary is None:
-        raise SkipTest("%s is not installed" % (QEMU,))
-    workdir = tempfile.mkdtemp(prefix="vp-qemu-")
-    qmp_path = os.path.join(workdir, "qmp.sock")
-    args = [
-        binary,
-        "-machine", "pc,accel=tcg",
-        "-m", "128",
-        "-nodefaults",
-        "-vga", "std",
-        "-display", "none",
-        *display_args(workdir),
-        "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
-    ]  # fmt: skip
-    return launch(testcase, args, workdir, lambda process: ConsoleQemu(process, qmp_path, workdir))
+    return start_diskless_qemu(testcase, display_args, ConsoleQemu)
 
 
 def socket_path(qemu: ConsoleQemu, name: str) -> str:

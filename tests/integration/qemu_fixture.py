@@ -282,11 +282,6 @@ def start_qemu(
 
     @raise SkipTest: when QEMU is not installed.
     """
-    binary = qemu_available()
-    if binary is None:
-        raise SkipTest("%s is not installed" % (QEMU,))
-    workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
-    qmp_path = os.path.join(workdir, "qmp.sock")
     spice_port = free_port()
     tls_args = []
     if vnc_tls_dir is not None:
@@ -295,6 +290,31 @@ def start_qemu(
         else:
             creds = "tls-creds-x509,id=tls0,dir=%s,endpoint=server,verify-peer=off" % (vnc_tls_dir,)
         tls_args = ["-object", creds]
+    display = [
+        *tls_args,
+        "-vnc", "127.0.0.1:10,to=90,password=on" + (",tls-creds=tls0" if vnc_tls_dir else ""),
+        "-spice", "port=%d,addr=127.0.0.1" % (spice_port,),
+    ]  # fmt: skip
+    qemu = start_diskless_qemu(testcase, lambda workdir: display, lambda *a: QemuProcess(*a, spice_port=spice_port))
+    _set_passwords(qemu, vnc_password, spice_password)
+    return qemu
+
+
+def start_diskless_qemu(testcase: Any, display_args: Callable[[str], Sequence[str]],
+                        connect: Callable[[subprocess.Popen, str, str], Q]) -> Q:  # fmt: skip
+    """
+    Start a diskless TCG QEMU (128 MiB, standard VGA) with the display
+    arguments C{display_args(workdir)} gives (its files, sockets included,
+    belong in C{workdir}) and QMP on a socket; C{connect(process, qmp_path,
+    workdir)} answers the L{QemuProcess} (or subclass) for it.
+
+    @raise SkipTest: when QEMU is not installed.
+    """
+    binary = qemu_available()
+    if binary is None:
+        raise SkipTest("%s is not installed" % (QEMU,))
+    workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
+    qmp_path = os.path.join(workdir, "qmp.sock")
     args = [
         binary,
         "-machine", "pc,accel=tcg",
@@ -302,12 +322,10 @@ def start_qemu(
         "-nodefaults",
         "-vga", "std",
         "-display", "none",
-        *tls_args,
-        "-vnc", "127.0.0.1:10,to=90,password=on" + (",tls-creds=tls0" if vnc_tls_dir else ""),
-        "-spice", "port=%d,addr=127.0.0.1" % (spice_port,),
+        *display_args(workdir),
         "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
-    ]
-    return _launch(testcase, args, workdir, qmp_path, spice_port, vnc_password, spice_password)
+    ]  # fmt: skip
+    return launch(testcase, args, workdir, lambda process: connect(process, qmp_path, workdir))
 
 
 def start_guest_qemu(
@@ -342,31 +360,21 @@ def start_guest_qemu(
         binary=binary,
         extra=["-qmp", "unix:%s,server=on,wait=off" % (qmp_path,)],
     )
-    qemu = _launch(testcase, args, workdir, qmp_path, spice_port, vnc_password, spice_password)
+    qemu = launch(testcase, args, workdir, lambda process: QemuProcess(process, qmp_path, workdir, spice_port))
+    _set_passwords(qemu, vnc_password, spice_password)
     qemu.serial = SerialLog(serial_path)
     qemu.boot_seconds = qemu.serial.wait_ready(alive=lambda: qemu.process.poll() is None)
     return qemu
 
 
-def _launch(
-    testcase: Any,
-    args: Sequence[str],
-    workdir: str,
-    qmp_path: str,
-    spice_port: int,
-    vnc_password: Optional[str],
-    spice_password: Optional[str],
-) -> QemuProcess:
+def _set_passwords(qemu: QemuProcess, vnc_password: Optional[str], spice_password: Optional[str]) -> None:
     """
-    Start QEMU with C{args}, connect QMP, register the cleanup, set the
-    passwords.
+    Set the VNC and SPICE passwords that are given, over QMP.
     """
-    qemu = launch(testcase, args, workdir, lambda process: QemuProcess(process, qmp_path, workdir, spice_port))
     if vnc_password is not None:
         qemu.set_password("vnc", vnc_password)
     if spice_password is not None:
         qemu.set_password("spice", spice_password)
-    return qemu
 
 
 def launch(testcase: Any, args: Sequence[str], workdir: str, connect: Callable[[subprocess.Popen], Q]) -> Q:
