@@ -125,6 +125,18 @@ class ClusterTests(TestCase):
         self.assertEqual(code, 200, body)
         return body
 
+    async def stats_at(self, proxy: ProxyProcess, total: int, timeout: float, interval: float) -> Dict[str, Any]:
+        """
+        C{proxy}'s console stats once they count C{total} connections, or
+        the last ones after C{timeout} seconds (the caller checks them).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = await self.stats(proxy)
+            if stats["total_connections"] == total or time.monotonic() > deadline:
+                return stats
+            await sleep(interval)
+
     # -- tokens --------------------------------------------------------------
 
     async def test_tokenMintedOnARedeemedOnB(self) -> None:
@@ -186,12 +198,7 @@ class ClusterTests(TestCase):
             self.assertEqual(error["code"], "MAX_CONNECTIONS_REACHED")
         first.sendClose(1000)
         await self.clients[0].closed
-        deadline = time.monotonic() + 3
-        while True:
-            stats = await self.stats(b)
-            if stats["total_connections"] == 1 or time.monotonic() > deadline:
-                break
-            await sleep(0.05)
+        stats = await self.stats_at(b, 1, timeout=3, interval=0.05)
         self.assertEqual(stats["connections_per_vm"], {VNC_UUID: 1})
         await self.console(b, await self.http.token(a, "vnc-vm"))
 
@@ -270,12 +277,7 @@ class ClusterTests(TestCase):
         self.assertFalse(any(f.closed.called for f in self.clients[:2]))
         # The restarted Redis lost every lease; the live consoles' leases
         # come back with the next renewal (every lease_ttl / 3).
-        deadline = time.monotonic() + 3.0
-        while True:
-            totals = await self.stats(a)
-            if totals["total_connections"] == 3 or time.monotonic() > deadline:
-                break
-            await sleep(0.1)
+        totals = await self.stats_at(a, 3, timeout=3.0, interval=0.1)
         self.assertEqual(totals["connections_per_vm"], {VNC_UUID: 3})
 
     # -- stats and DELETE --------------------------------------------------------
