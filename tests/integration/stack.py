@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -25,6 +25,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from tests.integration.libvirt_fixtures import node_uri, write_node_file
+from tests.support import free_port
 from vaporproxy import tap
 
 
@@ -203,6 +205,19 @@ class Stack:
         stack = cls(testcase, reactor, root, port, ca_pem)
         testcase.addCleanup(stack.stop)
         return stack
+
+    @classmethod
+    def on_domains(cls, testcase: Any, reactor: Any, domains: Sequence[str], config_for: Callable[[int, str], str],
+                   ca_pem: Optional[bytes] = None) -> "Stack":  # fmt: skip
+        """
+        L{start} on a free port, with VMs from a libvirt test-driver node
+        file holding C{domains}; C{config_for(port, uri)} is the config text.
+        """
+        directory = testcase.mktemp()
+        os.makedirs(directory)
+        uri = node_uri(write_node_file(directory, domains))
+        port = free_port()
+        return cls.start(testcase, reactor, config_for(port, uri), port, ca_pem=ca_pem)
 
     async def _stop(self) -> None:
         if self.root.running:

@@ -29,10 +29,8 @@ from twisted.trial.unittest import TestCase
 
 from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT
 
-from tests.support import free_port
-
 from .fake_vnc import SERVER_INIT, FakeVNCServer, expected_response
-from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
+from .libvirt_fixtures import domain_xml, graphics_xml
 from .qemu_fixture import start_qemu
 from .stack import ConsoleClientFactory, Stack
 
@@ -102,15 +100,17 @@ def start_stack(
     Write a node file holding C{domains} and start the stack on it (TLS
     with C{(key, cert, cert_pem)} when given).
     """
-    directory = testcase.mktemp()
-    os.makedirs(directory)
-    uri = node_uri(write_node_file(directory, domains))
-    port = free_port()
     if tls_files is None:
-        return Stack.start(testcase, reactor, config_text(uri, f"tcp:{port}:interface=127.0.0.1", idle=idle, per_vm=per_vm), port)
+        return Stack.on_domains(
+            testcase, reactor, domains,
+            lambda port, uri: config_text(uri, f"tcp:{port}:interface=127.0.0.1", idle=idle, per_vm=per_vm),
+        )
     key, cert, pem = tls_files
-    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    return Stack.start(testcase, reactor, config_text(uri, listen, tls=True), port, ca_pem=pem)
+    return Stack.on_domains(
+        testcase, reactor, domains,
+        lambda port, uri: config_text(uri, f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}", tls=True),
+        ca_pem=pem,
+    )
 
 
 async def rfb_to_client_init(testcase: TestCase, ws: ConsoleClientFactory, when: str = "") -> Any:

@@ -8,7 +8,6 @@ requests to one per interval.
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 
@@ -16,9 +15,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
+from tests.integration.libvirt_fixtures import domain_xml, graphics_xml
 from tests.integration.stack import Stack
-from tests.support import free_port
 from tests.integration.test_full_path import ALICE_KEY, VM_PATH, sha256
 from tests.integration.qemu_fixture import qemu_available, start_bios_qemu
 
@@ -51,11 +49,10 @@ class UpdatePacingTests(TestCase):
         time.sleep(2)  # SeaBIOS has drawn its screen; only the cursor blinks
 
     def stack(self, interval: str) -> Stack:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        uri = node_uri(write_node_file(directory, [domain_xml("bios", UUID, [graphics_xml("vnc", self.vnc_port)])]))
-        port = free_port()
-        return Stack.start(self, reactor, CONFIG.format(port=port, alice=sha256(ALICE_KEY), uri=uri, interval=interval), port)
+        return Stack.on_domains(
+            self, reactor, [domain_xml("bios", UUID, [graphics_xml("vnc", self.vnc_port)])],
+            lambda port, uri: CONFIG.format(port=port, alice=sha256(ALICE_KEY), uri=uri, interval=interval),
+        )
 
     async def polled_bytes(self, interval: str, seconds: float = 4.0) -> int:
         """Bytes an eager poller receives for C{seconds} after the first full update."""

@@ -10,7 +10,6 @@ disconnects the other).
 
 from __future__ import annotations
 
-import os
 import secrets
 import struct
 import time
@@ -20,10 +19,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
+from tests.integration.libvirt_fixtures import domain_xml, graphics_xml
 from tests.integration.qemu_fixture import start_guest_qemu
 from tests.integration.stack import Stack
-from tests.support import free_port
 from tests.integration.test_full_path import ALICE_KEY, OPS_KEY, VM_PATH, sha256
 
 VNC_PASSWORD = "guest-secret"
@@ -59,13 +57,12 @@ class ViewOnlyGuestTests(TestCase):
 
     def setUp(self) -> None:
         self.qemu = start_guest_qemu(self, vnc_password=VNC_PASSWORD)
-        directory = self.mktemp()
-        os.makedirs(directory)
         domain = domain_xml("guest", UUID, [graphics_xml("vnc", self.qemu.vnc_port, passwd=VNC_PASSWORD)])
-        uri = node_uri(write_node_file(directory, [domain]))
-        port = free_port()
-        text = CONFIG.format(port=port, alice=sha256(ALICE_KEY), viewer=sha256(VIEW_KEY), ops=sha256(OPS_KEY), uri=uri)
-        self.stack = Stack.start(self, reactor, text, port)
+        self.stack = Stack.on_domains(
+            self, reactor, [domain],
+            lambda port, uri: CONFIG.format(port=port, alice=sha256(ALICE_KEY), viewer=sha256(VIEW_KEY),
+                                            ops=sha256(OPS_KEY), uri=uri),
+        )  # fmt: skip
 
     async def console(self, key: str, mode: str = "") -> tuple:
         status, info = await self.stack.get_json(f"{VM_PATH}/guest/console{mode}", key=key)
