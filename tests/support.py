@@ -8,11 +8,14 @@ fixtures live beside the tests that use them (C{tests/integration}).
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
+
+T = TypeVar("T")
 
 #: The checkout these tests belong to (put on a subprocess's C{PYTHONPATH}).
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,3 +107,35 @@ def twistd_argv(config: str, logfile: Optional[str] = None) -> List[str]:
     log: List[Any] = ["--logfile", logfile] if logfile else []
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
             *log, "vaporproxy", "--config", config]  # fmt: skip
+
+
+class StartedOnce(Generic[T]):
+    """
+    A fixture every test of a run shares (call it to get it): made and
+    started on first use, closed at exit.  A failed start is closed,
+    remembered and raised again, not retried: one slow failure, not one
+    per test.
+    """
+
+    def __init__(self, failed: str, make: Callable[[], T], start: Callable[[T], Any], close: Callable[[T], Any]):
+        """
+        @param failed: what a later call's error says first (C{"...: cause"}).
+        """
+        self.failed, self.make, self.start, self.close = failed, make, start, close
+        self._value: Optional[T] = None
+        self._failure: Optional[BaseException] = None
+
+    def __call__(self) -> T:
+        if self._failure is not None:
+            raise RuntimeError(f"{self.failed}: {self._failure}")
+        if self._value is None:
+            value = self.make()
+            atexit.register(self.close, value)
+            try:
+                self.start(value)
+            except BaseException as e:
+                self._failure = e
+                self.close(value)
+                raise
+            self._value = value
+        return self._value

@@ -13,7 +13,6 @@ module of this package shares it.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import secrets
@@ -25,6 +24,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
+from tests.support import StartedOnce
 from vaporproxy.demo import (
     DemoVM,
     LIBVIRTD_BINARY,
@@ -163,29 +163,8 @@ class Environment:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-_environment: Optional[Environment] = None
-_failure: Optional[BaseException] = None
-
-
-def environment() -> Environment:
-    """
-    The shared environment, started on first use (blocking, a few seconds)
-    and closed at exit.  A failed start is remembered, not retried.
-    """
-    global _environment, _failure
-    if _failure is not None:
-        raise RuntimeError(f"e2e environment failed to start: {_failure}")
-    if _environment is None:
-        env = Environment()
-        atexit.register(env.close)
-        try:
-            env.start()
-        except BaseException as e:
-            _failure = e
-            env.close()
-            raise
-        _environment = env
-    return _environment
+#: The shared environment, started on first use (blocking, a few seconds).
+environment = StartedOnce("e2e environment failed to start", Environment, Environment.start, Environment.close)
 
 
 async def wait_for_serial(serial: SerialLog, line: str, timeout: float = 30.0, count: int = 1) -> None:
