@@ -13,7 +13,6 @@ module of this package shares it.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -22,8 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 
+from tests.e2e.drivers import run_browser_driver
 from tests.support import StartedOnce
 from vaporproxy.demo import (
     DemoVM,
@@ -41,7 +40,6 @@ from vaporproxy.demo import (
 )
 
 CHROMIUM = os.environ.get("VAPOR_CHROMIUM", "/usr/bin/chromium")
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "driver.mjs")
 VM_NAME = "vapor-e2e"
 GUEST_VM_NAME = "vapor-e2e-shell"
 API_PREFIX = "/api/v1/virtualization/virtualmachines/"
@@ -183,20 +181,7 @@ async def run_driver(spec: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """
     Run the browser driver with C{spec}; its per-step results.
     """
-    out, err, code = await getProcessOutputAndValue(
-        "node",
-        [DRIVER, json.dumps(spec)],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-        path=repo_root(),
-        reactor=reactor,
-    )
-    lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.startswith("{")]
-    if code != 0 or not lines:
-        raise AssertionError(
-            f"browser driver failed (exit {code}): {out.decode('utf-8', 'replace')[-2000:]}"
-            f" {err.decode('utf-8', 'replace')[-2000:]}"
-        )
-    report = json.loads(lines[-1])
+    report = await run_browser_driver("driver.mjs", spec)
     if "fatal" in report:
         raise AssertionError(f"browser driver failed: {report['fatal']}")
     return report["results"]

@@ -8,7 +8,6 @@ page must draw the same screen the VM showed (compared pixel by pixel with
 a live capture), reach the end, and seek back to the middle.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -18,7 +17,6 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
@@ -26,6 +24,7 @@ from vaporproxy.filewriter import DiskWriter
 from vaporproxy.recordings.store import RecordingStore
 from tests.http.test_api import ADMIN_KEY, Harness
 from tests.integration.qemu_fixture import start_bios_qemu
+from tests.e2e.drivers import run_browser_driver
 from tests.support import recv_exactly
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -153,12 +152,7 @@ class PlaybackTests(TestCase):
             "seek_ms": 1200,
             "timeout_ms": 30000,
         }
-        out, err, code = await getProcessOutputAndValue(
-            "node", [os.path.join(REPO, "tests", "e2e", "playback_driver.mjs"), json.dumps(spec)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-            path=REPO, reactor=reactor,
-        )  # fmt: skip
-        report = json.loads([line for line in out.decode().splitlines() if line.startswith("{")][-1])
+        report = await run_browser_driver("playback_driver.mjs", spec)
         self.assertNotIn("fatal", report, report.get("fatal"))
         self.assertEqual(report["errors"], [])
         self.assertTrue(report["ended"], report)
