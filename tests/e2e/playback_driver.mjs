@@ -8,7 +8,14 @@
 //                                 and measure how far the position moves in 1 s
 //       "seek_png": P, "seek_ms": N | "seek_middle": true,
 //                                 (optional) after the end, seek there with the seek bar
-//       "play_pause": true}'      (optional) then at 1x Play for a while, Pause, and watch it hold
+//       "play_pause": true,       (optional) then at 1x Play for a while, Pause, and watch it hold
+//       "load_newer_after_ms": N, (optional) a live recording: at its end ("live"), wait N ms,
+//                                 click Load newer and play to the new end
+//       "settle_ms": N}'          (optional) stay N ms on the page at the end (to catch late
+//                                 console errors such as noVNC's 3 s disconnection timeout)
+//
+// Also reported: every (time shown, state) the page went through from its
+// load (timeLog), and what the page logged to the console as errors.
 import { launchChromium, saveCanvas, sleep, waitFor } from "./browser.mjs";
 
 const spec = JSON.parse(process.argv[2]);
@@ -19,7 +26,31 @@ const state = (page) => page.evaluate(() => ({
   ...window.vaporPlayback,
   shown: document.getElementById("time").textContent,
   button: document.getElementById("play").textContent,
+  status: document.getElementById("status").textContent,
+  moreShown: !document.getElementById("more").hidden,
 }));
+
+// Notes each change of the time shown, from the page's first script on.
+function logTimes() {
+  window.__timeLog = [];
+  setInterval(() => {
+    const time = document.getElementById("time");
+    if (!time || !window.vaporPlayback) return;
+    const last = window.__timeLog[window.__timeLog.length - 1];
+    const now = { shown: time.textContent, state: window.vaporPlayback.state };
+    if (!last || last.shown !== now.shown || last.state !== now.state) {
+      window.__timeLog.push({ ...now, atMs: Math.round(performance.now()) });  // since navigation
+    }
+  }, 5);
+}
+
+async function loadNewer(page, out) {
+  await sleep(spec.load_newer_after_ms);
+  await page.click("#more");
+  out.loadedNewer = await waitFast(page, () => window.vaporPlayback.loads >= 2
+    && ["live", "ended"].includes(window.vaporPlayback.state), spec.timeout_ms);
+  out.afterNewer = await state(page);
+}
 
 async function checkSpeed(page, out) {
   await page.selectOption("#speed", String(spec.speed));
@@ -61,12 +92,16 @@ const out = { errors: [] };
 try {
   const page = await browser.newPage();
   page.on("pageerror", (e) => out.errors.push(String(e)));
+  out.consoleErrors = [];
+  page.on("console", (m) => { if (m.type() === "error") out.consoleErrors.push(m.text()); });
+  await page.addInitScript(logTimes);
   await page.goto(spec.url);
   out.started = await waitFast(page, () => window.vaporPlayback
     && ["playing", "ended", "failed"].includes(window.vaporPlayback.state), spec.timeout_ms);
   out.atStart = await state(page);
   if (spec.speed && out.atStart.state === "playing") await checkSpeed(page, out);
-  out.ended = await waitFast(page, () => window.vaporPlayback && ["ended", "failed"].includes(window.vaporPlayback.state),
+  out.ended = await waitFast(page, () => window.vaporPlayback
+    && ["ended", "live", "failed"].includes(window.vaporPlayback.state),
     spec.timeout_ms);
   out.urlAfterLoad = page.url();
   await sleep(300);
@@ -76,6 +111,9 @@ try {
     await seek(page, out);
     if (spec.play_pause) await playPause(page, out);
   }
+  if (out.atEnd.state === "live" && spec.load_newer_after_ms !== undefined) await loadNewer(page, out);
+  if (spec.settle_ms) await sleep(spec.settle_ms);
+  out.timeLog = await page.evaluate(() => window.__timeLog);
 } catch (e) {
   out.fatal = String(e && e.stack ? e.stack : e);
 } finally {

@@ -7,7 +7,12 @@ the screen changes).  The recording then plays in the playback page with
 the real noVNC / spice-html5 (one fake socket per recorded channel), driven
 through the page's own controls: speed 8x, to the end, where it must draw
 the very screen the live console showed last; then a seek to the middle,
-Play and Pause, with elapsed/total shown.
+Play and Pause, with elapsed/total shown.  The page shows the length before
+it plays, and noVNC logs no "Disconnection timed out." after a seek.
+
+A console still open (its recording LIVE) plays up to what was written, then
+says "recording in progress — played up to now" (never "ended"); Load newer
+plays what the console recorded since.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from tests.e2e.test_console import E2ETestCase
 #: Seconds the console stays open after the typing: the recording must be
 #: long enough for 1 s of playback at 8x to stay short of its end.
 LINGER_MS = 9000
+#: How long the live console stays open while its recording is played.
+LIVE_MS = 40000
+#: What the VM prints once a second while the live recording is played.
+TICKING = "while true; do date; sleep 1; done"
 
 
 def clock(ms: float) -> str:
@@ -99,7 +108,7 @@ class RecordingPlaybackTests(E2ETestCase):
             await deferLater(reactor, 0.2, lambda: None)
         raise AssertionError(f"no finished {console_type} recording: {new}\n{self.env.proxy_log('recording')}")
 
-    async def play(self, recording: Dict[str, Any], work: str) -> Dict[str, Any]:
+    async def play(self, recording: Dict[str, Any], work: str, **options: Any) -> Dict[str, Any]:
         spec = {
             "url": f"{self.proxy.base_url}/console/recordings/{recording['id']}#key={self.env.key}",
             "end_png": os.path.join(work, "played-end.png"),
@@ -107,7 +116,9 @@ class RecordingPlaybackTests(E2ETestCase):
             "speed": 8,
             "seek_middle": True,
             "play_pause": True,
+            "settle_ms": 3500,  # past noVNC's 3 s disconnection timeout of the client the seek replaced
             "timeout_ms": 60000,
+            **options,
         }
         return await run_browser_driver("playback_driver.mjs", spec)
 
@@ -153,12 +164,74 @@ class RecordingPlaybackTests(E2ETestCase):
         shades = Image.open(os.path.join(work, "played-middle.png")).convert("L").getextrema()
         self.assertGreater(shades[1] - shades[0], 100, "the middle of the recording drew nothing")
 
+        # The length was shown before the first play; no seek left a client waiting for its close.
+        self.assertLengthShownAtOnce(report, end["durationMs"])
+        self.assertNotIn("Disconnection timed out.", report["consoleErrors"], why)
+
         # Play moves on from there; Pause holds the position.
         pp = report["playPause"]
         self.assertEqual((pp["playing"]["state"], pp["playing"]["button"]), ("playing", "Pause"), why)
         self.assertGreater(pp["playing"]["positionMs"], middle["positionMs"] + 300, why)
         self.assertEqual((pp["paused"]["state"], pp["paused"]["button"]), ("paused", "Play"), why)
         self.assertEqual(pp["held"]["positionMs"], pp["paused"]["positionMs"], why)
+
+    def assertLengthShownAtOnce(self, report: Dict[str, Any], duration_ms: float) -> None:
+        """The first time the page showed with a known length was 0:00 of the whole length, before playing."""
+        known = [e for e in report["timeLog"] if not e["shown"].startswith("-:--")]
+        self.assertTrue(known, report["timeLog"])
+        self.assertEqual(known[0]["shown"], f"0:00 / {clock(duration_ms)}", report["timeLog"])
+        self.assertIn(known[0]["state"], ("loading", "ready"), report["timeLog"])
+        self.assertNotIn("0:00 / 0:00", [e["shown"] for e in report["timeLog"]])
+
+    async def live_recording(self, console_type: str, before: set) -> Dict[str, Any]:
+        """The new LIVE recording of C{console_type}, once a few seconds of it are on disk."""
+        for _ in range(300):
+            new = [x for x in await self.recordings_of(console_type) if x["id"] not in before]
+            if new and new[-1]["outcome"] == "LIVE" and new[-1]["size"] > 0:
+                await deferLater(reactor, 5, lambda: None)  # the VM's clock ticks on the screen
+                return new[-1]
+            await deferLater(reactor, 0.2, lambda: None)
+        raise AssertionError(f"no live {console_type} recording\n{self.env.proxy_log('recording')}")
+
+    async def play_live(self, console_type: str, channels: int) -> None:
+        work = os.path.join(self.env.workdir, f"played-live-{console_type}")
+        os.makedirs(work, exist_ok=True)
+        before = {x["id"] for x in await self.recordings_of(console_type)}
+        marker = secrets.token_hex(6)  # typed once Ctrl+C stopped the ticking: the shell is free again
+        console = Deferred.fromCoroutine(run_driver({"timeout_ms": 120000, "steps": [{
+            "kind": "page", "url": self.page_url(self.proxy.base_url, GUEST_VM_NAME, f"?type={console_type}"),
+            "until": "connected", "paint": True, "min_channels": channels, "timeout_ms": 60000,
+            "actions": [{"wait_ms": 1500}, {"click": True}, {"type": TICKING}, {"press": "Enter"},
+                        {"wait_ms": LIVE_MS}, {"press": "Control+c"}, {"wait_ms": 500}, {"type": f"mark {marker}"},
+                        {"press": "Enter"}, {"wait_ms": 500}],
+        }]}))  # fmt: skip
+        recording = await self.live_recording(console_type, before)
+        report = await self.play(recording, work, seek_middle=False, play_pause=False, load_newer_after_ms=1500)
+        [r] = await console
+        why = json.dumps(report)[:3000] + self.env.proxy_log("recording")
+        self.assertTrue(r.get("reached"), self.explain("recording", r))
+        await wait_for_serial(self.vm.serial, marker)
+        self.assertNotIn("fatal", report, why)
+        self.assertEqual(report["errors"], [], why)
+
+        # Played up to what was written: in progress, not ended; the length "so far".
+        end = report["atEnd"]
+        self.assertEqual((end["state"], end["live"], end["outcome"]), ("live", True, "LIVE"), why)
+        self.assertTrue(end["status"].startswith("recording in progress — played up to now"), why)
+        self.assertTrue(end["moreShown"], why)
+        self.assertEqual(end["shown"], f"{clock(end['durationMs'])} / {clock(end['durationMs'])} so far", why)
+        self.assertEqual((end["linked"], end["unplayed"]), (end["channels"], 0), why)
+        self.assertLengthShownAtOnce({"timeLog": [dict(e, shown=e["shown"].removesuffix(" so far"))
+                                                  for e in report["timeLog"]]}, end["durationMs"])  # fmt: skip
+
+        # Load newer: what the ticking console recorded since, played on to the new "now".
+        newer = report["afterNewer"]
+        self.assertTrue(report["loadedNewer"], why)
+        self.assertEqual((newer["state"], newer["loads"]), ("live", 2), why)
+        self.assertGreater(newer["durationMs"], end["durationMs"] + 1000, why)
+        self.assertEqual(newer["positionMs"], newer["durationMs"], why)
+        self.assertGreater(newer["fed"], end["fed"], why)
+        self.assertEqual(newer["unplayed"], 0, why)
 
     def test_vnc_recorded_and_played(self) -> Deferred:
         """
@@ -171,3 +244,15 @@ class RecordingPlaybackTests(E2ETestCase):
         When a SPICE console (main, display, inputs, cursor channels) with typing in it was recorded, the playback page plays every channel with spice-html5 at 8x to the end and draws the live console's last screen, seeks to the middle, plays and pauses.
         """
         return Deferred.fromCoroutine(self.record_and_play("spice", 4))
+
+    def test_vnc_live_recording_played(self) -> Deferred:
+        """
+        When a VNC console is still open (the VM prints the time every second), its recording plays up to what was written and says "recording in progress — played up to now" instead of "ended"; Load newer plays on through what was recorded since.
+        """
+        return Deferred.fromCoroutine(self.play_live("vnc", 1))
+
+    def test_spice_live_recording_played(self) -> Deferred:
+        """
+        When a SPICE console is still open (the VM prints the time every second), its recording plays every channel up to what was written and says "recording in progress — played up to now"; Load newer plays on through what was recorded since.
+        """
+        return Deferred.fromCoroutine(self.play_live("spice", 4))

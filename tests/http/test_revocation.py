@@ -158,8 +158,9 @@ class FakeOwner:
         self._redemption = Redemption(grant=g, first=True)
         self.ended: List[Any] = []
 
-    def _end(self, error: Any, reason: str, close_code: Any = None) -> None:
-        self.ended.append((error.code, reason))
+    def revoke(self) -> None:
+        # What the console WebSocket's revoke() ends it with (its session).
+        self.ended.append((ErrorCode.SESSION_TERMINATED, "revoked"))
 
 
 class FakeRecord:

@@ -2,7 +2,7 @@
 The live consoles of this process: what stats, C{DELETE} and shutdown see.
 
 A console is ended through its owner channel's inputs (C{terminate},
-C{shutdown}), never by reaching into it.
+C{shutdown}, C{revoke}: its session's inputs), never by reaching into it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class ConsoleChannel(Protocol):
 
     def shutdown(self) -> None:
         """End with 1001 (the proxy is going away)."""
+
+    def revoke(self) -> None:
+        """End with 4010 SESSION_TERMINATED (its credential was revoked)."""
 
 
 class ConsoleRecord:

@@ -171,5 +171,5 @@ def close_revoked(registry: Any, allows: Callable[[Grant], bool]) -> int:
         grant = grant_of(record)
         log.info("console {console_id} of {user} on {vm_uuid} closed: its credential was revoked or narrowed",
                  console_id=record.console_id, user=getattr(grant, "user", "?"), vm_uuid=record.vm_id)  # fmt: skip
-        record.owner._end(ConsoleError(ErrorCode.SESSION_TERMINATED), "revoked")
+        record.owner.revoke()
     return len(doomed)

@@ -10,13 +10,20 @@
 // recording from the start up to the chosen point at once, into a fresh
 // client, then plays on from there.
 //
+// The length is shown at once: the metadata's duration while the file
+// loads, then the longer of it and the last record's time.  A recording
+// whose console is still open (outcome LIVE) plays what has been written
+// so far; at its end the page says "recording in progress — played up to
+// now" (state "live", never "ended") and offers Load newer, which fetches
+// only the bytes written since (playback_source.js) and plays on.
+//
 // State for people and tests: the status line and window.vaporPlayback.
 "use strict";
 
 import { takeFromFragment } from "./fragment.js";
 import { VncChannel, spiceSocketClass } from "./playback_sockets.js";
+import { RecordingSource } from "./playback_source.js";
 
-const API = "/api/v1/console/recordings/";
 const KEY_STORAGE = "vapor.key";
 const KIND_TO_BROWSER = 0;
 const KIND_CHANNEL_OPEN = 2;
@@ -24,9 +31,12 @@ const KIND_CHANNEL_OPEN = 2;
 const $ = (id) => document.getElementById(id);
 
 const playback = {
-  state: "init",     // init loading ready playing paused ended failed
+  state: "init",     // init loading ready playing paused ended live failed
   type: null,        // "vnc" | "spice"
+  live: false,       // the console is still being recorded (outcome LIVE)
+  outcome: null,     // the metadata's outcome, when the API said
   durationMs: 0,
+  loads: 0,          // fetches of the file (1, then one per Load newer)
   positionMs: 0,
   speed: 1,
   fed: 0,            // records delivered to the client since the last (re)start
@@ -39,11 +49,14 @@ const playback = {
 };
 window.vaporPlayback = playback;
 
+const IN_PROGRESS = "recording in progress";
+
 function setStatus(state, text) {
   playback.state = state;
   const el = $("status");
   el.dataset.state = state;
-  el.textContent = text || state;
+  el.textContent = text || (playback.live ? `${state} (${IN_PROGRESS})` : state);
+  $("more").hidden = !playback.live;
 }
 
 const takeKey = () => takeFromFragment("key", KEY_STORAGE);
@@ -81,8 +94,24 @@ export function parseRecording(buffer) {
 // without holding the others back.  Seeking makes a fresh client (a new
 // generation of sockets) and plays everything before the point at once.
 class Player {
-  constructor(recording) {
+  constructor(recording, metaMs) {
     this.header = recording.header;
+    this.load(recording, metaMs);
+    this.cursors = new Map();  // channel -> index of its next record
+    this.generation = 0;
+    this.timer = null;
+    this.scheduled = false;
+    this.playing = false;
+    this.origin = 0;      // performance.now() when the position was `base`
+    this.base = 0;
+    this.sockets = [];
+    this.client = null;
+    this.SpiceSocket = null;
+  }
+
+  // The records to play.  A longer read of the same file (a live one that
+  // grew) only appends to each channel's queue, so the cursors stay good.
+  load(recording, metaMs) {
     this.queues = new Map();   // channel -> records the browser received
     this.opens = [];           // [{channel, info}] in the order channels opened
     for (const r of recording.records) {
@@ -96,18 +125,9 @@ class Player {
       }
     }
     this.total = recording.records.filter((r) => r.kind === KIND_TO_BROWSER).length;
-    playback.durationMs = recording.records.length ? recording.records[recording.records.length - 1].t : 0;
+    const last = recording.records.length ? recording.records[recording.records.length - 1].t : 0;
+    playback.durationMs = Math.max(last, metaMs || 0);
     playback.channels = this.opens.length;
-    this.cursors = new Map();  // channel -> index of its next record
-    this.generation = 0;
-    this.timer = null;
-    this.scheduled = false;
-    this.playing = false;
-    this.origin = 0;      // performance.now() when the position was `base`
-    this.base = 0;
-    this.sockets = [];
-    this.client = null;
-    this.SpiceSocket = null;
   }
 
   // -- what the fake sockets call ---------------------------------------
@@ -158,17 +178,19 @@ class Player {
     this.pump();
   }
 
+  // The client first, so that it closes its own sockets and gets their
+  // close event (noVNC waits for it, else logs "Disconnection timed out.").
   teardown() {
     const client = this.client;
     this.client = null;
-    for (const socket of this.sockets) socket.close();
-    this.sockets = [];
     if (client && client.disconnect) {
       try { client.disconnect(); } catch (e) { /* already gone */ }
     }
     if (client && client.stop) {
       try { client.stop(); } catch (e) { /* already gone */ }
     }
+    for (const socket of this.sockets) socket.close();
+    this.sockets = [];
     $("screen").replaceChildren();
   }
 
@@ -241,20 +263,34 @@ class Player {
     playback.positionMs = playback.durationMs;
     playback.unplayed = this.total - playback.fed;
     showTime();
-    setStatus("ended", "ended");
+    if (playback.live) setStatus("live", `${IN_PROGRESS} — played up to now; Load newer plays what was recorded since`);
+    else setStatus("ended", "ended");
     $("play").textContent = "Play";
   }
 
+  // More of the file was read (Load newer): play on from where it stopped
+  // (a paused player stays paused where it is).
+  extend(recording, metaMs) {
+    const at = this.position();
+    this.load(recording, metaMs);
+    this.base = at;
+    this.origin = performance.now();
+    this.playing = this.playing || playback.state === "live";
+    setStatus(this.playing ? "playing" : "paused");
+    $("play").textContent = this.playing ? "Pause" : "Play";
+    this.pump();
+  }
+
   play() {
-    if (playback.state === "ended") {
+    if (playback.state === "ended" || playback.state === "live") {
       this.playing = true;
-      setStatus("playing", "playing");
+      setStatus("playing");
       return this.restart(0);
     }
     this.base = this.position();
     this.origin = performance.now();
     this.playing = true;
-    setStatus("playing", "playing");
+    setStatus("playing");
     this.pump();
     return Promise.resolve();
   }
@@ -262,7 +298,7 @@ class Player {
   pause() {
     this.base = this.position();
     this.playing = false;
-    setStatus("paused", "paused");
+    setStatus("paused");
     this.pump();
   }
 
@@ -275,7 +311,7 @@ class Player {
 
   seek(ms) {
     playback.seeks += 1;
-    if (playback.state === "ended") setStatus("paused", "paused");
+    if (playback.state === "ended" || playback.state === "live") setStatus("paused");
     return this.restart(Math.max(0, Math.min(ms, playback.durationMs)));
   }
 }
@@ -286,39 +322,72 @@ function clock(ms) {
 }
 
 function showTime() {
-  $("time").textContent = `${clock(playback.positionMs)} / ${clock(playback.durationMs)}`;
+  const sofar = playback.live ? " so far" : "";
+  $("time").textContent = `${clock(playback.positionMs)} / ${clock(playback.durationMs)}${sofar}`;
+  $("seek").max = String(playback.durationMs);
   const seek = $("seek");
   if (document.activeElement !== seek) seek.value = String(Math.floor(playback.positionMs));
 }
 
+// What the metadata says: whether the console is live, and its length in
+// ms (null while it is live or when a crash cut it).
+function takeMeta(meta) {
+  if (!meta) return null;
+  playback.outcome = meta.outcome ?? null;
+  playback.live = meta.outcome === "LIVE";
+  return typeof meta.duration_s === "number" ? Math.round(meta.duration_s * 1000) : null;
+}
+
+// Load newer: what a live recording wrote since the page read it.
+async function loadNewer(player, source) {
+  $("more").disabled = true;
+  try {
+    const [grew, meta] = await Promise.all([source.more(), source.meta()]);
+    const metaMs = takeMeta(meta);
+    playback.loads += 1;
+    if (grew || metaMs !== null) player.extend(parseRecording(source.buffer), metaMs);
+    else setStatus("live", `${IN_PROGRESS} — nothing newer written yet`);
+  } catch (e) {
+    setStatus(playback.state, `could not load newer: ${e && e.message ? e.message : e}`);
+  } finally {
+    $("more").disabled = false;
+  }
+}
+
 async function main() {
   const id = decodeURIComponent(window.location.pathname.split("/").pop() || "");
-  const key = takeKey();
+  const source = new RecordingSource(id, takeKey());
   setStatus("loading", "loading…");
-  const headers = key ? { Authorization: `Bearer ${key}` } : {};
-  const response = await fetch(API + encodeURIComponent(id) + "/data", { headers, cache: "no-store" });
-  if (!response.ok) {
-    let code = `HTTP ${response.status}`;
-    try { code = (await response.json()).code || code; } catch (e) { /* not JSON */ }
-    playback.error = code;
-    setStatus("failed", code);
+  // The length is shown as soon as the metadata says it, before the file is in.
+  const metaMs = source.meta().then((meta) => {
+    const ms = takeMeta(meta);
+    if (ms !== null && playback.state === "loading") { playback.durationMs = ms; showTime(); }
+    return ms;
+  });
+  let buffer;
+  try {
+    buffer = await source.load();
+  } catch (e) {
+    playback.error = e.message;
+    setStatus("failed", e.message);
     return;
   }
-  const recording = parseRecording(await response.arrayBuffer());
-  const player = new Player(recording);
+  playback.loads = 1;
+  const recording = parseRecording(buffer);
+  const player = new Player(recording, await metaMs);
   playback.type = recording.header.type;
   $("title").textContent = `${recording.header.vm_name || recording.header.vm_id} · ${recording.header.user}`;
-  const seek = $("seek");
-  seek.max = String(playback.durationMs);
+  showTime();
   for (const id of ["play", "speed", "seek"]) $(id).disabled = false;
   $("play").addEventListener("click", () => {
     if (player.playing) { player.pause(); $("play").textContent = "Play"; }
     else { player.play(); $("play").textContent = "Pause"; }
   });
   $("speed").addEventListener("change", (e) => player.setSpeed(Number(e.target.value)));
-  seek.addEventListener("change", (e) => player.seek(Number(e.target.value)));
+  $("seek").addEventListener("change", (e) => player.seek(Number(e.target.value)));
+  $("more").addEventListener("click", () => loadNewer(player, source));
   window.vaporPlayer = player;  // tests: seek(ms), play(), pause()
-  setStatus("paused", "ready");
+  setStatus("ready");
   await player.restart(0);
   player.play();
   $("play").textContent = "Pause";

@@ -19,7 +19,15 @@ export class VncChannel {
     this.onclose = null;
   }
   send() {}
-  close() { this.readyState = "closed"; }
+  // Closes as a real socket does: the close event on a later task (noVNC,
+  // disconnecting, waits for it, and logs "Disconnection timed out." if none).
+  close() {
+    if (this.readyState === "closed") return;
+    this.readyState = "closed";
+    setTimeout(() => {
+      if (typeof this.onclose === "function") this.onclose({ code: 1000, reason: "", wasClean: true });
+    }, 0);
+  }
   ready() { return typeof this.onmessage === "function" && this.readyState === "open"; }
   pending() { return false; }
   deliver(data) { this.onmessage({ data }); }
