@@ -104,16 +104,24 @@ class RecordingTests(SynchronousTestCase):
         self.assertEqual((listed["id"], listed["outcome"], listed["bytes"]), (recorder.id, "SESSION_TERMINATED", 5))
         self.assertEqual(listed["size"], os.path.getsize(recording_path(self.dir, recorder.id)))
 
-    def test_slowDiskHoldsTheConsole(self):
+    def recorder_past_high_water(self, holds):
         """
-        When the disk falls behind, the console's channels stop reading from the VM until it caught up, and the recording loses nothing.
+        A recorder whose one channel reports its holds into C{holds}, with
+        400 bytes queued for a held disk: past the writer's high-water mark.
         """
         self.writer.high_water, self.writer.low_water = 400, 100  # the file header is ~250 bytes
         self.writer.hold()
         recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
-        holds = []
         recorder.attach(holds.append)
         recorder.to_browser(0, b"a" * 400)
+        return recorder
+
+    def test_slowDiskHoldsTheConsole(self):
+        """
+        When the disk falls behind, the console's channels stop reading from the VM until it caught up, and the recording loses nothing.
+        """
+        holds = []
+        recorder = self.recorder_past_high_water(holds)
         self.assertEqual(holds, [True])
         late = []
         recorder.attach(late.append)  # a channel opened while the disk is behind
@@ -132,12 +140,8 @@ class RecordingTests(SynchronousTestCase):
         """
         When the disk writes nothing of a held console's recording for the stall timeout, the recording is dropped and reported, the console's reads let go, and later recording calls are ignored.
         """
-        self.writer.high_water, self.writer.low_water = 400, 100  # the file header is ~250 bytes
-        self.writer.hold()
-        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
         holds = []
-        recorder.attach(holds.append)
-        recorder.to_browser(0, b"a" * 400)
+        recorder = self.recorder_past_high_water(holds)
         self.clock.advance(self.writer.stall_timeout + 1)
         self.assertEqual(holds, [True, False])
         self.assertFalse(recorder.active)

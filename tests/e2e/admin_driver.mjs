@@ -8,25 +8,11 @@
 //   node tests/e2e/admin_driver.mjs '{"console_url": U, "admin_url": A, "screenshot": P, "timeout_ms": N}'
 //
 // (U may be a share link's page: the control room then names the share.)
-import { chromium } from "playwright-core";
+import { launchChromium, sleep, waitFor } from "./browser.mjs";
 
 const spec = JSON.parse(process.argv[2]);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-async function waitFor(page, predicate, timeoutMs) {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    if (await page.evaluate(predicate)) return true;
-    await sleep(100);
-  }
-  return false;
-}
-
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launchChromium();
 const out = { errors: [] };
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 560 } });

@@ -36,20 +36,7 @@
 //       Opens a page at U (for the Origin header), then a raw WebSocket to
 //       W from inside it.  Reports whether it opened, the subprotocol, the
 //       text messages, the binary byte count, and the close code/reason.
-import { chromium } from "playwright-core";
-
-const CHROMIUM_ARGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+import { launchChromium, saveCanvas, sleep } from "./browser.mjs";
 
 // Runs in the page: statistics of every canvas under #screen.
 function canvasStatsInPage() {
@@ -89,21 +76,6 @@ async function screenBox(page) {
   }
   if (!best) throw new Error("no canvas under #screen");
   return best;
-}
-
-// Save the largest canvas under #screen as a PNG file; whether there was one.
-async function saveCanvas(page, path) {
-  const data = await page.evaluate(() => {
-    let best = null;
-    for (const c of document.querySelectorAll("#screen canvas")) {
-      if (c.width && c.height && (!best || c.width * c.height > best.width * best.height)) best = c;
-    }
-    return best ? best.toDataURL("image/png") : null;
-  });
-  if (!data) return false;
-  const fs = await import("node:fs");
-  fs.writeFileSync(path, Buffer.from(data.split(",")[1], "base64"));
-  return true;
 }
 
 async function act(page, actions) {
@@ -284,11 +256,7 @@ async function wsStep(browser, step, deadline) {
 async function main() {
   const spec = JSON.parse(process.argv[2] || "{}");
   const deadline = Date.now() + (spec.timeout_ms || 60000);
-  const browser = await chromium.launch({
-    executablePath: process.env.VAPOR_CHROMIUM || "/usr/bin/chromium",
-    args: CHROMIUM_ARGS,
-    headless: true,
-  });
+  const browser = await launchChromium();
   const results = [];
   try {
     for (const step of spec.steps || []) {

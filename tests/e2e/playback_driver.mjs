@@ -16,33 +16,11 @@
 //
 // Also reported: every (time shown, state) the page went through from its
 // load (timeLog), and what the page logged to the console as errors.
-import { chromium } from "playwright-core";
+import { launchChromium, saveCanvas, sleep, waitFor } from "./browser.mjs";
 
 const spec = JSON.parse(process.argv[2]);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function canvasPng(page, path) {
-  const data = await page.evaluate(() => {
-    let best = null;
-    for (const c of document.querySelectorAll("#screen canvas")) {
-      if (c.width && c.height && (!best || c.width * c.height > best.width * best.height)) best = c;
-    }
-    return best ? best.toDataURL("image/png") : null;
-  });
-  if (!data || !path) return false;
-  const fs = await import("node:fs");
-  fs.writeFileSync(path, Buffer.from(data.split(",")[1], "base64"));
-  return true;
-}
-
-async function waitFor(page, predicate, timeoutMs) {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    if (await page.evaluate(predicate)) return true;
-    await sleep(50);
-  }
-  return false;
-}
+// Playback moves fast: look twice as often as the default.
+const waitFast = (page, predicate, timeoutMs) => waitFor(page, predicate, timeoutMs, 50);
 
 const state = (page) => page.evaluate(() => ({
   ...window.vaporPlayback,
@@ -69,7 +47,7 @@ function logTimes() {
 async function loadNewer(page, out) {
   await sleep(spec.load_newer_after_ms);
   await page.click("#more");
-  out.loadedNewer = await waitFor(page, () => window.vaporPlayback.loads >= 2
+  out.loadedNewer = await waitFast(page, () => window.vaporPlayback.loads >= 2
     && ["live", "ended"].includes(window.vaporPlayback.state), spec.timeout_ms);
   out.afterNewer = await state(page);
 }
@@ -91,10 +69,10 @@ async function seek(page, out) {
     el.dispatchEvent(new Event("change", { bubbles: true }));
   }, target);
   out.seekTarget = Number(await page.$eval("#seek", (el) => el.value));  // the bar's step rounds it
-  await waitFor(page, () => window.vaporPlayback.fed > 0, 5000);
+  await waitFast(page, () => window.vaporPlayback.fed > 0, 5000);
   await sleep(1000);  // SPICE: the later channels link and draw
   out.afterSeek = await state(page);
-  out.seekPng = await canvasPng(page, spec.seek_png);
+  out.seekPng = await saveCanvas(page, spec.seek_png);
 }
 
 async function playPause(page, out) {
@@ -109,11 +87,7 @@ async function playPause(page, out) {
   out.playPause = { playing, paused, held };
 }
 
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launchChromium();
 const out = { errors: [] };
 try {
   const page = await browser.newPage();
@@ -122,17 +96,17 @@ try {
   page.on("console", (m) => { if (m.type() === "error") out.consoleErrors.push(m.text()); });
   await page.addInitScript(logTimes);
   await page.goto(spec.url);
-  out.started = await waitFor(page, () => window.vaporPlayback
+  out.started = await waitFast(page, () => window.vaporPlayback
     && ["playing", "ended", "failed"].includes(window.vaporPlayback.state), spec.timeout_ms);
   out.atStart = await state(page);
   if (spec.speed && out.atStart.state === "playing") await checkSpeed(page, out);
-  out.ended = await waitFor(page, () => window.vaporPlayback
+  out.ended = await waitFast(page, () => window.vaporPlayback
     && ["ended", "live", "failed"].includes(window.vaporPlayback.state),
     spec.timeout_ms);
   out.urlAfterLoad = page.url();
   await sleep(300);
   out.atEnd = await state(page);
-  out.endPng = await canvasPng(page, spec.end_png);
+  out.endPng = await saveCanvas(page, spec.end_png);
   if (out.atEnd.state === "ended" && (spec.seek_ms !== undefined || spec.seek_middle)) {
     await seek(page, out);
     if (spec.play_pause) await playPause(page, out);

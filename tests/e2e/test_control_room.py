@@ -15,25 +15,11 @@ from typing import Any, Dict
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.e2e.fixture import API_PREFIX, VM_NAME, environment, repo_root, skip_reason
-
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "admin_driver.mjs")
-
-
-async def run_admin_driver(spec: Dict[str, Any]) -> Dict[str, Any]:
-    out, err, code = await getProcessOutputAndValue(
-        "node", [DRIVER, json.dumps(spec)],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-        path=repo_root(), reactor=reactor,
-    )  # fmt: skip
-    lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.startswith("{")]
-    if code != 0 or not lines:
-        raise AssertionError(f"admin driver failed ({code}): {out[-2000:]!r} {err[-2000:]!r}")
-    return json.loads(lines[-1])
+from tests.e2e.drivers import run_browser_driver
+from tests.e2e.fixture import API_PREFIX, VM_NAME, environment, skip_reason
 
 
 def control_room_spec(env: Any, proxy: Any, screenshot: str = "") -> Dict[str, Any]:
@@ -63,7 +49,7 @@ class ControlRoomTests(TestCase):
         proxy = self.env.proxy("recorded", sections={"recording": {"enabled": True, "dir": self.recordings}})
 
         async def go() -> None:
-            r = await run_admin_driver(control_room_spec(self.env, proxy))
+            r = await run_browser_driver("admin_driver.mjs", control_room_spec(self.env, proxy))
             why = json.dumps(r)[:3000] + self.env.proxy_log("recorded")
             self.assertNotIn("fatal", r, why)
             self.assertEqual(r["errors"], [], why)
@@ -109,7 +95,7 @@ class ControlRoomTests(TestCase):
             page, fragment = share["url"].split("#", 1)
             spec = control_room_spec(self.env, proxy)
             spec["console_url"] = f"{proxy.base_url}{page}?type=vnc#{fragment}"
-            r = await run_admin_driver(spec)
+            r = await run_browser_driver("admin_driver.mjs", spec)
             why = json.dumps(r)[:3000] + self.env.proxy_log("recorded")
             self.assertNotIn("fatal", r, why)
             self.assertTrue(r["listed"], why)
@@ -134,12 +120,7 @@ class ControlRoomTests(TestCase):
             "seek_ms": 500,
             "timeout_ms": 30000,
         }
-        out, err, code = await getProcessOutputAndValue(
-            "node", [os.path.join(os.path.dirname(DRIVER), "playback_driver.mjs"), json.dumps(spec)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-            path=repo_root(), reactor=reactor,
-        )  # fmt: skip
-        report = json.loads([line for line in out.decode().splitlines() if line.startswith("{")][-1])
+        report = await run_browser_driver("playback_driver.mjs", spec)
         self.assertNotIn("fatal", report, report)
         self.assertEqual(report["atEnd"]["state"], "ended", report)
         self.assertGreater(report["atEnd"]["fed"], 3, report)

@@ -11,7 +11,6 @@ client the seek replaced.  A recording still being made plays to what was
 written and says so; Load newer plays what was recorded since.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -22,13 +21,15 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
 from vaporproxy.filewriter import DiskWriter
 from vaporproxy.recordings.store import RecordingStore
+from tests.e2e.drivers import run_browser_driver
 from tests.http.test_api import ADMIN_KEY, Harness
+from tests.integration.qemu_fixture import start_bios_qemu
+from tests.support import recv_exactly
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOVNC = os.path.join(REPO, "node_modules", "@novnc", "novnc")
@@ -47,22 +48,8 @@ def skip_reason():
     return None
 
 
-def free_display():
-    for display in range(40, 90):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", 5900 + display)) != 0:
-                return display
-    raise SkipTest("no free VNC display")
-
-
 def recv_exact(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise AssertionError("VNC server closed")
-        data += chunk
-    return data
+    return recv_exactly(sock, size, closed=lambda: AssertionError("VNC server closed"))
 
 
 def record_vnc(port, recorder, seconds):
@@ -137,24 +124,7 @@ class PlaybackTests(TestCase):
             raise SkipTest(reason)
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
-        display = free_display()
-        self.port = 5900 + display
-        self.qemu = subprocess.Popen(
-            ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std",
-             "-display", "none", "-vnc", f"127.0.0.1:{display}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.addCleanup(self._stop_qemu)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            time.sleep(0.1)
-
-    def _stop_qemu(self):
-        self.qemu.kill()
-        self.qemu.wait(10)
+        self.port = start_bios_qemu(self, shutil.which("qemu-system-x86_64"))
 
     def serve(self, store):
         """The console API (pages, scripts, noVNC, recordings API) on loopback."""
@@ -186,7 +156,7 @@ class PlaybackTests(TestCase):
             "settle_ms": 3500,  # past noVNC's 3 s disconnection timeout
             "timeout_ms": 30000,
         }
-        report = await self.drive(spec)
+        report = await run_browser_driver("playback_driver.mjs", spec)
         self.assertNotIn("fatal", report, report.get("fatal"))
         self.assertEqual(report["errors"], [])
         self.assertTrue(report["ended"], report)
@@ -211,16 +181,6 @@ class PlaybackTests(TestCase):
         self.assertEqual(report["consoleErrors"], [])
         self.assertFalse(report["atEnd"]["moreShown"])
 
-    async def drive(self, spec):
-        out, err, code = await getProcessOutputAndValue(
-            "node", [os.path.join(REPO, "tests", "e2e", "playback_driver.mjs"), json.dumps(spec)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-            path=REPO, reactor=reactor,
-        )  # fmt: skip
-        lines = [line for line in out.decode().splitlines() if line.startswith("{")]
-        self.assertTrue(lines, f"playback driver said nothing ({code}): {err.decode()[-2000:]}")
-        return json.loads(lines[-1])
-
     async def test_liveRecording(self):
         """
         When a recording is still being made, the page plays what was written, then says "recording in progress — played up to now" (not "ended") with the length "so far"; Load newer fetches what was written since and plays on.
@@ -237,7 +197,7 @@ class PlaybackTests(TestCase):
         bells.start(0.2)
         self.addCleanup(bells.stop)
         base = self.serve(store)
-        report = await self.drive({
+        report = await run_browser_driver("playback_driver.mjs", {
             "url": f"{base}/console/recordings/{recorder.id}#key={ADMIN_KEY}",
             "load_newer_after_ms": 1500, "timeout_ms": 30000,
         })  # fmt: skip

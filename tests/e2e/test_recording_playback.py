@@ -27,13 +27,12 @@ from PIL import Image, ImageChops
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import HTTPConnectionPool
 
-from tests.e2e.fixture import GUEST_VM_NAME, repo_root, run_driver, wait_for_serial
+from tests.e2e.drivers import run_browser_driver
+from tests.e2e.fixture import GUEST_VM_NAME, run_driver, wait_for_serial
 from tests.e2e.test_console import E2ETestCase
 
-PLAYBACK_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playback_driver.mjs")
 #: Seconds the console stays open after the typing: the recording must be
 #: long enough for 1 s of playback at 8x to stay short of its end.
 LINGER_MS = 9000
@@ -121,14 +120,7 @@ class RecordingPlaybackTests(E2ETestCase):
             "timeout_ms": 60000,
             **options,
         }
-        out, err, code = await getProcessOutputAndValue(
-            "node", [PLAYBACK_DRIVER, json.dumps(spec)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-            path=repo_root(), reactor=reactor,
-        )  # fmt: skip
-        lines = [line for line in out.decode().splitlines() if line.startswith("{")]
-        self.assertTrue(lines, f"playback driver said nothing ({code}): {err.decode()[-2000:]}")
-        return json.loads(lines[-1])
+        return await run_browser_driver("playback_driver.mjs", spec)
 
     async def record_and_play(self, console_type: str, channels: int) -> None:
         work = os.path.join(self.env.workdir, f"played-{console_type}")

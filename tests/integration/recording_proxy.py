@@ -8,14 +8,12 @@ VM's raw framebuffer updates, to tell that bytes hold the VM's screen.
 
 from __future__ import annotations
 
-import os
 import struct
-import subprocess
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
-from tests.integration.proxy_cluster import ADMIN_KEY, CHECKOUT, HTTP, VM_PATH, ProxyProcess, ws_connect
+from tests.integration.proxy_cluster import ADMIN_KEY, HTTP, VM_PATH, ProxyProcess, ws_connect
 from vaporproxy.demo import proxy_config_text, sha256_hex
 
 __all__ = ["RecordingProxy", "RFBScreen", "VNCConsole", "key_events", "vm_node", "metric"]
@@ -53,15 +51,6 @@ class RecordingProxy(ProxyProcess):
             )
 
         super().__init__(name, directory, config)
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = CHECKOUT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.argv, cwd=self.directory, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=self.preexec_fn,
-            )  # fmt: skip
 
 
 async def metric(http: HTTP, proxy: ProxyProcess, name: str) -> float:

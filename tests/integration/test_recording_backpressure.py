@@ -15,12 +15,10 @@ from typing import Any, List
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_backpressure import Streamer
-from tests.integration.test_bridge_loopback import Proxy, client_factory
+from tests.integration.test_backpressure import streaming_vm
+from tests.integration.test_bridge_loopback import Proxy
 from vaporproxy import filewriter
 from vaporproxy.config import ConsoleConfig
 from vaporproxy.filewriter import DiskWriter
@@ -56,30 +54,19 @@ class RecordingBackpressureTests(TestCase):
             real(fd, parts, size)
 
         self.patch(filewriter, "_writev_all", slow)
-        streamers: List[Streamer] = []
-
-        def build() -> Streamer:
-            streamers.append(Streamer())
-            return streamers[-1]
-
-        vm_factory = Factory()
-        vm_factory.buildProtocol = lambda addr: build()  # type: ignore[assignment]
-        vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
-        self.addCleanup(vm.stopListening)
+        vm_port, streamers = streaming_vm(self)
         directory = self.mktemp()
         os.makedirs(directory)
         writer = DiskWriter(reactor, high_water=HIGH, low_water=LOW)
         self.addCleanup(writer.stopService)
         dropped: List[str] = []
         store = RecordingStore(directory, writer, reactor, lambda f, *a: succeed(f(*a)), on_dropped=dropped.append)
-        proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=64 * 1024, connection_timeout=5))
+        proxy = Proxy(self, vm_port, ConsoleConfig(buffer_size=64 * 1024, connection_timeout=5))
         planner = StagePlanner(proxy.factory.config, reactor, Metrics(), store)
         planner._recording = replace(proxy.factory.config.recording, enabled=True)
         proxy.factory.planner = planner
         proxy.observer.recording_finished = lambda size: None  # type: ignore[attr-defined]
-        factory = client_factory(proxy.url(proxy.token()))
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
-        client = await factory.opened
+        client, factory = await proxy.open_client()
         waiting = []
         for _ in range(30):
             await sleep(0.05)

@@ -23,10 +23,9 @@ import shutil
 import time
 
 from PIL import Image
-from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.e2e.drivers import run_browser_driver
 from tests.integration.proxy_cluster import ADMIN_KEY, CHECKOUT, HTTP, new_directory, sleep
 from tests.integration.qemu_fixture import start_qemu
 from tests.integration.recording_proxy import RecordingProxy, RFBScreen, VNCConsole, metric, vm_node
@@ -38,7 +37,6 @@ VNC_PASSWORD = "crash-secret"
 SPICE_PASSWORD = "crash-spice-secret"
 SPICE_VM = "recorded-spice"
 SPICE_UUID = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2302"
-PLAYBACK_DRIVER = os.path.join(CHECKOUT, "tests", "e2e", "playback_driver.mjs")
 
 
 def recorded(directory: str) -> tuple:
@@ -73,12 +71,7 @@ class CrashTests(TestCase):
         png = os.path.join(self.directory, "played.png")
         spec = {"url": f"{proxy.base}/console/recordings/{recording_id}#key={ADMIN_KEY}", "end_png": png,
                 "timeout_ms": 30000}  # fmt: skip
-        out, err, code = await getProcessOutputAndValue(
-            "node", [PLAYBACK_DRIVER, json.dumps(spec)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-            path=CHECKOUT, reactor=reactor,
-        )  # fmt: skip
-        report = json.loads([line for line in out.decode().splitlines() if line.startswith("{")][-1])
+        report = await run_browser_driver("playback_driver.mjs", spec)
         self.assertEqual(report["atEnd"]["state"], "ended", report)
         self.assertTrue(report["endPng"], report)
         bright = sum(1 for v in Image.open(png).convert("L").getdata() if v > 128)
