@@ -183,7 +183,9 @@ def pyspy(bench: Bench, args: argparse.Namespace, per_console: Optional[int]) ->
     try:
         job = dict(workloads(bench.args)["setup8"], parallel=args.parallel, target=target.job_target())
         bench.client(dict(job, duration_ms=1000), timeout=60)
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(target.proc.pid), "--rate", "500",
+        # --gil: only samples of the thread running Python (idle waits in
+        # epoll and the thread pool's idle workers are not work).
+        spy = subprocess.Popen(["py-spy", "record", "--gil", "--pid", str(target.proc.pid), "--rate", "500",
                                 "--duration", str(int(args.pyspy_secs)), "--nonblocking", "--format", "raw",
                                 "-o", raw], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         bench.client(dict(job, duration_ms=int(args.pyspy_secs * 1000) + 500), timeout=120)
@@ -202,6 +204,8 @@ def pyspy(bench: Bench, args: argparse.Namespace, per_console: Optional[int]) ->
 def report(res: dict) -> str:
     lines = [f"setup {res['parallel']} at a time under callgrind:"]
     for k in ("short", "long"):
+        if k not in res:
+            continue
         r = res[k]
         lines.append(f"  {k:5} {r['ms'] / 1000:5.1f} s: {r['done']:5} consoles, {r['instructions']:>14,} "
                      f"instructions, {r['per_console']:>10,} per console (errors {r['errors']})")
@@ -231,6 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--top", type=int, default=0, help="print the N C functions costing most per console")
     p.add_argument("--pyspy", type=int, default=0, help="print the N Python functions costing most (py-spy)")
     p.add_argument("--pyspy-secs", type=float, default=8.0)
+    p.add_argument("--per-console", type=int, default=0,
+                   help="skip callgrind: scale the py-spy shares to this many instructions per console")
     p.add_argument("--json", default="", help="write the figures here too")
     p.add_argument("--keep-work", action="store_true")
     args = p.parse_args(argv)
@@ -242,7 +248,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = Bench(argparse.Namespace(max_conc=1000, quick=False))
     bench.start_backend()
     try:
-        res = measure(bench, args)
+        if args.per_console:
+            res = {"parallel": args.parallel, "marginal_per_console": args.per_console, "given": True}
+        else:
+            res = measure(bench, args)
         if args.pyspy:
             res["pyspy"] = pyspy(bench, args, res["marginal_per_console"])
     finally:
