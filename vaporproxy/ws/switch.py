@@ -144,7 +144,9 @@ class _Switch(Protocol):
             transport.loseConnection()
             return
         if factory is self._factory.ws_factory:
-            transport = _past_guard(transport, protocol)
+            # (The switch lets go of the guard: they would hold each other,
+            # with the protocol's bound methods, past the console's end.)
+            transport = self.transport = _past_guard(transport, protocol)
         self._replace(transport, protocol)
         protocol.makeConnection(transport)
         if data:
