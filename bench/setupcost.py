@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -121,13 +122,22 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict:
     job = dict(workloads(bench.args)[f"setup{args.parallel}"] if args.parallel in (1, 8)
                else dict(workloads(bench.args)["setup8"], parallel=args.parallel))
     target.up()
+    pairs = []
     try:
         job["target"] = target.job_target()
         bench.client(dict(job, duration_ms=int(args.warmup * 1000)), timeout=600)
-        short, short_dump = counted_run(bench, target.proc.pid, job, int(args.short * 1000))
-        long_, long_dump = counted_run(bench, target.proc.pid, job, int(args.long * 1000))
+        for _ in range(args.repeat):
+            short, short_dump = counted_run(bench, target.proc.pid, job, int(args.short * 1000))
+            long_, long_dump = counted_run(bench, target.proc.pid, job, int(args.long * 1000))
+            pairs.append((short, short_dump, long_, long_dump))
     finally:
         target.down()
+    slopes = []
+    for short, short_dump, long_, long_dump in pairs:
+        i_s, i_l, d_s, d_l = total_of(short_dump), total_of(long_dump), short["done"], long_["done"]
+        if d_l > d_s:
+            slopes.append((i_l - i_s) / (d_l - d_s))
+    # The figures below are the last pair's; the marginal figure is the median over the pairs.
     i_s, i_l = total_of(short_dump), total_of(long_dump)
     d_s, d_l = short["done"], long_["done"]
     res = {
@@ -136,7 +146,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict:
                   "per_console": round(i_s / d_s) if d_s else None},
         "long": {"ms": int(args.long * 1000), "done": d_l, "instructions": i_l, "errors": long_.get("errors"),
                  "per_console": round(i_l / d_l) if d_l else None},
-        "marginal_per_console": round((i_l - i_s) / (d_l - d_s)) if d_l > d_s else None,
+        "marginal_per_console": round(statistics.median(slopes)) if slopes else None,
+        "slopes": [round(x) for x in slopes],
     }
     if args.top:
         for key, inclusive in (("top_c", True), ("top_c_self", False)):
@@ -211,6 +222,8 @@ def report(res: dict) -> str:
                      f"instructions, {r['per_console']:>10,} per console (errors {r['errors']})")
     m = res["marginal_per_console"]
     lines.append(f"  marginal: {m:,} instructions per console ({m / 1e6:.3f} M)" if m else "  marginal: –")
+    if len(res.get("slopes", ())) > 1:
+        lines.append("  (median of the pairs' slopes: " + ", ".join(f"{x / 1e6:.3f}" for x in res["slopes"]) + " M)")
     for key, title in (("top_c", "inclusive"), ("top_c_self", "self")):
         if key in res:
             lines.append(f"C functions per console ({title}):")
@@ -232,6 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of set-ups before counting")
     p.add_argument("--short", type=float, default=4.0, help="seconds of the short counted run")
     p.add_argument("--long", type=float, default=12.0, help="seconds of the long counted run")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="short+long pairs counted on the same proxy; the median slope is reported")
     p.add_argument("--top", type=int, default=0, help="print the N C functions costing most per console")
     p.add_argument("--pyspy", type=int, default=0, help="print the N Python functions costing most (py-spy)")
     p.add_argument("--pyspy-secs", type=float, default=8.0)
