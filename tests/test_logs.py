@@ -224,39 +224,6 @@ class DebugEnabledTests(SynchronousTestCase):
         self.assertTrue(debug_enabled())
 
 
-class FastLoggerTests(SynchronousTestCase):
-    """
-    L{FastLogger} makes the events Twisted's L{Logger} makes.
-    """
-
-    def test_same_event_as_twisted(self) -> None:
-        """When both loggers emit the same line, the observers get the same keys and values (the time aside)."""
-        from twisted.logger import Logger
-
-        from vaporproxy.logs import FastLogger
-
-        events: List[Dict[str, Any]] = []
-        for kind in (Logger, FastLogger):
-            kind(namespace="vaporproxy.test", observer=events.append).info("audit {event}", event="x", audit={"a": 1})
-        twisted_event, fast_event = events
-        self.assertIsInstance(fast_event.pop("log_logger"), FastLogger)
-        self.assertIsInstance(twisted_event.pop("log_logger"), Logger)
-        self.assertEqual(sorted(fast_event), sorted(twisted_event))
-        for key in ("log_time",):
-            fast_event.pop(key)
-            twisted_event.pop(key)
-        self.assertEqual(fast_event, twisted_event)
-
-    def test_unknown_level_as_twisted(self) -> None:
-        """When a level is not a LogLevel, the error event is Twisted's own."""
-        from vaporproxy.logs import FastLogger
-
-        events: List[Dict[str, Any]] = []
-        FastLogger(namespace="vaporproxy.test", observer=events.append).emit("loud", "x")  # type: ignore[arg-type]
-        self.assertEqual(len(events), 1)
-        self.assertIn("invalid log level", events[0]["log_format"])
-
-
 class IsoUtcTests(SynchronousTestCase):
     """
     The project's timestamp, asked for two seconds in turn.

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Dict, Optional
 
-from vaporproxy.logs import FastLogger
+from twisted.logger import Logger
+
 from vaporproxy.timestamps import iso_utc
 
 __all__ = ["AUDIT_EVENTS", "AuditTrail"]
 
 #: Module level: a Logger on a class takes the class's name as namespace.
-log = FastLogger(namespace="vaporproxy.audit")
+log = Logger(namespace="vaporproxy.audit")
 
 #: Every event the trail writes (SPEC.md "Audit trail").
 AUDIT_EVENTS = (

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
-from time import time
 from typing import IO, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from twisted.logger import (
@@ -26,7 +25,6 @@ from twisted.logger import (
     ILogObserver,
     LegacyLogObserverWrapper,
     LogLevel,
-    Logger,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
@@ -100,36 +98,6 @@ def format_message(event: Mapping[str, Any]) -> str:
         except Exception:
             pass
     return formatEvent(event)
-
-
-_LOG_LEVELS = frozenset(LogLevel.iterconstants())
-
-
-class FastLogger(Logger):
-    """
-    Twisted's L{Logger}, making the same events, whose C{emit} checks the
-    level with one set lookup: Twisted's sorts the level constants on every
-    event (C{LogLevel.iterconstants()}), and a console's set-up logs four
-    or five events of which the audit trail's three and the access line
-    go through this (bench/setupcost.py: see the README's Performance).
-    An unknown level takes Twisted's own path (its error event).
-    """
-
-    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: object) -> None:
-        if level not in _LOG_LEVELS:
-            Logger.emit(self, level, format, **kwargs)
-            return
-        kwargs.update(
-            log_logger=self,
-            log_level=level,
-            log_namespace=self.namespace,
-            log_source=self.source,
-            log_format=format,
-            log_time=time(),
-        )
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
-        self.observer(kwargs)
 
 
 #: C{[system]} texts of events without C{log_system}, by (namespace, level).
@@ -362,7 +330,6 @@ def log_setup_for(
 __all__ = [
     "ConfigError",
     "ENV_LEVEL",
-    "FastLogger",
     "LEVELS",
     "LevelFilter",
     "LogSetup",

@@ -86,22 +86,9 @@ class GuardedProtocol(ProtocolWrapper):
             self._timer.cancel()
         self._timer = None
 
-    def _rearm(self) -> None:
-        """
-        A fresh deadline for the next request of a keep-alive connection:
-        the running timer, if any, moved later (cheaper than a cancelled
-        timer and a new one per request; the console-info request of every
-        console set-up comes this way).
-        """
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(self.factory.request_timeout)
-        else:
-            self._arm()
-
     def _expired(self) -> None:
         self._timer = None
-        if self.pending and not self._answered:
+        if self.pending:
             log.debug("request deadline passed; connection from {client} closed", client=self.client or "?")
             self.shed()
 
@@ -119,7 +106,7 @@ class GuardedProtocol(ProtocolWrapper):
             if self._answered:
                 # The next request of a keep-alive connection: a fresh deadline.
                 self._answered = False
-                self._rearm()
+                self._arm()
         self.wrappedProtocol.dataReceived(data)
 
     def saw(self, data: bytes) -> None:
@@ -138,10 +125,9 @@ class GuardedProtocol(ProtocolWrapper):
             else:
                 self._step_out()
         elif not self._answered and not data.startswith(_INTERIM):
-            # The answer has begun (a "100 Continue" is not one: the body is
-            # still to come): no deadline until the next request.  The timer
-            # may run on; when it fires it sees the answer and does nothing.
+            # The answer has begun (a "100 Continue" is not one: the body is still to come).
             self._answered = True
+            self._disarm()
 
     def _leave_path(self, protocol: Any) -> bool:
         """

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 import txaio
-from autobahn.websocket import protocol as _autobahn_protocol
 from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import _is_tls_error, _maybe_tls_reason
@@ -37,7 +36,6 @@ __all__ = [
     "FastServerProtocol",
     "ReactorTimer",
     "autobahn_debug",
-    "quiet_debug_arguments",
 ]
 
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
@@ -68,8 +66,6 @@ RELIES_ON = (
     ("autobahn.twisted.websocket.WebSocketServerProtocol", "_connectionLost"),
     ("autobahn.twisted.websocket.WebSocketServerFactory", "setProtocolOptions"),
     ("autobahn.websocket.protocol.FrameHeader", "__init__"),
-    ("autobahn.websocket.protocol", "hltype"),
-    ("autobahn.websocket.protocol", "hlval"),
     ("instance", "_batched_timer"),
     ("instance", "_transport_details"),
     ("instance", "send_queue"),
@@ -124,45 +120,6 @@ def autobahn_debug() -> bool:
     lets debug lines through: then Autobahn's own code runs unchanged.
     """
     return txaio.get_global_log_level() in ("debug", "trace")
-
-
-def _debug_only(highlight: Callable[..., str]) -> Callable[..., str]:
-    """
-    Autobahn's C{hltype}/C{hlval} (a name or value styled for a terminal)
-    when debug logging is on, else an empty string without the work.
-
-    Autobahn's server protocol computes them for its debug lines (two per
-    console in C{processHandshake}) even when debug is off, where nothing
-    reads them: qualified names and four click stylings per console, 1% of
-    a set-up's Python time under cProfile; with the log lines' [system]
-    text cached, 3.07 M -> 3.06 M instructions per set-up
-    (bench/setupcost.py, 2026-12-05; within its run-to-run spread).  In the
-    server protocol every use is an argument of C{log.debug}; the one other
-    use (a client protocol's error line: vaporproxy has no Autobahn client)
-    would show an empty name.
-    """
-
-    def gated(*args: Any, **kwargs: Any) -> str:
-        if autobahn_debug():
-            return highlight(*args, **kwargs)
-        return ""
-
-    gated.__wrapped__ = highlight  # type: ignore[attr-defined]
-    return gated
-
-
-def quiet_debug_arguments() -> None:
-    """
-    Put L{_debug_only} in front of the C{hltype} and C{hlval} that
-    Autobahn's WebSocket protocol module calls (once per process).
-    """
-    for name in ("hltype", "hlval"):
-        current = getattr(_autobahn_protocol, name)
-        if not hasattr(current, "__wrapped__"):
-            setattr(_autobahn_protocol, name, _debug_only(current))
-
-
-quiet_debug_arguments()
 
 
 class FastServerProtocol(WebSocketServerProtocol):
