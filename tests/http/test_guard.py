@@ -210,7 +210,7 @@ class InterimAnswerTests(SynchronousTestCase):
 
 class KeepAliveTests(SynchronousTestCase):
     """
-    The next request of a keep-alive connection moves the running deadline.
+    The next request of a keep-alive connection gets a deadline of its own.
     """
 
     def test_next_request_before_old_deadline(self) -> None:
