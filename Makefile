@@ -1,5 +1,6 @@
 # vaporproxy — the two commands a newcomer needs:
 #   make run    install what is missing, start a demo VM and the proxy, print the console URL
+#               (DEMO_ARGS="--extra-config my.yaml --port 8090": see python3 -m vaporproxy.demo --help)
 #   make test   install what is missing, run the whole suite with trial
 # Both work on a fresh Debian 12 machine as root (apt-get and pip are used).
 
@@ -16,7 +17,7 @@ STAMPS       = .stamps
 .PHONY: run test test-unit test-integration test-e2e bench bench-quick deps lock clean
 
 run: deps
-	$(PYTHON) -m vaporproxy.demo
+	$(PYTHON) -m vaporproxy.demo $(DEMO_ARGS)
 
 test: deps
 	bash scripts/run-tests.sh $(TESTS)

@@ -7,6 +7,12 @@
 //   'E' ...            echo every byte back (latency, pings)
 //   'S' u32 chunk      stream chunk-sized writes without end (downstream)
 //   'U' ...            sink; one ack byte back per 64 KiB received (upstream)
+//   3 ...              a FramebufferUpdateRequest (10 bytes): stream valid RFB
+//                      FramebufferUpdates without end, one Raw 128x128
+//                      rectangle (64 KiB of pixels) each (downstream).  A
+//                      real RFB message each way, so consoles whose stages
+//                      frame the browser's messages (view-only) or the VM's
+//                      (clipboard from_vm: false) pass it.
 //
 // With --ws-port it also serves the same sessions over a minimal WebSocket
 // server (the `ws` package): the "direct WebSocket" ceiling, no proxy.
@@ -31,11 +37,15 @@ function serverInit() {
   return b;
 }
 const SERVER_INIT = serverInit();
+// FramebufferUpdate: type 0, pad, 1 rectangle; x, y, 128 x 128, Raw; 128*128*4 bytes.
+const RECT_SIDE = 128;
+const UPDATE_HEADER = Buffer.from([0, 0, 0, 1, 0, 0, 0, 0, 0, RECT_SIDE, 0, RECT_SIDE, 0, 0, 0, 0]);
 const PAYLOAD = (() => {
   const b = Buffer.alloc(1 << 20);
   for (let i = 0; i < b.length; i++) b[i] = (i * 2654435761) >>> 24;
   return b;
 })();
+const UPDATE = Buffer.concat([UPDATE_HEADER, PAYLOAD.subarray(0, RECT_SIDE * RECT_SIDE * 4)]);
 
 /**
  * One backend session over an abstract byte transport:
@@ -64,7 +74,7 @@ class Session {
   data(chunk) {
     if (this.mode === 'E') { this.io.write(chunk); return; }
     if (this.mode === 'U') { this.sink(chunk.length); return; }
-    if (this.mode === 'S') return;
+    if (this.mode === 'S' || this.mode === 'F') return;
     this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
     for (;;) {
       if (this.state === 'version') {
@@ -82,6 +92,12 @@ class Session {
         this.io.write(SERVER_INIT);
         this.state = 'command';
       } else if (this.state === 'command') {
+        if (this.buf.length && this.buf[0] === 3) {
+          if (!this.take(10)) return;
+          this.buf = Buffer.alloc(0);
+          this.start('F', 0, this.buf);
+          return;
+        }
         const c = this.take(8);
         if (!c) return;
         const rest = this.buf;
@@ -96,8 +112,8 @@ class Session {
     this.mode = mode;
     if (mode === 'E') { if (rest.length) this.io.write(rest); }
     else if (mode === 'U') { this.sink(rest.length); }
-    else if (mode === 'S') {
-      const chunk = PAYLOAD.subarray(0, Math.max(1, Math.min(arg || 65536, PAYLOAD.length)));
+    else if (mode === 'S' || mode === 'F') {
+      const chunk = mode === 'F' ? UPDATE : PAYLOAD.subarray(0, Math.max(1, Math.min(arg || 65536, PAYLOAD.length)));
       const pump = () => {
         while (!this.closed) {
           if (!this.io.write(chunk)) { this.io.onDrain(pump); return; }

@@ -333,6 +333,51 @@ function command(mode, arg = 0) {
   return b;
 }
 
+/** A FramebufferUpdateRequest (incremental, the whole 1024x768 screen): starts the backend's framed stream. */
+function updateRequest() {
+  return Buffer.from([3, 1, 0, 0, 0, 0, 4, 0, 3, 0]);
+}
+
+// CPU seconds (user + system) of a process, from /proc/PID/stat; USER_HZ is 100 on Linux.
+function procCpu(pid) {
+  if (!pid) return null;
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(')').pop().trim().split(/\s+/);
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch (e) { return null; }
+}
+
+// Seconds the process's threads spent runnable but waiting for a CPU (/proc/PID/task/*/schedstat).
+function procWait(pid) {
+  if (!pid) return null;
+  try {
+    let ns = 0;
+    for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+      ns += Number(fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[1]);
+    }
+    return ns / 1e9;
+  } catch (e) { return null; }
+}
+
+/** The proxy's CPU share over a window [c0 at t0, now at t1] (job.proxy_pid), or null. */
+function cpuShare(job, c0, t0, t1) {
+  const c1 = procCpu(job.proxy_pid);
+  return c0 === null || c1 === null ? null : (c1 - c0) / ((t1 - t0) / 1000);
+}
+
+/** Start of a window: the proxy's CPU and run-queue wait so far. */
+function proxyMark(job) { return { cpu: procCpu(job.proxy_pid), wait: procWait(job.proxy_pid), t: now() }; }
+
+/** End of a window: the proxy's CPU share, and its share spent waiting for a CPU (others' load). */
+function proxyShares(job, m) {
+  const t1 = now();
+  const w1 = procWait(job.proxy_pid);
+  return {
+    proxy_cpu_share: cpuShare(job, m.cpu, m.t, t1),
+    proxy_wait_share: m.wait === null || w1 === null ? null : (w1 - m.wait) / ((t1 - m.t) / 1000),
+  };
+}
+
 function pct(sorted, p) {
   if (!sorted.length) return null;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
@@ -369,14 +414,16 @@ function procMem(pid) {
 async function down(job) {
   const conns = await Promise.all(Array.from({ length: job.consoles }, () => openConsole(job.target)));
   let bytes = 0;
-  for (const c of conns) { c.raw((d) => { bytes += d.length; }); c.write(command('S', job.chunk || 65536)); }
+  // Framed RFB updates (backend.js), so that consoles with stages pass them too.
+  for (const c of conns) { c.raw((d) => { bytes += d.length; }); c.write(updateRequest()); }
   await sleep(job.warmup_ms);
-  const b0 = bytes; const t0 = now();
+  const b0 = bytes; const t0 = now(); const m = proxyMark(job);
   await sleep(job.duration_ms);
   const b1 = bytes; const t1 = now();
+  const shares = proxyShares(job, m);
   const dead = conns.filter((c) => c.closed).length;
   conns.forEach((c) => c.close());
-  return { mib_s: (b1 - b0) / 1048576 / ((t1 - t0) / 1000), errors: dead };
+  return { mib_s: (b1 - b0) / 1048576 / ((t1 - t0) / 1000), errors: dead, bytes, ...shares };
 }
 
 async function up(job) {
@@ -396,12 +443,13 @@ async function up(job) {
   c.raw((d) => { acked += d.length * ACK_UNIT; pump(); });
   pump();
   await sleep(job.warmup_ms);
-  const a0 = acked; const t0 = now();
+  const a0 = acked; const t0 = now(); const m = proxyMark(job);
   await sleep(job.duration_ms);
   const a1 = acked; const t1 = now();
+  const shares = proxyShares(job, m);
   const err = c.closed ? 1 : 0;
   c.close();
-  return { mib_s: (a1 - a0) / 1048576 / ((t1 - t0) / 1000), errors: err };
+  return { mib_s: (a1 - a0) / 1048576 / ((t1 - t0) / 1000), errors: err, ...shares };
 }
 
 async function rtt(job) {

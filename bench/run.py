@@ -36,6 +36,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import variants  # bench/variants.py (the script's directory is on sys.path)
+import stallcheck  # bench/stallcheck.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PROXY_CPU = "0"
@@ -118,6 +121,10 @@ class Target:
     workloads: Optional[List[str]] = None  # None: all
     extra: Dict[str, Any] = field(default_factory=dict)
     proc: Optional[subprocess.Popen] = None
+    #: After each steady run: figures merged into the run's result (bench/variants.py).
+    probe: Optional[Callable[[str, dict], dict]] = None
+    #: After the process stopped (bench/variants.py: remove recordings).
+    on_down: Optional[Callable[[], None]] = None
 
     def up(self) -> None:
         self.proc = self.start()
@@ -125,6 +132,8 @@ class Target:
     def down(self) -> None:
         stop(self.proc)
         self.proc = None
+        if self.on_down is not None:
+            self.on_down()
 
     def job_target(self) -> dict:
         return {"kind": self.kind, "host": "127.0.0.1", "port": self.port_of(), **self.extra}
@@ -189,7 +198,14 @@ class Bench:
             raise RuntimeError("backend did not start")
 
     # -- vaporproxy
-    def vapor_files(self, port: int, workers: int = 1, redis_port: Optional[int] = None) -> str:
+    def vapor_files(self, port: int, workers: int = 1, redis_port: Optional[int] = None,
+                    conf: Optional[dict] = None) -> str:
+        """
+        The proxy's config (and the libvirt test driver's node).  C{conf}
+        (bench/variants.py) adds to it: C{key} (more fields of the bench
+        key), C{console} (lines of the console section), C{top} (sections).
+        """
+        conf = conf or {}
         node = os.path.join(self.work, "node.xml")
         with open(node, "w") as f:
             f.write(
@@ -201,7 +217,7 @@ class Bench:
                 f"    <devices><graphics type='vnc' port='{self.backend_port}' listen='127.0.0.1'/></devices>\n"
                 "  </domain>\n</node>\n"
             )
-        conf = os.path.join(self.work, f"vapor-{port}.conf")
+        path = os.path.join(self.work, f"vapor-{port}.conf")
         sha = hashlib.sha256(self.api_key.encode()).hexdigest()
         admin_sha = hashlib.sha256(self.admin_key.encode()).hexdigest()
         limit = 2 * self.args.max_conc + 1000
@@ -217,7 +233,7 @@ class Bench:
         lines += [
             "auth:",
             "  api_keys:",
-            f'    - {{user: bench, sha256: "{sha}", vms: ["*"]}}',
+            f'    - {{user: bench, sha256: "{sha}", vms: ["*"]{", " + conf["key"] if conf.get("key") else ""}}}',
             f'    - {{user: bench-admin, sha256: "{admin_sha}", admin: true}}',
             "  mint_rate: 0",
             "  max_outstanding_tokens: 0",
@@ -226,17 +242,19 @@ class Bench:
             "console:",
             f"  max_connections_per_vm: {limit}",
             f"  max_total_connections: {limit}",
+            *conf.get("console", []),
+            *conf.get("top", []),
         ]
         if redis_port is not None:
             lines += ["tokens:", "  backend: redis", f'  redis_url: "redis://127.0.0.1:{redis_port}/0"']
-        with open(conf, "w") as f:
+        with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
-        return conf
+        return path
 
     def vapor_target(self, name: str, nvx: bool = True, workers: int = 1,
                      workloads: Optional[List[str]] = None, redis: bool = False,
                      cpu: str = PROXY_CPU, wrapper: Sequence[str] = (),
-                     start_timeout: float = 30) -> Target:
+                     start_timeout: float = 30, conf: Optional[dict] = None) -> Target:
         """
         vaporproxy under C{twistd}, run through C{wrapper} (e.g. valgrind)
         when given.
@@ -245,12 +263,12 @@ class Bench:
         log = os.path.join(self.work, f"{name}.log")
 
         def start() -> subprocess.Popen:
-            conf = self.vapor_files(port, workers, self.start_redis() if redis else None)
+            path = self.vapor_files(port, workers, self.start_redis() if redis else None, conf)
             env = dict(os.environ)
             env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
             if not nvx:
                 env["AUTOBAHN_USE_NVX"] = "0"
-            p = spawn([*wrapper, "twistd", "-n", "--pidfile=", "vaporproxy", "--config", conf],
+            p = spawn([*wrapper, "twistd", "-n", "--pidfile=", "vaporproxy", "--config", path],
                       cpu, env, log)
             try:
                 wait_port(port, p, timeout=start_timeout)
@@ -287,6 +305,7 @@ class Bench:
             self.vapor_target("vaporproxy"),
             self.vapor_target("vaporproxy-nonvx", nvx=False,
                               workloads=["down1", "up4k", "up64k", "rtt"]),
+            *variants.targets(self),
         ]
         wanted = self.args.targets.split(",") if self.args.targets else None
         return [t for t in all_targets if wanted is None or t.name in wanted]
@@ -458,6 +477,8 @@ def run_steady(bench: Bench, t: Target, names: List[str], results: dict) -> None
         runs = []
         for i in range(bench.args.runs):
             job = dict(jobs[name], target=t.job_target())
+            if t.kind == "vapor" and t.proc:
+                job["proxy_pid"] = t.proc.pid  # the proxy's CPU share over the window
             proxy0 = cpu_seconds(t.proc.pid) if t.proc else None
             backend0 = cpu_seconds(bench.backend.pid) if bench.backend else None
             r = bench.client(job, timeout=60)
@@ -470,6 +491,8 @@ def run_steady(bench: Bench, t: Target, names: List[str], results: dict) -> None
                     r["proxy_cpu_ms_per_console"] = round((cpu_seconds(t.proc.pid) - proxy0) * 1000 / done, 4)
                 if backend0 is not None and r.get("secs"):
                     r["backend_cpu_share"] = round((cpu_seconds(bench.backend.pid) - backend0) / r["secs"], 3)
+            if t.probe is not None:
+                r.update(t.probe(name, r))
             runs.append(r)
             if "error" in r:
                 print(f"  {t.name} {name} run {i + 1}: ERROR {r['error']}", file=sys.stderr)
@@ -842,6 +865,7 @@ def table(results: dict, names: List[str]) -> str:
             vp, wf, so = (val(n, "stall", key) for n in ("vaporproxy", "websockify", "socat"))
             rows.append(f"| {label} (MiB) | " + " | ".join(fmt(v, "MiB") for v in vs)
                         + f" | {ratio(vp, wf)} | {ratio(vp, so)} |")
+    rows += variants.table(results, names)
     rows += worker_table(results.get("workers_line"))
     return "\n".join(rows)
 
@@ -918,6 +942,26 @@ def worker_table(line: Optional[dict]) -> List[str]:
     return rows
 
 
+def stall_check(bench: Bench, args: argparse.Namespace) -> int:
+    """
+    --stall-check N (bench/stallcheck.py): prints the runs and the verdict,
+    writes results/stallcheck.json; exit status 0 on PASS, 1 on FAIL.
+    """
+    try:
+        verdict = stallcheck.run(bench, bench.vapor_target("vaporproxy"), workloads(args)["up64k"],
+                                 args.stall_check)
+    finally:
+        stop(bench.backend)
+        shutil.rmtree(bench.work, ignore_errors=True)
+    verdict["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = os.path.join(os.path.dirname(args.out), "stallcheck.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(verdict, f, indent=1)
+    print(stallcheck.report(verdict))
+    return 0 if verdict["pass"] else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs, 1,000 consoles only")
@@ -938,6 +982,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", action="store_true", help="py-spy profiles of vaporproxy")
     p.add_argument("--no-instructions", action="store_true",
                    help="skip counting vaporproxy's instructions per console set-up under callgrind")
+    p.add_argument("--stall-check", type=int, default=0, metavar="N",
+                   help="only issue 8's flow-control check: N upstream 64 KiB runs (bench/stallcheck.py)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = p.parse_args(argv)
     if args.runs is None:
@@ -949,6 +995,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     bench = Bench(args)
     bench.start_backend()
+    if args.stall_check > 0:
+        return stall_check(bench, args)
     results: dict = {"meta": {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
         "runs": args.runs, "cpus": os.cpu_count(), "proxy_cpu": PROXY_CPU, "load_cpu": LOAD_CPU,

@@ -18,7 +18,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from tests.e2e.fixture import Environment, skip_reason  # noqa: E402
-from tests.e2e.test_control_room import DRIVER, control_room_spec  # noqa: E402
+from tests.e2e.drivers import driver_path, report_of  # noqa: E402
+from tests.e2e.test_control_room import control_room_spec  # noqa: E402
 
 
 def main() -> int:
@@ -31,11 +32,11 @@ def main() -> int:
     try:
         proxy = env.proxy("picture", sections={"recording": {"enabled": True, "dir": os.path.join(env.workdir, "rec")}})
         result = subprocess.run(
-            ["node", DRIVER, json.dumps(control_room_spec(env, proxy, screenshot=out))],
+            ["node", driver_path("admin_driver.mjs"), json.dumps(control_room_spec(env, proxy, screenshot=out))],
             cwd=REPO, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-        if not report.get("listed") or "fatal" in report:
+        report = report_of(result.stdout)
+        if not report or not report.get("listed") or "fatal" in report:
             print(f"the control room did not list the console: {report}", file=sys.stderr)
             return 1
     finally:

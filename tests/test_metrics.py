@@ -266,3 +266,24 @@ class PolicyAndRecordingMetricsTests(SynchronousTestCase):
             "vaporproxy_recordings_size_bytes 4096.0",
         ):
             self.assertIn(line, text)
+
+    def test_recordingBytesWhileLive(self):
+        """
+        When consoles are being recorded, the bytes-written counter grows with their files, and an ended recording is counted once.
+        """
+
+        class NoConsoles:
+            def consoles(self):
+                return []
+
+        metrics = Metrics(NoConsoles(), None, Clock())
+        live = {"a": 300, "b": 200}
+        metrics.watch_recordings(lambda: sum(live.values()))
+        self.assertEqual(metrics.recording_bytes(), 500)
+        live["a"] = 900
+        self.assertEqual(metrics.recording_bytes(), 1100)
+        del live["a"]
+        metrics.recording_finished(1000)  # its last bytes were written meanwhile
+        self.assertEqual(metrics.recording_bytes(), 1200)
+        live["b"] = 0  # never down, even if a size were read low
+        self.assertEqual(metrics.recording_bytes(), 1200)

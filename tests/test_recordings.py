@@ -3,6 +3,7 @@ Tests for L{vaporproxy.recordings.recorder} and L{vaporproxy.recordings.store}:
 recording a console, its metadata, listing, retention.
 """
 
+import errno
 import json
 import os
 
@@ -10,6 +11,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from vaporproxy import filewriter
 from vaporproxy.filewriter import DiskWriter
 from vaporproxy.recordings.format import KIND_CHANNEL_OPEN, KIND_FROM_BROWSER, KIND_TO_BROWSER, read_recording
 from vaporproxy.recordings.recorder import recording_path
@@ -85,6 +87,9 @@ class RecordingTests(SynchronousTestCase):
         self.assertEqual(listed[live.id]["outcome"], "LIVE")
         self.assertEqual(listed[crashed.id]["outcome"], "INTERRUPTED")
         self.assertEqual(listed[crashed.id]["user"], "alice")
+        self.assertEqual(
+            [listed[r.id]["complete"] for r in (finished, live, crashed)], [True, None, False]
+        )
 
     def test_endedBeforeItsMetadataIsWritten(self):
         """
@@ -99,15 +104,136 @@ class RecordingTests(SynchronousTestCase):
         self.assertEqual((listed["id"], listed["outcome"], listed["bytes"]), (recorder.id, "SESSION_TERMINATED", 5))
         self.assertEqual(listed["size"], os.path.getsize(recording_path(self.dir, recorder.id)))
 
-    def test_diskTroubleDropsRecordingOnly(self):
+    def recorder_past_high_water(self, holds):
         """
-        When the disk cannot keep up, the recording is given up and reported; recording calls go on without error.
+        A recorder whose one channel reports its holds into C{holds}, with
+        400 bytes queued for a held disk: past the writer's high-water mark.
         """
-        self.writer.max_pending = 10
+        self.writer.high_water, self.writer.low_water = 400, 100  # the file header is ~250 bytes
+        self.writer.hold()
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        recorder.attach(holds.append)
+        recorder.to_browser(0, b"a" * 400)
+        return recorder
+
+    def test_slowDiskHoldsTheConsole(self):
+        """
+        When the disk falls behind, the console's channels stop reading from the VM until it caught up, and the recording loses nothing.
+        """
+        holds = []
+        recorder = self.recorder_past_high_water(holds)
+        self.assertEqual(holds, [True])
+        late = []
+        recorder.attach(late.append)  # a channel opened while the disk is behind
+        self.assertEqual(late, [True])
+        self.writer.step()
+        self.assertEqual((holds, late), ([True, False], [True, False]))
+        meta = self.store.finish(recorder, bytes_sent=400, outcome=None)
+        self.writer.step()
+        with open(recording_path(self.dir, recorder.id), "rb") as f:
+            _, records, cut = read_recording(f.read())
+        self.assertEqual(([r.data for r in records], cut), ([b"a" * 400], False))
+        self.assertTrue(meta["complete"])
+        self.assertEqual(self.dropped, [])
+
+    def test_stalledDiskDropsRecordingOnly(self):
+        """
+        When the disk writes nothing of a held console's recording for the stall timeout, the recording is dropped and reported, the console's reads let go, and later recording calls are ignored.
+        """
+        holds = []
+        recorder = self.recorder_past_high_water(holds)
+        self.clock.advance(self.writer.stall_timeout + 1)
+        self.assertEqual(holds, [True, False])
+        self.assertFalse(recorder.active)
+        self.assertEqual(len(self.dropped), 1)
+        self.assertIn("wrote none", self.dropped[0])
+        recorder.to_browser(0, b"more")
+        recorder.detach(holds.append)
+        self.assertEqual(len(self.dropped), 1)
+
+    def test_metadataSaysWhatTheDiskFinallyWrote(self):
+        """
+        When a console ends while its records still wait for the disk, its metadata file gives the size and completeness once they are written.
+        """
+        self.writer.hold()
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        recorder.to_browser(0, b"a" * 1000)
+        meta = self.store.finish(recorder, bytes_sent=1000, outcome=None)
+        self.assertEqual(meta["size"], 0)  # nothing written yet
+        self.writer.step()
+        with open(os.path.join(self.dir, recorder.id + ".json")) as f:
+            written = json.load(f)
+        self.assertEqual(written["size"], os.path.getsize(recording_path(self.dir, recorder.id)))
+        self.assertTrue(written["complete"])
+
+    def test_metadataSaysIncompleteWhenTheLastWritesFail(self):
+        """
+        When the records still waiting at the console's end fail to be written, its metadata file says incomplete.
+        """
+        self.writer.hold()
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        recorder.to_browser(0, b"a" * 1000)
+        self.assertTrue(self.store.finish(recorder, bytes_sent=1000, outcome=None)["complete"])
+
+        def full(fd, parts, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.writer.step(1)  # the open
+        self.patch(filewriter, "_writev_all", full)
+        self.writer.step()
+        with open(os.path.join(self.dir, recorder.id + ".json")) as f:
+            self.assertFalse(json.load(f)["complete"])
+        self.assertEqual(len(self.dropped), 1)
+
+    def test_failedDiskDropsRecordingOnly(self):
+        """
+        When a write fails (the disk is full), the recording is given up and reported once; recording calls go on without error.
+        """
+        def full(fd, parts, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(filewriter, "_writev_all", full)
         recorder = self.record_one(self.store, data=b"x" * 100)
         recorder.to_browser(0, b"more")
         self.assertFalse(recorder.active)
         self.assertEqual(len(self.dropped), 1)
+        self.assertIn("No space left on device", self.dropped[0])
+        self.assertFalse(self.store.finish(recorder, bytes_sent=104, outcome=None)["complete"])
+
+    def test_droppedListedTruthfully(self):
+        """
+        When a recording was dropped, the list says it is not complete and why, while its console is live and after it ended.
+        """
+        def full(fd, parts, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        real = filewriter._writev_all
+        self.patch(filewriter, "_writev_all", full)
+        recorder = self.record_one(self.store, data=b"x" * 100)
+        [live] = self.successResultOf(self.store.list())
+        self.assertEqual((live["outcome"], live["complete"]), ("LIVE", False))
+        self.assertIn("No space left on device", live["dropped"])
+        self.patch(filewriter, "_writev_all", real)  # the disk has room again for the metadata
+        meta = self.store.finish(recorder, bytes_sent=100, outcome=None)
+        self.assertEqual((meta["outcome"], meta["complete"]), ("ok", False))
+        self.assertEqual(meta["dropped"], live["dropped"])
+        [ended] = self.successResultOf(self.store.list())
+        self.assertEqual((ended["complete"], ended["dropped"]), (False, live["dropped"]))
+        with open(os.path.join(self.dir, recorder.id + ".json")) as f:
+            self.assertEqual(json.load(f)["complete"], False)
+
+    def test_writtenWhileLive(self):
+        """
+        When consoles are being recorded, the store tells how many bytes their files hold so far; ended ones no longer count.
+        """
+        first = self.record_one(self.store, data=b"x" * 100)
+        second = self.record_one(self.store, data=b"y" * 50)
+        before = self.store.written()
+        self.assertEqual(before, first.size + second.size)
+        first.to_browser(0, b"z" * 1000)
+        self.assertGreaterEqual(self.store.written(), before + 1000)
+        self.store.finish(first, bytes_sent=1100, outcome=None)
+        self.assertEqual(self.store.written(), second.size)
 
     def test_retentionByAge(self):
         """

@@ -376,6 +376,25 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(nvx), 1)
         self.assertEqual(nvx[0]["nvx"], "on" if autobahn.websocket.USES_NVX else "off")
 
+    def test_logsFeaturesOn(self) -> None:
+        """
+        When the config turns recording, bandwidth limits and step-up on, the start-up log names them; a plain config logs none.
+        """
+        from vaporproxy.app.reload import features_on
+        from vaporproxy.config import parse_config
+
+        self.assertEqual(features_on(parse_config(CONFIG)), [])
+        config = parse_config(
+            CONFIG.replace("max_total_connections: 3}", "max_total_connections: 3, max_bandwidth: 8}")
+            + "recording: {enabled: true, dir: /srv/rec, include_input: true}\n"
+            + "auth: {policies: [{vms: [prod-*], require_mfa: true}]}\n"
+        )
+        self.assertEqual(
+            features_on(config),
+            ["recording to /srv/rec (VMs *, with the browser's input)", "max_bandwidth 8 KB/s per console",
+             "1 step-up policy(ies)"],
+        )  # fmt: skip
+
     def test_envLevel(self) -> None:
         """
         When VAPOR_LOG_LEVEL is set, the service's log setup uses it over the config.
@@ -573,6 +592,31 @@ class ReloadTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(setup.level, "error")
+
+    def restart_warnings(self, text: str) -> List[str]:
+        """Reload C{text}; the settings the log says need a restart."""
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        write(self.path, text)
+        self.assertTrue(self.reload.reload(), [e.get("error") for e in events])
+        return [e["keys"] for e in events if "restart to apply" in e.get("log_format", "")]
+
+    def test_recordingTurnedOnNeedsRestart(self) -> None:
+        """
+        When a reload turns recording on (its store is made at start-up) or changes the audit file, the log says a restart is needed.
+        """
+        recordings, audit = (json.dumps(os.path.abspath(self.mktemp())) for _ in range(2))
+        warned = self.restart_warnings(
+            CONFIG + f"recording: {{enabled: true, dir: {recordings}}}\naudit: {{file: {audit}}}\n"
+        )
+        self.assertEqual(warned, ["audit.file, recording"])
+
+    def test_recordingOffNeedsNoRestart(self) -> None:
+        """
+        When a reload leaves recording off, no restart is asked for.
+        """
+        self.assertEqual(self.restart_warnings(CONFIG + "recording: {enabled: false, dir: /elsewhere}\n"), [])
 
     def test_badVncTLSCertificateChangesNothing(self) -> None:
         """

@@ -104,6 +104,11 @@ class VMConsoles:
     open_graphics: bool = False
 
 
+#: The C{Grant.key_id} of a token minted through a share link: this prefix,
+#: then the share's id.
+SHARE_KEY_PREFIX = "share:"
+
+
 @dataclass(frozen=True)
 class Grant:
     """
@@ -141,6 +146,14 @@ class Grant:
 
     def matches_vm(self, vm_ref: str) -> bool:
         return vm_ref in (self.vm_ref, self.vm_uuid)
+
+    @property
+    def share_id(self) -> Optional[str]:
+        """The share link that minted this token (its C{key_id} is C{share:<id>}), if any."""
+        key_id = self.key_id
+        if key_id is not None and key_id.startswith(SHARE_KEY_PREFIX):
+            return key_id[len(SHARE_KEY_PREFIX) :]
+        return None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ console that lasts for hours shows its traffic while it runs.
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -57,9 +57,28 @@ class _ByteCounters:
             yield CounterMetricFamily(name, text, value=value)
 
 
+class _RecordingBytes:
+    """
+    C{vaporproxy_recording_bytes_written}: ended recordings' bytes plus
+    those written so far by the recordings being made, when collected.
+    """
+
+    NAME = "vaporproxy_recording_bytes_written"
+    TEXT = "Bytes written to recording files (ended and being written)"
+
+    def __init__(self, metrics: "Metrics"):
+        self._metrics = metrics
+
+    def describe(self) -> List[CounterMetricFamily]:
+        return [CounterMetricFamily(self.NAME, self.TEXT)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.NAME, self.TEXT, value=self._metrics.recording_bytes())
+
+
 #: Every metric family, in exposition order: (attribute of L{Metrics}, type,
-#: name, help, labels, further arguments).  The byte counters' row stands
-#: for L{_ByteCounters}, computed when collected.
+#: name, help, labels, further arguments).  The byte counters' rows stand
+#: for L{_ByteCounters} and L{_RecordingBytes}, computed when collected.
 FAMILIES: Tuple[Tuple[str, Any, str, str, Tuple[str, ...], Dict[str, Any]], ...] = (
     ("_live", Gauge, "vaporproxy_consoles_live", "Consoles relaying now, by type", ("type",), {}),
     ("_tokens", Gauge, "vaporproxy_tokens_outstanding", "Issued tokens not yet used nor expired", (), {}),
@@ -80,9 +99,9 @@ FAMILIES: Tuple[Tuple[str, Any, str, str, Tuple[str, ...], Dict[str, Any]], ...]
     ("_throttled", Counter, "vaporproxy_throttled_seconds", "Seconds reads from VMs were paused by bandwidth limits",
      (), {}),
     ("_recordings_active", Gauge, "vaporproxy_recordings_active", "Consoles being recorded now", (), {}),
-    ("_recording_bytes", Counter, "vaporproxy_recording_bytes_written", "Bytes written to recording files", (), {}),
+    ("", _RecordingBytes, "", "", (), {}),
     ("_recordings_dropped", Counter, "vaporproxy_recordings_dropped",
-     "Recordings given up (disk full or too slow); their consoles went on", (), {}),
+     "Recordings given up (the disk failed, or wrote none of a paused recording for 5 s); their consoles went on", (), {}),
     ("_recording_files", Gauge, "vaporproxy_recording_files", "Recording files on disk", (), {}),
     ("_recordings_size", Gauge, "vaporproxy_recordings_size_bytes", "Total size of the recording files on disk", (),
      {}),
@@ -114,9 +133,11 @@ class Metrics:
         self._closed_ids: Set[str] = set()
         #: The last totals exported: a counter never goes down.
         self._exported = (0, 0)
+        self._recording_bytes_ended = self._recording_bytes_exported = 0  # see recording_bytes()
+        self._recordings_written: Callable[[], int] = lambda: 0
         for attribute, kind, name, text, labels, options in FAMILIES:
-            if kind is _ByteCounters:
-                self.registry.register(_ByteCounters(self))
+            if kind in (_ByteCounters, _RecordingBytes):
+                self.registry.register(kind(self))
             else:
                 setattr(self, attribute, kind(name, text, labels, registry=self.registry, **options))
         self._live_types = set(CONSOLE_TYPES)
@@ -176,7 +197,21 @@ class Metrics:
 
     def recording_finished(self, bytes_written: int) -> None:
         self._recordings_active.dec()
-        self._recording_bytes.inc(max(0, bytes_written))
+        self._recording_bytes_ended += max(0, bytes_written)
+
+    def watch_recordings(self, written: Callable[[], int]) -> None:
+        """
+        C{written()}: bytes written so far by the recordings being made
+        (L{vaporproxy.recordings.store.RecordingStore.written}), so that
+        the bytes counter grows while a console streams.
+        """
+        self._recordings_written = written
+
+    def recording_bytes(self) -> int:
+        """Ended recordings' bytes plus the live ones' so far (never going down)."""
+        total = self._recording_bytes_ended + max(0, self._recordings_written())
+        self._recording_bytes_exported = max(total, self._recording_bytes_exported)
+        return self._recording_bytes_exported
 
     def recording_dropped(self, why: str = "") -> None:
         self._recordings_dropped.inc()

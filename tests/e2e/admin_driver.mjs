@@ -1,29 +1,18 @@
 // Drives the control room in headless Chromium (playwright-core, system
 // Chromium): a console page connected to the VM, then /admin, which must
-// list that console and its recording; a screenshot of it; then its
-// Terminate button, which must close the console (4010).  Prints one JSON
+// list that console and its recording; a screenshot of it; its Watch link,
+// which must open a view-only console; then its Terminate button, which
+// must close the console (4010).  Prints one JSON
 // line with what both pages said.
 //
 //   node tests/e2e/admin_driver.mjs '{"console_url": U, "admin_url": A, "screenshot": P, "timeout_ms": N}'
-import { chromium } from "playwright-core";
+//
+// (U may be a share link's page: the control room then names the share.)
+import { launchChromium, sleep, waitFor } from "./browser.mjs";
 
 const spec = JSON.parse(process.argv[2]);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-async function waitFor(page, predicate, timeoutMs) {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    if (await page.evaluate(predicate)) return true;
-    await sleep(100);
-  }
-  return false;
-}
-
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launchChromium();
 const out = { errors: [] };
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 560 } });
@@ -40,8 +29,15 @@ try {
   out.admin = await admin.evaluate(() => JSON.parse(JSON.stringify(window.vaporAdmin)));
   out.adminUrl = admin.url();
   out.rows = await admin.evaluate(() => document.querySelectorAll("#consoles tbody tr").length);
+  out.users = await admin.evaluate(() => [...document.querySelectorAll("#consoles tbody tr")].map((tr) => tr.cells[0].textContent));
   out.playLinks = await admin.evaluate(() => [...document.querySelectorAll("#recordings a")].map((a) => a.getAttribute("href")));
   if (spec.screenshot) await admin.screenshot({ path: spec.screenshot });
+  // Watch: a view-only console of the VM in a new tab (the key in its fragment).
+  out.watchLinks = await admin.evaluate(() => [...document.querySelectorAll("#consoles a")].map((a) => a.getAttribute("href")));
+  const [watcher] = await Promise.all([context.waitForEvent("page"), admin.click("#consoles a")]);
+  watcher.on("pageerror", (e) => out.errors.push("watch: " + String(e)));
+  out.watched = await waitFor(watcher, () => window.vapor && window.vapor.state === "connected", spec.timeout_ms);
+  out.watcher = await watcher.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));
   await admin.click("#consoles tbody button");
   out.terminated = await waitFor(consolePage, () => window.vapor.closeCode === 4010, spec.timeout_ms);
   out.console = await consolePage.evaluate(() => JSON.parse(JSON.stringify(window.vapor)));

@@ -13,7 +13,8 @@
 //       Loads the bundled console page and waits until window.vapor says
 //       connected (with a non-blank canvas when "paint", with at least
 //       min_channels open WebSockets), or until a console WebSocket closed.
-//       Reports window.vapor, the canvas statistics and page errors.
+//       Reports window.vapor, the canvas statistics, each button of the
+//       bar ("controls": {id: "enabled" | "disabled"}) and page errors.
 //       Then, with "then_connects": n, waits until the page has connected n
 //       times in all (reconnects); with "then_closed": true, until a console
 //       WebSocket closes (then "settle_ms" more).
@@ -23,27 +24,19 @@
 //         {"type": "text", "delay_ms": n} type text (key by key)
 //         {"press": "Enter"}              press one key
 //         {"wait_ms": n}                  wait
+//         {"fragment": "key=…"}           set the address's #fragment (a
+//                                         same-page navigation, as when a
+//                                         person pastes a key)
 //       and reports the actions done ("acted") or the error ("action_error").
+//       "canvas_png_before" / "canvas_png": paths where the largest canvas
+//       under #screen is saved as PNG, before the actions / at the end.
 //
 //   {"kind": "ws", "origin": U, "ws_url": W, "protocols": [...],
 //    "close_after_data": bool, "timeout_ms": n}
 //       Opens a page at U (for the Origin header), then a raw WebSocket to
 //       W from inside it.  Reports whether it opened, the subprotocol, the
 //       text messages, the binary byte count, and the close code/reason.
-import { chromium } from "playwright-core";
-
-const CHROMIUM_ARGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+import { launchChromium, saveCanvas, sleep } from "./browser.mjs";
 
 // Runs in the page: statistics of every canvas under #screen.
 function canvasStatsInPage() {
@@ -100,6 +93,8 @@ async function act(page, actions) {
       await page.keyboard.press(a.press, { delay: 50 });
     } else if (a.wait_ms) {
       await sleep(a.wait_ms);
+    } else if (a.fragment !== undefined) {
+      await page.evaluate((f) => { window.location.hash = f; }, a.fragment);
     } else {
       throw new Error("unknown action " + JSON.stringify(a));
     }
@@ -149,6 +144,8 @@ async function pageStep(browser, step, deadline) {
   }
   let acted = null;
   let actionError = null;
+  const saved = {};
+  if (reached && step.canvas_png_before) saved.before = await saveCanvas(page, step.canvas_png_before);
   if (reached && step.actions) {
     try {
       acted = await act(page, step.actions);
@@ -184,6 +181,7 @@ async function pageStep(browser, step, deadline) {
     }
   }
   canvas = await page.evaluate(canvasStatsInPage);
+  if (step.canvas_png) saved.end = await saveCanvas(page, step.canvas_png);
   if (step.screenshot) await page.screenshot({ path: step.screenshot });
   return {
     kind: "page",
@@ -194,6 +192,9 @@ async function pageStep(browser, step, deadline) {
     elapsed_ms: Date.now() - started,
     vapor,
     canvas,
+    saved,
+    controls: await page.evaluate(() => Object.fromEntries(
+      [...document.querySelectorAll("#bar button")].map((b) => [b.id, b.disabled ? "disabled" : "enabled"]))),
     address: await page.evaluate(() => window.location.href),
     errors: errors.slice(0, 20),
   };
@@ -255,11 +256,7 @@ async function wsStep(browser, step, deadline) {
 async function main() {
   const spec = JSON.parse(process.argv[2] || "{}");
   const deadline = Date.now() + (spec.timeout_ms || 60000);
-  const browser = await chromium.launch({
-    executablePath: process.env.VAPOR_CHROMIUM || "/usr/bin/chromium",
-    args: CHROMIUM_ARGS,
-    headless: true,
-  });
+  const browser = await launchChromium();
   const results = [];
   try {
     for (const step of spec.steps || []) {

@@ -13,8 +13,6 @@ module of this package shares it.
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import secrets
 import shutil
@@ -23,8 +21,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 
+from tests.e2e.drivers import run_browser_driver
+from tests.support import StartedOnce
 from vaporproxy.demo import (
     DemoVM,
     LIBVIRTD_BINARY,
@@ -41,7 +40,6 @@ from vaporproxy.demo import (
 )
 
 CHROMIUM = os.environ.get("VAPOR_CHROMIUM", "/usr/bin/chromium")
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "driver.mjs")
 VM_NAME = "vapor-e2e"
 GUEST_VM_NAME = "vapor-e2e-shell"
 API_PREFIX = "/api/v1/virtualization/virtualmachines/"
@@ -163,29 +161,8 @@ class Environment:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-_environment: Optional[Environment] = None
-_failure: Optional[BaseException] = None
-
-
-def environment() -> Environment:
-    """
-    The shared environment, started on first use (blocking, a few seconds)
-    and closed at exit.  A failed start is remembered, not retried.
-    """
-    global _environment, _failure
-    if _failure is not None:
-        raise RuntimeError(f"e2e environment failed to start: {_failure}")
-    if _environment is None:
-        env = Environment()
-        atexit.register(env.close)
-        try:
-            env.start()
-        except BaseException as e:
-            _failure = e
-            env.close()
-            raise
-        _environment = env
-    return _environment
+#: The shared environment, started on first use (blocking, a few seconds).
+environment = StartedOnce("e2e environment failed to start", Environment, Environment.start, Environment.close)
 
 
 async def wait_for_serial(serial: SerialLog, line: str, timeout: float = 30.0, count: int = 1) -> None:
@@ -204,20 +181,7 @@ async def run_driver(spec: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """
     Run the browser driver with C{spec}; its per-step results.
     """
-    out, err, code = await getProcessOutputAndValue(
-        "node",
-        [DRIVER, json.dumps(spec)],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-        path=repo_root(),
-        reactor=reactor,
-    )
-    lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.startswith("{")]
-    if code != 0 or not lines:
-        raise AssertionError(
-            f"browser driver failed (exit {code}): {out.decode('utf-8', 'replace')[-2000:]}"
-            f" {err.decode('utf-8', 'replace')[-2000:]}"
-        )
-    report = json.loads(lines[-1])
+    report = await run_browser_driver("driver.mjs", spec)
     if "fatal" in report:
         raise AssertionError(f"browser driver failed: {report['fatal']}")
     return report["results"]

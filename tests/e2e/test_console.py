@@ -372,10 +372,38 @@ class ConsoleLifecycleTests(E2ETestCase):
 
         return Deferred.fromCoroutine(go())
 
+    def test_key_pasted_into_open_page(self) -> Deferred:
+        """
+        When the page is opened without a key its status line says how to give one; a key then pasted into its address (a same-page navigation) connects it and leaves the address bar.
+        """
+        proxy = self.env.proxy("main")
+        page = f"{proxy.base_url}/console/{VM_NAME}?type=vnc"
+
+        async def go() -> None:
+            no_key, pasted = await run_driver(
+                {
+                    "timeout_ms": 50000,
+                    "steps": [
+                        {"kind": "page", "url": page, "until": "closed", "timeout_ms": 15000},
+                        {"kind": "page", "url": page, "until": "closed", "timeout_ms": 30000,
+                         "actions": [{"fragment": f"key={self.env.key}"}], "then_connects": 1},
+                    ],
+                }
+            )  # fmt: skip
+            why = self.explain("main", [no_key, pasted])
+            self.assertEqual(no_key["vapor"]["state"], "failed", why)
+            self.assertIn("#key=", no_key["vapor"]["statusText"], why)
+            self.assertTrue(pasted.get("reached"), why)
+            self.assertEqual(pasted["vapor"]["history"][0]["http"], 401, why)
+            self.assertEqual(pasted["vapor"]["state"], "connected", why)
+            self.assertNotIn("key=", pasted["address"], why)
+
+        return Deferred.fromCoroutine(go())
+
     def test_terminated_session_is_final(self) -> Deferred:
         """
         When an admin terminates the VM's consoles, the page shows 4010
-        SESSION_TERMINATED and does not reconnect.
+        SESSION_TERMINATED with the proxy's words for why, and does not reconnect.
         """
         proxy = self.env.proxy("main")
 
@@ -408,6 +436,11 @@ class ConsoleLifecycleTests(E2ETestCase):
             self.assertEqual(r["vapor"]["closeCode"], 4010, why)
             self.assertEqual(r["vapor"]["lastError"], "SESSION_TERMINATED", why)
             self.assertEqual(r["vapor"]["state"], "failed", why)
+            # The status line says what happened in words (the proxy's text
+            # of why), not only the code.
+            self.assertEqual(r["vapor"]["errorText"], "Console ended by an administrator", why)
+            self.assertEqual(r["vapor"]["statusText"],
+                             "closed: Console ended by an administrator (SESSION_TERMINATED, 4010)", why)  # fmt: skip
             self.assertEqual(r["vapor"]["tokenFetches"], 1, why)
 
         return Deferred.fromCoroutine(go())

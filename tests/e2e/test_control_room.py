@@ -1,7 +1,8 @@
 """
 End to end: the control room (issue 10) with a real VM, a real proxy that
 records consoles, and Chromium: a console opened by the bundled page is
-listed with its recording; its Terminate button closes it (4010) and the
+listed with its recording; its Watch link opens a view-only console; its
+Terminate button closes it (4010) and the
 recording is finished with that outcome.
 """
 
@@ -11,26 +12,14 @@ import json
 import os
 from typing import Any, Dict
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.client import HTTPConnectionPool
 
-from tests.e2e.fixture import VM_NAME, environment, repo_root, skip_reason
-
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "admin_driver.mjs")
-
-
-async def run_admin_driver(spec: Dict[str, Any]) -> Dict[str, Any]:
-    out, err, code = await getProcessOutputAndValue(
-        "node", [DRIVER, json.dumps(spec)],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-        path=repo_root(), reactor=reactor,
-    )  # fmt: skip
-    lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.startswith("{")]
-    if code != 0 or not lines:
-        raise AssertionError(f"admin driver failed ({code}): {out[-2000:]!r} {err[-2000:]!r}")
-    return json.loads(lines[-1])
+from tests.e2e.drivers import run_browser_driver
+from tests.e2e.fixture import API_PREFIX, VM_NAME, environment, skip_reason
 
 
 def control_room_spec(env: Any, proxy: Any, screenshot: str = "") -> Dict[str, Any]:
@@ -55,12 +44,12 @@ class ControlRoomTests(TestCase):
 
     def test_listsRecordsTerminates(self) -> Deferred:
         """
-        When a console is open, the control room lists it and its recording; Terminate closes it with 4010.
+        When a console is open, the control room lists it and its recording; Watch opens a view console of its VM; Terminate closes it with 4010.
         """
         proxy = self.env.proxy("recorded", sections={"recording": {"enabled": True, "dir": self.recordings}})
 
         async def go() -> None:
-            r = await run_admin_driver(control_room_spec(self.env, proxy))
+            r = await run_browser_driver("admin_driver.mjs", control_room_spec(self.env, proxy))
             why = json.dumps(r)[:3000] + self.env.proxy_log("recorded")
             self.assertNotIn("fatal", r, why)
             self.assertEqual(r["errors"], [], why)
@@ -71,9 +60,13 @@ class ControlRoomTests(TestCase):
             self.assertEqual((live["type"], live["user"]), ("vnc", "e2e"))
             self.assertGreater(live["bytes_sent"], 0)
             self.assertEqual(r["rows"], 1)
+            self.assertEqual((live["share_id"], r["users"]), (None, ["e2e"]))
             [recording] = r["admin"]["recordings"]
             self.assertEqual(recording["outcome"], "LIVE")
             self.assertEqual(r["playLinks"], [f"/console/recordings/{recording['id']}#key={self.env.key}"])
+            self.assertEqual(r["watchLinks"], [f"/console/{live['vm_id']}?mode=view#key={self.env.key}"])
+            self.assertTrue(r["watched"], why)
+            self.assertEqual(r["watcher"]["mode"], "view", why)
             self.assertTrue(r["terminated"], why)
             self.assertEqual(r["console"]["state"], "failed", why)
             self.assertTrue(r["afterTerminate"], why)
@@ -81,6 +74,36 @@ class ControlRoomTests(TestCase):
             self.assertEqual(ended["outcome"], "SESSION_TERMINATED")
             self.assertGreater(ended["size"], 1000)
             await self.played_back(proxy, recording["id"])
+
+        return Deferred.fromCoroutine(go())
+
+    def test_shareWatcherNamed(self) -> Deferred:
+        """
+        When a console is opened through a share link, the control room shows it as its creator "via share <id>", and Terminate tells its page an administrator ended it.
+        """
+        proxy = self.env.proxy("recorded", sections={"recording": {"enabled": True, "dir": self.recordings}})
+
+        async def go() -> None:
+            created = await treq.post(
+                f"{proxy.base_url}{API_PREFIX}{VM_NAME}/console/shares",
+                data=json.dumps({"mode": "view"}).encode(),
+                headers={"Authorization": f"Bearer {self.env.key}"},
+                pool=HTTPConnectionPool(reactor, persistent=False),
+            )
+            share = json.loads(await created.content())
+            self.assertEqual(created.code, 201, share)
+            page, fragment = share["url"].split("#", 1)
+            spec = control_room_spec(self.env, proxy)
+            spec["console_url"] = f"{proxy.base_url}{page}?type=vnc#{fragment}"
+            r = await run_browser_driver("admin_driver.mjs", spec)
+            why = json.dumps(r)[:3000] + self.env.proxy_log("recorded")
+            self.assertNotIn("fatal", r, why)
+            self.assertTrue(r["listed"], why)
+            [live] = r["admin"]["consoles"]
+            self.assertEqual((live["user"], live["share_id"], live["mode"]), ("e2e", share["share_id"], "view"), why)
+            self.assertEqual(r["users"], [f"e2e via share {share['share_id']}"], why)
+            self.assertTrue(r["terminated"], why)
+            self.assertEqual(r["console"]["errorText"], "Console ended by an administrator", why)
 
         return Deferred.fromCoroutine(go())
 
@@ -97,12 +120,7 @@ class ControlRoomTests(TestCase):
             "seek_ms": 500,
             "timeout_ms": 30000,
         }
-        out, err, code = await getProcessOutputAndValue(
-            "node", [os.path.join(os.path.dirname(DRIVER), "playback_driver.mjs"), json.dumps(spec)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-            path=repo_root(), reactor=reactor,
-        )  # fmt: skip
-        report = json.loads([line for line in out.decode().splitlines() if line.startswith("{")][-1])
+        report = await run_browser_driver("playback_driver.mjs", spec)
         self.assertNotIn("fatal", report, report)
         self.assertEqual(report["atEnd"]["state"], "ended", report)
         self.assertGreater(report["atEnd"]["fed"], 3, report)

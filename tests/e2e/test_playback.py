@@ -5,10 +5,12 @@ Chromium by the bundled playback page with the real noVNC.
 The recording is made the way the proxy records a console: everything a
 browser received over a security-None RFB 3.8 session, with times.  The
 page must draw the same screen the VM showed (compared pixel by pixel with
-a live capture), reach the end, and seek back to the middle.
+a live capture), reach the end, and seek back to the middle, showing the
+length before it plays and with no "Disconnection timed out." from the
+client the seek replaced.  A recording still being made plays to what was
+written and says so; Load newer plays what was recorded since.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -18,13 +20,16 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
-from twisted.internet.utils import getProcessOutputAndValue
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
 from vaporproxy.filewriter import DiskWriter
 from vaporproxy.recordings.store import RecordingStore
+from tests.e2e.drivers import run_browser_driver
 from tests.http.test_api import ADMIN_KEY, Harness
+from tests.integration.qemu_fixture import start_bios_qemu
+from tests.support import recv_exactly
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOVNC = os.path.join(REPO, "node_modules", "@novnc", "novnc")
@@ -43,22 +48,8 @@ def skip_reason():
     return None
 
 
-def free_display():
-    for display in range(40, 90):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", 5900 + display)) != 0:
-                return display
-    raise SkipTest("no free VNC display")
-
-
 def recv_exact(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise AssertionError("VNC server closed")
-        data += chunk
-    return data
+    return recv_exactly(sock, size, closed=lambda: AssertionError("VNC server closed"))
 
 
 def record_vnc(port, recorder, seconds):
@@ -133,24 +124,7 @@ class PlaybackTests(TestCase):
             raise SkipTest(reason)
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
-        display = free_display()
-        self.port = 5900 + display
-        self.qemu = subprocess.Popen(
-            ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std",
-             "-display", "none", "-vnc", f"127.0.0.1:{display}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.addCleanup(self._stop_qemu)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            time.sleep(0.1)
-
-    def _stop_qemu(self):
-        self.qemu.kill()
-        self.qemu.wait(10)
+        self.port = start_bios_qemu(self, shutil.which("qemu-system-x86_64"))
 
     def serve(self, store):
         """The console API (pages, scripts, noVNC, recordings API) on loopback."""
@@ -164,10 +138,9 @@ class PlaybackTests(TestCase):
         When a recorded VNC console is opened in the playback page, noVNC draws the VM's screen, reaches the end and seeks back.
         """
         time.sleep(3)  # SeaBIOS draws its "No bootable device" screen
-        clock = reactor
-        writer = DiskWriter(clock)
+        writer = DiskWriter(reactor)
         self.addCleanup(writer.stopService)
-        store = RecordingStore(self.work, writer, clock, lambda f, *a: succeed(f(*a)))
+        store = RecordingStore(self.work, writer, reactor, lambda f, *a: succeed(f(*a)))
         recorder = store.start(vm_id=VM, vm_name="bios-vm", console_type="vnc", user="alice")
         width, height = record_vnc(self.port, recorder, 2.5)
         live_png = os.path.join(self.work, "live.png")
@@ -180,14 +153,10 @@ class PlaybackTests(TestCase):
             "end_png": os.path.join(self.work, "end.png"),
             "seek_png": os.path.join(self.work, "seek.png"),
             "seek_ms": 1200,
+            "settle_ms": 3500,  # past noVNC's 3 s disconnection timeout
             "timeout_ms": 30000,
         }
-        out, err, code = await getProcessOutputAndValue(
-            "node", [os.path.join(REPO, "tests", "e2e", "playback_driver.mjs"), json.dumps(spec)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")},
-            path=REPO, reactor=reactor,
-        )  # fmt: skip
-        report = json.loads([line for line in out.decode().splitlines() if line.startswith("{")][-1])
+        report = await run_browser_driver("playback_driver.mjs", spec)
         self.assertNotIn("fatal", report, report.get("fatal"))
         self.assertEqual(report["errors"], [])
         self.assertTrue(report["ended"], report)
@@ -203,3 +172,57 @@ class PlaybackTests(TestCase):
         self.assertGreater(report["afterSeek"]["positionMs"], 1000)
         self.assertTrue(report["seekPng"])
         self.assertGreater(text_overlap(spec["seek_png"], live_png)[0], 0.98)
+        # The length (the metadata's duration) before the first play; the seek's old client closed cleanly.
+        total = clock(round(store_meta(store, recorder.id)["duration_s"] * 1000))
+        known = [e for e in report["timeLog"] if not e["shown"].startswith("-:--")]
+        self.assertEqual(known[0]["shown"], f"0:00 / {total}", report["timeLog"])
+        self.assertIn(known[0]["state"], ("loading", "ready"), report["timeLog"])
+        self.assertEqual(report["atEnd"]["shown"], f"{total} / {total}")
+        self.assertEqual(report["consoleErrors"], [])
+        self.assertFalse(report["atEnd"]["moreShown"])
+
+    async def test_liveRecording(self):
+        """
+        When a recording is still being made, the page plays what was written, then says "recording in progress — played up to now" (not "ended") with the length "so far"; Load newer fetches what was written since and plays on.
+        """
+        time.sleep(3)
+        writer = DiskWriter(reactor)
+        self.addCleanup(writer.stopService)
+        store = RecordingStore(self.work, writer, reactor, lambda f, *a: succeed(f(*a)))
+        recorder = store.start(vm_id=VM, vm_name="bios-vm", console_type="vnc", user="alice")
+        self.addCleanup(store.finish, recorder, bytes_sent=0, outcome=None)
+        record_vnc(self.port, recorder, 1.5)
+        # The console goes on: a Bell every 200 ms (drawn by nothing, but played in order).
+        bells = LoopingCall(recorder.to_browser, 0, b"\x02")
+        bells.start(0.2)
+        self.addCleanup(bells.stop)
+        base = self.serve(store)
+        report = await run_browser_driver("playback_driver.mjs", {
+            "url": f"{base}/console/recordings/{recorder.id}#key={ADMIN_KEY}",
+            "load_newer_after_ms": 1500, "timeout_ms": 30000,
+        })  # fmt: skip
+        self.assertNotIn("fatal", report, report.get("fatal"))
+        self.assertEqual(report["errors"], [])
+        end = report["atEnd"]
+        self.assertEqual((end["state"], end["live"], end["outcome"]), ("live", True, "LIVE"), report)
+        self.assertEqual(end["status"], "recording in progress — played up to now; Load newer plays what was recorded since")
+        self.assertTrue(end["moreShown"])
+        self.assertEqual(end["shown"], f"{clock(end['durationMs'])} / {clock(end['durationMs'])} so far")
+        self.assertTrue(report["loadedNewer"], report)
+        newer = report["afterNewer"]
+        self.assertEqual((newer["state"], newer["loads"], newer["unplayed"]), ("live", 2, 0), report)
+        self.assertGreater(newer["durationMs"], end["durationMs"] + 1000)
+        self.assertEqual(newer["positionMs"], newer["durationMs"])
+        self.assertGreater(newer["fed"], end["fed"] + 5)  # the bells written since
+
+
+def clock(ms):
+    """The page's m:ss."""
+    seconds = int(ms // 1000)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def store_meta(store, recording_id):
+    """A recording's metadata as the API lists it."""
+    [meta] = [m for m in store.list().result if m["id"] == recording_id]
+    return meta

@@ -53,6 +53,8 @@ class ViewOnlyPageTests(E2ETestCase):
         r = await self.typed(f"?type={console_type}&mode=view", f"mark {hidden}", channels)
         self.assertEqual(r["vapor"]["mode"], "view", self.explain("main", r))
         self.assertEqual(r["vapor"]["state"], "connected", self.explain("main", r))
+        # Its keys never reach the VM, so the page offers no Ctrl+Alt+Del.
+        self.assertEqual(r["controls"]["cad"], "disabled", self.explain("main", r))
         self.assertGreater(r["canvas"]["nonBackground"], 50)
         if console_type == "spice":
             # The proxy refused the view console's inputs channel; the page went on.

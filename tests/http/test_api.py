@@ -171,12 +171,15 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.records: List[FakeRecord] = []
         self.terminated: List[str] = []
+        #: What each terminate_vm call told the browsers (the JSON error text).
+        self.messages: List[Any] = []
 
     def consoles(self) -> List[FakeRecord]:
         return list(self.records)
 
-    def terminate_vm(self, vm_uuid: str) -> int:
+    def terminate_vm(self, vm_uuid: str, message: Any = None) -> int:
         self.terminated.append(vm_uuid)
+        self.messages.append(message)
         doomed = [r for r in self.records if r.vm_id == vm_uuid]
         self.records = [r for r in self.records if r.vm_id != vm_uuid]
         return len(doomed)
@@ -930,6 +933,7 @@ class DeleteSessionsTests(APITestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(body, {"terminated": 2})
         self.assertEqual(self.h.registry.terminated, [WEB_UUID])
+        self.assertEqual(self.h.registry.messages, ["Console ended by an administrator"])
         self.assertEqual([r.console_id for r in self.h.registry.records], ["c3"])
 
     def test_gone_vm_by_uuid(self) -> None:

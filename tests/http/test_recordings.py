@@ -67,9 +67,11 @@ class RecordingsAPITests(SynchronousTestCase):
         self.assertEqual([r["id"] for r in found], self.ids)
         self.assertEqual(
             set(found[0]),
-            {"id", "vm_id", "vm_name", "type", "user", "started_at", "ended_at", "duration_s", "bytes", "outcome", "size"},
-        )
+            {"id", "vm_id", "vm_name", "type", "user", "started_at", "ended_at", "duration_s", "bytes", "outcome", "size",
+             "complete", "dropped"},
+        )  # fmt: skip
         self.assertEqual(found[0]["duration_s"], 60.0)
+        self.assertEqual((found[0]["complete"], found[0]["dropped"]), (True, None))
 
     def test_filters(self):
         """

@@ -118,7 +118,8 @@ class ShareRevocationTests(SynchronousTestCase):
         issued = self.successResultOf(store.issue(share_grant(ALICE)))
         through, other = FakeRecord("c1", share_grant(ALICE)), FakeRecord("c2", share_grant(ALICE, "0th3r"))
         self.assertEqual(terminate_share(FakeRegistry(through, other), store, "5ea1"), 1)
-        self.assertEqual((through.owner.ended, other.owner.ended), ([(ErrorCode.SESSION_TERMINATED, "revoked")], []))
+        self.assertEqual((through.owner.ended, other.owner.ended),
+                         ([(ErrorCode.SESSION_TERMINATED, "Share link revoked")], []))  # fmt: skip
         failure = self.failureResultOf(store.redeem(issued.token, WEB_UUID, None), ConsoleError)
         self.assertEqual(failure.value.message, "Token revoked")
 
@@ -158,8 +159,10 @@ class FakeOwner:
         self._redemption = Redemption(grant=g, first=True)
         self.ended: List[Any] = []
 
-    def _end(self, error: Any, reason: str, close_code: Any = None) -> None:
-        self.ended.append((error.code, reason))
+    def revoke(self, message: str) -> None:
+        # What the console WebSocket's revoke() ends it with (its session):
+        # 4010 with the JSON error text C{message}.
+        self.ended.append((ErrorCode.SESSION_TERMINATED, message))
 
 
 class FakeRecord:
@@ -187,6 +190,15 @@ class CloseRevokedTests(SynchronousTestCase):
         alice, bob = FakeRecord("c1", grant(ALICE)), FakeRecord("c2", grant(BOB))
         revocation = Revocation(AuthConfig(api_keys=(BOB,)))
         self.assertEqual(close_revoked(FakeRegistry(alice, bob), revocation.allows), 1)
-        self.assertEqual(alice.owner.ended, [(ErrorCode.SESSION_TERMINATED, "revoked")])
+        self.assertEqual(alice.owner.ended, [(ErrorCode.SESSION_TERMINATED, "Your access to this VM was revoked")])
         self.assertEqual(bob.owner.ended, [])
         self.assertEqual(ErrorCode.SESSION_TERMINATED.close_code, 4010)
+
+    def test_share_console_of_removed_creator(self) -> None:
+        """When a reload removes a share's creator, the consoles opened through the share read that the link was revoked."""
+        watcher, alice = FakeRecord("c1", share_grant(ALICE)), FakeRecord("c2", grant(ALICE))
+        revocation = Revocation(AuthConfig(api_keys=(BOB,)))
+        self.assertEqual(close_revoked(FakeRegistry(watcher, alice), revocation.allows), 2)
+        self.assertEqual((watcher.owner.ended, alice.owner.ended),
+                         ([(ErrorCode.SESSION_TERMINATED, "Share link revoked")],
+                          [(ErrorCode.SESSION_TERMINATED, "Your access to this VM was revoked")]))  # fmt: skip

@@ -57,7 +57,53 @@ def expected_response(password: str, challenge: bytes) -> bytes:
 
 
 @implementer(IPushProducer)
-class FakeVNCSession(Protocol):
+class Flood:
+    """
+    The push-producer half of a peer that writes L{STREAM_CHUNK} as fast as
+    its transport lets it, without end: the transport pauses and resumes it.
+
+    @ivar streamed: bytes written.
+    @ivar paused: whether the transport has paused the stream.
+    @ivar pauses: how many times it was paused.
+    """
+
+    transport: Any
+    streamed = 0
+    paused = False
+    pauses = 0
+    _loop: Optional[LoopingCall] = None
+
+    def start_flood(self, clock: Any = None) -> None:
+        """Register as the transport's producer and write every millisecond (on C{clock})."""
+        self.transport.registerProducer(self, True)
+        self._loop = LoopingCall(self._fill)
+        if clock is not None:
+            self._loop.clock = clock
+        self._loop.start(0.001)
+
+    def _fill(self) -> None:
+        while not self.paused and self.transport.connected:
+            self.transport.write(STREAM_CHUNK)
+            self.streamed += len(STREAM_CHUNK)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def stop_flood(self) -> None:
+        """Stop writing for good (the connection is lost)."""
+        self.paused = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+class FakeVNCSession(Flood, Protocol):
     """
     One RFB connection.
 
@@ -85,10 +131,6 @@ class FakeVNCSession(Protocol):
         self.auth_ok: Optional[bool] = None
         self.shared: Optional[int] = None
         self.echoed = b""
-        self.streamed = 0
-        self.paused = False
-        self.pauses = 0
-        self._loop: Optional[LoopingCall] = None
         self.closed: Deferred = Deferred()
 
     def connectionMade(self) -> None:
@@ -160,33 +202,12 @@ class FakeVNCSession(Protocol):
             self.transport.write(SERVER_INIT)
             self._state = "relay"
             if self.factory.stream:
-                self._start_stream()
+                self.start_flood(self.factory.reactor)
             rest, self._buffer = self._buffer, b""
             if rest:
                 self._echo(rest)
             return False
         return False
-
-    def _start_stream(self) -> None:
-        self.transport.registerProducer(self, True)
-        self._loop = LoopingCall(self._fill)
-        self._loop.clock = self.factory.reactor
-        self._loop.start(0.001)
-
-    def _fill(self) -> None:
-        while not self.paused and self.transport.connected:
-            self.transport.write(STREAM_CHUNK)
-            self.streamed += len(STREAM_CHUNK)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.paused = True
 
     def _refuse(self, reason: bytes) -> None:
         self.transport.write(struct.pack("!I", 1) + struct.pack("!I", len(reason)) + reason)
@@ -194,9 +215,7 @@ class FakeVNCSession(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.paused = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self.stop_flood()
         self.closed.callback(None)
 
 

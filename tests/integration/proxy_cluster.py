@@ -26,7 +26,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -38,9 +38,10 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest
 from twisted.web.client import HTTPConnectionPool
 
-from tests.integration.redis_server import free_port, stop_process
+from tests.integration.redis_server import stop_process
+from tests.support import REPO, checkout_env, free_port
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHECKOUT = REPO
 VM_PATH = "/api/v1/virtualization/virtualmachines"
 
 ADMIN_KEY = "cluster-admin-key-5c1e7a"
@@ -110,7 +111,10 @@ class ProxyProcess:
 
     @ivar port: its HTTP/WebSocket port on 127.0.0.1.
     @ivar name: a label for messages (C{"A"}, C{"B"}).
+    @ivar preexec_fn: run in the child before C{exec} (resource limits), or C{None}.
     """
+
+    preexec_fn: Optional[Callable[[], None]] = None
 
     def __init__(self, name: str, directory: str, config_text_for_port: Any):
         twistd = shutil.which("twistd")
@@ -127,12 +131,11 @@ class ProxyProcess:
         self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = CHECKOUT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.argv, cwd=self.directory, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
+                self.argv, cwd=self.directory, env=checkout_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=self.preexec_fn,
+            )  # fmt: skip
 
     @property
     def base(self) -> str:

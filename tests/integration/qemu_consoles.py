@@ -14,16 +14,11 @@ killed in the test's cleanup.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
-import tempfile
 from typing import Any, Callable, Sequence
 
-from twisted.trial.unittest import SkipTest
-
-from .qemu_fixture import QEMU, QemuProcess, qemu_available
+from .qemu_fixture import QemuProcess, start_diskless_qemu
 
 
 class ConsoleQemu(QemuProcess):
@@ -33,16 +28,7 @@ class ConsoleQemu(QemuProcess):
     """
 
     def __init__(self, process: subprocess.Popen, qmp_path: str, workdir: str):
-        self.process = process
-        self.workdir = workdir
-        self.spice_port = None
-        self.vnc_port = None
-        self._qmp = self._connect_qmp(qmp_path)
-        self._reader = self._qmp.makefile("rb")
-        greeting = json.loads(self._reader.readline())
-        if "QMP" not in greeting:
-            raise RuntimeError("no QMP greeting: %r" % (greeting,))
-        self.qmp("qmp_capabilities")
+        super().__init__(process, qmp_path, workdir, spice_port=None, vnc_tcp=False)
 
 
 def start_console_qemu(testcase: Any, display_args: Callable[[str], Sequence[str]]) -> ConsoleQemu:
@@ -52,33 +38,7 @@ def start_console_qemu(testcase: Any, display_args: Callable[[str], Sequence[str
 
     @raise SkipTest: when QEMU is not installed.
     """
-    binary = qemu_available()
-    if binary is None:
-        raise SkipTest("%s is not installed" % (QEMU,))
-    workdir = tempfile.mkdtemp(prefix="vp-qemu-")
-    qmp_path = os.path.join(workdir, "qmp.sock")
-    args = [
-        binary,
-        "-machine", "pc,accel=tcg",
-        "-m", "128",
-        "-nodefaults",
-        "-vga", "std",
-        "-display", "none",
-        *display_args(workdir),
-        "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
-    ]  # fmt: skip
-    with open(os.path.join(workdir, "qemu.log"), "wb") as log:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        qemu = ConsoleQemu(process, qmp_path, workdir)
-    except BaseException:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    testcase.addCleanup(qemu.stop)
-    return qemu
+    return start_diskless_qemu(testcase, display_args, ConsoleQemu)
 
 
 def socket_path(qemu: ConsoleQemu, name: str) -> str:

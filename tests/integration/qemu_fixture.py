@@ -30,7 +30,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from ipaddress import ip_address
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,16 +39,10 @@ from cryptography.x509.oid import NameOID
 
 from twisted.trial.unittest import SkipTest
 
+from tests.support import free_port, free_vnc_display, listening, wait
+
 QEMU = "qemu-system-x86_64"
-
-
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+Q = TypeVar("Q", bound="QemuProcess")
 
 
 class QMPError(Exception):
@@ -65,7 +59,12 @@ class QemuProcess:
     @ivar spice_port: the SPICE TCP port on 127.0.0.1.
     """
 
-    def __init__(self, process: subprocess.Popen, qmp_path: str, workdir: str, spice_port: int):
+    def __init__(self, process: subprocess.Popen, qmp_path: str, workdir: str, spice_port: Optional[int],
+                 vnc_tcp: bool = True):  # fmt: skip
+        """
+        Connect QMP; with C{vnc_tcp}, ask QEMU for its VNC TCP port
+        (otherwise C{vnc_port} is C{None}: no VNC, or VNC on a UNIX socket).
+        """
         self.serial: Any = None
         self.boot_seconds: Optional[float] = None
         self.process = process
@@ -77,8 +76,7 @@ class QemuProcess:
         if "QMP" not in greeting:
             raise QMPError("no QMP greeting: %r" % (greeting,))
         self.qmp("qmp_capabilities")
-        vnc = self.qmp("query-vnc")
-        self.vnc_port = int(vnc["service"])
+        self.vnc_port = int(self.qmp("query-vnc")["service"]) if vnc_tcp else None
 
     def _connect_qmp(self, path: str, timeout: float = 10.0) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -284,11 +282,6 @@ def start_qemu(
 
     @raise SkipTest: when QEMU is not installed.
     """
-    binary = qemu_available()
-    if binary is None:
-        raise SkipTest("%s is not installed" % (QEMU,))
-    workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
-    qmp_path = os.path.join(workdir, "qmp.sock")
     spice_port = free_port()
     tls_args = []
     if vnc_tls_dir is not None:
@@ -297,6 +290,31 @@ def start_qemu(
         else:
             creds = "tls-creds-x509,id=tls0,dir=%s,endpoint=server,verify-peer=off" % (vnc_tls_dir,)
         tls_args = ["-object", creds]
+    display = [
+        *tls_args,
+        "-vnc", "127.0.0.1:10,to=90,password=on" + (",tls-creds=tls0" if vnc_tls_dir else ""),
+        "-spice", "port=%d,addr=127.0.0.1" % (spice_port,),
+    ]  # fmt: skip
+    qemu = start_diskless_qemu(testcase, lambda workdir: display, lambda *a: QemuProcess(*a, spice_port=spice_port))
+    _set_passwords(qemu, vnc_password, spice_password)
+    return qemu
+
+
+def start_diskless_qemu(testcase: Any, display_args: Callable[[str], Sequence[str]],
+                        connect: Callable[[subprocess.Popen, str, str], Q]) -> Q:  # fmt: skip
+    """
+    Start a diskless TCG QEMU (128 MiB, standard VGA) with the display
+    arguments C{display_args(workdir)} gives (its files, sockets included,
+    belong in C{workdir}) and QMP on a socket; C{connect(process, qmp_path,
+    workdir)} answers the L{QemuProcess} (or subclass) for it.
+
+    @raise SkipTest: when QEMU is not installed.
+    """
+    binary = qemu_available()
+    if binary is None:
+        raise SkipTest("%s is not installed" % (QEMU,))
+    workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
+    qmp_path = os.path.join(workdir, "qmp.sock")
     args = [
         binary,
         "-machine", "pc,accel=tcg",
@@ -304,12 +322,10 @@ def start_qemu(
         "-nodefaults",
         "-vga", "std",
         "-display", "none",
-        *tls_args,
-        "-vnc", "127.0.0.1:10,to=90,password=on" + (",tls-creds=tls0" if vnc_tls_dir else ""),
-        "-spice", "port=%d,addr=127.0.0.1" % (spice_port,),
+        *display_args(workdir),
         "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
-    ]
-    return _launch(testcase, args, workdir, qmp_path, spice_port, vnc_password, spice_password)
+    ]  # fmt: skip
+    return launch(testcase, args, workdir, lambda process: connect(process, qmp_path, workdir))
 
 
 def start_guest_qemu(
@@ -344,29 +360,33 @@ def start_guest_qemu(
         binary=binary,
         extra=["-qmp", "unix:%s,server=on,wait=off" % (qmp_path,)],
     )
-    qemu = _launch(testcase, args, workdir, qmp_path, spice_port, vnc_password, spice_password)
+    qemu = launch(testcase, args, workdir, lambda process: QemuProcess(process, qmp_path, workdir, spice_port))
+    _set_passwords(qemu, vnc_password, spice_password)
     qemu.serial = SerialLog(serial_path)
     qemu.boot_seconds = qemu.serial.wait_ready(alive=lambda: qemu.process.poll() is None)
     return qemu
 
 
-def _launch(
-    testcase: Any,
-    args: Sequence[str],
-    workdir: str,
-    qmp_path: str,
-    spice_port: int,
-    vnc_password: Optional[str],
-    spice_password: Optional[str],
-) -> QemuProcess:
+def _set_passwords(qemu: QemuProcess, vnc_password: Optional[str], spice_password: Optional[str]) -> None:
     """
-    Start QEMU with C{args}, connect QMP, register the cleanup, set the
-    passwords.
+    Set the VNC and SPICE passwords that are given, over QMP.
+    """
+    if vnc_password is not None:
+        qemu.set_password("vnc", vnc_password)
+    if spice_password is not None:
+        qemu.set_password("spice", spice_password)
+
+
+def launch(testcase: Any, args: Sequence[str], workdir: str, connect: Callable[[subprocess.Popen], Q]) -> Q:
+    """
+    Start QEMU with C{args} (its log in C{workdir}/qemu.log), connect to it
+    with C{connect(process)} and register its cleanup; when connecting
+    fails, kill it and remove C{workdir}, so no failed start leaks a VM.
     """
     with open(os.path.join(workdir, "qemu.log"), "wb") as log:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        qemu = QemuProcess(process, qmp_path, workdir, spice_port)
+        qemu = connect(process)
     except BaseException:
         if process.poll() is None:
             process.kill()
@@ -374,8 +394,26 @@ def _launch(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     testcase.addCleanup(qemu.stop)
-    if vnc_password is not None:
-        qemu.set_password("vnc", vnc_password)
-    if spice_password is not None:
-        qemu.set_password("spice", spice_password)
     return qemu
+
+
+def start_bios_qemu(testcase: Any, binary: str) -> int:
+    """
+    A diskless QEMU (64 MiB, no QMP) that only shows its BIOS screen, with
+    password-less VNC on a free display, killed at clean-up; answer its VNC
+    port once it accepts.
+
+    @raise SkipTest: when no VNC display is free.
+    """
+    display = free_vnc_display()
+    if display is None:
+        raise SkipTest("no free VNC display")
+    process = subprocess.Popen(
+        [binary, "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std", "-display", "none",
+         "-vnc", f"127.0.0.1:{display}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    testcase.addCleanup(lambda: (process.kill(), process.wait(10)))
+    port = 5900 + display
+    wait(lambda: listening(port), timeout=20, interval=0.1)
+    return port

@@ -17,7 +17,9 @@ from typing import Any, List, Optional, Sequence
 
 from twisted.trial.unittest import SkipTest
 
-__all__ = ["RedisServer", "SentinelGroup", "free_port", "redis_command", "stop_process"]
+from tests.support import free_port
+
+__all__ = ["RedisServer", "SentinelGroup", "redis_command", "stop_process"]
 
 
 def stop_process(process: Optional[subprocess.Popen], grace: float = 5.0) -> None:
@@ -33,15 +35,6 @@ def stop_process(process: Optional[subprocess.Popen], grace: float = 5.0) -> Non
     except subprocess.TimeoutExpired:
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)
-
-
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

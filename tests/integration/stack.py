@@ -16,8 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -26,16 +25,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from tests.integration.libvirt_fixtures import node_uri, write_node_file
+from tests.support import free_port
 from vaporproxy import tap
-
-
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def self_signed(directory: str, hostname: str = "localhost") -> Tuple[str, str, bytes]:
@@ -197,7 +189,7 @@ class Stack:
         (live consoles closed, port closed, pools stopped) in
         C{testcase}'s cleanup.
 
-        @param port: the port the config listens on (see L{free_port}).
+        @param port: the port the config listens on (see L{tests.support.free_port}).
         @param ca_pem: the certificate to trust when it listens with TLS.
         """
         directory = testcase.mktemp()
@@ -213,6 +205,19 @@ class Stack:
         stack = cls(testcase, reactor, root, port, ca_pem)
         testcase.addCleanup(stack.stop)
         return stack
+
+    @classmethod
+    def on_domains(cls, testcase: Any, reactor: Any, domains: Sequence[str], config_for: Callable[[int, str], str],
+                   ca_pem: Optional[bytes] = None) -> "Stack":  # fmt: skip
+        """
+        L{start} on a free port, with VMs from a libvirt test-driver node
+        file holding C{domains}; C{config_for(port, uri)} is the config text.
+        """
+        directory = testcase.mktemp()
+        os.makedirs(directory)
+        uri = node_uri(write_node_file(directory, domains))
+        port = free_port()
+        return cls.start(testcase, reactor, config_for(port, uri), port, ca_pem=ca_pem)
 
     async def _stop(self) -> None:
         if self.root.running:

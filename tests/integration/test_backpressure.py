@@ -6,60 +6,50 @@ C{buffer_size}s and the VM must be paused, instead of memory growing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List, Tuple
 
 from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
-from tests.integration.test_bridge_loopback import Proxy, client_factory
+from tests.integration.fake_vnc import STREAM_CHUNK, Flood
+from tests.integration.test_bridge_loopback import Proxy
 from vaporproxy.relay.fastwrite import write_buffered
 from vaporproxy.config import ConsoleConfig
 
 BUFFER = 64 * 1024
-CHUNK = b"\xa5" * 65536
 
 
-@implementer(IPushProducer)
-class Streamer(Protocol):
+class Streamer(Flood, Protocol):
     """
     A VM that writes as fast as its transport lets it, forever.
     """
 
-    def __init__(self) -> None:
-        self.paused = False
-        self.written = 0
-        self.pauses = 0
-
     def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
-        self._loop = task.LoopingCall(self._fill)
-        self._loop.start(0.001)
-
-    def _fill(self) -> None:
-        while not self.paused and self.transport.connected:
-            self.transport.write(CHUNK)
-            self.written += len(CHUNK)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.paused = True
+        self.start_flood()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.paused = True
-        if self._loop.running:
-            self._loop.stop()
+        self.stop_flood()
+
+
+def streaming_vm(testcase: TestCase) -> Tuple[int, List[Streamer]]:
+    """
+    Listen on loopback as a VM whose every connection is a L{Streamer};
+    answer the port and the list the streamers are added to.
+    """
+    streamers: List[Streamer] = []
+
+    def build(addr: Any) -> Streamer:
+        streamers.append(Streamer())
+        return streamers[-1]
+
+    vm_factory = Factory()
+    vm_factory.buildProtocol = build  # type: ignore[assignment]
+    vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
+    testcase.addCleanup(vm.stopListening)
+    return vm.getHost().port, streamers
 
 
 class StalledClient(WebSocketClientProtocol):
@@ -87,22 +77,9 @@ class BackpressureTests(TestCase):
     timeout = 30
 
     async def _stalled(self) -> None:
-        streamers: list = []
-
-        def build() -> Streamer:
-            s = Streamer()
-            streamers.append(s)
-            return s
-
-        vm_factory = Factory()
-        vm_factory.buildProtocol = lambda addr: build()  # type: ignore[assignment]
-        vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
-        self.addCleanup(vm.stopListening)
-        proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
-        factory = client_factory(proxy.url(proxy.token()))
-        factory.protocol = StalledClient
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
-        client = await factory.opened
+        vm_port, streamers = streaming_vm(self)
+        proxy = Proxy(self, vm_port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
+        client, factory = await proxy.open_client(StalledClient)
         # Let the kernel's socket buffers on both legs fill up.
         await sleep(1.5)
         [record] = proxy.registry.consoles()
@@ -113,11 +90,11 @@ class BackpressureTests(TestCase):
             ws_buffered = write_buffered(bridge.transport)
             vm_buffered = write_buffered(bridge._backend.transport)
             samples.append(ws_buffered + vm_buffered)
-            written.append(streamers[0].written)
+            written.append(streamers[0].streamed)
             await sleep(0.1)
         # The proxy holds at most a few buffer_size (plus one 64 KiB read
         # that may land after the high-water mark is crossed).
-        self.assertLessEqual(max(samples), 3 * BUFFER + len(CHUNK), samples)
+        self.assertLessEqual(max(samples), 3 * BUFFER + len(STREAM_CHUNK), samples)
         # The VM is paused: it can write no more once everything is full.
         self.assertTrue(streamers[0].paused)
         self.assertGreater(streamers[0].pauses, 0)
@@ -185,10 +162,7 @@ class PingFloodTests(TestCase):
         vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
         self.addCleanup(vm.stopListening)
         proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=BUFFER, connection_timeout=5))
-        factory = client_factory(proxy.url(proxy.token()))
-        factory.protocol = PingFlooder
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
-        client = await factory.opened
+        client, factory = await proxy.open_client(PingFlooder)
         [record] = proxy.registry.consoles()
         bridge = record.owner
         samples = []

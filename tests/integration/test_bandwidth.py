@@ -12,12 +12,10 @@ from dataclasses import replace
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_backpressure import BUFFER, Streamer, sleep
-from tests.integration.test_bridge_loopback import Proxy, client_factory
+from tests.integration.test_backpressure import BUFFER, sleep, streaming_vm
+from tests.integration.test_bridge_loopback import Proxy
 from tests.ws.test_stages import Metrics
 from vaporproxy.config import ConsoleConfig
 from vaporproxy.relay.fastwrite import write_buffered
@@ -30,24 +28,12 @@ class BandwidthTests(TestCase):
     timeout = 30
 
     async def _limited(self) -> None:
-        streamers: list = []
-
-        def build() -> Streamer:
-            streamer = Streamer()
-            streamers.append(streamer)
-            return streamer
-
-        vm_factory = Factory()
-        vm_factory.buildProtocol = lambda addr: build()  # type: ignore[assignment]
-        vm = reactor.listenTCP(0, vm_factory, interface="127.0.0.1")
-        self.addCleanup(vm.stopListening)
+        vm_port, streamers = streaming_vm(self)
         console = ConsoleConfig(buffer_size=BUFFER, connection_timeout=5, max_bandwidth=RATE)
-        proxy = Proxy(self, vm.getHost().port, console)
+        proxy = Proxy(self, vm_port, console)
         metrics = Metrics()
         proxy.factory.planner = StagePlanner(replace(proxy.factory.config, console=console), reactor, metrics)
-        factory = client_factory(proxy.url(proxy.token()))
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
-        await factory.opened
+        _, factory = await proxy.open_client()
         await sleep(0.5)  # past the first burst
         [record] = proxy.registry.consoles()
         bridge = record.owner

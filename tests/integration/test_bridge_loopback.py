@@ -6,7 +6,7 @@ Autobahn WebSocket client.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -119,6 +119,17 @@ class Proxy:
         port = self.port.getHost().port
         return f"ws://127.0.0.1:{port}/api/v1/virtualization/virtualmachines/{VM_UUID}/console/ws?token={token}"
 
+    async def open_client(self, protocol: Any = None) -> Tuple[Any, WebSocketClientFactory]:
+        """
+        Connect a WebSocket client (C{protocol}, by default L{Client}) with
+        a fresh token; answer it once open, and its factory.
+        """
+        factory = client_factory(self.url(self.token()))
+        if protocol is not None:
+            factory.protocol = protocol
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port).connect(factory)
+        return await factory.opened, factory
+
 
 class Client(WebSocketClientProtocol):
     def onOpen(self) -> None:
@@ -162,10 +173,7 @@ class BridgeLoopbackTests(TestCase):
         vm = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
         self.addCleanup(vm.stopListening)
         proxy = Proxy(self, vm.getHost().port, ConsoleConfig(buffer_size=32 * 1024, connection_timeout=5))
-        factory = client_factory(proxy.url(proxy.token()))
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port)
-        await endpoint.connect(factory)
-        client = await factory.opened
+        client, factory = await proxy.open_client()
         payload = bytes(range(256)) * 1024  # 256 KiB in several messages
         received = until(factory, len(payload) + 5)
         client.sendMessage(b"hello", isBinary=True)
@@ -195,9 +203,7 @@ class BridgeLoopbackTests(TestCase):
         port = vm.getHost().port
         await vm.stopListening()
         proxy = Proxy(self, port, ConsoleConfig(connection_timeout=5))
-        factory = client_factory(proxy.url(proxy.token()))
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port).connect(factory)
-        await factory.opened
+        _, factory = await proxy.open_client()
         code, reason = await factory.closed
         self.assertEqual((code, reason), (4006, "CONNECTION_FAILED"))
         self.assertIn(b"CONNECTION_FAILED", b"".join(factory.received))

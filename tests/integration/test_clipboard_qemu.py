@@ -12,7 +12,6 @@ proven by QEMU's own clipboard: a VNC client connected straight to QEMU
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 
@@ -21,8 +20,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
-from tests.integration.stack import Stack, free_port
+from tests.integration.libvirt_fixtures import domain_xml, graphics_xml
+from tests.integration.stack import Stack
 from tests.integration.test_full_path import ALICE_KEY, VM_PATH, sha256
 from tests.integration.test_rfbserver_qemu import PF_32, drain, handshake, set_encodings, start_plain_qemu
 from vaporproxy.relay.rfbserver import EXTENDED_CLIPBOARD
@@ -53,13 +52,11 @@ class ClipboardQemuTests(TestCase):
         self.qemu = start_plain_qemu(self)
 
     def stack(self, to_vm: bool, from_vm: bool) -> Stack:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        uri = node_uri(write_node_file(directory, [domain_xml("clip", UUID, [graphics_xml("vnc", self.qemu.vnc_port)])]))
-        port = free_port()
-        text = CONFIG.format(port=port, alice=sha256(ALICE_KEY), uri=uri,
-                             to_vm=str(to_vm).lower(), from_vm=str(from_vm).lower())  # fmt: skip
-        return Stack.start(self, reactor, text, port)
+        return Stack.on_domains(
+            self, reactor, [domain_xml("clip", UUID, [graphics_xml("vnc", self.qemu.vnc_port)])],
+            lambda port, uri: CONFIG.format(port=port, alice=sha256(ALICE_KEY), uri=uri,
+                                            to_vm=str(to_vm).lower(), from_vm=str(from_vm).lower()),
+        )  # fmt: skip
 
     async def console(self, stack: Stack, extended: bool) -> object:
         status, info = await stack.get_json(f"{VM_PATH}/clip/console", key=ALICE_KEY)

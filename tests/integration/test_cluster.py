@@ -42,19 +42,6 @@ SPICE_UUID = "c1a5e7e0-4b1d-4c2a-9e3f-5a6b7c8d9e02"
 SPICE_PASSWORD = "sp1ce-t1cket"
 
 
-def _deferred(f: Any) -> Any:
-    """
-    Run an C{async def} test method as a Deferred (trial waits for it).
-    """
-
-    def run(self: Any) -> Deferred:
-        return Deferred.fromCoroutine(f(self))
-
-    run.__name__ = f.__name__
-    run.__doc__ = f.__doc__
-    return run
-
-
 class ClusterTests(TestCase):
     """
     Two proxies on one Redis act as one.
@@ -138,9 +125,20 @@ class ClusterTests(TestCase):
         self.assertEqual(code, 200, body)
         return body
 
+    async def stats_at(self, proxy: ProxyProcess, total: int, timeout: float, interval: float) -> Dict[str, Any]:
+        """
+        C{proxy}'s console stats once they count C{total} connections, or
+        the last ones after C{timeout} seconds (the caller checks them).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = await self.stats(proxy)
+            if stats["total_connections"] == total or time.monotonic() > deadline:
+                return stats
+            await sleep(interval)
+
     # -- tokens --------------------------------------------------------------
 
-    @_deferred
     async def test_tokenMintedOnARedeemedOnB(self) -> None:
         """
         When a token is minted on A, a WebSocket on B redeems it and relays
@@ -154,7 +152,6 @@ class ClusterTests(TestCase):
         self.assertEqual((code, reason), (4003, "TOKEN_ALREADY_USED"))
         self.assertEqual(error["code"], "TOKEN_ALREADY_USED")
 
-    @_deferred
     async def test_racingRedemptions(self) -> None:
         """
         When 50 WebSockets spread over A and B race to redeem one token,
@@ -186,7 +183,6 @@ class ClusterTests(TestCase):
 
     # -- limits --------------------------------------------------------------
 
-    @_deferred
     async def test_perVMLimitAcrossNodes(self) -> None:
         """
         When max_connections_per_vm is 2 and one console is open on each of
@@ -202,16 +198,10 @@ class ClusterTests(TestCase):
             self.assertEqual(error["code"], "MAX_CONNECTIONS_REACHED")
         first.sendClose(1000)
         await self.clients[0].closed
-        deadline = time.monotonic() + 3
-        while True:
-            stats = await self.stats(b)
-            if stats["total_connections"] == 1 or time.monotonic() > deadline:
-                break
-            await sleep(0.05)
+        stats = await self.stats_at(b, 1, timeout=3, interval=0.05)
         self.assertEqual(stats["connections_per_vm"], {VNC_UUID: 1})
         await self.console(b, await self.http.token(a, "vnc-vm"))
 
-    @_deferred
     async def test_killedProcessSlotsLapse(self) -> None:
         """
         When A is killed with SIGKILL while holding the VM's only slot, B
@@ -244,7 +234,6 @@ class ClusterTests(TestCase):
 
     # -- Redis outage ----------------------------------------------------------
 
-    @_deferred
     async def test_redisOutage(self) -> None:
         """
         When redis-server stops, both proxies answer 503 to console info,
@@ -288,17 +277,11 @@ class ClusterTests(TestCase):
         self.assertFalse(any(f.closed.called for f in self.clients[:2]))
         # The restarted Redis lost every lease; the live consoles' leases
         # come back with the next renewal (every lease_ttl / 3).
-        deadline = time.monotonic() + 3.0
-        while True:
-            totals = await self.stats(a)
-            if totals["total_connections"] == 3 or time.monotonic() > deadline:
-                break
-            await sleep(0.1)
+        totals = await self.stats_at(a, 3, timeout=3.0, interval=0.1)
         self.assertEqual(totals["connections_per_vm"], {VNC_UUID: 3})
 
     # -- stats and DELETE --------------------------------------------------------
 
-    @_deferred
     async def test_statsShowClusterTotals(self) -> None:
         """
         When one console is open on A and two on B, stats on A report three
@@ -329,11 +312,10 @@ class ClusterTests(TestCase):
         self.assertEqual(processes[a.process.pid]["total_connections"], 1)
         self.assertEqual(processes[a.process.pid]["node_id"], cluster["node_id"])
 
-    @_deferred
     async def test_deleteOnAClosesConsoleOnB(self) -> None:
         """
         When an admin deletes the VM's sessions on A, the console on B
-        closes with 4010 SESSION_TERMINATED.
+        closes with 4010 SESSION_TERMINATED, saying an administrator ended it.
         """
         a, b = await self.start_cluster()
         client = await self.console(b, await self.http.token(a, "vnc-vm"))
@@ -344,10 +326,11 @@ class ClusterTests(TestCase):
         closed.addTimeout(5, reactor)
         self.assertEqual(await closed, (4010, "SESSION_TERMINATED"))
         self.assertEqual(client.texts[0]["code"], "SESSION_TERMINATED")
+        # The terminate relayed over Redis still says who ended it.
+        self.assertEqual(client.texts[0]["error"], "Console ended by an administrator")
 
     # -- SPICE -------------------------------------------------------------------
 
-    @_deferred
     async def test_spiceChannelsOnAAndB(self) -> None:
         """
         When a SPICE console's main channel lands on A and a display channel

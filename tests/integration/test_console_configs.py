@@ -19,11 +19,13 @@ from twisted.trial.unittest import TestCase
 
 from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER
 
+from tests.support import free_port
+
 from . import test_full_path
-from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
+from .libvirt_fixtures import domain_xml, graphics_xml
 from .qemu_consoles import start_console_qemu
 from .sound_guest import ensure_sound_guest
-from .qemu_fixture import free_port, write_x509_credentials
+from .qemu_fixture import write_x509_credentials
 from .stack import ConsoleClientFactory, Stack
 from .test_full_path import ALICE_KEY, VM_PATH, error_of, main_init_session, sha256, spice_link, spice_link_channel
 
@@ -59,17 +61,11 @@ def start(testcase: TestCase, domains: Sequence[str], hypervisor: str = "", allo
     The product on a node file holding C{domains}; C{hypervisor} adds
     settings (indented YAML lines) to its one hypervisor.
     """
-    directory = testcase.mktemp()
-    os.makedirs(directory)
-    port = free_port()
-    text = CONFIG.format(
-        port=port,
-        alice=sha256(ALICE_KEY),
-        uri=node_uri(write_node_file(directory, domains)),
-        hypervisor=hypervisor,
-        allowed=allowed,
-    )
-    return Stack.start(testcase, reactor, text, port)
+    return Stack.on_domains(
+        testcase, reactor, domains,
+        lambda port, uri: CONFIG.format(port=port, alice=sha256(ALICE_KEY), uri=uri, hypervisor=hypervisor,
+                                        allowed=allowed),
+    )  # fmt: skip
 
 
 async def console(testcase: TestCase, stack: Stack, name: str) -> Dict[str, Any]:

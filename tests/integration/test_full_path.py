@@ -30,9 +30,9 @@ from twisted.trial.unittest import TestCase
 from vaporproxy.guards.spice import LINK_HEADER, LINK_MESS, MINI_HEADER, SPICE_MSG_MAIN_INIT
 
 from .fake_vnc import SERVER_INIT, FakeVNCServer, expected_response
-from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
+from .libvirt_fixtures import domain_xml, graphics_xml
 from .qemu_fixture import start_qemu
-from .stack import ConsoleClientFactory, Stack, free_port
+from .stack import ConsoleClientFactory, Stack
 
 try:
     import libvirt
@@ -100,32 +100,44 @@ def start_stack(
     Write a node file holding C{domains} and start the stack on it (TLS
     with C{(key, cert, cert_pem)} when given).
     """
-    directory = testcase.mktemp()
-    os.makedirs(directory)
-    uri = node_uri(write_node_file(directory, domains))
-    port = free_port()
     if tls_files is None:
-        return Stack.start(testcase, reactor, config_text(uri, f"tcp:{port}:interface=127.0.0.1", idle=idle, per_vm=per_vm), port)
+        return Stack.on_domains(
+            testcase, reactor, domains,
+            lambda port, uri: config_text(uri, f"tcp:{port}:interface=127.0.0.1", idle=idle, per_vm=per_vm),
+        )
     key, cert, pem = tls_files
-    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    return Stack.start(testcase, reactor, config_text(uri, listen, tls=True), port, ca_pem=pem)
+    return Stack.on_domains(
+        testcase, reactor, domains,
+        lambda port, uri: config_text(uri, f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}", tls=True),
+        ca_pem=pem,
+    )
+
+
+async def rfb_to_client_init(testcase: TestCase, ws: ConsoleClientFactory, when: str = "") -> Any:
+    """
+    The browser's (noVNC's) side of RFB 3.8 against the proxy: version,
+    security None (the only type offered), SecurityResult OK, then a
+    shared ClientInit; answer the client protocol.  C{when} ends the
+    failure messages.
+    """
+    client = ws.client
+    got = await ws.until_length(12)
+    testcase.assertEqual(got, b"RFB 003.008\n")
+    client.send(b"RFB 003.008\n")
+    got = await ws.until_length(14)
+    testcase.assertEqual(got[12:14], b"\x01\x01", "the proxy offers exactly security type None" + when)
+    client.send(b"\x01")
+    got = await ws.until_length(18)
+    testcase.assertEqual(got[14:18], b"\0\0\0\0", "SecurityResult OK" + when)
+    client.send(b"\x01")  # ClientInit, shared
+    return client
 
 
 async def rfb_client_handshake(testcase: TestCase, ws: ConsoleClientFactory) -> Any:
     """
-    The browser's (noVNC's) side of RFB 3.8 against the proxy, up to and
-    including the VM's ServerInit; answer the client protocol.
+    L{rfb_to_client_init}, then the VM's ServerInit; answer the client protocol.
     """
-    client = ws.client
-    got = await ws.until_length(12)
-    testcase.assertEqual(got[:12], b"RFB 003.008\n")
-    client.send(b"RFB 003.008\n")
-    got = await ws.until_length(14)
-    testcase.assertEqual(got[12:14], b"\x01\x01", "the proxy offers exactly security type None")
-    client.send(b"\x01")
-    got = await ws.until_length(18)
-    testcase.assertEqual(got[14:18], b"\0\0\0\0", "SecurityResult OK")
-    client.send(b"\x01")  # ClientInit, shared
+    client = await rfb_to_client_init(testcase, ws)
     got = await ws.until_length(18 + len(SERVER_INIT))
     testcase.assertEqual(got[18 : 18 + len(SERVER_INIT)], SERVER_INIT)
     return client
@@ -241,7 +253,8 @@ class FullPathVNCTests(VNCStackMixin, TestCase):
         status, answer = await self.stack.request("DELETE", f"{VM_PATH}/{UUID_VNC}/console/sessions", key=OPS_KEY)
         self.assertEqual((status, answer), (200, {"terminated": 1}))
         self.assertEqual(await ws.closed, (4010, "SESSION_TERMINATED"))
-        self.assertEqual(error_of(ws)["code"], "SESSION_TERMINATED")
+        self.assertEqual(error_of(ws), {"type": "error", "code": "SESSION_TERMINATED",
+                                        "error": "Console ended by an administrator"})  # fmt: skip
         await session.closed
         status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
         self.assertEqual((stats["total_connections"], stats["connections"]), (0, []))
@@ -431,16 +444,8 @@ class SilentVMTests(TestCase):
         status, info = await self.stack.get_json(f"{VM_PATH}/vm-silent/console", key=ALICE_KEY)
         self.assertEqual(status, 200, info)
         ws = await self.stack.websocket(info["ws_path"], info["token"])
-        client = ws.client
-        got = await ws.until_length(12)
-        self.assertEqual(got, b"RFB 003.008\n")
-        client.send(b"RFB 003.008\n")
-        got = await ws.until_length(14)
-        self.assertEqual(got[12:14], b"\x01\x01", "security types while the VM is silent")
-        client.send(b"\x01")
-        got = await ws.until_length(18)
-        self.assertEqual(got[14:18], b"\0\0\0\0", "SecurityResult while the VM is silent")
-        client.send(b"\x01")  # ClientInit: held until the VM side is done
+        # Its ClientInit is held until the VM side is done.
+        client = await rfb_to_client_init(self, ws, when=" while the VM is silent")
         for _ in range(8):
             client.send(b"k" * 16384)  # 128 KiB the guard may not hold
         self.assertEqual(await ws.closed, (4012, "BAD_REQUEST"))
@@ -640,17 +645,21 @@ class ShareLinkTests(VNCStackMixin, TestCase):
         self.assertEqual((status, info["mode"]), (200, "view"), info)
         ws = await self.stack.websocket(info["ws_path"], info["token"])
         await rfb_client_handshake(self, ws)
+        status, stats = await self.stack.get_json(STATS_PATH, key=OPS_KEY)
+        [live] = stats["connections"]
+        self.assertEqual((live["share_id"], live["mode"]), (share["share_id"], "view"), live)
         status, answer = await self.stack.request(
             "DELETE", f"{VM_PATH}/vm-vnc/console/shares/{share['share_id']}", key=ALICE_KEY
         )
         self.assertEqual((status, answer["consoles_closed"]), (200, 1), answer)
         code, reason = await ws.closed
         self.assertEqual(code, 4010)
+        self.assertEqual(error_of(ws)["error"], "Share link revoked")
         status, info = await self.stack.request("GET", f"{VM_PATH}/vm-vnc/console", authorization=f"Share {secret}")
         self.assertEqual((status, info["code"]), (401, "INVALID_TOKEN"))
 
     def test_shareOpensAndRevokeCloses(self) -> Deferred:
         """
-        When a share link opens a console and its creator revokes it, that console closes with 4010 and the link stops working.
+        When a share link opens a console, stats name its share; when its creator revokes it, that console closes with 4010 saying the link was revoked, and the link stops working.
         """
         return Deferred.fromCoroutine(self._shared())

@@ -14,47 +14,21 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from twisted.trial.unittest import TestCase
 
 from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from tests.integration.redis_server import RedisServer, stop_process
+from tests.support import checkout_env, free_port, rss_kb, twistd_argv, wait
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-#: Seconds any one step may take (a loaded 2-core machine starts twistd slowly).
-STEP = 90.0
 FD_LIMIT = 1024
 SLOW_CLIENTS = 1100
 KEY = "hostile-test-key"
 VM = "flood-vm"
 VM_UUID = "5c3a4a1e-2f0b-4d8e-9a77-1b2c3d4e5f60"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(condition: Callable[[], bool], timeout: float = STEP) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def open_files(pid: int, under: str) -> List[str]:
@@ -116,12 +90,9 @@ class ProcessCase(TestCase):
               redis_url: Optional[str] = None, name: str = "") -> subprocess.Popen:  # fmt: skip
         config = self.write_config(keys, port, redis_url, name)
         log = os.path.join(self.dir, f"twistd{name}.log")
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=self.tmp)
         process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "--logfile", log, "vaporproxy", "--config", config],
-            env=env, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=limit_descriptors,
+            twistd_argv(config, log), env=checkout_env(TMPDIR=self.tmp), cwd=self.dir,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limit_descriptors,
         )  # fmt: skip
         self.addCleanup(stop_process, process)
         if not wait(lambda: self.healthy(port=port)):
@@ -335,9 +306,10 @@ def open_console(port: int, token: str) -> Console:
     return Console(s, head.split(b"\r\n\r\n", 1)[1])
 
 
-def close_code(console: Console) -> int:
+def close_code(console: Console, texts: Optional[List[str]] = None) -> int:
     """
-    Read server frames until the close frame; answer its code.
+    Read server frames until the close frame; answer its code (and add the
+    text frames before it, the JSON errors, to C{texts}).
     """
     s, data = console.sock, console.pending
 
@@ -362,6 +334,8 @@ def close_code(console: Console) -> int:
         payload, data = data[offset:offset + length], data[offset + length:]
         if opcode == 8:
             return int.from_bytes(payload[:2], "big")
+        if opcode == 1 and texts is not None:
+            texts.append(payload.decode("utf-8"))
 
 
 class RevocationTests(ProcessCase):
@@ -386,7 +360,9 @@ class RevocationTests(ProcessCase):
         self.write_config(keys[:1])
         os.kill(process.pid, signal.SIGHUP)
         self.assertTrue(wait(lambda: "SIGHUP: reloaded" in self.tail()), self.tail())
-        self.assertEqual(close_code(live), 4010)
+        texts: List[str] = []
+        self.assertEqual(close_code(live, texts), 4010)
+        self.assertEqual([json.loads(t)["error"] for t in texts], ["Your access to this VM was revoked"])
         late = open_console(self.port, unredeemed)
         self.addCleanup(late.close)
         self.assertEqual(close_code(late), 4001)
@@ -416,7 +392,9 @@ class RevocationTests(ProcessCase):
             os.kill(node.pid, signal.SIGHUP)
         log_b = os.path.join(self.dir, "twistd-b.log")
         self.assertTrue(wait(lambda: "SIGHUP: reloaded" in self.tail(log_b)), self.tail(log_b))
-        self.assertEqual(close_code(live), 4010)
+        texts: List[str] = []
+        self.assertEqual(close_code(live, texts), 4010)
+        self.assertEqual([json.loads(t)["error"] for t in texts], ["Your access to this VM was revoked"])
         late = open_console(port_b, unredeemed)
         self.addCleanup(late.close)
         self.assertEqual(close_code(late), 4001)

@@ -14,7 +14,8 @@ import threading
 import time
 from typing import List
 
-from tests.integration.test_hostile import ProcessCase, console_info, open_console, rss_kb, wait
+from tests.integration.test_hostile import ProcessCase, console_info, open_console
+from tests.support import recv_exactly, rss_kb, wait
 
 #: How long the flood lasts, and the most the process may grow meanwhile.
 FLOOD_SECONDS = 30.0
@@ -50,27 +51,17 @@ class QuietVNCServer:
         self.sessions.append(conn)
         try:
             conn.sendall(b"RFB 003.008\n")
-            self._read(conn, 12)
+            recv_exactly(conn, 12)
             conn.sendall(b"\x01\x01")  # one security type: None
-            self._read(conn, 1)
+            recv_exactly(conn, 1)
             conn.sendall(b"\x00\x00\x00\x00")  # SecurityResult OK
-            self._read(conn, 1)  # ClientInit
+            recv_exactly(conn, 1)  # ClientInit
             pixel_format = struct.pack("!BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
             conn.sendall(struct.pack("!HH", 640, 480) + pixel_format + struct.pack("!I", 2) + b"vm")
             while conn.recv(65536):
                 pass
         except OSError:
             pass
-
-    @staticmethod
-    def _read(conn: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                raise OSError("closed")
-            data += chunk
-        return data
 
     def close(self) -> None:
         for s in [self.sock] + self.sessions:

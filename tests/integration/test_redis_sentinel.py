@@ -60,19 +60,6 @@ def sleep(seconds: float) -> Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
-def _deferred(f: Any) -> Any:
-    """
-    Run an C{async def} test method as a Deferred (trial waits for it).
-    """
-
-    def run(self: Any) -> Deferred:
-        return Deferred.fromCoroutine(f(self))
-
-    run.__name__ = f.__name__
-    run.__doc__ = f.__doc__
-    return run
-
-
 class SentinelGroupMixin:
     """
     A fresh L{SentinelGroup} per test.
@@ -140,7 +127,6 @@ class SentinelStoreFailoverTests(SentinelGroupMixin, TestCase):
                         return
             await sleep(0.02)
 
-    @_deferred
     async def test_failover(self) -> None:
         """
         When the master is SIGKILLed under a stream of mints and redemptions, calls answer SERVICE_UNAVAILABLE quickly during the failover and nothing else, both resume by themselves on the promoted replica, no acknowledged token is lost, no redeemed token redeems again, and the live lease's renewal resumes.
@@ -247,7 +233,6 @@ class SentinelProxyFailoverTests(SentinelGroupMixin, TestCase):
         self.assertEqual(code, 200, body)
         return int(body["total_connections"])
 
-    @_deferred
     async def test_failover(self) -> None:
         """
         When the master is SIGKILLed, the API answers 503 SERVICE_UNAVAILABLE (WebSockets 4013, /readyz 503) until the replica is promoted, then mints and redeems again by itself; the live console relays throughout, its token stays used, a token minted before the kill still opens a console, and the live console's lease is renewed on the new master.

@@ -138,10 +138,14 @@ class ShareAcrossNodesTests(TwoNodes, TestCase):
         self.assertEqual((code, third["code"]), (401, "TOKEN_ALREADY_USED"))
         code, listed, _ = await self.call("GET", b, SHARES, "Bearer " + USER_KEY)
         self.assertEqual([(s["share_id"], s["uses_left"]) for s in listed["shares"]], [(share["share_id"], 0)])
+        code, stats, _ = await self.call("GET", b, "/api/v1/console/stats", "Bearer " + ADMIN_KEY)
+        self.assertEqual([(c["user"], c["share_id"]) for c in stats["connections"]],
+                         [("alice", share["share_id"])], stats)  # fmt: skip
         started = time.monotonic()
         code, revoked, _ = await self.call("DELETE", a, f"{SHARES}/{share['share_id']}", "Bearer " + USER_KEY)
         self.assertEqual((code, revoked["revoked"]), (200, share["share_id"]))
         self.assertEqual(await self.closed_within(watcher, 10), 4010)
+        self.assertEqual(watcher.texts[-1]["error"], "Share link revoked")
         print(f"\nshare revoked on A: console on B closed 4010 in {time.monotonic() - started:.3f}s")
         code, error = await self.refused(b, second["token"])
         self.assertEqual((code, error and error.get("code")), (4001, "INVALID_TOKEN"), error)

@@ -26,16 +26,15 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 import zlib
 from collections import Counter
 from typing import Callable, List, Tuple
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.qemu_fixture import QemuProcess, qemu_available
+from tests.integration.qemu_fixture import QemuProcess, start_diskless_qemu
+from tests.support import recv_exactly
 from vaporproxy.relay import rfbserver
 from vaporproxy.relay.rfbserver import EXTENDED_CLIPBOARD, OutputPolicy, RFBServerFilter, restrict_encodings
 
@@ -82,40 +81,15 @@ def start_plain_qemu(testcase: SynchronousTestCase) -> QemuProcess:
     QEMU with VNC (no password, lossy encodings allowed) on 127.0.0.1, a
     boot splash and QMP, killed at clean-up.
     """
-    binary = qemu_available()
-    if binary is None:
-        raise SkipTest("qemu-system-x86_64 is not installed")
-    workdir = tempfile.mkdtemp(prefix="vaporproxy-qemu-")
-    qmp_path = os.path.join(workdir, "qmp.sock")
-    splash = os.path.join(workdir, "splash.bmp")
-    with open(splash, "wb") as f:
-        f.write(splash_bmp())
-    args = [
-        binary, "-machine", "pc,accel=tcg", "-m", "128", "-nodefaults", "-vga", "std",
-        "-display", "none", "-vnc", "127.0.0.1:10,to=90,lossy=on,non-adaptive=on",
-        "-boot", "menu=on,splash=%s,splash-time=3000" % (splash,),
-        "-qmp", "unix:%s,server=on,wait=off" % (qmp_path,),
-    ]
-    with open(os.path.join(workdir, "qemu.log"), "wb") as log:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        qemu = QemuProcess(process, qmp_path, workdir, spice_port=0)
-    except BaseException:
-        process.kill()
-        process.wait(timeout=10)
-        raise
-    testcase.addCleanup(qemu.stop)
-    return qemu
 
+    def display(workdir: str) -> List[str]:
+        splash = os.path.join(workdir, "splash.bmp")
+        with open(splash, "wb") as f:
+            f.write(splash_bmp())
+        return ["-vnc", "127.0.0.1:10,to=90,lossy=on,non-adaptive=on",
+                "-boot", "menu=on,splash=%s,splash-time=3000" % (splash,)]  # fmt: skip
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("VNC server closed during the handshake")
-        data += chunk
-    return data
+    return start_diskless_qemu(testcase, display, lambda *a: QemuProcess(*a, spice_port=0))
 
 
 def handshake(sock: socket.socket) -> bytes:

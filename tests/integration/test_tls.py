@@ -8,6 +8,7 @@ through the TLS layer.
 from __future__ import annotations
 
 import os
+from typing import Tuple
 
 from twisted.internet import reactor
 from twisted.internet.abstract import FileDescriptor
@@ -21,7 +22,7 @@ from vaporproxy.relay.fastwrite import write_buffered
 
 from .fake_vnc import STREAM_CHUNK, FakeVNCServer
 from .libvirt_fixtures import domain_xml, graphics_xml
-from .stack import self_signed
+from .stack import Stack, self_signed
 from .test_full_path import (
     ALICE_KEY,
     OPS_KEY,
@@ -52,6 +53,18 @@ def fd_under(transport: object) -> FileDescriptor:
     return transport
 
 
+async def tls_console_stack(testcase: TestCase, stream: bool = False) -> Tuple[FakeVNCServer, Stack]:
+    """
+    A fake VNC server (streaming with C{stream}) behind the whole proxy
+    listening on HTTPS/WSS with a fresh self-signed certificate.
+    """
+    directory = testcase.mktemp()
+    os.makedirs(directory)
+    vnc = await FakeVNCServer.listen(testcase, reactor, password=VNC_PASSWORD, stream=stream)
+    domains = [domain_xml("vm-tls", UUID_TLS, [graphics_xml("vnc", vnc.port, passwd=VNC_PASSWORD)])]
+    return vnc, start_stack(testcase, domains, tls_files=self_signed(directory))
+
+
 class TLSConsoleTests(TestCase):
     """
     A VNC console over HTTPS and WSS.
@@ -62,11 +75,7 @@ class TLSConsoleTests(TestCase):
         skip = "libvirt-python is not installed"
 
     async def _start(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.vnc = await FakeVNCServer.listen(self, reactor, password=VNC_PASSWORD)
-        domains = [domain_xml("vm-tls", UUID_TLS, [graphics_xml("vnc", self.vnc.port, passwd=VNC_PASSWORD)])]
-        self.stack = start_stack(self, domains, tls_files=self_signed(directory))
+        self.vnc, self.stack = await tls_console_stack(self)
 
     def setUp(self) -> Deferred:
         return Deferred.fromCoroutine(self._start())
@@ -135,11 +144,7 @@ class TLSBackPressureTests(TestCase):
         skip = "libvirt-python is not installed"
 
     async def _stalled(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        vnc = await FakeVNCServer.listen(self, reactor, password=VNC_PASSWORD, stream=True)
-        domains = [domain_xml("vm-tls", UUID_TLS, [graphics_xml("vnc", vnc.port, passwd=VNC_PASSWORD)])]
-        stack = start_stack(self, domains, tls_files=self_signed(directory))
+        vnc, stack = await tls_console_stack(self, stream=True)
         status, info = await stack.get_json(f"{VM_PATH}/vm-tls/console", key=ALICE_KEY)
         self.assertEqual(status, 200, info)
         ws = await stack.websocket(info["ws_path"], info["token"])

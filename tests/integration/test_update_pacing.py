@@ -8,20 +8,17 @@ requests to one per interval.
 
 from __future__ import annotations
 
-import os
-import socket
 import struct
-import subprocess
 import time
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
-from tests.integration.stack import Stack, free_port
+from tests.integration.libvirt_fixtures import domain_xml, graphics_xml
+from tests.integration.stack import Stack
 from tests.integration.test_full_path import ALICE_KEY, VM_PATH, sha256
-from tests.integration.qemu_fixture import qemu_available
+from tests.integration.qemu_fixture import qemu_available, start_bios_qemu
 
 UUID = "6c0f5a1e-7e0b-4c61-9d0e-5d9b0a1c2201"
 CONFIG = """
@@ -48,25 +45,14 @@ class UpdatePacingTests(TestCase):
         binary = qemu_available()
         if binary is None:
             raise SkipTest("qemu-system-x86_64 is not installed")
-        display = next(d for d in range(40, 90) if socket.socket().connect_ex(("127.0.0.1", 5900 + d)) != 0)
-        self.vnc_port = 5900 + display
-        self.qemu = subprocess.Popen(
-            [binary, "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-vga", "std", "-display", "none",
-             "-vnc", f"127.0.0.1:{display}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.addCleanup(lambda: (self.qemu.kill(), self.qemu.wait(10)))
-        deadline = time.monotonic() + 20
-        while socket.socket().connect_ex(("127.0.0.1", self.vnc_port)) != 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        self.vnc_port = start_bios_qemu(self, binary)
         time.sleep(2)  # SeaBIOS has drawn its screen; only the cursor blinks
 
     def stack(self, interval: str) -> Stack:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        uri = node_uri(write_node_file(directory, [domain_xml("bios", UUID, [graphics_xml("vnc", self.vnc_port)])]))
-        port = free_port()
-        return Stack.start(self, reactor, CONFIG.format(port=port, alice=sha256(ALICE_KEY), uri=uri, interval=interval), port)
+        return Stack.on_domains(
+            self, reactor, [domain_xml("bios", UUID, [graphics_xml("vnc", self.vnc_port)])],
+            lambda port, uri: CONFIG.format(port=port, alice=sha256(ALICE_KEY), uri=uri, interval=interval),
+        )
 
     async def polled_bytes(self, interval: str, seconds: float = 4.0) -> int:
         """Bytes an eager poller receives for C{seconds} after the first full update."""

@@ -25,11 +25,12 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from tests.support import free_port
 
 from .libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
 from .qemu_fixture import start_qemu, write_x509_credentials
-from .stack import ConsoleClientFactory, Stack, free_port
-from .test_full_path import ALICE_KEY, OPS_KEY, STATS_PATH, VM_PATH, config_text, error_of
+from .stack import ConsoleClientFactory, Stack
+from .test_full_path import ALICE_KEY, OPS_KEY, STATS_PATH, VM_PATH, config_text, error_of, rfb_to_client_init
 
 try:
     import libvirt
@@ -76,16 +77,7 @@ async def rfb_browser_handshake(testcase: TestCase, ws: ConsoleClientFactory) ->
     including the VM's ServerInit; answer the client protocol and the
     ServerInit.
     """
-    client = ws.client
-    got = await ws.until_length(12)
-    testcase.assertEqual(got[:12], b"RFB 003.008\n")
-    client.send(b"RFB 003.008\n")
-    got = await ws.until_length(14)
-    testcase.assertEqual(got[12:14], b"\x01\x01", "the browser is offered exactly security type None")
-    client.send(b"\x01")
-    got = await ws.until_length(18)
-    testcase.assertEqual(got[14:18], b"\0\0\0\0", "SecurityResult OK")
-    client.send(b"\x01")  # ClientInit, shared
+    client = await rfb_to_client_init(testcase, ws)
     got = await ws.until_length(18 + SERVER_INIT_HEAD)
     (name_length,) = struct.unpack("!I", got[18 + 20 : 18 + 24])
     got = await ws.until_length(18 + SERVER_INIT_HEAD + name_length)

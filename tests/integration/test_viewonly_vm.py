@@ -10,18 +10,18 @@ disconnects the other).
 
 from __future__ import annotations
 
-import os
 import secrets
 import struct
 import time
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.integration.libvirt_fixtures import domain_xml, graphics_xml, node_uri, write_node_file
+from tests.integration.libvirt_fixtures import domain_xml, graphics_xml
 from tests.integration.qemu_fixture import start_guest_qemu
-from tests.integration.stack import Stack, free_port
+from tests.integration.stack import Stack
 from tests.integration.test_full_path import ALICE_KEY, OPS_KEY, VM_PATH, sha256
 
 VNC_PASSWORD = "guest-secret"
@@ -57,13 +57,12 @@ class ViewOnlyGuestTests(TestCase):
 
     def setUp(self) -> None:
         self.qemu = start_guest_qemu(self, vnc_password=VNC_PASSWORD)
-        directory = self.mktemp()
-        os.makedirs(directory)
         domain = domain_xml("guest", UUID, [graphics_xml("vnc", self.qemu.vnc_port, passwd=VNC_PASSWORD)])
-        uri = node_uri(write_node_file(directory, [domain]))
-        port = free_port()
-        text = CONFIG.format(port=port, alice=sha256(ALICE_KEY), viewer=sha256(VIEW_KEY), ops=sha256(OPS_KEY), uri=uri)
-        self.stack = Stack.start(self, reactor, text, port)
+        self.stack = Stack.on_domains(
+            self, reactor, [domain],
+            lambda port, uri: CONFIG.format(port=port, alice=sha256(ALICE_KEY), viewer=sha256(VIEW_KEY),
+                                            ops=sha256(OPS_KEY), uri=uri),
+        )  # fmt: skip
 
     async def console(self, key: str, mode: str = "") -> tuple:
         status, info = await self.stack.get_json(f"{VM_PATH}/guest/console{mode}", key=key)
@@ -82,6 +81,19 @@ class ViewOnlyGuestTests(TestCase):
     async def sleep(self, seconds: float) -> None:
         await deferLater(reactor, seconds, lambda: None)
 
+    async def assert_only_shown(self, control: Any, shown: str, hidden: str) -> None:
+        """
+        Type the marker C{shown} on C{control}; it must reach the VM's
+        serial log within 30 s, and C{hidden} (typed before) must not.
+        """
+        control.client.send(key_events(f"mark {shown}"))
+        deadline = time.monotonic() + 30
+        while shown not in self.qemu.serial.lines() and time.monotonic() < deadline:
+            await self.sleep(0.2)
+        lines = self.qemu.serial.lines()
+        self.assertIn(shown, lines)
+        self.assertFalse([line for line in lines if hidden in line], lines)
+
     async def test_viewOnlyKeysNeverReachTheVM(self) -> None:
         """
         When a view-only console and a control console type markers into the same VM at the same time, only the control console's reach it and neither console is disconnected.
@@ -97,14 +109,7 @@ class ViewOnlyGuestTests(TestCase):
         hidden = "v" + secrets.token_hex(6)
         viewer.client.send(key_events(f"mark {hidden}"))
         await self.sleep(3)
-        shown = "c" + secrets.token_hex(6)
-        control.client.send(key_events(f"mark {shown}"))
-        deadline = time.monotonic() + 30
-        while shown not in self.qemu.serial.lines() and time.monotonic() < deadline:
-            await self.sleep(0.2)
-        lines = self.qemu.serial.lines()
-        self.assertIn(shown, lines)
-        self.assertFalse([line for line in lines if hidden in line], lines)
+        await self.assert_only_shown(control, "c" + secrets.token_hex(6), hidden)
         self.assertFalse(viewer.client.state == viewer.client.STATE_CLOSED)
         self.assertFalse(control.client.state == control.client.STATE_CLOSED)
         status, metrics = await self.stack.get_text("/metrics", key=OPS_KEY)
@@ -122,11 +127,4 @@ class ViewOnlyGuestTests(TestCase):
         viewer.client.send(key_events(f"mark {hidden}"))
         await self.sleep(3)
         _, control = await self.console(ALICE_KEY)
-        shown = "d" + secrets.token_hex(6)
-        control.client.send(key_events(f"mark {shown}"))
-        deadline = time.monotonic() + 30
-        while shown not in self.qemu.serial.lines() and time.monotonic() < deadline:
-            await self.sleep(0.2)
-        lines = self.qemu.serial.lines()
-        self.assertIn(shown, lines)
-        self.assertFalse([line for line in lines if hidden in line], lines)
+        await self.assert_only_shown(control, "d" + secrets.token_hex(6), hidden)

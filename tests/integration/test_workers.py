@@ -11,38 +11,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from typing import Callable, List, Optional
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-#: Seconds any one step may take.  Generous: a loaded 2-core machine may take
-#: tens of seconds to start a twistd worker (imports) or to drain one.
-STEP = 90.0
-
+from tests.support import STEP, checkout_env, free_port, twistd_argv, wait
 
 #: A worker's line when it serves the adopted socket ("Site (PROXY) ..." under haproxy:).
 SERVING = re.compile(r"worker \d+: .*Site (?:\(PROXY\) )?starting on")
-
-
-def wait(condition: Callable[[], bool], timeout: float = STEP) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def children(pid: int) -> List[int]:
@@ -95,11 +72,9 @@ class WorkersTests(TestCase):
                 f'server: {{listen: ["{listen}"], workers: 2}}\n'
                 f'tokens: {{backend: redis, redis_url: "redis://127.0.0.1:{self.redis_port}/0"}}\n'
             )
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.parent = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "--logfile", self.log, "vaporproxy", "--config", config],
-            env=env, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            twistd_argv(config, self.log), env=checkout_env(), cwd=self.dir,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self.addCleanup(self._kill_all)
         return self.parent

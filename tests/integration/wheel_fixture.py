@@ -10,7 +10,6 @@ the first test that asks (L{installed}) and removed at interpreter exit.
 
 from __future__ import annotations
 
-import atexit
 import glob
 import os
 import re
@@ -24,7 +23,8 @@ import urllib.request
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 from urllib.parse import urljoin, urlsplit
 
-from tests.integration.redis_server import free_port, stop_process
+from tests.integration.redis_server import stop_process
+from tests.support import StartedOnce, free_port
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: What a build from a clean clone would not see.
@@ -109,27 +109,9 @@ class InstalledWheel:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-_installed: Optional[InstalledWheel] = None
-_failure: Optional[BaseException] = None
-
-
-def installed() -> InstalledWheel:
-    """
-    The shared venv, made on first use; a failed build is remembered, not retried.
-    """
-    global _installed, _failure
-    if _failure is not None:
-        raise RuntimeError(f"building and installing the wheel failed: {_failure}")
-    if _installed is None:
-        wheel = InstalledWheel()
-        atexit.register(wheel.close)
-        try:
-            wheel.create()
-        except BaseException as e:
-            _failure = e
-            raise
-        _installed = wheel
-    return _installed
+#: The shared venv, made on first use.
+installed = StartedOnce("building and installing the wheel failed", InstalledWheel, InstalledWheel.create,
+                        InstalledWheel.close)
 
 
 class InstalledProxy:

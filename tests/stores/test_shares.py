@@ -54,12 +54,13 @@ class MemoryShareStoreTests(SynchronousTestCase):
 
     def test_revoke(self):
         """
-        When a share is revoked, it is answered once and its secret no longer works.
+        When a share is revoked, it is answered once and its secret no longer works, with a message that says it may have been revoked.
         """
         secret, share = self.create()
         self.assertEqual(self.successResultOf(self.store.revoke(share.share_id)), share)
         self.assertIsNone(self.successResultOf(self.store.revoke(share.share_id)))
-        self.assertEqual(self.code(secret), ErrorCode.INVALID_TOKEN)
+        error = self.failureResultOf(self.store.use(secret), ConsoleError).value
+        self.assertEqual((error.code, error.message), (ErrorCode.INVALID_TOKEN, "Unknown or revoked share link"))
 
     def test_revokeByCreator(self):
         """

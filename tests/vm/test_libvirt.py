@@ -197,16 +197,33 @@ class FakeLibvirt:
         return conn
 
 
-class LibvirtConsoleLocatorTests(SynchronousTestCase):
+class FakeLibvirtCase(SynchronousTestCase):
     """
-    Tests for L{LibvirtConsoleLocator} with a fake libvirt module, pool and
-    reactor.
+    A test case with a fake libvirt module, pool and reactor, and L{drive}.
     """
 
     def setUp(self) -> None:
         self.pool = FakePool()
         self.reactor = FakeReactor()
         self.lv = FakeLibvirt(self.pool)
+
+    def drive(self, d: Any) -> Any:
+        """
+        Run the pool and the reactor's thread calls until nothing is left.
+        """
+        while self.pool.run() + self.reactor.run():
+            pass
+        return d
+
+
+class LibvirtConsoleLocatorTests(FakeLibvirtCase):
+    """
+    Tests for L{LibvirtConsoleLocator} with a fake libvirt module, pool and
+    reactor.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
         self.lv.hosts["qemu+ssh://h1/system"] = [FakeDomain(self.lv, VNC_LIVE)]
         self.lv.hosts["qemu+ssh://h2/system"] = [
             FakeDomain(self.lv, domain("<graphics type='spice' port='5930' listen='0.0.0.0'/>", "db2", UUID2))
@@ -220,14 +237,6 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
             # (LocatorCacheTests covers it).
             cache_ttl=0,
         )
-
-    def drive(self, d: Any) -> Any:
-        """
-        Run the pool and the reactor's thread calls until nothing is left.
-        """
-        while self.pool.run() + self.reactor.run():
-            pass
-        return d
 
     def calls(self, name: str) -> List[tuple]:
         return [c for c in self.lv.calls if c[0] == name]
@@ -509,15 +518,13 @@ class LibvirtConsoleLocatorTests(SynchronousTestCase):
         self.assertTrue(all(c.closed for c in self.lv.connections))
 
 
-class LocatorCacheTests(SynchronousTestCase):
+class LocatorCacheTests(FakeLibvirtCase):
     """
     Tests for the short-lived lookup cache of L{LibvirtConsoleLocator}.
     """
 
     def setUp(self) -> None:
-        self.pool = FakePool()
-        self.reactor = FakeReactor()
-        self.lv = FakeLibvirt(self.pool)
+        super().setUp()
         self.web1 = FakeDomain(self.lv, VNC_LIVE)
         self.lv.hosts["qemu+ssh://h1/system"] = [self.web1]
         self.locator = LibvirtConsoleLocator(
@@ -527,14 +534,6 @@ class LocatorCacheTests(SynchronousTestCase):
             libvirt_module=self.lv,
             cache_ttl=1.0,
         )
-
-    def drive(self, d: Any) -> Any:
-        """
-        Run the pool and the reactor's thread calls until nothing is left.
-        """
-        while self.pool.run() + self.reactor.run():
-            pass
-        return d
 
     def lookups(self) -> int:
         return len([c for c in self.lv.calls if c[0] in ("lookupByName", "lookupByUUIDString")])

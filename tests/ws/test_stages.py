@@ -135,6 +135,34 @@ class StagesTests(SynchronousTestCase):
         self.assertEqual([r.data for r in records if r.kind == KIND_TO_BROWSER], [b"screen one"])
         self.assertEqual(meta["outcome"], "ok")  # the VM closed a relaying console: a normal end
 
+    def test_recordedWaitsForTheDisk(self):
+        """
+        When a recorded console's disk falls behind, reads from the VM pause until the disk caught up, and every byte the browser got is recorded.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        writer = DiskWriter(None, threaded=False, high_water=64 * 1024, low_water=16 * 1024)
+        store = RecordingStore(directory, writer, None, lambda f, *a: succeed(f(*a)))
+        h = self.harness(recordings=store)
+        store._clock = writer._reactor = h.reactor
+        h.factory.planner._recording = replace(h.config.recording, enabled=True)
+        h.factory.observer.recording_started = lambda: None
+        h.factory.observer.recording_finished = lambda size: None
+        conn = self.open(h)
+        writer.hold()
+        conn.from_vm(b"a" * 40_000)
+        self.assertEqual(conn.backend_transport.producerState, "producing")
+        conn.from_vm(b"b" * 40_000)
+        self.assertEqual(conn.backend_transport.producerState, "paused")
+        writer.step()
+        self.assertEqual(conn.backend_transport.producerState, "producing")
+        conn.vm_closes()
+        writer.step()
+        [meta] = self.successResultOf(store.list())
+        with open(os.path.join(directory, meta["id"] + ".vprec"), "rb") as f:
+            _, records, _ = read_recording(f.read())
+        self.assertEqual(b"".join(r.data for r in records if r.kind == KIND_TO_BROWSER), b"a" * 40_000 + b"b" * 40_000)
+
 
 class OwnerCapsTests(SynchronousTestCase):
     def test_perUserCap(self):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -25,7 +25,22 @@ RESTART_ONLY = (
     ("console.cleanup_interval", lambda c: c.console.cleanup_interval),
     ("hypervisors", lambda c: c.hypervisors),
     ("logging.format", lambda c: c.logging.format),
+    ("audit.file", lambda c: c.audit.file),
 )
+
+
+def recording_stale(started: Config, new: Config) -> bool:
+    """
+    Whether C{new} asks for recording the process cannot do: its recording
+    store is made at start-up, so turning recording on, or changing where
+    and how it writes, needs a restart (turning it off, or its C{vms}, does
+    not).
+    """
+    was, now = started.recording, new.recording
+    if not now.enabled:
+        return False
+    how = lambda r: (r.dir, r.include_input, r.retention, r.max_total_size)  # noqa: E731
+    return not was.enabled or how(was) != how(now)
 
 
 class ReloadService(Service):
@@ -48,6 +63,7 @@ class ReloadService(Service):
         self.path = path
         self.listen = list(listen)
         self.config = config
+        self.started = config
         self.apply = apply
         self.reactor = reactor
         self._previous: Any = None
@@ -80,6 +96,8 @@ class ReloadService(Service):
             log.error("SIGHUP: {path} not reloaded, keeping the running config: {error}", path=self.path, error=str(e))
             return False
         stale = [key for key, get in RESTART_ONLY if get(new) != get(self.config)]
+        if recording_stale(self.started, new):
+            stale.append("recording")
         if stale:
             log.warn("SIGHUP: {keys} changed; restart to apply", keys=", ".join(stale))
         try:
@@ -164,7 +182,35 @@ def log_startup(config: Config) -> None:
         log.warn("autobahn NVX is off: WebSocket masking and UTF-8 checks run in pure Python (slower)")
     log.info("tokens: {backend}; listening on {listen}", backend=config.tokens.backend,
              listen=", ".join(config.server.listen))  # fmt: skip
+    features = features_on(config)
+    if features:
+        log.info("on: {features}", features="; ".join(features))
     log_limits(config)
+
+
+def features_on(config: Config) -> List[str]:
+    """
+    The optional behaviours this config turns on, for the start-up log: an
+    operator (or someone trying the demo) sees at once whether recording,
+    the audit trail, bandwidth limits or step-up sign-in are in force.
+    """
+    on: List[str] = []
+    recording = config.recording
+    if recording.enabled:
+        input_too = ", with the browser's input" if recording.include_input else ""
+        on.append(f"recording to {recording.dir} (VMs {', '.join(recording.vms)}{input_too})")
+    if config.audit.file is not None:
+        on.append(f"audit trail in {config.audit.file}")
+    console = config.console
+    if console.max_bandwidth:
+        on.append(f"max_bandwidth {console.max_bandwidth // 1024} KB/s per console")
+    if console.max_bandwidth_per_vm:
+        on.append(f"max_bandwidth_per_vm {console.max_bandwidth_per_vm // 1024} KB/s")
+    if console.min_update_interval:
+        on.append(f"min_update_interval {console.min_update_interval:g}s")
+    if config.auth.policies:
+        on.append(f"{len(config.auth.policies)} step-up policy(ies)")
+    return on
 
 
 def log_limits(config: Config) -> None:

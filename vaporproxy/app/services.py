@@ -250,6 +250,7 @@ def recording_store(config: Config, reactor: Any, pool: Any, metrics: Any, paren
         max_total_size=recording.max_total_size,
         on_dropped=metrics.recording_dropped,
     )
+    metrics.watch_recordings(store.written)
 
     def cleanup() -> Deferred:
         d = store.cleanup()

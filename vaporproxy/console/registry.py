@@ -2,7 +2,7 @@
 The live consoles of this process: what stats, C{DELETE} and shutdown see.
 
 A console is ended through its owner channel's inputs (C{terminate},
-C{shutdown}), never by reaching into it.
+C{shutdown}, C{revoke}: its session's inputs), never by reaching into it.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ class ConsoleChannel(Protocol):
     bytes_received: int
     last_activity: float
 
-    def terminate(self) -> None:
-        """End with 4010 SESSION_TERMINATED."""
+    def terminate(self, message: Optional[str] = None) -> None:
+        """End with 4010 SESSION_TERMINATED; C{message}: what the browser reads."""
 
     def shutdown(self) -> None:
         """End with 1001 (the proxy is going away)."""
+
+    def revoke(self, message: Optional[str] = None) -> None:
+        """End with 4010 SESSION_TERMINATED (its credential was revoked); C{message}: what the browser reads."""
 
 
 class ConsoleRecord:
@@ -59,6 +62,10 @@ class ConsoleRecord:
         self.vm_name: Optional[str] = None
         self.mode = "control"
         self.client: Optional[str] = None
+        #: The share link this console was opened through, if any (the
+        #: user is then the share's creator; stats and the control room
+        #: say "via share").
+        self.share_id: Optional[str] = None
         #: The console's recording (L{vaporproxy.recordings.recorder.ConsoleRecorder}), if any.
         self.recorder: Any = None
         #: SPICE channels whose main channel lives in another process: a
@@ -102,6 +109,7 @@ class ConsoleRecord:
             "client": self.client,
             "type": self.type,
             "user": self.user,
+            "share_id": self.share_id,
             "channels": len(self.channels),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
@@ -158,15 +166,17 @@ class ConsoleRegistry:
                 return record
         return None
 
-    def terminate_vm(self, vm_uuid: str) -> int:
+    def terminate_vm(self, vm_uuid: str, message: Optional[str] = None) -> int:
         """
         Close every channel of every console of C{vm_uuid} with 4010
-        SESSION_TERMINATED (channels of remote consoles too); answer how
-        many consoles of this process.
+        SESSION_TERMINATED (channels of remote consoles too), the browser
+        reading C{message} (default: an administrator ended it; the
+        cluster's terminate channel carries only C{DELETE}s, so a relayed
+        terminate says the same); answer how many consoles of this process.
         """
         records = [r for r in self._records.values() if r.vm_id == vm_uuid]
         for record in records:
-            record.owner.terminate()
+            record.owner.terminate(message)
         return sum(1 for r in records if not r.remote)
 
     def close_all(self) -> int:

@@ -1,12 +1,13 @@
 """
-One console as one I/O-free state machine (DESIGN.md rule 4, issue #8).
+One console as one I/O-free state machine (DESIGN.md rule 3, issue #8).
 
-Typed inputs in (what happened), typed outputs out (what to do); no
-sockets, no reactor, no Deferreds.  The adapter (the console WebSocket)
-is to turn events into inputs and execute the outputs; today the channel
-(L{vaporproxy.ws.channel}) still runs the same lifecycle itself, and this
-machine is its specification, proven by the playbooks in
-C{tests/console/test_session.py} (issue #8: the wiring is what is left).
+Typed inputs in (what happened), typed outputs out (what to do), both in
+L{vaporproxy.console.events}; no sockets, no reactor, no Deferreds.  This
+machine is the console's lifecycle: the console WebSocket
+(L{vaporproxy.ws.channel}) is its adapter, turning Autobahn's, the
+stores', the VM connection's, the guard's and the timers' events into
+inputs, and executing the outputs (L{vaporproxy.ws.effects}).  The
+playbooks in C{tests/console/test_session.py} prove it.
 
 States, each with only the data it needs::
 
@@ -16,238 +17,50 @@ States, each with only the data it needs::
       -> Closing (close sent, waiting for the browser)
       -> Ended
 
+A channel is the console's owner (it holds the lease: a VNC WebSocket, a
+SPICE main channel), a SPICE channel that joined its console here
+(C{JOINED}: no lease, no outcome of its own), or a SPICE channel whose main
+channel is in another process (C{REMOTE}: it stands for the console here).
+
 Every way out goes through L{Session._finish}: exactly one
-L{RecordOutcome}, and exactly one L{ReleaseLease} for a lease ever
-granted, late grants included (a lease granted after the console ended is
-released at once: late arrivals are transitions, not checks).
+L{RecordOutcome} (L{LeaveConsole} for a joined channel), and exactly one
+L{ReleaseLease} for a lease ever granted, late grants included (a lease
+granted after the console ended is released at once: late arrivals are
+transitions, not checks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
+from vaporproxy.console.events import (
+    CONSOLE_OPENED, FORGET_LOCATED, LEAVE_CONSOLE, MAX_SPICE_CHANNELS, PAUSE_READING, REGISTER,
+    REQUIRE_TLS_MESSAGE, START_GUARD, STOP_IO, Acquire, Admitted, BackendConnected, BackendFailed, BackendLost,
+    CheckHost, ClientClosed, CloseClient, Dial, DropBackend, GuardAdmit, GuardCrashed, GuardEstablished, GuardFailed,
+    GuardRefused, Input, JoinConsole, Locate, Located, Opened, Output, OwnerEnded, PolicyViolated, ProtocolError,
+    RecordOutcome, Redeem, Redeemed, ReleaseLease, Revoked, SHARE_REVOKED, SetupFailed, SetupOverflow, Shutdown,
+    SplicePipeline, StartIdleTimer, Terminate, TextMessage, TimerFired, Unredeem, UseBackend, VmFound,
+)  # fmt: skip
 from vaporproxy.errors import CLOSE_GOING_AWAY, ConsoleError, ErrorCode
 
-__all__ = ["Session"]
-
-
-# -- inputs -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Opened:
-    """The WebSocket opened; C{tls_ok}: TLS is not required or is there."""
-
-    token: Optional[str]
-    tls_ok: bool = True
-
-
-@dataclass(frozen=True)
-class Redeemed:
-    redemption: Any
-
-
-@dataclass(frozen=True)
-class Located:
-    """
-    The VM's console was found and its host allowed: dial C{target}.
-    C{spice}: the guard reads the link message before admission.
-    """
-
-    target: Any
-    spice: bool = False
-
-
-@dataclass(frozen=True)
-class GuardAdmit:
-    """SPICE: the link message was read; C{is_main}: the main channel."""
-
-    is_main: bool
-
-
-@dataclass(frozen=True)
-class Admitted:
-    lease: Any
-
-
-@dataclass(frozen=True)
-class SetupFailed:
-    """A set-up step failed (token, VM, host, limit, store): C{error}."""
-
-    error: ConsoleError
-
-
-@dataclass(frozen=True)
-class BackendConnected:
-    pass
-
-
-@dataclass(frozen=True)
-class BackendFailed:
-    pass
-
-
-@dataclass(frozen=True)
-class BackendLost:
-    pass
-
-
-@dataclass(frozen=True)
-class GuardEstablished:
-    pass
-
-
-@dataclass(frozen=True)
-class GuardFailed:
-    error: ConsoleError
-    reason: str
-
-
-@dataclass(frozen=True)
-class ClientClosed:
-    code: Optional[int]
-
-
-@dataclass(frozen=True)
-class TimerFired:
-    """C{which}: "connect" or "idle"; C{silent}: seconds since last traffic."""
-
-    which: str
-    silent: float = 0.0
-
-
-@dataclass(frozen=True)
-class Terminate:
-    pass
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    pass
-
-
-@dataclass(frozen=True)
-class PolicyRevoked:
-    pass
-
-
-@dataclass(frozen=True)
-class TextMessage:
-    """The browser sent a text message: console streams are binary."""
-
-
-@dataclass(frozen=True)
-class ProtocolError:
-    """The browser broke WebSocket framing (1002) or a size cap (1009)."""
-
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class SetupOverflow:
-    """The browser sent more than C{buffer_size} before the guard existed."""
-
-
-@dataclass(frozen=True)
-class OwnerEnded:
-    """SPICE: the console this channel joined ended (its main channel)."""
-
-    error: Optional[ConsoleError]
-    reason: str
-    code: Optional[int]
-
-
-Input = Union[
-    Opened, Redeemed, Located, GuardAdmit, Admitted, SetupFailed, BackendConnected, BackendFailed, BackendLost,
-    GuardEstablished, GuardFailed, ClientClosed, TimerFired, Terminate, Shutdown, PolicyRevoked,
-    TextMessage, ProtocolError, SetupOverflow, OwnerEnded,
-]  # fmt: skip
-
-
-# -- outputs ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Redeem:
-    token: str
-
-
-@dataclass(frozen=True)
-class Locate:
-    redemption: Any
-
-
-@dataclass(frozen=True)
-class Acquire:
-    vm_uuid: str
-
-
-@dataclass(frozen=True)
-class Unredeem:
-    token: str
-
-
-@dataclass(frozen=True)
-class StartGuard:
-    pass
-
-
-@dataclass(frozen=True)
-class Dial:
-    target: Any
-
-
-@dataclass(frozen=True)
-class JoinConsole:
-    """SPICE: a later channel joins its console (no lease of its own)."""
-
-
-@dataclass(frozen=True)
-class SplicePipeline:
-    pass
-
-
-@dataclass(frozen=True)
-class StartIdleTimer:
-    delay: float
-
-
-@dataclass(frozen=True)
-class StopBackend:
-    pass
-
-
-@dataclass(frozen=True)
-class CloseClient:
-    """Send C{error} (JSON then its 4000+n code) or, without one, C{code}."""
-
-    error: Optional[ConsoleError]
-    code: Optional[int]
-
-
-@dataclass(frozen=True)
-class RecordOutcome:
-    error: Optional[str]
-    reason: str
-
-
-@dataclass(frozen=True)
-class ReleaseLease:
-    lease: Any
-
-
-Output = Union[
-    Redeem, Locate, Acquire, Unredeem, StartGuard, JoinConsole, Dial, SplicePipeline, StartIdleTimer, StopBackend,
-    CloseClient, RecordOutcome, ReleaseLease,
-]  # fmt: skip
+__all__ = ["JOINED", "OWNER", "REMOTE", "Session"]
+
+#: The roles of a channel in its console (see the module's docstring).
+OWNER = "owner"
+JOINED = "joined"
+REMOTE = "remote"
+
+_POLICY_MESSAGES = {
+    "browser": "Message not allowed on this console",
+    "VM": "The VM sent what the console's policy cannot pass",
+}
 
 
 # -- states -------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class SettingUp:
     token: Optional[str] = None
     redemption: Any = None
@@ -256,195 +69,303 @@ class SettingUp:
     opened: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Handshaking:
     redemption: Any
     lease: Any
+    role: str = OWNER
     backend: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Relaying:
     redemption: Any
     lease: Any
+    role: str = OWNER
 
 
-@dataclass
+@dataclass(slots=True)
 class Closing:
     pass
 
 
-@dataclass
+@dataclass(slots=True)
 class Ended:
     pass
 
 
 State = Union[SettingUp, Handshaking, Relaying, Closing, Ended]
 
+# Closing and Ended hold nothing: one instance each serves every console.
+CLOSING = Closing()
+ENDED = Ended()
+Outputs = List[Output]
+
 
 class Session:
     """
     One console's lifecycle; L{handle} takes an input, answers outputs.
+
+    @ivar live: C{False} once the console ended (L{Closing}, L{Ended}).
     """
+
+    __slots__ = ("idle_timeout", "state", "live")
 
     def __init__(self, idle_timeout: float = 0.0):
         self.idle_timeout = idle_timeout
         self.state: State = SettingUp()
+        self.live = True
 
-    def handle(self, event: Input) -> List[Output]:
+    def handle(self, event: Input) -> Outputs:
         state = self.state
-        handler = getattr(self, f"_{type(state).__name__}_{type(event).__name__}", None)
+        handler = _HANDLERS[type(state)].get(type(event))
         if handler is not None:
-            return handler(state, event)
+            return handler(self, state, event)
+        if not self.live:
+            return self._late(event)
         return self._any(state, event)
 
     # -- setting up -------------------------------------------------------
 
-    def _SettingUp_Opened(self, state: SettingUp, event: Opened) -> List[Output]:
+    def _opened(self, state: SettingUp, event: Opened) -> Outputs:
         state.opened = True
         if not event.tls_ok:
-            return self._finish(ConsoleError(ErrorCode.UNAUTHORIZED), "console connections require TLS")
+            # The token is not even redeemed.
+            return self._finish(ConsoleError(ErrorCode.UNAUTHORIZED, REQUIRE_TLS_MESSAGE), "setup failed: UNAUTHORIZED")
         if not event.token:
             return self._finish(ConsoleError(ErrorCode.INVALID_TOKEN), "setup failed: INVALID_TOKEN")
         state.token = event.token
         return [Redeem(event.token)]
 
-    def _SettingUp_Redeemed(self, state: SettingUp, event: Redeemed) -> List[Output]:
+    def _redeemed(self, state: SettingUp, event: Redeemed) -> Outputs:
         state.redemption = event.redemption
         return [Locate(event.redemption)]
 
-    def _SettingUp_Located(self, state: SettingUp, event: Located) -> List[Output]:
+    def _vm_found(self, state: SettingUp, event: VmFound) -> Outputs:
+        return [CheckHost(event.vm)]
+
+    def _located(self, state: SettingUp, event: Located) -> Outputs:
         state.target = event.target
         if event.spice:
             # SPICE: the guard reads the link message, then says admit.
             state.guard_started = True
-            return [StartGuard()]
+            return [START_GUARD]
         return [Acquire(state.redemption.grant.vm_uuid)]
 
-    def _SettingUp_GuardAdmit(self, state: SettingUp, event: GuardAdmit) -> List[Output]:
+    def _guard_admit(self, state: SettingUp, event: GuardAdmit) -> Outputs:
         if state.target is None or not state.guard_started:
             return []
-        if event.is_main != state.redemption.first:
+        redemption = state.redemption
+        if event.is_main != redemption.first:
             # A second main channel, or a first use that is not main.
             error = ConsoleError(ErrorCode.TOKEN_ALREADY_USED)
             return self._finish(error, "spice channel does not match the token's use")
+        if redemption.grant.mode == "view" and event.inputs_channel:
+            error = ConsoleError(ErrorCode.UNAUTHORIZED, "A view-only console has no input channel")
+            return self._finish(error, "view-only console: inputs channel refused")
         if event.is_main:
-            return [Acquire(state.redemption.grant.vm_uuid)]
-        self.state = Handshaking(state.redemption, None)
-        return [JoinConsole(), Dial(state.target)]
+            return [PAUSE_READING, Acquire(redemption.grant.vm_uuid)]
+        if event.channels >= MAX_SPICE_CHANNELS:
+            error = ConsoleError(ErrorCode.MAX_CONNECTIONS_REACHED, "Too many channels for this console")
+            return self._finish(error, f"spice console already has {MAX_SPICE_CHANNELS} channels")
+        self.state = Handshaking(redemption, None, JOINED if event.console_here else REMOTE)
+        return [PAUSE_READING, JoinConsole(event.console_here), Dial(state.target)]
 
-    def _SettingUp_Admitted(self, state: SettingUp, event: Admitted) -> List[Output]:
+    def _admitted(self, state: SettingUp, event: Admitted) -> Outputs:
         self.state = Handshaking(state.redemption, event.lease)
-        start: List[Output] = [] if state.guard_started else [StartGuard()]
-        return start + [Dial(state.target)]
+        if state.guard_started:
+            return [REGISTER, Dial(state.target)]
+        return [REGISTER, START_GUARD, Dial(state.target)]
 
-    def _SettingUp_SetupFailed(self, state: SettingUp, event: SetupFailed) -> List[Output]:
-        out: List[Output] = []
+    def _setup_failed(self, state: SettingUp, event: SetupFailed) -> Outputs:
+        out: Outputs = []
         spent = state.redemption is not None and state.redemption.first
         if event.error.code is ErrorCode.MAX_CONNECTIONS_REACHED and spent and state.token:
             # A console refused for lack of a slot does not spend its token.
             out.append(Unredeem(state.token))
-        return out + self._finish(event.error, f"setup failed: {event.error.code.name}")
+        return out + self._finish(event.error, event.reason or f"setup failed: {event.error.code.name}")
 
     # -- handshaking ------------------------------------------------------
 
-    def _Handshaking_BackendConnected(self, state: Handshaking, event: BackendConnected) -> List[Output]:
+    def _backend_connected(self, state: Handshaking, event: BackendConnected) -> Outputs:
         state.backend = True
-        return []
+        return [UseBackend(event.backend)]
 
-    def _Handshaking_BackendFailed(self, state: Handshaking, event: BackendFailed) -> List[Output]:
-        return self._finish(ConsoleError(ErrorCode.CONNECTION_FAILED), "backend connect failed")
+    def _backend_failed(self, state: Handshaking, event: BackendFailed) -> Outputs:
+        reason = f"backend connect failed: {event.detail}" if event.detail else "backend connect failed"
+        return self._finish(ConsoleError(ErrorCode.CONNECTION_FAILED), reason)
 
-    def _Handshaking_BackendLost(self, state: Handshaking, event: BackendLost) -> List[Output]:
+    def _lost_in_handshake(self, state: Handshaking, event: BackendLost) -> Outputs:
         return self._finish(ConsoleError(ErrorCode.CONNECTION_FAILED), "backend closed during handshake")
 
-    def _Handshaking_GuardEstablished(self, state: Handshaking, event: GuardEstablished) -> List[Output]:
+    def _established(self, state: Handshaking, event: GuardEstablished) -> Outputs:
         if not state.backend:
             return []
-        self.state = Relaying(state.redemption, state.lease)
-        out: List[Output] = [SplicePipeline()]
-        if self.idle_timeout > 0:
+        self.state = Relaying(state.redemption, state.lease, state.role)
+        out: Outputs = [SplicePipeline(event.client_rest)]
+        if state.role is not JOINED and self.idle_timeout > 0:
             out.append(StartIdleTimer(self.idle_timeout))
+        if state.role is OWNER:
+            out.append(CONSOLE_OPENED)
         return out
-
-    def _Handshaking_GuardFailed(self, state: Handshaking, event: GuardFailed) -> List[Output]:
-        return self._finish(event.error, f"guard: {event.reason}")
 
     # -- relaying ---------------------------------------------------------
 
-    def _Relaying_BackendLost(self, state: Relaying, event: BackendLost) -> List[Output]:
+    def _lost_while_relaying(self, state: Relaying, event: BackendLost) -> Outputs:
         return self._finish(None, "backend closed", 1000)
 
-    def _Relaying_TimerFired(self, state: Relaying, event: TimerFired) -> List[Output]:
+    def _timer_while_relaying(self, state: Relaying, event: TimerFired) -> Outputs:
         if event.which != "idle":
             return []  # the connection timer is moot once relaying
         if event.silent >= self.idle_timeout:
             return self._finish(ConsoleError(ErrorCode.IDLE_TIMEOUT), "idle timeout")
         return [StartIdleTimer(self.idle_timeout - event.silent)]
 
+    def _relaying_ignores(self, state: Relaying, event: Input) -> Outputs:
+        return []  # e.g. the setup buffer: moot once relaying
+
     # -- closing and ended: late arrivals ----------------------------------
 
-    def _Closing_ClientClosed(self, state: Closing, event: ClientClosed) -> List[Output]:
-        self.state = Ended()
+    def _client_closed_at_last(self, state: Closing, event: ClientClosed) -> Outputs:
+        self.state = ENDED
         return []
 
-    def _late(self, event: Input) -> List[Output]:
-        if isinstance(event, Admitted):
+    def _late(self, event: Input) -> Outputs:
+        if type(event) is Admitted:
             return [ReleaseLease(event.lease)]  # granted after the end: given back at once
-        if isinstance(event, BackendConnected):
-            return [StopBackend()]
+        if type(event) is BackendConnected:
+            return [DropBackend(event.backend)]
         return []
 
     # -- inputs valid in any live state ------------------------------------
 
-    def _any(self, state: State, event: Input) -> List[Output]:
-        if isinstance(state, (Closing, Ended)):
-            return self._late(event)
-        if isinstance(event, ClientClosed):
-            if isinstance(state, SettingUp) and not state.opened:
-                return self._finish(None, "websocket handshake not completed", closed=True)
-            return self._finish(None, f"client closed (code {event.code})", closed=True)
-        if isinstance(event, TextMessage):
-            return self._finish(ConsoleError(ErrorCode.BAD_REQUEST, "Console streams are binary"), "text message")
-        if isinstance(event, ProtocolError):
-            return self._finish(None, f"websocket protocol error: {event.reason}", event.code)
-        if isinstance(event, SetupOverflow) and not isinstance(state, Relaying):
-            error = ConsoleError(ErrorCode.BAD_REQUEST, "Too much data before the console was ready")
-            return self._finish(error, "setup buffer overflow")
-        if isinstance(event, OwnerEnded):
-            return self._finish(event.error, f"console ended: {event.reason}", event.code or 1000)
-        if isinstance(event, TimerFired) and event.which == "connect":
+    def _any(self, state: State, event: Input) -> Outputs:
+        kind = type(event)
+        end = _ENDINGS.get(kind)
+        if end is not None:
+            return end(self, state, event)
+        if kind is TimerFired and event.which == "connect":  # type: ignore[union-attr]
             return self._finish(ConsoleError(ErrorCode.CONNECTION_FAILED), "connection timeout")
-        if isinstance(event, Terminate):
-            return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED), "terminated")
-        if isinstance(event, Shutdown):
-            return self._finish(None, "shutdown", CLOSE_GOING_AWAY)
-        if isinstance(event, PolicyRevoked):
-            return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED), "policy revoked")
-        if isinstance(event, SetupFailed):
-            return self._finish(event.error, f"setup failed: {event.error.code.name}")
-        if isinstance(event, GuardFailed):
-            return self._finish(event.error, f"guard: {event.reason}")
         return []  # an input this state does not expect changes nothing
 
+    def _client_closed(self, state: State, event: ClientClosed) -> Outputs:
+        if isinstance(state, SettingUp) and not state.opened:
+            return self._finish(None, "websocket handshake not completed", closed=True)
+        return self._finish(None, f"client closed (code {event.code})", closed=True)
+
+    def _text(self, state: State, event: TextMessage) -> Outputs:
+        return self._finish(ConsoleError(ErrorCode.BAD_REQUEST, "Console streams are binary"), "text message")
+
+    def _protocol_error(self, state: State, event: ProtocolError) -> Outputs:
+        return self._finish(None, f"websocket protocol error: {event.reason}", event.code)
+
+    def _overflow(self, state: State, event: SetupOverflow) -> Outputs:
+        error = ConsoleError(ErrorCode.BAD_REQUEST, "Too much data before the console was ready")
+        return self._finish(error, "setup buffer overflow")
+
+    def _policy(self, state: State, event: PolicyViolated) -> Outputs:
+        error = ConsoleError(ErrorCode.BAD_REQUEST, _POLICY_MESSAGES.get(event.side, _POLICY_MESSAGES["VM"]))
+        return self._finish(error, f"policy, from the {event.side}: {event.detail}")
+
+    def _owner_ended(self, state: State, event: OwnerEnded) -> Outputs:
+        return self._finish(event.error, f"console ended: {event.reason}", event.code or 1000)
+
+    def _terminate(self, state: State, event: Terminate) -> Outputs:
+        return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED, event.message), "terminated")
+
+    def _shutdown(self, state: State, event: Shutdown) -> Outputs:
+        return self._finish(None, "shutdown", CLOSE_GOING_AWAY)
+
+    def _revoked(self, state: State, event: Revoked) -> Outputs:
+        reason = "revoked: share link" if event.message == SHARE_REVOKED else "revoked"
+        return self._finish(ConsoleError(ErrorCode.SESSION_TERMINATED, event.message), reason)
+
+    def _failed(self, state: State, event: SetupFailed) -> Outputs:
+        return self._finish(event.error, event.reason or f"setup failed: {event.error.code.name}")
+
+    def _guard_failed(self, state: State, event: GuardFailed) -> Outputs:
+        return self._finish(event.error, f"guard: {event.reason}", forget=True)
+
+    def _guard_refused(self, state: State, event: GuardRefused) -> Outputs:
+        return self._finish(event.error, f"guard refused: {event.error.code.name}", forget=True)
+
+    def _guard_crashed(self, state: State, event: GuardCrashed) -> Outputs:
+        return self._finish(ConsoleError(ErrorCode.INTERNAL_ERROR), "guard error")
+
+    # -- the one way out ---------------------------------------------------
+
     def _finish(
-        self, error: Optional[ConsoleError], reason: str, code: Optional[int] = None, closed: bool = False
-    ) -> List[Output]:
+        self, error: Optional[ConsoleError], reason: str, code: Optional[int] = None, closed: bool = False,
+        forget: bool = False,
+    ) -> Outputs:  # fmt: skip
         """
-        The one way out: stop the backend, give the lease back, record the
-        outcome, close the browser's side (unless it closed first).
+        Stop everything, give the lease back, record the outcome (or leave
+        the joined console), close the browser's side (unless it closed
+        first).  A VM that did not answer as located is looked up afresh
+        next time.
         """
         state = self.state
-        out: List[Output] = []
-        if isinstance(state, (Handshaking, Relaying)):
-            out.append(StopBackend())
-        lease = getattr(state, "lease", None)
-        if lease is not None:
-            out.append(ReleaseLease(lease))
-        out.append(RecordOutcome(error.code.name if error is not None else None, reason))
+        out: Outputs = []
+        if forget or (error is not None and error.code is ErrorCode.CONNECTION_FAILED):
+            out.append(FORGET_LOCATED)
+        out.append(STOP_IO)
+        joined = False
+        if type(state) is Handshaking or type(state) is Relaying:
+            if state.lease is not None:  # type: ignore[union-attr]
+                out.append(ReleaseLease(state.lease))  # type: ignore[union-attr]
+            joined = state.role is JOINED  # type: ignore[union-attr]
+        out.append(LEAVE_CONSOLE if joined else RecordOutcome(error, reason, code))
+        self.live = False
         if closed:
-            self.state = Ended()
+            self.state = ENDED
         else:
             out.append(CloseClient(error, code))
-            self.state = Closing()
+            self.state = CLOSING
         return out
+
+
+Handler = Callable[[Session, Any, Any], Outputs]
+
+#: The transitions each state defines; the rest go to L{Session._any}
+#: (live states) or L{Session._late}.
+_HANDLERS: Dict[type, Dict[type, Handler]] = {
+    SettingUp: {
+        Opened: Session._opened,
+        Redeemed: Session._redeemed,
+        VmFound: Session._vm_found,
+        Located: Session._located,
+        GuardAdmit: Session._guard_admit,
+        Admitted: Session._admitted,
+        SetupFailed: Session._setup_failed,
+    },
+    Handshaking: {
+        BackendConnected: Session._backend_connected,
+        BackendFailed: Session._backend_failed,
+        BackendLost: Session._lost_in_handshake,
+        GuardEstablished: Session._established,
+    },
+    Relaying: {
+        BackendLost: Session._lost_while_relaying,
+        TimerFired: Session._timer_while_relaying,
+        SetupOverflow: Session._relaying_ignores,
+    },
+    Closing: {ClientClosed: Session._client_closed_at_last},
+    Ended: {},
+}
+
+#: The inputs that end a console in any live state.
+_ENDINGS: Dict[type, Handler] = {
+    ClientClosed: Session._client_closed,
+    TextMessage: Session._text,
+    ProtocolError: Session._protocol_error,
+    SetupOverflow: Session._overflow,
+    PolicyViolated: Session._policy,
+    OwnerEnded: Session._owner_ended,
+    Terminate: Session._terminate,
+    Shutdown: Session._shutdown,
+    Revoked: Session._revoked,
+    SetupFailed: Session._failed,
+    GuardFailed: Session._guard_failed,
+    GuardRefused: Session._guard_refused,
+    GuardCrashed: Session._guard_crashed,
+}

@@ -57,6 +57,56 @@ def proxy_config_text(
     return "\n".join(lines) + "\n"
 
 
+def with_extra_config(text: str, extra: str, source: str = "extra config") -> str:
+    """
+    The demo's generated C{text} with a person's own YAML C{extra} merged
+    over it (mappings key by key, anything else replaced), so that the demo
+    can show recording, bandwidth limits or step-up policies; the demo's
+    listen address, hypervisor and API key stay, so its printed URLs work.
+    The result is checked by the proxy's own parser.
+
+    @raise ValueError: one line naming C{source} and what is wrong.
+    """
+    import yaml
+
+    from vaporproxy.config import ConfigError, parse_config
+
+    try:
+        mine = yaml.safe_load(extra)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: not YAML: {str(e).splitlines()[0]}") from None
+    if mine is None:
+        return text
+    if not isinstance(mine, dict):
+        raise ValueError(f"{source}: expected sections (console:, recording:, …), got {type(mine).__name__}")
+    base = yaml.safe_load(text)
+    merged = _merged(base, mine)
+    if not isinstance(merged.get("server"), dict) or not isinstance(merged.get("auth"), dict) \
+            or not isinstance(merged["auth"].get("api_keys"), list):  # fmt: skip
+        raise ValueError(f"{source}: server and auth must be mappings, auth.api_keys a list")
+    merged["server"]["listen"] = base["server"]["listen"]
+    merged["hypervisors"] = base["hypervisors"]
+    keys = merged["auth"]["api_keys"]
+    for key in base["auth"]["api_keys"]:
+        if key not in keys:
+            keys.insert(0, key)
+    result = json.dumps(merged, indent=2) + "\n"  # JSON is YAML
+    try:
+        parse_config(result)
+    except ConfigError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return result
+
+
+def _merged(base: object, extra: object) -> object:
+    if isinstance(base, dict) and isinstance(extra, dict):
+        out = dict(base)
+        for key, value in extra.items():
+            out[key] = _merged(base.get(key), value)
+        return out
+    return extra
+
+
 class ProxyProcess:
     """
     C{twistd -n --pidfile= vaporproxy --config PATH} as a child process.

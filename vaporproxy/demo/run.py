@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from vaporproxy.demo.common import LIBVIRTD_BINARY, QEMU_BINARY, missing_binaries, sha256_hex
 from vaporproxy.demo.guest import cache_dir, ensure_guest
 from vaporproxy.demo.libvirtd import SessionLibvirtd
-from vaporproxy.demo.proxy import ProxyProcess, proxy_config_text
+from vaporproxy.demo.proxy import ProxyProcess, proxy_config_text, with_extra_config
 from vaporproxy.static_dirs import static_dirs
 from vaporproxy.demo.vm import DemoVM
 
@@ -37,6 +37,12 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--seabios",
         action="store_true",
         help="boot the empty SeaBIOS VM instead of the busybox shell (nothing is downloaded)",
+    )
+    p.add_argument(
+        "--extra-config",
+        metavar="FILE",
+        help="YAML sections merged over the demo's vapor.conf, e.g. 'recording: {enabled: true}' or "
+        "'console: {max_bandwidth: 16}' (the demo's listen address, hypervisor and key stay)",
     )
     return p.parse_args(argv)
 
@@ -70,16 +76,26 @@ def _start_vm(daemon: SessionLibvirtd, name: str, seabios: bool) -> DemoVM:
     return vm
 
 
-def _write_config(workdir: str, port: int, uri: str, key: str) -> str:
+def demo_config_text(workdir: str, port: int, uri: str, key: str, extra: Optional[str] = None) -> str:
+    """
+    The demo's C{vapor.conf}: one admin key for every VM, recordings (when
+    C{extra} turns them on without a C{dir}) under C{workdir}.
+
+    @raise ValueError: C{extra} is not a usable configuration.
+    """
+    text = proxy_config_text(
+        listen_port=port,
+        hypervisor_uri=uri,
+        api_keys=[{"user": "demo", "sha256": sha256_hex(key), "vms": ["*"], "admin": True}],
+        sections={"recording": {"dir": os.path.join(workdir, "recordings")}},
+    )
+    return with_extra_config(text, extra or "", "--extra-config")
+
+
+def _write_config(workdir: str, text: str) -> str:
     path = os.path.join(workdir, "vapor.conf")
     with open(path, "w") as f:
-        f.write(
-            proxy_config_text(
-                listen_port=port,
-                hypervisor_uri=uri,
-                api_keys=[{"user": "demo", "sha256": sha256_hex(key), "vms": ["*"], "admin": True}],
-            )
-        )
+        f.write(text)
     os.chmod(path, 0o600)
     return path
 
@@ -106,6 +122,7 @@ def _banner(base: str, key: str, vm: DemoVM) -> str:
         f"  SPICE:    {base}/console/{vm.name}?type=spice#key={key}\n"
         f"  API:      curl -H 'Authorization: Bearer {key}' "
         f"{base}/api/v1/virtualization/virtualmachines/{vm.name}/console\n"
+        f"  Control room: {base}/admin#key={key}\n"
         f"  VM uuid:  {vm.uuid} (VNC port {vm.ports['vnc']}, SPICE port {vm.ports['spice']}, 127.0.0.1 only)\n"
         + what
         + "Press Ctrl-C to stop the proxy, the VM and libvirtd.\n"
@@ -124,6 +141,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def _on_signal(signum, frame):
         raise KeyboardInterrupt
 
+    extra = None
+    if args.extra_config:
+        try:
+            with open(args.extra_config) as f:
+                extra = f.read()
+            demo_config_text(tempfile.gettempdir(), args.port, "qemu:///session", "check", extra)
+        except OSError as e:
+            print(f"vaporproxy demo: --extra-config: cannot read {args.extra_config}: {e.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as e:
+            print(f"vaporproxy demo: {e}", file=sys.stderr)
+            return 2
     signal.signal(signal.SIGTERM, _on_signal)
     workdir = tempfile.mkdtemp(prefix="vapor-demo-")
     os.chmod(workdir, 0o711)  # nobody must reach libvirtd/ below it
@@ -134,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         daemon.start()
         vm = _start_vm(daemon, args.name, args.seabios)
         key = secrets.token_urlsafe(32)
-        proxy = ProxyProcess(_write_config(workdir, args.port, daemon.uri, key), args.port)
+        config = demo_config_text(workdir, args.port, daemon.uri, key, extra)
+        proxy = ProxyProcess(_write_config(workdir, config), args.port)
         print(f"starting: twistd {' '.join(proxy.argv()[3:])}", flush=True)
         proxy.start(foreground=True)
         print(_banner(proxy.base_url, key, vm), flush=True)

@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 from twisted.logger import Logger
 
+from vaporproxy.console.events import ENDED_BY_ADMIN
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.principal import Principal
 from vaporproxy.timestamps import iso_utc
@@ -120,14 +121,14 @@ class ConsoleAdmin:
             reached (this process's consoles are closed all the same).
         """
         if self._cluster is None:
-            return int(self._registry.terminate_vm(vm_uuid))
+            return int(self._registry.terminate_vm(vm_uuid, ENDED_BY_ADMIN))
         try:
             limits = await self._limiter.stats()
         except ConsoleError:
-            self._registry.terminate_vm(vm_uuid)
+            self._registry.terminate_vm(vm_uuid, ENDED_BY_ADMIN)
             raise
         live = int(dict(limits["connections_per_vm"]).get(vm_uuid, 0))
-        local = int(self._registry.terminate_vm(vm_uuid))
+        local = int(self._registry.terminate_vm(vm_uuid, ENDED_BY_ADMIN))
         processes = await self._cluster.publish_terminate(vm_uuid)
         log.info("terminate request for {vm_uuid} sent to {processes} process(es)", vm_uuid=vm_uuid, processes=processes)
         return max(live, local)

@@ -26,9 +26,12 @@ from vaporproxy.recordings.store import is_recording_id
 
 __all__ = ["RecordingsAPI", "filter_recordings"]
 
-#: The fields a recording is answered with (SPEC.md).
+#: The fields a recording is answered with (SPEC.md), and whether its file
+#: holds the whole console (C{complete}: C{None} while it is written) and
+#: why not (C{dropped}: the disk trouble that gave it up; the console went on).
 PUBLIC_FIELDS = (
     "id", "vm_id", "vm_name", "type", "user", "started_at", "ended_at", "duration_s", "bytes", "outcome", "size",
+    "complete", "dropped",
 )  # fmt: skip
 
 

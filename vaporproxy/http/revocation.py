@@ -20,10 +20,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from vaporproxy.config import ApiKey, AuthConfig
+from vaporproxy.console.events import ACCESS_REVOKED, SHARE_REVOKED
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.principal import key_id_of
 from vaporproxy.http.shares import creator_allows
-from vaporproxy.interfaces import Grant, Redemption
+from vaporproxy.interfaces import SHARE_KEY_PREFIX, Grant, Redemption
 
 log = Logger(namespace="vaporproxy.revocation")
 
@@ -74,10 +75,11 @@ class Revocation:
             return True
         if key_id.startswith("jwt:"):
             return self._jwt
-        if key_id.startswith("share:"):
+        share_id = grant.share_id
+        if share_id is not None:
             # Until the share is revoked, and while its creator may still
             # control the VM (a key removed or narrowed on SIGHUP).
-            if key_id[6:] in self._revoked_shares:
+            if share_id in self._revoked_shares:
                 return False
             return creator_allows(self._auth, grant.user, _VM(grant.vm_uuid, grant.vm_name))
         key = self._keys.get(key_id)
@@ -132,7 +134,7 @@ def terminate_share(registry: Any, token_store: Any, share_id: str) -> int:
     revocation = getattr(token_store, "revocation", None)
     if revocation is not None:
         revocation.revoke_share(share_id)
-    key_id = "share:" + share_id
+    key_id = SHARE_KEY_PREFIX + share_id
     return close_revoked(registry, lambda grant: grant.key_id != key_id)
 
 
@@ -164,12 +166,17 @@ def close_revoked(registry: Any, allows: Callable[[Grant], bool]) -> int:
     Close with 4010 SESSION_TERMINATED every live console of C{registry}
     whose credential no longer allows it; answer how many.  (It ends a
     console as C{ConsoleRegistry.terminate_vm} does; a registry method
-    taking a predicate would be the cleaner home.)
+    taking a predicate would be the cleaner home.)  Its browser reads why:
+    a console opened through a share link reads L{SHARE_REVOKED} (the link
+    was revoked, or its creator may no longer open the VM, which revokes it
+    as well), any other L{ACCESS_REVOKED}.
     """
     doomed = revoked(registry.consoles(), allows)
     for record in doomed:
         grant = grant_of(record)
-        log.info("console {console_id} of {user} on {vm_uuid} closed: its credential was revoked or narrowed",
-                 console_id=record.console_id, user=getattr(grant, "user", "?"), vm_uuid=record.vm_id)  # fmt: skip
-        record.owner._end(ConsoleError(ErrorCode.SESSION_TERMINATED), "revoked")
+        share_id = getattr(grant, "share_id", None)
+        log.info("console {console_id} of {user} on {vm_uuid} closed: {what} was revoked or narrowed",
+                 console_id=record.console_id, user=getattr(grant, "user", "?"), vm_uuid=record.vm_id,
+                 what=f"share {share_id}" if share_id else "its credential")  # fmt: skip
+        record.owner.revoke(SHARE_REVOKED if share_id else ACCESS_REVOKED)
     return len(doomed)

@@ -30,6 +30,7 @@ from vaporproxy.config import parse_duration
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.principal import Principal
 from vaporproxy.http.console_info import key_allows
+from vaporproxy.interfaces import SHARE_KEY_PREFIX
 from vaporproxy.timestamps import iso_utc
 
 __all__ = ["SHARE_SCHEME", "ShareRoutes", "creator_allows", "share_secret"]
@@ -182,6 +183,6 @@ class ShareRoutes:
             user=share.creator,
             vms=(share.vm_uuid,),
             method="share",
-            key_id="share:" + share.share_id,
+            key_id=SHARE_KEY_PREFIX + share.share_id,
             access=share.mode,
         )

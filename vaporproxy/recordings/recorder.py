@@ -3,16 +3,24 @@ One console's recording while it streams: the tap that the relay pipeline
 feeds (what the browser received, and with C{include_input} what it sent),
 written through the shared L{vaporproxy.filewriter.DiskWriter}.
 
-The console never waits for the recording: a slow or full disk gives up the
-file (the L{DiskWriter} says why), the recorder logs it once, counts it in
-metrics, and stops recording; the console goes on.
+A recording is complete while the disk makes progress: when more than the
+writer's high-water mark of a recording waits for the disk, the console's
+channels stop reading from the VM (each L{RecorderStage
+<vaporproxy.relay.pipeline.RecorderStage>} attached its hold) until the
+disk thread has brought it down to the low-water mark, as for a slow
+browser.  Memory per recorded console stays bounded by that mark.
+
+A disk that fails (C{ENOSPC}, C{EFBIG}, C{EIO}) or writes nothing of a
+paused recording for the writer's C{stall_timeout} gives up the file (the
+L{DiskWriter} says why): the recorder logs it once, counts it in metrics,
+lets the console's reads go and stops recording; the console goes on.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.logger import Logger
 
@@ -67,7 +75,11 @@ class ConsoleRecorder:
         self._started = clock.seconds()
         self._on_dropped = on_dropped
         self._writer = writer
-        self._handle = writer.open(recording_path(directory, self.id), on_error=self._failed)
+        #: The holds of the console's channels on their VM reads.
+        self._holds: List[Callable[[bool], None]] = []
+        #: The disk is behind: the holds are held.
+        self.backlogged = False
+        self._handle = writer.open(recording_path(directory, self.id), on_error=self._failed, on_backlog=self._backlog)
         self._handle.write(encode_header(header))
         self._channels = 0
 
@@ -81,14 +93,31 @@ class ConsoleRecorder:
         """Bytes written to the file so far."""
         return self._handle.written
 
+    def attach(self, hold: Callable[[bool], None]) -> None:
+        """
+        A channel's hold on its reads from the VM: C{hold(True)} while the
+        disk is behind (at once if it is now), C{hold(False)} once caught up.
+        """
+        self._holds.append(hold)
+        if self.backlogged:
+            hold(True)
+
+    def detach(self, hold: Callable[[bool], None]) -> None:
+        """The channel ended (its reads are let go with it)."""
+        if hold in self._holds:
+            self._holds.remove(hold)
+
+    def _backlog(self, over: bool) -> None:
+        self.backlogged = over
+        for hold in list(self._holds):
+            hold(over)
+
     def _t_ms(self) -> int:
         return int((self._clock.seconds() - self._started) * 1000)
 
     def _record(self, kind: int, channel: int, data: bytes) -> None:
-        handle = self._handle
-        # Header and data as two writes: the data is not copied.
-        if handle.write(RECORD_HEADER.pack(kind, channel, self._t_ms(), len(data))):
-            handle.write(data)
+        # Header and data as one write of two buffers: the data is not copied.
+        self._handle.writev((RECORD_HEADER.pack(kind, channel, self._t_ms(), len(data)), data))
 
     def open_channel(self, info: Optional[Dict[str, Any]] = None) -> int:
         """A WebSocket of the console opened; answer its channel number."""
@@ -113,15 +142,21 @@ class ConsoleRecorder:
         """
         The console ended: close the file and write its metadata (the
         header's fields, C{summary}'s and the size), also through the
-        writer.  Answer the metadata.
+        writer.  Answer the metadata (its size and completeness as of now;
+        the file's are taken once the disk thread has written, or given
+        up, the records still waiting for it).
         """
         meta = dict(self.header)
         meta.update(summary)
-        meta["size"] = self._handle.written
-        meta["complete"] = not self._handle.failed
-        self._handle.close()
-        path = os.path.join(self._directory, self.id + META_SUFFIX)
-        self._writer.replace(path, json.dumps(meta, sort_keys=True).encode())
+        handle = self._handle
+        meta["size"] = handle.written
+        meta["complete"] = not handle.failed
+        handle.close()
+
+        def final() -> bytes:
+            return json.dumps(dict(meta, size=handle.written, complete=not handle.failed), sort_keys=True).encode()
+
+        self._writer.replace(os.path.join(self._directory, self.id + META_SUFFIX), final)
         return meta
 
     def _failed(self, why: str) -> None:

@@ -7,6 +7,11 @@ C{ID.json} (its metadata).  A recording with no metadata is either being
 written by this process (C{live}) or was cut by a crash (C{interrupted}):
 its header still says whose console it was.
 
+C{complete} says whether the file holds the whole console: C{True} once a
+console ended with its recording whole, C{False} when the recording was
+dropped (disk full or too slow: C{dropped} says why; the console went on)
+or cut by a crash, C{None} while it is still being written.
+
 Listing, deleting and the cleanup touch the disk: they run on a thread
 pool (C{run}: a C{deferToThreadPool}-like callable), never on the reactor.
 """
@@ -31,6 +36,8 @@ __all__ = ["RecordingStore", "cleanup_directory", "is_recording_id", "list_direc
 HEADER_PROBE = 64 * 1024 + 16
 #: How many ended recordings' metadata a store keeps in memory (a few KB).
 ENDED_KEPT = 256
+#: Why a recording was dropped: the most reasons kept in memory.
+DROPPED_KEPT = 1024
 
 
 def is_recording_id(text: str) -> bool:
@@ -56,6 +63,7 @@ def _describe(directory: str, recording_id: str, live: Iterable[str]) -> Optiona
             return None
         meta.update(ended_at=None, duration_s=None, bytes=None)
         meta["outcome"] = "LIVE" if recording_id in live else "INTERRUPTED"
+        meta["complete"] = None if recording_id in live else False
     meta["id"] = recording_id
     meta["size"] = size
     return meta
@@ -140,6 +148,8 @@ class RecordingStore:
         #: is written by the disk thread after the console is gone: a listing
         #: made in between shows the final outcome, never LIVE or INTERRUPTED.
         self._ended: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+        #: Why recordings of this process were dropped, by id.
+        self._dropped: "OrderedDict[str, str]" = OrderedDict()
 
     def start(self, *, vm_id: str, vm_name: Optional[str], console_type: str, user: str) -> ConsoleRecorder:
         """Begin recording a console."""
@@ -155,10 +165,22 @@ class RecordingStore:
             "include_input": self.include_input,
         }
         recorder = ConsoleRecorder(
-            self._writer, self.directory, header, self._clock, self.include_input, self._on_dropped
-        )
+            self._writer, self.directory, header, self._clock, self.include_input,
+            lambda why: self._was_dropped(header["id"], why),
+        )  # fmt: skip
         self.live[recorder.id] = recorder
         return recorder
+
+    def _was_dropped(self, recording_id: str, why: str) -> None:
+        self._dropped[recording_id] = why
+        while len(self._dropped) > DROPPED_KEPT:
+            self._dropped.popitem(last=False)
+        if self._on_dropped is not None:
+            self._on_dropped(why)
+
+    def written(self) -> int:
+        """Bytes written so far to the files of the recordings being made."""
+        return sum(recorder.size for recorder in list(self.live.values()))
 
     def finish(self, recorder: ConsoleRecorder, *, bytes_sent: int, outcome: Optional[str]) -> Dict[str, Any]:
         """The console ended: write the recording's metadata."""
@@ -169,6 +191,7 @@ class RecordingStore:
                 "duration_s": round(now - recorder.header["started_at_s"], 3),
                 "bytes": bytes_sent,
                 "outcome": outcome or "ok",
+                "dropped": self._dropped.get(recorder.id),
             }
         )
         self._ended[recorder.id] = meta
@@ -184,11 +207,29 @@ class RecordingStore:
         return d
 
     def _with_ended(self, found: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        ended = self._ended
-        return [dict(ended[m["id"]], id=m["id"], size=m["size"]) if m["id"] in ended else m for m in found]
+        ended, dropped = self._ended, self._dropped
+        listed = []
+        for meta in found:
+            if meta["id"] in ended:
+                meta = dict(ended[meta["id"]], id=meta["id"], size=meta["size"])
+            elif meta["id"] in dropped:
+                meta = dict(meta, complete=False, dropped=dropped[meta["id"]])
+            listed.append(meta)
+        # A live recording dropped before its header reached the disk.
+        seen = {meta["id"] for meta in listed}
+        for recording_id, recorder in list(self.live.items()):
+            if recording_id not in seen:
+                listed.append(dict(
+                    recorder.header, ended_at=None, duration_s=None, bytes=None, outcome="LIVE", size=recorder.size,
+                    complete=None if recorder.active else False, dropped=dropped.get(recording_id),
+                ))  # fmt: skip
+        listed.sort(key=lambda m: (m.get("started_at_s") or 0, m["id"]))
+        return listed
 
     def delete(self, recording_id: str) -> Deferred:
         self._ended.pop(recording_id, None)
+        if recording_id not in self.live:
+            self._dropped.pop(recording_id, None)
         if not is_recording_id(recording_id) or recording_id in self.live:
             return succeed(False)
         return self._run(delete_files, self.directory, recording_id)

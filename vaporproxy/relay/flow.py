@@ -136,6 +136,18 @@ class Flow:
             self.vm_reads.release(side)
         self.ws_reads.release(side)
 
+    def hold_vm(self, why: str, on: bool) -> None:
+        """
+        Hold (C{on}) or let go the reads from the VM for C{why} besides the
+        valves (a recording whose disk is behind): they read again once
+        nothing holds them.
+        """
+        _, vm_reads = self._reads()
+        if on:
+            vm_reads.hold(why)
+        else:
+            vm_reads.release(why)
+
     def lost(self, side: str) -> None:
         other = self.vm_transport if side == BROWSER_FULL else self.ws_transport
         other.stopProducing()
@@ -150,8 +162,9 @@ class Flow:
                 transport.unregisterProducer()
             except Exception:
                 pass
-        self.drained(BROWSER_FULL)
-        self.drained(VM_FULL)
+        for reads in (self.ws_reads, self.vm_reads):
+            for why in list(reads.holds) if reads is not None else ():
+                reads.release(why)
         if self._fds is not None:
             for fd in self._fds:
                 low_water_off(fd)

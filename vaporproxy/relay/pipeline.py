@@ -173,11 +173,20 @@ class RecorderStage:
     """
     The recorder tap: a copy of what the browser receives (and, with
     C{include_input}, of what it sends) to a console's recording.
+
+    @param hold_vm: C{hold_vm(True)} stops this channel's reads from the
+        VM, C{hold_vm(False)} lets them go: attached to the recorder, which
+        holds them while its disk is behind (backpressure, never a lost
+        record).  Without it nothing holds the console: a disk that falls
+        behind costs the recording (at twice the writer's high-water mark).
     """
 
-    def __init__(self, recorder: Any, channel: int):
+    def __init__(self, recorder: Any, channel: int, hold_vm: Optional[Callable[[bool], None]] = None):
         self._recorder = recorder
         self._channel = channel
+        self._hold_vm = hold_vm
+        if hold_vm is not None:
+            recorder.attach(hold_vm)
 
     def to_vm(self, data: bytes) -> bytes:
         self._recorder.from_browser(self._channel, data)
@@ -188,6 +197,8 @@ class RecorderStage:
         return data
 
     def close(self) -> None:
+        if self._hold_vm is not None:
+            self._recorder.detach(self._hold_vm)
         self._recorder.close_channel(self._channel)
 
 

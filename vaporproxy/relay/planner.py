@@ -94,6 +94,7 @@ class StagePlanner:
         mini_header: bool = True,
         recorder: Any = None,
         channel: int = 0,
+        hold_vm: Optional[Callable[[bool], None]] = None,
     ) -> Optional[Pipeline]:
         """
         The pipeline of one console channel, or C{None} when it needs none.
@@ -101,6 +102,8 @@ class StagePlanner:
         @param pause_vm: stop reading from the VM for some seconds (throttle).
         @param send_to_vm: write to the VM later (paced update requests).
         @param recorder: the console's L{ConsoleRecorder}, or C{None}.
+        @param hold_vm: hold (C{True}) or let go the reads from the VM
+            (the recording's backpressure).
         """
         key = self._keys.get(grant.key_id or "")
         clipboard = self._clipboard(key)
@@ -121,7 +124,7 @@ class StagePlanner:
         if buckets:
             stages.append(ThrottleStage(buckets, pause_vm, self._metrics.throttled))
         if recorder is not None:
-            stages.append(RecorderStage(recorder, channel))
+            stages.append(RecorderStage(recorder, channel, hold_vm))
         return build(stages)
 
     def _buckets(self, grant: Any, key: Any) -> List[TokenBucket]:

@@ -5,8 +5,9 @@
 // who is on which VM, for how long, how many bytes each way and at what
 // rate now (from the change since the last refresh).  A button per VM
 // closes all of its consoles (DELETE …/{id}/console/sessions); a watch link
-// opens a view-only console of that VM when the server offers view mode;
-// each recording links to its playback page.  The key moves from the URL
+// opens a view-only console of that VM; each recording links to its
+// playback page (both in a new tab, which gets the key in its fragment: a
+// tab's sessionStorage is its own).  The key moves from the URL
 // fragment to sessionStorage at once and is only sent in an Authorization
 // header.  State for people and tests: window.vaporAdmin.
 "use strict";
@@ -26,7 +27,6 @@ const admin = {
   shares: null,      // null: the server has no share links API
   terminated: [],
   error: null,
-  viewMode: false,   // whether the server offers view-only consoles
 };
 window.vaporAdmin = admin;
 
@@ -34,6 +34,8 @@ const takeKey = () => takeFromFragment("key", KEY_STORAGE);
 
 const key = takeKey();
 const headers = () => (key ? { Authorization: `Bearer ${key}` } : {});
+// The key travels in the fragment only: never to the server in a URL.
+const keyFragment = () => `#key=${encodeURIComponent(key || "")}`;
 
 async function api(method, path) {
   const response = await fetch(path, { method, headers: headers(), cache: "no-store" });
@@ -85,7 +87,8 @@ function showConsoles(list) {
     c.rate = rate;
     const row = body.insertRow();
     row.dataset.vm = c.vm_id;
-    cell(row, c.user);
+    // A console opened through a share link runs as the share's creator.
+    cell(row, c.share_id ? `${c.user} via share ${c.share_id}` : c.user);
     cell(row, c.vm_name || c.vm_id);
     cell(row, c.type);
     cell(row, c.mode || "control");
@@ -100,15 +103,14 @@ function showConsoles(list) {
     stop.textContent = "Terminate VM's consoles";
     stop.addEventListener("click", () => terminate(c.vm_id));
     actions.appendChild(stop);
-    if (admin.viewMode) {
-      const watch = document.createElement("a");
-      watch.className = "button";
-      watch.textContent = "Watch";
-      watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view`;
-      watch.target = "_blank";
-      watch.rel = "noopener";
-      actions.appendChild(watch);
-    }
+    const watch = document.createElement("a");
+    watch.className = "button";
+    watch.textContent = "Watch";
+    watch.title = "Open a view-only console of this VM in a new tab";
+    watch.href = `/console/${encodeURIComponent(c.vm_id)}?mode=view${keyFragment()}`;
+    watch.target = "_blank";
+    watch.rel = "noopener";
+    actions.appendChild(watch);
   }
   previous = seen;
   $("no-consoles").hidden = list.length > 0;
@@ -126,13 +128,13 @@ function showRecordings(list) {
     cell(row, r.vm_name || r.vm_id);
     cell(row, r.type);
     cell(row, duration(r.duration_s), true);
-    cell(row, r.outcome || "–");
+    // A recording dropped (disk full or slow) or cut by a crash says so.
+    cell(row, (r.outcome || "–") + (r.complete === false ? " · incomplete" : "")).title = r.dropped || "";
     cell(row, bytes(r.size), true);
     const link = document.createElement("a");
     link.className = "button";
     link.textContent = "Play";
-    // The key travels in the fragment only: never to the server in a URL.
-    link.href = `/console/recordings/${encodeURIComponent(r.id)}#key=${encodeURIComponent(key || "")}`;
+    link.href = `/console/recordings/${encodeURIComponent(r.id)}${keyFragment()}`;
     link.target = "_blank";
     link.rel = "noopener";
     cell(row, "").appendChild(link);
@@ -144,9 +146,10 @@ function showShares(list) {
   if (list === null) return;
   const body = $("shares").tBodies[0];
   body.replaceChildren();
+  const names = new Map(admin.consoles.map((c) => [c.vm_id, c.vm_name]));
   for (const s of list) {
     const row = body.insertRow();
-    cell(row, s.vm_id);
+    cell(row, names.get(s.vm_id) || s.vm_id);
     cell(row, s.mode);
     cell(row, s.creator);
     cell(row, String(s.uses_left), true);
@@ -189,7 +192,6 @@ async function refresh() {
       return;  // a wrong key does not poll on
     }
     admin.consoles = stats.body.connections || [];
-    admin.viewMode = Boolean(stats.body.view_mode);
     showConsoles(admin.consoles);
     $("totals").textContent = `${stats.body.total_connections} console(s), ${stats.body.total_tokens} token(s)`;
     const recordings = await api("GET", "/api/v1/console/recordings");

@@ -19,9 +19,14 @@
 //   key or share always gets one) and enforces it: the page only shows it
 //   (a "view only" badge; noVNC's viewOnly so no input is even tried).
 // - A refusal says why: e.g. MFA_REQUIRED with the identity provider's
-//   challenge, shown in the status line.
+//   challenge, shown in the status line; a final close code with a
+//   sentence a person can act on (FATAL_HINTS).
+// - A key or share pasted into the fragment of an open page (a same-page
+//   navigation, no reload) is taken at once and the console reconnects.
 // - State for people and tests: the status line and window.vapor.
 "use strict";
+
+import { secret, takeSecrets } from "./fragment.js";
 
 const API_PREFIX = "/api/v1/virtualization/virtualmachines/";
 const KEY_STORAGE = "vapor.key";
@@ -35,6 +40,15 @@ const FATAL_CLOSE_CODES = new Map([
   [4010, "SESSION_TERMINATED"],
   [4011, "IDLE_TIMEOUT"],
   [4012, "BAD_REQUEST"],
+]);
+// What a person can make of a final close code (the status line).
+const FATAL_HINTS = new Map([
+  [4004, "the VM no longer exists"],
+  [4005, "the VM has no console the proxy can open"],
+  [4008, "not allowed"],
+  [4010, "an administrator ended this VM's consoles, or the share link or key was revoked"],
+  [4011, "idle too long; press Reconnect"],
+  [4012, "the proxy refused a message from this page"],
 ]);
 // HTTP statuses of the console-info call after which we stop.
 const FATAL_HTTP = new Set([400, 401, 403, 404, 409]);
@@ -50,6 +64,8 @@ const vapor = {
   mode: null,          // "control" | "view" once known (the proxy's answer)
   state: "init",       // init fetching connecting connected reconnecting disconnected failed
   lastError: null,     // an error code name (e.g. "TOKEN_ALREADY_USED") or a short text
+  errorText: null,     // the proxy's text of its last console error (e.g. "Share link revoked")
+  statusText: "",      // what the status line says
   closeCode: null,     // the close code of the last closed console WebSocket
   closeReason: null,
   channels: 0,         // WebSockets of the current session that opened
@@ -57,7 +73,7 @@ const vapor = {
   tokenFetches: 0,     // console-info calls made (one per (re)connect)
   connects: 0,         // sessions that reached "connected"
   attempt: 0,          // consecutive failed attempts
-  history: [],         // [{code, reason, error}] of every ended session
+  history: [],         // [{code, reason, error, text}] of every ended session
 };
 window.vapor = vapor;
 
@@ -65,13 +81,17 @@ const $ = (id) => document.getElementById(id);
 
 function setStatus(state, text) {
   vapor.state = state;
+  vapor.statusText = text || state;
   const el = $("status");
   el.dataset.state = state;
   el.textContent = text || state;
 }
 
-function errorLabel(code, reason, error) {
+function errorLabel(code, reason, error, text) {
   const name = error || reason || FATAL_CLOSE_CODES.get(code) || "";
+  // 4010 closes for several reasons; the proxy's text says which one.
+  const hint = (code === 4010 && text) || FATAL_HINTS.get(code);
+  if (code && name && hint) return `${hint} (${name}, ${code})`;
   if (code && name) return `${name} (${code})`;
   if (code) return `close code ${code}`;
   return name || "connection lost";
@@ -92,43 +112,11 @@ function vmIdFromPath(pathname) {
   }
 }
 
-function takeKeyFromFragment() {
-  const hash = window.location.hash.replace(/^#/, "");
-  if (hash) {
-    const params = new URLSearchParams(hash);
-    const key = params.get("key");
-    if (key) {
-      try {
-        window.sessionStorage.setItem(KEY_STORAGE, key);
-      } catch (e) {
-        memoryKey = key;
-      }
-    }
-    const share = params.get("share");
-    if (share) {
-      try {
-        window.sessionStorage.setItem(SHARE_STORAGE, share);
-      } catch (e) {
-        memoryShare = share;
-      }
-    }
-    // Strip the fragment so the key is not left in the address bar,
-    // history, bookmarks or screenshots.
-    window.history.replaceState(null, "", window.location.pathname + window.location.search);
-  }
-}
-
-let memoryKey = null;
-let memoryShare = null;
-function stored(name, fallback) {
-  try {
-    return window.sessionStorage.getItem(name) || fallback;
-  } catch (e) {
-    return fallback;
-  }
-}
-const apiKey = () => stored(KEY_STORAGE, memoryKey);
-const shareSecret = () => stored(SHARE_STORAGE, memoryShare);
+// Strips the key or share from the address bar (history, bookmarks,
+// screenshots) into this tab's storage; whether one was there.
+const takeKeyFromFragment = () => takeSecrets({ key: KEY_STORAGE, share: SHARE_STORAGE });
+const apiKey = () => secret(KEY_STORAGE);
+const shareSecret = () => secret(SHARE_STORAGE);
 
 function consoleInfoUrl() {
   const page = new URLSearchParams(window.location.search);
@@ -212,6 +200,7 @@ function watchSocket(ws, sid, onClose) {
       const msg = JSON.parse(e.data);
       if (msg && msg.type === "error" && sid === sessionCounter) {
         vapor.lastError = msg.code || "error";
+        vapor.errorText = typeof msg.error === "string" ? msg.error : null;
       }
     } catch (err) {
       // not ours; ignore
@@ -365,7 +354,8 @@ function clearScreen() {
 }
 
 function setButtons(connected) {
-  $("cad").disabled = !connected;
+  // A view console's keys never reach the VM: no Ctrl+Alt+Del either.
+  $("cad").disabled = !connected || vapor.mode === "view";
   $("disconnect").disabled = !(connected || vapor.state === "reconnecting" || vapor.state === "connecting");
   $("reconnect").disabled = connected;
 }
@@ -382,6 +372,7 @@ async function connect() {
   vapor.channels = 0;
   vapor.closeCode = null;
   vapor.closeReason = null;
+  vapor.errorText = null;
   setStatus("fetching", "requesting a console token…");
   setButtons(false);
   let info;
@@ -393,7 +384,10 @@ async function connect() {
     vapor.lastError = name;
     vapor.history.push({ code: null, reason: null, error: name, http: e.status || null });
     if (e.status && FATAL_HTTP.has(e.status)) {
-      const detail = e.detail && e.detail !== name ? `: ${e.detail}` : "";
+      let detail = e.detail && e.detail !== name ? `: ${e.detail}` : "";
+      if (e.status === 401 && !apiKey() && !shareSecret()) {
+        detail = ": no key; open this page as /console/<VM>#key=YOUR_KEY (or a share link)";
+      }
       fail(`${name}${e.status ? " (HTTP " + e.status + ")" : ""}${detail}`);
     } else {
       scheduleReconnect(name);
@@ -433,14 +427,15 @@ function sessionConnected() {
 function sessionEnded(sid, code, reason) {
   if (sid !== sessionCounter) return;
   const error = code >= 4000 ? vapor.lastError : null;
-  vapor.history.push({ code: code || null, reason: reason || null, error });
+  const text = code >= 4000 ? vapor.errorText : null;
+  vapor.history.push({ code: code || null, reason: reason || null, error, text });
   session = null;
   if (userStopped) {
     setStatus("disconnected", "disconnected");
     setButtons(false);
     return;
   }
-  const label = errorLabel(code, reason, error);
+  const label = errorLabel(code, reason, error, text);
   if (code === 1001) {
     // The proxy is shutting down or restarting: come back later.
     scheduleReconnect("proxy going away (1001)");
@@ -528,6 +523,12 @@ function watchAudio() {
 
 function main() {
   takeKeyFromFragment();
+  // A key pasted into this page's address bar does not reload it.
+  window.addEventListener("hashchange", () => {
+    if (!takeKeyFromFragment() || !vapor.vmId) return;
+    vapor.attempt = 0;
+    connect();
+  });
   watchAudio();
   vapor.vmId = vmIdFromPath(window.location.pathname);
   $("reconnect").addEventListener("click", () => {

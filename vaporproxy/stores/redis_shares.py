@@ -29,7 +29,7 @@ from typing import Any, List, Optional
 from twisted.internet.defer import Deferred
 
 from vaporproxy.errors import ConsoleError, ErrorCode
-from vaporproxy.stores.shares import MODES, Share
+from vaporproxy.stores.shares import MODES, UNKNOWN_SHARE, Share
 from vaporproxy.stores.tokens import is_well_formed, new_token, token_hash
 
 __all__ = ["RedisShareStore"]
@@ -74,7 +74,7 @@ return text or false
 """
 
 _ERRORS = {
-    "INVALID": (ErrorCode.INVALID_TOKEN, "Invalid share link"),
+    "INVALID": (ErrorCode.INVALID_TOKEN, UNKNOWN_SHARE),
     "EXPIRED": (ErrorCode.TOKEN_EXPIRED, "Share link has expired"),
     "USED": (ErrorCode.TOKEN_ALREADY_USED, "Share link has no uses left"),
 }

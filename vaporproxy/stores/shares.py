@@ -59,6 +59,10 @@ class Share:
         }
 
 
+#: What the person holding a revoked (or long expired, or mistyped) link reads.
+UNKNOWN_SHARE = "Unknown or revoked share link"
+
+
 class MemoryShareStore:
     """
     Share links in this process, expiring by the injected clock.
@@ -96,7 +100,7 @@ class MemoryShareStore:
         digest = token_hash(secret)
         share = self._by_hash.get(digest)
         if share is None:
-            return fail(ConsoleError(ErrorCode.INVALID_TOKEN, "Invalid share link"))
+            return fail(ConsoleError(ErrorCode.INVALID_TOKEN, UNKNOWN_SHARE))
         if self._clock.seconds() >= share.expires_at:
             self._forget(share)
             return fail(ConsoleError(ErrorCode.TOKEN_EXPIRED, "Share link has expired"))

@@ -1,3 +1,4 @@
 """
-The WebSocket side: the Autobahn adapter, the frame parser/writer, the port switch.
+The WebSocket side: the Autobahn adapter of the console's session (and the
+executor of its outputs), the frame parser/writer, the port switch.
 """

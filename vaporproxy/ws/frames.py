@@ -18,7 +18,7 @@ reactor turn), and falls back to the transport's own buffered C{write}.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Tuple
 
 # Re-exported: writing straight to a plain TCP socket reads Twisted's
 # transport internals, so it lives with them (relay/fastwrite.py).
@@ -241,109 +241,101 @@ class ClientFrameParser:
         self._parse(data, pos, end, out)
 
     def _parse(self, data: bytes, pos: int, end: int, out: List[bytes]) -> None:
+        """Parse the frames of C{data[pos:end]}; C{out}: payload bytes not yet passed on."""
         view = memoryview(data)
-        max_size = self.max_size
         while pos < end:
             if end - pos < 2:
                 self._pending = data[pos:]
                 break
             b0 = data[pos]
             b1 = data[pos + 1]
+            problem = _header_problem(b0, b1)
+            if problem is not None:
+                return self._fail(out, CLOSE_PROTOCOL_ERROR, problem)
             opcode = b0 & 0x0F
-            length = b1 & 0x7F
-            if b0 & 0x70:
-                return self._fail(out, CLOSE_PROTOCOL_ERROR, "RSV bits set without an extension")
-            if not b1 & 0x80:
-                return self._fail(out, CLOSE_PROTOCOL_ERROR, "unmasked client frame")
             if opcode >= 8:
-                if opcode > _OP_PONG:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, f"reserved control opcode {opcode}")
-                if not b0 & 0x80:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "fragmented control frame")
-                if length > 125:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "control frame longer than 125 bytes")
-                if opcode == _OP_CLOSE and length == 1:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
-                stop = pos + 6 + length
+                stop = pos + 6 + (b1 & 0x7F)
                 if stop > end:
                     self._pending = data[pos:]
                     break
-                payload = _unmask_int(view[pos + 6 : stop], data[pos + 2 : pos + 6]) if length else b""
-                pos = stop
-                if out:
-                    self._on_data(b"".join(out))
-                    out = []
-                if opcode == _OP_CLOSE:
-                    self.stopped = True
-                self._on_control(opcode, payload)
+                self._control(data, view, pos, stop, opcode, out)
                 if self.stopped:
                     return None
+                pos = stop
                 continue
-            # A data frame.
-            if length == 126:
-                header = 8
-                if end - pos < header:
-                    self._pending = data[pos:]
-                    break
-                length = (data[pos + 2] << 8) | data[pos + 3]
-                if length < 126:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
-            elif length == 127:
-                header = 14
-                if end - pos < header:
-                    self._pending = data[pos:]
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                if length >> 63:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "frame length above 2**63")
-                if length < 0x10000:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
-            else:
-                header = 6
-                if end - pos < header:
-                    self._pending = data[pos:]
-                    break
-            if opcode == _OP_CONTINUATION:
-                if not self._in_message:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "continuation frame outside a message")
-                size = self._message_size + length
-            elif opcode == _OP_BINARY or opcode == _OP_TEXT:
-                if self._in_message:
-                    return self._fail(out, CLOSE_PROTOCOL_ERROR, "new message inside a fragmented message")
-                self._message_text = opcode == _OP_TEXT
-                size = length
-            else:
-                return self._fail(out, CLOSE_PROTOCOL_ERROR, f"reserved data opcode {opcode}")
-            if 0 < max_size < size:
-                return self._fail(
-                    out, CLOSE_MESSAGE_TOO_BIG, f"message of {size} bytes exceeds the cap of {max_size}"
-                )
-            if opcode == _OP_TEXT:
-                if out:
-                    self._on_data(b"".join(out))
-                    out = []
-                self._on_text()
-            self._in_message = True
-            self._message_size = size
-            self._frame_fin = bool(b0 & 0x80)
+            header, length, problem = _data_length(data, pos, end, b1 & 0x7F)
+            if problem is not None:
+                return self._fail(out, CLOSE_PROTOCOL_ERROR, problem)
+            if not header:
+                self._pending = data[pos:]
+                break
+            if not self._begin_frame(b0, opcode, length, out):
+                return None
             mask = data[pos + header - 4 : pos + header]
-            pos += header
-            skip = self._skip = self._message_text
-            available = end - pos
-            if length <= available:
-                if length and not skip:
-                    out.append(unmask(view[pos : pos + length], mask))
-                pos += length
-                self._frame_done()
-            else:
-                if available and not skip:
-                    out.append(unmask(view[pos:end], mask))
-                self._remaining = length - available
-                self._mask = _rotate(mask, available)
-                pos = end
+            pos = self._payload(data, view, pos + header, end, mask, length, out)
         if out:
             self._on_data(b"".join(out))
         return None
+
+    def _control(self, data: bytes, view: memoryview, pos: int, stop: int, opcode: int, out: List[bytes]) -> None:
+        """A whole control frame: the data before it passed on first."""
+        payload = _unmask_int(view[pos + 6 : stop], data[pos + 2 : pos + 6]) if stop > pos + 6 else b""
+        if out:
+            self._on_data(b"".join(out))
+            out.clear()
+        if opcode == _OP_CLOSE:
+            self.stopped = True
+        self._on_control(opcode, payload)
+
+    def _begin_frame(self, b0: int, opcode: int, length: int, out: List[bytes]) -> bool:
+        """
+        A data frame's header: check it against the message it starts or
+        continues and the size cap; C{False} when it failed the stream.
+        """
+        if opcode == _OP_CONTINUATION:
+            if not self._in_message:
+                self._fail(out, CLOSE_PROTOCOL_ERROR, "continuation frame outside a message")
+                return False
+            size = self._message_size + length
+        elif opcode == _OP_BINARY or opcode == _OP_TEXT:
+            if self._in_message:
+                self._fail(out, CLOSE_PROTOCOL_ERROR, "new message inside a fragmented message")
+                return False
+            self._message_text = opcode == _OP_TEXT
+            size = length
+        else:
+            self._fail(out, CLOSE_PROTOCOL_ERROR, f"reserved data opcode {opcode}")
+            return False
+        max_size = self.max_size
+        if 0 < max_size < size:
+            self._fail(out, CLOSE_MESSAGE_TOO_BIG, f"message of {size} bytes exceeds the cap of {max_size}")
+            return False
+        if opcode == _OP_TEXT:
+            if out:
+                self._on_data(b"".join(out))
+                out.clear()
+            self._on_text()
+        self._in_message = True
+        self._message_size = size
+        self._frame_fin = bool(b0 & 0x80)
+        return True
+
+    def _payload(
+        self, data: bytes, view: memoryview, pos: int, end: int, mask: bytes, length: int, out: List[bytes]
+    ) -> int:
+        """A data frame's payload from C{pos}, whole or its start; answer where parsing goes on."""
+        skip = self._skip = self._message_text
+        available = end - pos
+        if length <= available:
+            if length and not skip:
+                out.append(unmask(view[pos : pos + length], mask))
+            self._frame_done()
+            return pos + length
+        if available and not skip:
+            out.append(unmask(view[pos:end], mask))
+        self._remaining = length - available
+        self._mask = _rotate(mask, available)
+        return end
 
     def _frame_done(self) -> None:
         if self._frame_fin:
@@ -366,3 +358,50 @@ def _rotate(mask: bytes, n: int) -> bytes:
     """
     k = n & 3
     return mask[k:] + mask[:k] if k else mask
+
+
+def _header_problem(b0: int, b1: int) -> Optional[str]:
+    """What is wrong with a frame's first two bytes, if anything."""
+    if b0 & 0x70:
+        return "RSV bits set without an extension"
+    if not b1 & 0x80:
+        return "unmasked client frame"
+    opcode = b0 & 0x0F
+    if opcode < 8:
+        return None
+    length = b1 & 0x7F
+    if opcode > _OP_PONG:
+        return f"reserved control opcode {opcode}"
+    if not b0 & 0x80:
+        return "fragmented control frame"
+    if length > 125:
+        return "control frame longer than 125 bytes"
+    if opcode == _OP_CLOSE and length == 1:
+        return "close frame with a 1-byte payload"
+    return None
+
+
+def _data_length(data: bytes, pos: int, end: int, length: int) -> Tuple[int, int, Optional[str]]:
+    """
+    A data frame's header size and payload length (header size 0: the
+    header is not all there yet), or what is wrong with its length.
+    """
+    if length == 126:
+        if end - pos < 8:
+            return 0, 0, None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 126:
+            return 0, 0, "frame length not minimally encoded"
+        return 8, length, None
+    if length == 127:
+        if end - pos < 14:
+            return 0, 0, None
+        length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+        if length >> 63:
+            return 0, 0, "frame length above 2**63"
+        if length < 0x10000:
+            return 0, 0, "frame length not minimally encoded"
+        return 14, length, None
+    if end - pos < 6:
+        return 0, 0, None
+    return 6, length, None

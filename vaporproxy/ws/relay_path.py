@@ -13,7 +13,7 @@ import struct
 from typing import Any
 
 from vaporproxy.relay.policy import PolicyViolation
-from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.console.events import TEXT_MESSAGE, ProtocolError
 from vaporproxy.ws.autobahn_compat import STATE_CLOSED, STATE_CONNECTING, STATE_OPEN
 from vaporproxy.relay.fastwrite import send_now
 from vaporproxy.ws.frames import ClientFrameParser
@@ -75,8 +75,6 @@ class RelayPath:
         self.autobahn_feed(data)
 
     def _relay_data(self, payload: bytes) -> None:
-        if self._finished:
-            return
         if not self.relaying:
             # The guard's handshake (or held until the guard exists).
             self._setup_message(payload, True)
@@ -102,15 +100,14 @@ class RelayPath:
         self.traffic_seen()
 
     def _relay_text(self) -> None:
-        if not self._finished:
-            self._end(ConsoleError(ErrorCode.BAD_REQUEST, "Console streams are binary"), "text message")
+        self._input(TEXT_MESSAGE)
 
     def _relay_error(self, code: int, reason: str) -> None:
         """
         The browser broke the protocol (1002) or a size cap (1009): close
         with that code and drop the connection, whose framing is lost.
         """
-        self._end(None, f"websocket protocol error: {reason}", code)
+        self._input(ProtocolError(code, reason))
         if self.state != STATE_CLOSED:
             self.dropConnection(abort=False)
 

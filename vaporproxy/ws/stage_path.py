@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from twisted.logger import Logger
 
-from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.console.events import PolicyViolated
+from vaporproxy.errors import ConsoleError
 
 __all__ = ["StagePath"]
 
@@ -72,6 +73,7 @@ class StagePath:
             mini_header=bool(info.get("mini_header", True)),
             recorder=recorder,
             channel=channel,
+            hold_vm=self._hold_vm,
         )
         return list(pipeline.stages) if pipeline is not None else []
 
@@ -88,28 +90,34 @@ class StagePath:
         return recorder
 
     def _policy_violation(self, error: Exception, side: str) -> None:
-        """A stage could not frame what C{side} sent: close with 4012."""
-        message = "Message not allowed on this console" if side == "browser" else "The VM sent what the console's policy cannot pass"
-        self._end(ConsoleError(ErrorCode.BAD_REQUEST, message), f"policy, from the {side}: {error}")
+        """A stage could not frame what C{side} sent: the session closes with 4012."""
+        self._input(PolicyViolated(side, str(error)))
 
     def _send_to_vm_later(self, data: bytes) -> None:
         """A held message's time has come (paced update requests)."""
-        if not self._finished and self._backend is not None:
-            self._backend.transport.write(data)
+        backend = self._backend
+        if backend is not None:  # (none once the console ended)
+            backend.transport.write(data)
 
     def _pause_vm(self, seconds: float) -> None:
         """Bandwidth: no reads from the VM for C{seconds} (never buffering)."""
-        if self._finished or self._backend is None or self._throttle_timer is not None:
+        if self._backend is None or self._flow is None or self._throttle_timer is not None:
             return
-        transport = self._backend.transport
-        transport.pauseProducing()
+        # A hold beside the valves' and the recording's: whichever lets go
+        # last resumes the reads.
+        self._flow.hold_vm("throttle", True)
 
         def resume() -> None:
             self._throttle_timer = None
-            if not self._finished and self._backend is not None:
-                transport.resumeProducing()
+            if self._backend is not None and self._flow is not None:
+                self._flow.hold_vm("throttle", False)
 
         self._throttle_timer = self._reactor.callLater(seconds, resume)
+
+    def _hold_vm(self, on: bool) -> None:
+        """A recording's disk is behind (C{on}) or caught up: hold or let go the reads from the VM."""
+        if self._backend is not None and self._flow is not None:  # (no backend once the console ended)
+            self._flow.hold_vm("recording", on)
 
     def _stop_stages(self) -> None:
         """The console ends: no throttle timer outlives it."""
