@@ -222,3 +222,20 @@ class DebugEnabledTests(SynchronousTestCase):
         """When a setup is made but not installed, the gate stays open."""
         LogSetup("error", "text", io.StringIO())
         self.assertTrue(debug_enabled())
+
+
+class IsoUtcTests(SynchronousTestCase):
+    """
+    The project's timestamp, asked for two seconds in turn.
+    """
+
+    def test_alternating_seconds(self) -> None:
+        """When two seconds are asked for in turn (and more than it keeps), each answer is that second's."""
+        from datetime import datetime, timezone
+
+        from vaporproxy.timestamps import iso_utc
+
+        seconds = [1_700_000_000 + (i % 2) * 300 + i // 20 for i in range(60)]
+        for second in seconds:
+            expected = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.assertEqual(iso_utc(second + 0.75), expected)

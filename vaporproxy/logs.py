@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from twisted.logger import (
     FileLogObserver,
@@ -100,14 +100,30 @@ def format_message(event: Mapping[str, Any]) -> str:
     return formatEvent(event)
 
 
+#: C{[system]} texts of events without C{log_system}, by (namespace, level).
+_SYSTEMS: Dict[Tuple[Any, Any], str] = {}
+
+
 def _system(event: Mapping[str, Any]) -> str:
     """
     The C{[system]} part of a classic log line (as Twisted writes it).
     """
     system = event.get("log_system")
     if system is None:
-        level = event.get("log_level")
-        return "{}#{}".format(event.get("log_namespace", "-"), "-" if level is None else level.name)
+        # Built once per namespace and level (every audit and access line
+        # comes this way).
+        key = (event.get("log_namespace", "-"), event.get("log_level"))
+        try:
+            text = _SYSTEMS.get(key)
+        except TypeError:  # an unhashable namespace: built every time
+            text, key = None, None
+        if text is None:
+            level = key[1] if key is not None else event.get("log_level")
+            namespace = key[0] if key is not None else event.get("log_namespace", "-")
+            text = "{}#{}".format(namespace, "-" if level is None else level.name)
+            if key is not None and len(_SYSTEMS) < 1024:
+                _SYSTEMS[key] = text
+        return text
     try:
         return str(system)
     except Exception:

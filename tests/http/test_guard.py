@@ -5,7 +5,7 @@ are not (yet) open consoles, in memory with a L{Clock}.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -29,15 +29,26 @@ class Server(Protocol):
         self.received = getattr(self, "received", b"") + data
 
 
+class SocketTransport(StringTransport):
+    """
+    A transport that, like Twisted's sockets, holds its protocol in
+    C{protocol} (where the guard can put another in its place).
+    """
+
+    protocol: Any = None
+
+
 class Connection:
     """
     One client connection through the guard.
     """
 
-    def __init__(self, guard: GuardFactory, host: str):
+    def __init__(self, guard: GuardFactory, host: str, transport_class: type = StringTransport):
         addr = IPv4Address("TCP", host, 40000)
-        self.transport = StringTransport(peerAddress=addr)
+        self.transport = transport_class(peerAddress=addr)
         self.protocol = guard.buildProtocol(addr)
+        if hasattr(self.transport, "protocol"):
+            self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)
 
     @property
@@ -195,3 +206,126 @@ class InterimAnswerTests(SynchronousTestCase):
         connection.server.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         clock.advance(TIMEOUT)
         self.assertTrue(connection.aborted)
+
+
+class KeepAliveTests(SynchronousTestCase):
+    """
+    The next request of a keep-alive connection gets a deadline of its own.
+    """
+
+    def test_next_request_before_old_deadline(self) -> None:
+        """When the next request starts before the last one's deadline would have passed, its deadline counts from its own start."""
+        clock = Clock()
+        guard = GuardFactory(Factory.forProtocol(Server), clock, request_timeout=TIMEOUT)
+        connection = Connection(guard, CLIENT_A)
+        connection.protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        connection.server.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        clock.advance(TIMEOUT - 1)
+        connection.protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(TIMEOUT - 0.5)
+        self.assertFalse(connection.aborted)
+        clock.advance(0.5)
+        self.assertTrue(connection.aborted)
+
+
+class Console(Protocol):
+    """
+    A console WebSocket protocol as the guard sees it: it says what it
+    answers (C{saw}) and when it closes (C{lost}) to the guard that stepped
+    aside for it.
+    """
+
+    guard: Any = None
+
+    def guarded_by(self, guard: Any) -> None:
+        self.guard = guard
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received = getattr(self, "received", b"") + data
+
+    def answer(self, data: bytes) -> None:
+        self.guard.saw(data)
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.guard.lost()
+
+
+class StepAsideTests(SynchronousTestCase):
+    """
+    The port switch hands a console WebSocket the transport under the
+    guard; the guard counts it until its 101 all the same.
+    """
+
+    def setUp(self) -> None:
+        from vaporproxy.ws.switch import SwitchFactory
+
+        self.clock = Clock()
+        self.switch = SwitchFactory(Factory.forProtocol(Server), Factory.forProtocol(Console), self.clock)
+        self.guard = GuardFactory(self.switch, self.clock, request_timeout=TIMEOUT, max_pending=4,
+                                  max_pending_per_client=2)  # fmt: skip
+
+    def open(self, transport_class: type = SocketTransport) -> Connection:
+        connection = Connection(self.guard, CLIENT_A, transport_class)
+        connection.protocol.dataReceived(b"GET /api/v1/virtualization/virtualmachines/vm/console/ws?token=t HTTP/1.1\r\n")
+        return connection
+
+    def test_console_writes_past_the_guard(self) -> None:
+        """When a console WebSocket's request line is read, its protocol is on the transport itself, still counted as pending."""
+        connection = self.open()
+        console = connection.transport.protocol
+        self.assertIsInstance(console, Console)
+        self.assertIs(console.transport, connection.transport)
+        self.assertEqual(console.received, b"GET /api/v1/virtualization/virtualmachines/vm/console/ws?token=t HTTP/1.1\r\n")
+        self.assertEqual(self.guard.pending_count(CLIENT_A), 1)
+
+    def test_unknown_transport_keeps_guard(self) -> None:
+        """When the transport has no protocol slot the guard knows, the guard stays in the console's path and sees its 101."""
+        connection = self.open(StringTransport)
+        console = connection.protocol.wrappedProtocol.dataReceived.__self__
+        self.assertIs(console.transport, connection.protocol)
+        self.assertIsNone(console.guard)
+        console.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertEqual(self.guard.pending_count(), 0)
+
+    def test_101_ends_pending(self) -> None:
+        """When the console answers 101, the connection no longer counts and has no deadline."""
+        connection = self.open()
+        console = connection.transport.protocol
+        console.answer(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertEqual((self.guard.pending_count(), self.guard.pending_count(CLIENT_A)), (0, 0))
+        self.assertEqual(self.guard.protocols, {})
+        self.clock.advance(TIMEOUT * 10)
+        self.assertFalse(connection.aborted)
+
+    def test_deadline_without_answer(self) -> None:
+        """When the console does not answer by the request deadline, the connection is aborted."""
+        connection = self.open()
+        self.clock.advance(TIMEOUT)
+        self.assertTrue(connection.aborted)
+
+    def test_refusal_stops_deadline_keeps_slot(self) -> None:
+        """When the console refuses (a 4xx answer), the deadline stops but the connection still counts until it closes."""
+        connection = self.open()
+        console = connection.transport.protocol
+        console.answer(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+        self.clock.advance(TIMEOUT * 2)
+        self.assertFalse(connection.aborted)
+        self.assertEqual(self.guard.pending_count(CLIENT_A), 1)
+        console.connectionLost()
+        self.assertEqual((self.guard.pending_count(), self.guard.protocols), (0, {}))
+
+    def test_cap_sheds_oldest_console(self) -> None:
+        """When a client's pending consoles reach its cap, the oldest is aborted through the transport under the guard."""
+        first, second, third = self.open(), self.open(), self.open()
+        self.assertEqual([c.aborted for c in (first, second, third)], [True, False, False])
+
+    def test_protocol_without_guarded_by(self) -> None:
+        """When the WebSocket protocol cannot talk to the guard, the guard stays in its path and sees its answers."""
+        self.switch.ws_factory = Factory.forProtocol(Server)
+        connection = self.open()
+        server = connection.transport.protocol.wrappedProtocol.dataReceived.__self__
+        self.assertIs(server.transport, connection.protocol)
+        server.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertEqual(self.guard.pending_count(), 0)

@@ -9,7 +9,9 @@ import importlib
 import inspect
 from typing import Any, List
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.ws import autobahn_compat
@@ -108,6 +110,65 @@ class AutobahnContractTests(SynchronousTestCase):
         protocol.transport.clear()
         protocol.control_frame(9, b"hi")
         self.assertEqual(protocol.transport.value(), b"\x8a\x02hi")
+
+
+class _GuardSpy:
+    """
+    A connection guard that stepped aside (L{vaporproxy.http.guard}): what
+    it was told.
+    """
+
+    pending = True
+
+    def __init__(self) -> None:
+        self.seen: List[bytes] = []
+        self.lost_count = 0
+
+    def saw(self, data: bytes) -> None:
+        self.seen.append(data)
+        if data.startswith(b"HTTP/1.1 101 "):
+            self.pending = False
+
+    def lost(self) -> None:
+        self.lost_count += 1
+
+
+class GuardHookTests(SynchronousTestCase):
+    """
+    A protocol put past the connection guard tells it its answer and its end.
+    """
+
+    def connect(self) -> Any:
+        factory = FastServerFactory(reactor=MemoryReactorClock())
+        factory.use_reactor(factory.reactor)
+        factory.protocol = FastServerProtocol
+        protocol = factory.buildProtocol(None)
+        guard = _GuardSpy()
+        protocol.guarded_by(guard)
+        transport = StringTransport()
+        # (A socket lets a protocol unregister without a producer; Autobahn does on refusal.)
+        transport.unregisterProducer = lambda: None  # type: ignore[method-assign]
+        protocol.makeConnection(transport)
+        return protocol, guard
+
+    def test_101_told_then_let_go(self) -> None:
+        """When the opening handshake succeeds, the guard is told of the 101 answer and of nothing after it."""
+        protocol, guard = self.connect()
+        protocol.dataReceived(HANDSHAKE)
+        self.assertEqual(len(guard.seen), 1)
+        self.assertTrue(guard.seen[0].startswith(b"HTTP/1.1 101 "))
+        self.assertTrue(protocol.transport.value().startswith(b"HTTP/1.1 101 "))
+        protocol.autobahn_connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(guard.lost_count, 0)
+
+    def test_refusal_told_and_close(self) -> None:
+        """When the handshake is refused, the guard is told of the error answer and of the close."""
+        protocol, guard = self.connect()
+        protocol.dataReceived(b"POST /ws HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        self.assertEqual([s[:12] for s in guard.seen], [b"HTTP/1.1 405"])
+        self.assertTrue(guard.pending)
+        protocol.autobahn_connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(guard.lost_count, 1)
 
 
 class DebugArgumentTests(SynchronousTestCase):

@@ -17,6 +17,13 @@ L{GuardFactory} wraps the listening factory (L{vaporproxy.ws.switch}), inside
 TLS and the PROXY-header wrapper, so it sees plain bytes and, for a
 C{haproxy:} endpoint, the client address the header gives (a connection is
 counted against its address once its first byte arrives).
+
+A console WebSocket leaves the wrapper as soon as the port switch has read
+its request line (L{GuardedProtocol.step_aside}): its protocol writes to the
+transport itself (one direct send for the 101 answer and the VM's greeting,
+instead of a buffered write through the guard) and tells the guard what it
+answers (L{GuardedProtocol.saw}) and when it closes
+(L{GuardedProtocol.lost}), so deadline and caps hold as before.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class GuardedProtocol(ProtocolWrapper):
     client: Optional[str] = None
     _timer: Optional[IDelayedCall] = None
     _answered = False
+    #: Out of the transport's path (L{step_aside}), still counting the connection.
+    _aside = False
 
     def makeConnection(self, transport: Any) -> None:
         self._arm()
@@ -100,18 +109,43 @@ class GuardedProtocol(ProtocolWrapper):
                 self._arm()
         self.wrappedProtocol.dataReceived(data)
 
-    def _saw(self, data: bytes) -> None:
+    def saw(self, data: bytes) -> None:
+        """
+        C{data} is being written to the client (by the wrapped protocol, or
+        by one that took the guard's place through L{step_aside}).
+        """
         if not self.pending:
             return
         if data.startswith(_SWITCHING):
             self.pending = False
             self._disarm()
             self.factory.forget(self)
-            self._step_out()
+            if self._aside:
+                self.factory.unregisterProtocol(self)
+            else:
+                self._step_out()
         elif not self._answered and not data.startswith(_INTERIM):
             # The answer has begun (a "100 Continue" is not one: the body is still to come).
             self._answered = True
             self._disarm()
+
+    def _leave_path(self, protocol: Any) -> bool:
+        """
+        Put C{protocol} in the guard's place on the transport; C{False}
+        for a transport the guard does not know (it then stays in the path).
+        """
+        transport = self.transport
+        if isinstance(transport, ProtocolWrapper):
+            if transport.wrappedProtocol is self:
+                transport.wrappedProtocol = protocol
+        elif getattr(transport, "protocol", None) is self:
+            transport.protocol = protocol
+        else:
+            return False
+        # Whatever still holds the guard (a timer, a producer) reaches the protocol.
+        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
+        self.connectionLost = protocol.connectionLost  # type: ignore[method-assign]
+        return True
 
     def _step_out(self) -> None:
         """
@@ -120,30 +154,45 @@ class GuardedProtocol(ProtocolWrapper):
         transport itself, so the relay's bytes (and the bridge's direct
         writes to the socket) no longer pass through the guard.
         """
-        transport, protocol = self.transport, self.wrappedProtocol
-        if isinstance(transport, ProtocolWrapper):
-            if transport.wrappedProtocol is self:
-                transport.wrappedProtocol = protocol
-        elif getattr(transport, "protocol", None) is self:
-            transport.protocol = protocol
-        else:
+        protocol = self.wrappedProtocol
+        if not self._leave_path(protocol):
             return  # an unknown transport: stay in the path
-        protocol.transport = transport
+        protocol.transport = self.transport
         self.factory.unregisterProtocol(self)
-        # Whatever still holds the guard (a timer, a producer) reaches the protocol.
-        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
-        self.connectionLost = protocol.connectionLost  # type: ignore[method-assign]
+
+    def step_aside(self, protocol: Any) -> Any:
+        """
+        The port switch hands the connection to a console WebSocket's
+        C{protocol}: it takes the guard's place on the transport at once
+        (answered here, for its C{makeConnection}; C{None} when the guard
+        must stay in the path), and the guard, still counting the
+        connection as pending with its deadline, learns the rest from
+        C{protocol}: what it writes (L{saw}) and its end (L{lost}).
+        """
+        if not self._leave_path(protocol):
+            return None
+        self._aside = True
+        return self.transport
+
+    def lost(self) -> None:
+        """
+        The connection of a protocol that took the guard's place
+        (L{step_aside}) is closed: no deadline, no slot.
+        """
+        if self.pending:  # (an open console was let go at its 101)
+            self._disarm()
+            self.factory.unregisterProtocol(self)
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        self._saw(data)
+        self.saw(data)
         transport.write(data)
 
     def writeSequence(self, data: Any) -> None:
         data = list(data)
         transport = self.transport
         if data:
-            self._saw(data[0])
+            self.saw(data[0])
         transport.writeSequence(data)
 
     def connectionLost(self, reason: Any) -> None:

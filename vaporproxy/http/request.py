@@ -28,6 +28,17 @@ _PATH_SUFFIX = "/console/ws"
 _parse_ip = functools.lru_cache(maxsize=1024)(parse_address)
 
 
+@functools.lru_cache(maxsize=1024)
+def _address_text(host: str) -> str:
+    """
+    C{host} as an address written normally (C{str} of L{parse_address}),
+    or C{host} itself when it is not one; memoised like L{_parse_ip}
+    (C{str} of an address object costs more than the lookup).
+    """
+    address = _parse_ip(host)
+    return str(address) if address is not None else host
+
+
 def _networks(entries: Iterable[str]) -> List[ipaddress._BaseNetwork]:
     if isinstance(entries, tuple):
         return list(_networks_of(entries))
@@ -71,7 +82,7 @@ def client_ip_from(peer_host: str, x_forwarded_for: Optional[str], trusted_proxi
     networks = _networks(trusted_proxies)
     peer = _parse_ip(peer_host)
     if not x_forwarded_for or not _trusted(peer, networks):
-        return str(peer) if peer is not None else peer_host
+        return _address_text(peer_host)
     answer = str(peer)
     for entry in reversed(x_forwarded_for.split(",")):
         address = _parse_ip(entry)

@@ -201,7 +201,8 @@ class ConsoleRequest(Request):
         channel.loseConnection()
 
     def setHeader(self, name: Any, value: Any) -> None:
-        if isinstance(name, bytes) and name.lower() == b"server":
+        # (The length first: most names are not six letters long.)
+        if isinstance(name, bytes) and len(name) == 6 and name.lower() == b"server":
             return  # twisted.web's "TwistedWeb/<version>"
         super().setHeader(name, value)
 

@@ -26,7 +26,7 @@ import hashlib
 import re
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -114,7 +114,12 @@ def stamp(grant: Grant, now: float, ttl: float) -> Grant:
     """
     C{grant} with C{issued_at} and C{expires_at} filled in from C{now}.
     """
-    return replace(grant, issued_at=now, expires_at=now + ttl)
+    # dataclasses.replace, without its walk over the fields' definitions
+    # (every field of a Grant is an init field and lives in __dict__).
+    fields = dict(grant.__dict__)
+    fields["issued_at"] = now
+    fields["expires_at"] = now + ttl
+    return grant.__class__(**fields)
 
 
 @dataclass
