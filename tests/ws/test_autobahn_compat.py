@@ -169,24 +169,3 @@ class GuardHookTests(SynchronousTestCase):
         self.assertTrue(guard.pending)
         protocol.autobahn_connection_lost(Failure(ConnectionDone()))
         self.assertEqual(guard.lost_count, 1)
-
-
-class DebugArgumentTests(SynchronousTestCase):
-    """
-    Autobahn's styled debug arguments are computed only for debug lines
-    that are written.
-    """
-
-    def test_styledOnlyWhenDebug(self) -> None:
-        """When debug logging is off, hltype/hlval answer "" without styling; when it is on, Autobahn's own styled text."""
-        import txaio
-        from autobahn import util
-        from autobahn.websocket import protocol
-
-        self.assertEqual((protocol.hltype(self.test_styledOnlyWhenDebug), protocol.hlval(4)), ("", ""))
-        previous = txaio.get_global_log_level()
-        txaio.set_global_log_level("debug")
-        self.addCleanup(txaio.set_global_log_level, previous)
-        self.assertEqual(protocol.hltype(self.test_styledOnlyWhenDebug), util.hltype(self.test_styledOnlyWhenDebug))
-        self.assertEqual(protocol.hlval(4), util.hlval(4))
-        self.assertNotEqual(protocol.hlval(4), "")

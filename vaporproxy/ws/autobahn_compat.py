@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-import autobahn.websocket.protocol as _autobahn_protocol
 import txaio
 from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -67,8 +66,6 @@ RELIES_ON = (
     ("autobahn.twisted.websocket.WebSocketServerProtocol", "_connectionLost"),
     ("autobahn.twisted.websocket.WebSocketServerFactory", "setProtocolOptions"),
     ("autobahn.websocket.protocol.FrameHeader", "__init__"),
-    ("autobahn.websocket.protocol", "hltype"),
-    ("autobahn.websocket.protocol", "hlval"),
     ("instance", "_batched_timer"),
     ("instance", "_transport_details"),
     ("instance", "send_queue"),
@@ -123,27 +120,6 @@ def autobahn_debug() -> bool:
     lets debug lines through: then Autobahn's own code runs unchanged.
     """
     return txaio.get_global_log_level() in ("debug", "trace")
-
-
-def _debug_only(format_: Callable[..., str]) -> Callable[..., str]:
-    """
-    Autobahn's C{hltype}/C{hlval} (click-styled names and values for its
-    debug lines), run only when debug lines are written: Autobahn computes
-    a debug line's arguments even when debug logging is off, and its
-    C{processHandshake} styles two of them for every console (about 3 us,
-    some 10,000 instructions of a console's set-up, measured 2026-12-05).
-    """
-
-    def styled_if_debug(*args: Any, **kwargs: Any) -> str:
-        return format_(*args, **kwargs) if autobahn_debug() else ""
-
-    styled_if_debug.__wrapped__ = format_  # type: ignore[attr-defined]
-    return styled_if_debug
-
-
-if not hasattr(_autobahn_protocol.hltype, "__wrapped__"):
-    _autobahn_protocol.hltype = _debug_only(_autobahn_protocol.hltype)
-    _autobahn_protocol.hlval = _debug_only(_autobahn_protocol.hlval)
 
 
 class FastServerProtocol(WebSocketServerProtocol):
