@@ -365,16 +365,30 @@ function cpuShare(job, c0, t0, t1) {
   return c0 === null || c1 === null ? null : (c1 - c0) / ((t1 - t0) / 1000);
 }
 
-/** Start of a window: the proxy's CPU and run-queue wait so far. */
-function proxyMark(job) { return { cpu: procCpu(job.proxy_pid), wait: procWait(job.proxy_pid), t: now() }; }
+/** CPU seconds of the load side: this client and, when given, the backend (job.backend_pid). */
+function loadCpu(job) {
+  const own = process.cpuUsage();
+  const backend = job.backend_pid ? procCpu(job.backend_pid) : 0;
+  return backend === null ? null : (own.user + own.system) / 1e6 + backend;
+}
+
+/** Start of a window: the proxy's CPU and run-queue wait so far (and the load side's CPU). */
+function proxyMark(job) {
+  return { cpu: procCpu(job.proxy_pid), wait: procWait(job.proxy_pid), load: loadCpu(job), t: now() };
+}
 
 /** End of a window: the proxy's CPU share, and its share spent waiting for a CPU (others' load). */
 function proxyShares(job, m) {
   const t1 = now();
   const w1 = procWait(job.proxy_pid);
+  const l1 = loadCpu(job);
+  const secs = (t1 - m.t) / 1000;
   return {
     proxy_cpu_share: cpuShare(job, m.cpu, m.t, t1),
-    proxy_wait_share: m.wait === null || w1 === null ? null : (w1 - m.wait) / ((t1 - m.t) / 1000),
+    proxy_wait_share: m.wait === null || w1 === null ? null : (w1 - m.wait) / secs,
+    // The load side (client + backend, pinned to one CPU): near 100 % means the
+    // figure is the load side's limit, not the proxy's.
+    load_cpu_share: m.load === null || l1 === null ? null : (l1 - m.load) / secs,
   };
 }
 

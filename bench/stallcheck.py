@@ -65,9 +65,10 @@ def report(verdict: Dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"run {i + 1}: ERROR {r['error']}")
             continue
-        cpu, wait = r.get("proxy_cpu_share"), r.get("proxy_wait_share")
+        cpu, wait, load = r.get("proxy_cpu_share"), r.get("proxy_wait_share"), r.get("load_cpu_share")
         lines.append(f"run {i + 1}: {r['mib_s']:8.1f} MiB/s   proxy CPU {'–' if cpu is None else f'{cpu:.0%}'}"
-                     + ("" if wait is None else f"   (runnable, waiting for a CPU: {wait:.0%})"))
+                     + ("" if wait is None else f"   (runnable, waiting for a CPU: {wait:.0%})")
+                     + ("" if load is None else f"   load side (client + backend) CPU {load:.0%}"))
     if "median_mib_s" in verdict:
         lines.append(f"median {verdict['median_mib_s']:.1f} MiB/s; largest deviation from the median "
                      f"{verdict['max_deviation']:.1%}; spread (max-min)/min {verdict['spread']:.1%}")
@@ -84,7 +85,9 @@ def run(bench: Any, target: Any, job: Dict[str, Any], n: int) -> Dict[str, Any]:
     try:
         runs = []
         for _ in range(n):
-            r = bench.client(dict(job, target=target.job_target(), proxy_pid=target.proc.pid), timeout=60)
+            backend_pid = bench.backend.pid if getattr(bench, "backend", None) is not None else None
+            r = bench.client(dict(job, target=target.job_target(), proxy_pid=target.proc.pid,
+                                  backend_pid=backend_pid), timeout=60)
             if "error" not in r and r.get("errors"):
                 r["error"] = "the console closed during the run"
             runs.append(r)
