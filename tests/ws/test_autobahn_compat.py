@@ -15,6 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from vaporproxy.ws import autobahn_compat
+from autobahn.websocket.protocol import WebSocketProtocol
+
 from vaporproxy.ws.autobahn_compat import READ_BY, RELIES_ON, FastServerFactory, FastServerProtocol
 
 
@@ -169,3 +171,87 @@ class GuardHookTests(SynchronousTestCase):
         self.assertTrue(guard.pending)
         protocol.autobahn_connection_lost(Failure(ConnectionDone()))
         self.assertEqual(guard.lost_count, 1)
+
+
+class _AutobahnOwn(FastServerProtocol):
+    """Autobahn's own per-connection set-up (its __init__ and _connectionMade), for comparison."""
+
+    CONFIG_ATTRS = FastServerProtocol._OPTIONS_FROM_FACTORY
+
+    def __init__(self) -> None:
+        WebSocketProtocol.__init__(self)
+
+    def _connectionMade(self) -> None:
+        WebSocketProtocol._connectionMade(self)
+
+
+class InitialStateTests(SynchronousTestCase):
+    """
+    A connection reads the same initial state as Autobahn's own set-up
+    would give it, though most of it is class defaults (issue 8).
+    """
+
+    def connect(self, protocol_class: type) -> Any:
+        factory = FastServerFactory(reactor=MemoryReactorClock())
+        factory.use_reactor(factory.reactor)
+        factory.setProtocolOptions(perMessageCompressionAccept=lambda offers: None, autoPingInterval=30.0)
+        factory.protocol = protocol_class
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        return protocol
+
+    def test_sameAsAutobahn(self) -> None:
+        """When Autobahn is upgraded, every attribute its own set-up gives a connection reads the same on ours (mutable ones: a fresh object of the same type)."""
+        own = self.connect(_AutobahnOwn)
+        ours = self.connect(FastServerProtocol)
+        differ = []
+        for name, value in vars(own).items():
+            if name in ("factory", "transport", "connected", "peer", "_ws_direct", "_transport_details"):
+                continue
+            mine = getattr(ours, name, AttributeError)
+            if isinstance(value, (bool, int, float, str, bytes, type(None), tuple, frozenset)):
+                same = type(mine) is type(value) and mine == value
+            elif isinstance(value, (list, dict)):
+                same = mine == value
+            elif name in FastServerProtocol._OPTIONS_FROM_FACTORY:
+                same = mine is value  # (a function option)
+            else:
+                same = type(mine) is type(value)  # a connection's own object (future, stats, queue)
+            if not same:
+                differ.append(f"{name}: Autobahn {value!r}, ours {mine!r}")
+        self.assertEqual(differ, [], "vaporproxy/ws/autobahn_compat.py FastServerProtocol's initial state")
+
+    def test_fewAttributesOfItsOwn(self) -> None:
+        """When a connection opens, it holds few attributes of its own: Autobahn's options, constant state and handshake text are not copied onto it."""
+        protocol = self.connect(FastServerProtocol)
+        protocol.dataReceived(HANDSHAKE)
+        own = vars(protocol)
+        for name in ("maxFramePayloadSize", "closedByMe", "utf8validator", "is_closed"):
+            self.assertNotIn(name, own)
+        self.assertEqual(protocol.autoPingInterval, 30.0)
+        self.assertIsNone(protocol.perMessageCompressionAccept([]))
+        self.assertIsNone(protocol.http_headers)
+        self.assertEqual(protocol.state, FastServerProtocol.STATE_OPEN)
+
+    def test_perConnectionObjects(self) -> None:
+        """When two connections use their send queue or closed future, each gets its own."""
+        a, b = self.connect(FastServerProtocol), self.connect(FastServerProtocol)
+        a.send_queue.append(b"x")
+        self.assertEqual(len(b.send_queue), 0)
+        self.assertIsNot(a.is_closed, b.is_closed)
+        self.assertIs(a.is_closed, a.is_closed)
+
+    def test_optionsOfTheMoment(self) -> None:
+        """When the factory's options change, a new connection has the new ones and an earlier one keeps its own."""
+        factory = FastServerFactory(reactor=MemoryReactorClock())
+        factory.use_reactor(factory.reactor)
+        factory.protocol = FastServerProtocol
+        factory.setProtocolOptions(maxFramePayloadSize=100)
+        first = factory.buildProtocol(None)
+        factory.setProtocolOptions(maxFramePayloadSize=200)
+        second = factory.buildProtocol(None)
+        factory.maxFramePayloadSize = 300
+        third = factory.buildProtocol(None)
+        self.assertEqual([p.maxFramePayloadSize for p in (first, second, third)], [100, 200, 300])
+        self.assertEqual(type(first).__name__, "FastServerProtocol")
+        self.assertIsInstance(first, FastServerProtocol)
