@@ -98,6 +98,8 @@ class ConsoleWebSocketProtocol(Effects, SetupPath, RelayPath, GuardSink, StagePa
     #: console ended: nothing more is held).
     _held: Optional[List[bytes]] = None
     _held_size = 0
+    #: What the guard sent the VM before it was connected (made on first use).
+    _to_server: Optional[List[bytes]] = None
     _token: Optional[str] = None
     #: Whether the client's request came over TLS (L{request_secure}).
     _secure = False
@@ -112,7 +114,6 @@ class ConsoleWebSocketProtocol(Effects, SetupPath, RelayPath, GuardSink, StagePa
     _connect_timer: Optional[IDelayedCall] = None
     _idle_timer: Optional[IDelayedCall] = None
     _spice_attached = False
-    _target: Any = None
     _console_type: Optional[str] = None
     #: The relay's frame parser, once it took over from Autobahn's.
     _parser: Optional[ClientFrameParser] = None
@@ -132,7 +133,6 @@ class ConsoleWebSocketProtocol(Effects, SetupPath, RelayPath, GuardSink, StagePa
         self.console_id = os.urandom(16).hex()
         self._started_at = self.last_activity = self._seconds()
         self._held = []
-        self._to_server: List[bytes] = []
         self.autobahn_connection_made()
         self._keep_handshake()
         if console.connection_timeout > 0:

@@ -116,7 +116,10 @@ class GuardSink:
         if not data:
             return
         if self._backend is None:
-            self._to_server.append(data)
+            held = self._to_server
+            if held is None:
+                held = self._to_server = []
+            held.append(data)
         elif self._backend_direct is not None:
             send_now(self._backend_direct, (data,))
         else:

@@ -90,12 +90,13 @@ class SetupPath:
     def _host_allowed(self, address: Any) -> None:
         vm, graphics, host = self._located
         try:
-            self._target = console_target(vm, graphics, host, address, self.factory.locator)
+            # (Not kept: the session holds it until the dial.)
+            target = console_target(vm, graphics, host, address, self.factory.locator)
         except Exception:
             self._setup_failed(Failure())
             return
         self._spice = spice = graphics.type != "vnc"
-        self._answer(ev.Located(self._target, spice))
+        self._answer(ev.Located(target, spice))
 
     def _answer(self, event: Any) -> None:
         """
@@ -178,6 +179,7 @@ class SetupPath:
         """
         factory = self.factory
         vm, graphics, host = self._located
+        self._located = None  # (read here last)
         if graphics.type == "vnc":
             vnc_tls = factory.vnc_tls.get(vm.hypervisor)
             if vnc_tls is None:
@@ -237,9 +239,9 @@ class SetupPath:
         backend = self._backend = output.backend
         self._backend_direct = direct_writer(backend.transport)
         high_water(backend.transport, self._console.buffer_size)
-        if self._to_server:
+        if self._to_server is not None:
             backend.transport.writeSequence(self._to_server)
-            self._to_server = []
+            self._to_server = None
         self._resume_reading()
         self._guard_call("server_connected")
 
