@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from vaporproxy.relay.fastwrite import direct_writer, send_now
+from vaporproxy.ws.per_connection import PerConnection
 
 __all__ = [
     "READ_BY",
@@ -36,7 +37,6 @@ __all__ = [
     "STATE_OPEN",
     "FastServerFactory",
     "FastServerProtocol",
-    "PerConnection",
     "ReactorTimer",
     "autobahn_debug",
     "with_options",
@@ -133,29 +133,6 @@ def autobahn_debug() -> bool:
     lets debug lines through: then Autobahn's own code runs unchanged.
     """
     return txaio.get_global_log_level() in ("debug", "trace")
-
-
-class PerConnection:
-    """
-    An attribute of each connection made on first use: Autobahn makes
-    these in every protocol's C{__init__} or C{_connectionMade} whether or
-    not the connection ever uses them (a console's send queue, text
-    validator, closed future, event results).  A non-data descriptor: once
-    made (or assigned), the instance's own value is read as usual.
-    """
-
-    def __init__(self, make: Callable[[], Any]):
-        self._make = make
-        self._name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name
-
-    def __get__(self, instance: Any, owner: Optional[type] = None) -> Any:
-        if instance is None:
-            return self
-        value = instance.__dict__[self._name] = self._make()
-        return value
 
 
 class FastServerProtocol(WebSocketServerProtocol):
