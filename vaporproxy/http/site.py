@@ -12,7 +12,6 @@ import re
 from typing import Any, Optional, Pattern, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
-from twisted.logger import Logger
 from twisted.python import log as _legacy_log
 from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
@@ -21,6 +20,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
+from vaporproxy.logs import QuickLogger
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -127,7 +127,7 @@ def escape_controls(text: str) -> str:
 
 
 #: The access log: one line per request (C{logging.access_log}).
-access_log = Logger(namespace="vaporproxy.access")
+access_log = QuickLogger(namespace="vaporproxy.access")
 
 
 #: The request bodies routes take: (method, raw path pattern, most bytes).
