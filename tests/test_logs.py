@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -22,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from vaporproxy.logs import (
     LevelFilter,
     LogSetup,
+    QuickLogger,
     debug_enabled,
     classic_text_formatter,
     format_message,
@@ -175,6 +177,59 @@ class LevelFilterTests(SynchronousTestCase):
                 reference(event)
             self.assertEqual(ours, theirs)
             self.assertTrue(ours, level)
+
+
+class QuickLoggerTests(SynchronousTestCase):
+    """
+    Tests for L{QuickLogger}: its events are those Twisted's L{Logger} emits.
+    """
+
+    def test_sameEventsAsTwisted(self) -> None:
+        """
+        At every level, with and without fields, the event it emits has the
+        keys and values of Twisted's (the time aside), the logger and its
+        source included.
+        """
+        ours: List[Dict[str, Any]] = []
+        theirs: List[Dict[str, Any]] = []
+        source = _Thing()
+        quick = QuickLogger(namespace="vaporproxy.test", source=source, observer=ours.append)
+        twisted = Logger(namespace="vaporproxy.test", source=source, observer=theirs.append)
+        for level in LogLevel.iterconstants():
+            quick.emit(level, "at {level_name} {x}", level_name=level.name, x=1)
+            twisted.emit(level, "at {level_name} {x}", level_name=level.name, x=1)
+        quick.info("no fields")
+        twisted.info("no fields")
+        self.assertEqual(len(ours), 6)
+        for mine, reference in zip(ours, theirs):
+            self.assertIs(mine.pop("log_logger"), quick)
+            self.assertIs(reference.pop("log_logger"), twisted)
+            self.assertLess(abs(mine.pop("log_time") - reference.pop("log_time")), 5)
+            self.assertEqual(mine, reference)
+            self.assertEqual(formatEvent(mine), formatEvent(reference))
+
+    def test_unknownLevel(self) -> None:
+        """
+        An unknown level is refused as Twisted refuses it: one critical
+        event naming the level, with the failure.
+        """
+        ours: List[Dict[str, Any]] = []
+        QuickLogger(namespace="vaporproxy.test", observer=ours.append).emit("loud", "x")  # type: ignore[arg-type]
+        self.assertEqual(len(ours), 1)
+        self.assertIs(ours[0]["log_level"], LogLevel.critical)
+        self.assertEqual(ours[0]["invalidLevel"], "loud")
+        self.assertIn("log_failure", ours[0])
+
+    def test_trace(self) -> None:
+        """
+        An event with C{log_trace} gets the logger and its observer
+        appended, as Twisted's does.
+        """
+        trace: List[Any] = []
+        observer: List[Dict[str, Any]] = []
+        quick = QuickLogger(namespace="vaporproxy.test", observer=observer.append)
+        quick.info("traced", log_trace=trace)
+        self.assertEqual(trace, [(quick, observer.append)])
 
 
 class JSONMessageTests(SynchronousTestCase):

@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Dict, Optional
 
-from twisted.logger import Logger
-
+from vaporproxy.logs import QuickLogger
 from vaporproxy.timestamps import iso_utc
 
 __all__ = ["AUDIT_EVENTS", "AuditTrail"]
 
 #: Module level: a Logger on a class takes the class's name as namespace.
-log = Logger(namespace="vaporproxy.audit")
+log = QuickLogger(namespace="vaporproxy.audit")
 
 #: Every event the trail writes (SPEC.md "Audit trail").
 AUDIT_EVENTS = (

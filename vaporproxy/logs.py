@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from time import time
 from typing import IO, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LegacyLogObserverWrapper,
+    Logger,
     LogLevel,
     formatEvent,
     formatEventAsClassicLogText,
@@ -46,6 +48,37 @@ ENV_LEVEL = "VAPOR_LOG_LEVEL"
 
 #: Event keys that are Twisted's bookkeeping, not the event's own fields.
 _SKIP_FIELDS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
+
+
+#: Every level Twisted knows (L{QuickLogger.emit}'s check).
+_KNOWN_LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class QuickLogger(Logger):
+    """
+    Twisted's L{Logger}, whose C{emit} checks the level with one set
+    lookup: Twisted's sorts the five level constants on every event
+    (C{LogLevel.iterconstants()}), and the access log and the audit trail
+    log several events for every console (issue 8).  The event is the one
+    Twisted's C{emit} builds; an unknown level takes Twisted's own path
+    (its complaint).
+    """
+
+    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
+        if level not in _KNOWN_LEVELS:
+            Logger.emit(self, level, format, **kwargs)
+            return
+        kwargs.update(
+            log_logger=self,
+            log_level=level,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time(),
+        )
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+        self.observer(kwargs)
 
 
 #: The L{LogSetup} twistd was given (L{LogSetup.install}), if any.
@@ -333,6 +366,7 @@ __all__ = [
     "LEVELS",
     "LevelFilter",
     "LogSetup",
+    "QuickLogger",
     "classic_text_formatter",
     "debug_enabled",
     "effective_level",

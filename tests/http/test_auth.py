@@ -140,6 +140,14 @@ class ApiKeyTests(JWTCase):
         self.assertTrue(principal.key_id.startswith("key:"))
         self.assertNotIn(principal.key_id[4:], _sha(API_KEY) + API_KEY)
 
+    def test_upper_case_hash_and_same_caller(self) -> None:
+        """When a key's hash is configured in upper case it still matches, and each request gets the same caller."""
+        auth = self.authenticator(api_keys=(ApiKey("alice", _sha(API_KEY).upper()), ApiKey("bob", _sha("bob-key-00001"))))
+        first = auth.authenticate("Bearer " + API_KEY)
+        self.assertEqual((first.user, first.method), ("alice", "api_key"))
+        self.assertIs(auth.authenticate("Bearer " + API_KEY), first)
+        self.assertEqual(auth.authenticate("Bearer bob-key-00001").user, "bob")
+
     def test_unknown_and_missing(self) -> None:
         """When the key is unknown, absent, empty or not Bearer, the answer is 401 and the key is not logged."""
         auth = self.authenticator(api_keys=(ApiKey("alice", _sha(API_KEY)),))

@@ -116,6 +116,18 @@ class MintLimitsTests(SynchronousTestCase):
         error = self.failureResultOf(Deferred.fromCoroutine(mint.issue(AtomicStore(), grant)), RateLimited).value
         self.assertEqual((error.code, error.retry_after, asked), (ErrorCode.RATE_LIMITED, 42, [("k", 3)]))
 
+    def test_uncapped(self) -> None:
+        """When max_outstanding_tokens is 0, the token is the store's answer itself, nothing counted first."""
+        clock = Clock()
+        store = MemoryTokenStore(clock, 10.0)
+        store.outstanding = None  # type: ignore[assignment]  # (asking would fail)
+        mint = MintLimits(clock, AuthConfig(max_outstanding_tokens=0))
+        grant = Grant(vm_ref="v", vm_uuid="u", console_type="vnc", display=0, user="a", key_id="k")
+        answer = mint.issue(store, grant)
+        self.assertIsInstance(answer, Deferred)
+        self.assertEqual(self.successResultOf(answer).grant.key_id, "k")
+        self.assertEqual(self.successResultOf(store.count()), 1)
+
 
 class OutstandingStoreTests(SynchronousTestCase):
     """

@@ -553,3 +553,36 @@ class TokenFormatTests(SynchronousTestCase):
         self.assertEqual(token_hash(token), TOKEN_AB_SHA256)
         self.assertEqual(token_log_id(token), token_hash(token)[:12])
         self.assertTrue(re.fullmatch(r"[0-9a-f]{12}", token_log_id(token)))
+
+
+class StampTests(SynchronousTestCase):
+    """
+    L{tokens.stamp}: the grant with its times, as C{dataclasses.replace}
+    gives it.
+    """
+
+    def test_sameAsReplace(self) -> None:
+        """
+        When a grant is stamped, the result equals (and hashes as) the grant
+        C{dataclasses.replace} gives with those times, is still frozen, and
+        the given grant is unchanged.
+        """
+        import dataclasses
+
+        for grant in (GRANT, SPICE_GRANT, BOUND_GRANT, dataclasses.replace(GRANT, key_id="k", vm_name="n", mode="view")):
+            stamped = tokens.stamp(grant, 1000.5, 30.0)
+            expected = dataclasses.replace(grant, issued_at=1000.5, expires_at=1030.5)
+            self.assertEqual(stamped, expected)
+            self.assertEqual(hash(stamped), hash(expected))
+            self.assertEqual(repr(stamped), repr(expected))
+            self.assertIs(type(stamped), Grant)
+            self.assertEqual((grant.issued_at, grant.expires_at), (0.0, 0.0))
+            with self.assertRaises(dataclasses.FrozenInstanceError):
+                stamped.user = "mallory"  # type: ignore[misc]
+
+    def test_everyFieldCopied(self) -> None:
+        """A Grant's fields are exactly its instance dictionary (what stamp copies)."""
+        import dataclasses
+
+        self.assertEqual(set(vars(BOUND_GRANT)), {f.name for f in dataclasses.fields(Grant)})
+        self.assertFalse(hasattr(Grant, "__post_init__"))

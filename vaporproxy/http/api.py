@@ -55,7 +55,7 @@ from vaporproxy.http.console_info import VM_PATH, ConsoleIssuer, check_id, query
 from vaporproxy.http.health import readiness
 from vaporproxy.http.mint import MintLimits
 from vaporproxy.http.request import client_ip_from
-from vaporproxy.http.routing import Root, render_deferred
+from vaporproxy.http.routing import Root, render_coroutine
 from vaporproxy.http.recordings import NoRecordings, RecordingsAPI
 from vaporproxy.http.revocation import terminate_share
 from vaporproxy.http.shares import ShareRoutes, creator_allows, share_secret
@@ -188,9 +188,10 @@ class ConsoleAPI:
         (L{failure_answer}), and, as Klein does, the handler is cancelled
         when the client goes away first.  The one difference on the wire:
         the body goes out with a Content-Length (Klein writes it chunked).
+        When nothing it awaits is pending, it is answered at once, without
+        Twisted's coroutine driver (L{render_coroutine}).
         """
-        d = Deferred.fromCoroutine(self._console_info(request, vm_id))
-        return render_deferred(request, d, failure_answer, log)
+        return render_coroutine(request, self._console_info(request, vm_id), failure_answer, log)
 
     async def _console_info(self, request: IRequest, vm_id: str) -> bytes:
         check_id(vm_id)

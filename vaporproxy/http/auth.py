@@ -31,7 +31,7 @@ from typing import Any, Optional, Tuple, Union
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from vaporproxy.config import ApiKey, AuthConfig
+from vaporproxy.config import AuthConfig
 from vaporproxy.errors import ConsoleError, ErrorCode
 from vaporproxy.http.jwt_keys import load_jwt_key
 from vaporproxy.http.jwt_verify import LEEWAY, JWTVerifier, claimed_sub, looks_like_jwt
@@ -97,7 +97,9 @@ class Authenticator:
         @raise ConfigError: when the JWT key cannot be loaded.
         """
         self.clock = clock
-        self._api_keys: Tuple[ApiKey, ...] = ()
+        #: Each configured key's lower-case SHA-256 and its caller (a
+        #: frozen L{Principal}, made once per reload, not per request).
+        self._api_keys: Tuple[Tuple[str, Principal], ...] = ()
         self._jwt: Optional[JWTVerifier] = None
         self.reload(auth)
 
@@ -109,7 +111,7 @@ class Authenticator:
         @raise ConfigError: when the JWT key cannot be loaded.
         """
         verifier = JWTVerifier(auth.jwt, load_jwt_key(auth.jwt)) if auth.jwt is not None else None
-        self._api_keys = tuple(auth.api_keys)
+        self._api_keys = tuple((key.sha256.lower(), principal_of_key(key)) for key in auth.api_keys)
         self._jwt = verifier
 
     @property
@@ -133,10 +135,10 @@ class Authenticator:
         verifier = self._jwt
         if verifier is not None and looks_like_jwt(credential):
             return self._authenticate_jwt(verifier, credential)
-        key = self._match_key(credential)
-        if key is None:
+        principal = self._match_key(credential)
+        if principal is None:
             self._refuse("unknown credential", token_hash=credential_hash(credential))
-        return principal_of_key(key)
+        return principal
 
     def authenticate_admin(self, header: Optional[Union[str, bytes]]) -> Principal:
         """
@@ -154,16 +156,16 @@ class Authenticator:
         log.info("rejected API request: {why}", why=why, **fields)
         raise ConsoleError(ErrorCode.UNAUTHORIZED)
 
-    def _match_key(self, credential: str) -> Optional[ApiKey]:
+    def _match_key(self, credential: str) -> Optional[Principal]:
         """
-        The configured key whose SHA-256 matches C{credential}, comparing
-        with every key in constant time per key.
+        The caller of the configured key whose SHA-256 matches
+        C{credential}, comparing with every key in constant time per key.
         """
         digest = hashlib.sha256(credential.encode("utf-8")).hexdigest()
-        found: Optional[ApiKey] = None
-        for key in self._api_keys:
-            if hmac.compare_digest(digest, key.sha256.lower()) and found is None:
-                found = key
+        found: Optional[Principal] = None
+        for sha256, principal in self._api_keys:
+            if hmac.compare_digest(digest, sha256) and found is None:
+                found = principal
         return found
 
     # -- JWT -----------------------------------------------------------------

@@ -13,7 +13,7 @@ the outstanding count is the token store's: a store with C{issue_within}
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Awaitable, Dict, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -91,15 +91,22 @@ class MintLimits:
         for key_id in full:
             del self._buckets[key_id]
 
-    async def issue(self, token_store: Any, grant: Grant) -> IssuedToken:
+    def issue(self, token_store: Any, grant: Grant) -> Awaitable[IssuedToken]:
         """
-        A token for C{grant} within C{max_outstanding} of its credential.
+        A token for C{grant} within C{max_outstanding} of its credential:
+        without a cap, the store's own answer (no coroutine around it: every
+        console asks for one).
 
         @raise RateLimited: at the cap (the retry waits for the oldest to
             expire).
         """
+        if self.max_outstanding <= 0:
+            return token_store.issue(grant)
+        return self._issue_capped(token_store, grant)
+
+    async def _issue_capped(self, token_store: Any, grant: Grant) -> IssuedToken:
         issue_within = getattr(token_store, "issue_within", None)
-        if self.max_outstanding <= 0 or issue_within is None:
+        if issue_within is None:
             await self.check_outstanding(token_store, grant.key_id or "")
             return await token_store.issue(grant)
         try:

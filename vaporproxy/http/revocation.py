@@ -86,6 +86,8 @@ class Revocation:
         if key is None:
             return False
         names = [name for name in (grant.vm_uuid, grant.vm_name, grant.vm_ref) if name]
+        if "*" in key.vms and names:  # (every VM: no fnmatch needed)
+            return True
         return any(fnmatchcase(name, pattern) for pattern in key.vms for name in names)
 
 
@@ -110,6 +112,10 @@ class RevokingTokenStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
+
+    def issue(self, grant: Grant) -> Deferred:
+        # (Not through __getattr__: every console info asks.)
+        return self.wrapped.issue(grant)
 
     def redeem(self, token: str, vm_ref: str, client_ip: Optional[str]) -> Deferred:
         d = self.wrapped.redeem(token, vm_ref, client_ip)

@@ -12,7 +12,7 @@ import re
 from typing import Any, Optional, Pattern, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
-from twisted.logger import Logger
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python import log as _legacy_log
 from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
@@ -21,6 +21,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
+from vaporproxy.logs import QuickLogger
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -105,12 +106,43 @@ def redacting_log_formatter(timestamp: str, request: IRequest) -> str:
     """
     Twisted's combined log format, with console tokens redacted.
     """
-    if b"?" not in request.uri:
-        # No query, no token: nothing to redact.
-        line = combinedLogFormatter(timestamp, request)
-    else:
-        line = combinedLogFormatter(timestamp, _RedactedRequest(request))
+    uri = request.uri
+    query = b"?" in uri  # (no query, no token: nothing to redact)
+    line = _plain_line(timestamp, request, redact_uri(uri) if query else uri)
+    if line is not None:
+        return line
+    line = combinedLogFormatter(timestamp, _RedactedRequest(request) if query else request)
     return escape_controls(line)
+
+
+#: What the combined log format writes as it is (twisted.web's escaping
+#: leaves it alone, and it holds no control character): printable ASCII
+#: but the quotes and the backslash.
+_PLAIN = re.compile(rb"[ !#-&(-\[\]-~]*")
+
+
+def _plain_line(timestamp: str, request: IRequest, uri: bytes) -> Optional[str]:
+    """
+    The line L{combinedLogFormatter} writes for C{request} (with C{uri}),
+    built at once when no field needs escaping (a console-info request's
+    line: every console logs one); C{None} otherwise.
+    """
+    client = request.getClientAddress()
+    if not isinstance(client, (IPv4Address, IPv6Address)):
+        return None
+    referrer = request.getHeader(b"referer") or b"-"
+    agent = request.getHeader(b"user-agent") or b"-"
+    method, protocol = request.method, request.clientproto
+    try:
+        fields = b" ".join((client.host.encode("ascii"), method, uri, protocol, referrer, agent))
+    except (TypeError, UnicodeEncodeError):
+        return None
+    if _PLAIN.fullmatch(fields) is None:
+        return None
+    return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
+        client.host, timestamp, method.decode("ascii"), uri.decode("ascii"), protocol.decode("ascii"),
+        request.code, request.sentLength or "-", referrer.decode("ascii"), agent.decode("ascii"),
+    )  # fmt: skip
 
 
 _CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
@@ -127,7 +159,7 @@ def escape_controls(text: str) -> str:
 
 
 #: The access log: one line per request (C{logging.access_log}).
-access_log = Logger(namespace="vaporproxy.access")
+access_log = QuickLogger(namespace="vaporproxy.access")
 
 
 #: The request bodies routes take: (method, raw path pattern, most bytes).

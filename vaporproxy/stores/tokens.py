@@ -115,11 +115,15 @@ def stamp(grant: Grant, now: float, ttl: float) -> Grant:
     C{grant} with C{issued_at} and C{expires_at} filled in from C{now}.
     """
     # dataclasses.replace, without its walk over the fields' definitions
-    # (every field of a Grant is an init field and lives in __dict__).
-    fields = dict(grant.__dict__)
+    # and the frozen __init__'s object.__setattr__ per field (every field of
+    # a Grant is an init field and lives in __dict__; it has no
+    # __post_init__): a copy of the instance dictionary.
+    stamped = object.__new__(grant.__class__)
+    fields = stamped.__dict__
+    fields.update(grant.__dict__)
     fields["issued_at"] = now
     fields["expires_at"] = now + ttl
-    return grant.__class__(**fields)
+    return stamped
 
 
 @dataclass
