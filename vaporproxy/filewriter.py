@@ -50,8 +50,11 @@ _OPEN, _WRITE, _CLOSE, _REPLACE, _STOP = range(5)
 _MAX_PARTS = 512
 #: The most queued operations the thread takes in one round.
 _MAX_ITEMS = 4096
-#: The thread's pause after a round that found more than one operation.
+#: The thread's pause after a round that found more than one operation,
+#: unless C{_ROUND_BYTES} already wait (then it writes on at once: a paused
+#: recording waits for it, and the reactor has nothing to do meanwhile).
 _BATCH_WAIT = 0.002
+_ROUND_BYTES = 256 * 1024
 
 
 class AppendHandle:
@@ -137,7 +140,7 @@ class _ThreadSide:
                     break
             if not self._round(items):
                 return
-            if len(items) > 1:
+            if len(items) > 1 and self._pending < _ROUND_BYTES:
                 time.sleep(_BATCH_WAIT)
 
     def _round(self, items: List[Any]) -> bool:
