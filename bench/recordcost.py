@@ -75,6 +75,8 @@ def main() -> int:
     p.add_argument("--mib", type=int, default=1024)
     p.add_argument("--dir", default="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     p.add_argument("--keep-pages", action="store_true", help="do not give the written pages back")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="leave malloc's thresholds as they are (the proxy sets them when recording)")
     args = p.parse_args()
     directory = tempfile.mkdtemp(prefix="vaporbench-reccost-", dir=args.dir)
     ours, theirs = socket.socketpair()
@@ -93,6 +95,13 @@ def main() -> int:
     from vaporproxy.filewriter import DiskWriter
     from vaporproxy.recordings.recorder import ConsoleRecorder
 
+    if not args.plain and not args.glibc_defaults:
+        try:  # as app/services.py's recording_store does
+            from vaporproxy.recordings.heap import keep_freed_heap
+        except ImportError:  # a tree before it
+            pass
+        else:
+            keep_freed_heap()
     writer = DiskWriter(reactor)
     total = args.mib << 20
     out = {}
