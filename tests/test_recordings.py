@@ -260,6 +260,19 @@ class RecordingTests(SynchronousTestCase):
         self.assertEqual([r.data for r in records], [b"s" * 100] * 3 + [b"b" * BATCH, b"t" * 10])
         self.assertFalse(cut)
 
+    def test_batchOfManySmallRecords(self):
+        """
+        When a batch holds more buffers than one writev takes (IOV_MAX, 1024), every record is still written, in order.
+        """
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        keys = [bytes([i % 256]) for i in range(3000)]
+        for key in keys:
+            recorder.to_browser(0, key)
+        self.store.finish(recorder, bytes_sent=len(keys), outcome=None)
+        with open(recording_path(self.dir, recorder.id), "rb") as f:
+            _, records, cut = read_recording(f.read())
+        self.assertEqual(([r.data for r in records], cut, self.dropped), (keys, False, []))
+
     def test_batchIsAQuarterOfTheHighWaterMarkAtMost(self):
         """
         When the writer's high-water mark is small, a batch goes to the writer at a quarter of it, so backpressure still holds the console in time.

@@ -434,7 +434,16 @@ class DiskWriter(_ThreadSide, Service):
 
 
 def _writev_all(fd: int, parts: List[bytes], size: int) -> None:
-    """C{writev} all of C{parts}; after a short write (rare on a regular file) the rest, whose failure raises."""
+    """
+    C{writev} all of C{parts}, C{_MAX_PARTS} buffers a call (a recording's
+    batch of small records may hold more than IOV_MAX); after a short write
+    (rare on a regular file) the rest, whose failure raises.
+    """
+    while len(parts) > _MAX_PARTS:
+        head, parts = parts[:_MAX_PARTS], parts[_MAX_PARTS:]
+        head_size = sum(map(len, head))
+        _writev_all(fd, head, head_size)
+        size -= head_size
     done = os.writev(fd, parts)
     if done < size:
         rest = memoryview(b"".join(parts))[done:]
