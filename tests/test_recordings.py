@@ -253,6 +253,7 @@ class RecordingTests(SynchronousTestCase):
         recorder.to_browser(0, b"t" * 10)
         self.assertEqual(self.writer.pending, queued + 3 * 111 + 11 + BATCH)
         self.store.finish(recorder, bytes_sent=BATCH + 310, outcome=None)
+        recorder.close_channel(0)  # after the end: not recorded, no timer
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.writer.step()
         with open(recording_path(self.dir, recorder.id), "rb") as f:

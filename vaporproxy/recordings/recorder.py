@@ -99,6 +99,7 @@ class ConsoleRecorder:
         self._batched = 0
         self._batch_max = max(1, min(BATCH, writer.high_water // 4))
         self._flush_call: Any = None
+        self._finished = False
 
     @property
     def active(self) -> bool:
@@ -133,7 +134,7 @@ class ConsoleRecorder:
         return int((self._clock.seconds() - self._started) * 1000)
 
     def _record(self, kind: int, channel: int, data: bytes) -> None:
-        if self._handle.failed:
+        if self._handle.failed or self._finished:
             return
         batch = self._batch
         batch.append(RECORD_HEADER.pack(kind, channel, self._t_ms(), len(data)))
@@ -182,6 +183,7 @@ class ConsoleRecorder:
         up, the records still waiting for it).
         """
         self._flush()
+        self._finished = True  # a channel closing after this is not recorded (the file is closed)
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
