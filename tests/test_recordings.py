@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from vaporproxy import filewriter
 from vaporproxy.filewriter import DiskWriter
 from vaporproxy.recordings.format import KIND_CHANNEL_OPEN, KIND_FROM_BROWSER, KIND_TO_BROWSER, read_recording
-from vaporproxy.recordings.recorder import recording_path
+from vaporproxy.recordings.recorder import BATCH, FLUSH_AFTER, recording_path
 from vaporproxy.recordings.store import RecordingStore, cleanup_directory
 
 VM = "6f1b2a3c-1111-4222-8333-944455556666"
@@ -224,16 +224,78 @@ class RecordingTests(SynchronousTestCase):
 
     def test_writtenWhileLive(self):
         """
-        When consoles are being recorded, the store tells how many bytes their files hold so far; ended ones no longer count.
+        When consoles are being recorded, the store tells how many bytes their files hold so far (a record within FLUSH_AFTER); ended ones no longer count.
         """
         first = self.record_one(self.store, data=b"x" * 100)
         second = self.record_one(self.store, data=b"y" * 50)
         before = self.store.written()
         self.assertEqual(before, first.size + second.size)
         first.to_browser(0, b"z" * 1000)
+        self.assertEqual(self.store.written(), before)  # in its batch, for now
+        self.clock.advance(FLUSH_AFTER)
         self.assertGreaterEqual(self.store.written(), before + 1000)
         self.store.finish(first, bytes_sent=1100, outcome=None)
         self.assertEqual(self.store.written(), second.size)
+
+    def test_recordsReachTheWriterInBatches(self):
+        """
+        When records come in, the writer gets them as one write once a batch is full or FLUSH_AFTER after it began, and the console's end hands over the rest and leaves no timer.
+        """
+        self.writer.hold()
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        queued = self.writer.pending  # the file header
+        for _ in range(3):
+            recorder.to_browser(0, b"s" * 100)
+        self.assertEqual(self.writer.pending, queued)
+        self.clock.advance(FLUSH_AFTER)
+        self.assertEqual(self.writer.pending, queued + 3 * 111)
+        recorder.to_browser(0, b"b" * BATCH)  # a full batch goes at once
+        recorder.to_browser(0, b"t" * 10)
+        self.assertEqual(self.writer.pending, queued + 3 * 111 + 11 + BATCH)
+        self.store.finish(recorder, bytes_sent=BATCH + 310, outcome=None)
+        recorder.close_channel(0)  # after the end: not recorded, no timer
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.writer.step()
+        with open(recording_path(self.dir, recorder.id), "rb") as f:
+            _, records, cut = read_recording(f.read())
+        self.assertEqual([r.data for r in records], [b"s" * 100] * 3 + [b"b" * BATCH, b"t" * 10])
+        self.assertFalse(cut)
+
+    def test_batchOfManySmallRecords(self):
+        """
+        When a batch holds more buffers than one writev takes (IOV_MAX, 1024), every record is still written, in order.
+        """
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        keys = [bytes([i % 256]) for i in range(3000)]
+        for key in keys:
+            recorder.to_browser(0, key)
+        self.store.finish(recorder, bytes_sent=len(keys), outcome=None)
+        with open(recording_path(self.dir, recorder.id), "rb") as f:
+            _, records, cut = read_recording(f.read())
+        self.assertEqual(([r.data for r in records], cut, self.dropped), (keys, False, []))
+
+    def test_batchIsAQuarterOfTheHighWaterMarkAtMost(self):
+        """
+        When the writer's high-water mark is small, a batch goes to the writer at a quarter of it, so backpressure still holds the console in time.
+        """
+        self.writer.high_water, self.writer.low_water = 4000, 1000
+        self.writer.hold()
+        recorder = self.store.start(vm_id=VM, vm_name="web-1", console_type="vnc", user="alice")
+        queued = self.writer.pending
+        recorder.to_browser(0, b"q" * 1000)
+        self.assertEqual(self.writer.pending, queued + 1011)
+
+    def test_droppedRecordingKeepsNoBatch(self):
+        """
+        When a recording was dropped, later records are not kept in memory for it.
+        """
+        def full(fd, parts, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(filewriter, "_writev_all", full)
+        recorder = self.record_one(self.store)
+        recorder.to_browser(0, b"x" * 1000)
+        self.assertEqual((recorder.active, recorder._batch), (False, []))
 
     def test_retentionByAge(self):
         """
@@ -259,6 +321,7 @@ class RecordingTests(SynchronousTestCase):
             ids.append(recorder.id)
             self.clock.advance(10)
         live = self.record_one(self.store, data=b"y" * 1000)
+        self.clock.advance(FLUSH_AFTER)  # its records reach the file
         size = os.path.getsize(recording_path(self.dir, ids[0]))
         deleted = cleanup_directory(self.dir, self.clock.seconds(), 10**9, 2 * size + 1200, [live.id])
         self.assertEqual(deleted, ids[:2])

@@ -50,8 +50,11 @@ _OPEN, _WRITE, _CLOSE, _REPLACE, _STOP = range(5)
 _MAX_PARTS = 512
 #: The most queued operations the thread takes in one round.
 _MAX_ITEMS = 4096
-#: The thread's pause after a round that found more than one operation.
+#: The thread's pause after a round that found more than one operation,
+#: unless C{_ROUND_BYTES} already wait (then it writes on at once: a paused
+#: recording waits for it, and the reactor has nothing to do meanwhile).
 _BATCH_WAIT = 0.002
+_ROUND_BYTES = 256 * 1024
 
 
 class AppendHandle:
@@ -137,7 +140,7 @@ class _ThreadSide:
                     break
             if not self._round(items):
                 return
-            if len(items) > 1:
+            if len(items) > 1 and self._pending < _ROUND_BYTES:
                 time.sleep(_BATCH_WAIT)
 
     def _round(self, items: List[Any]) -> bool:
@@ -431,7 +434,16 @@ class DiskWriter(_ThreadSide, Service):
 
 
 def _writev_all(fd: int, parts: List[bytes], size: int) -> None:
-    """C{writev} all of C{parts}; after a short write (rare on a regular file) the rest, whose failure raises."""
+    """
+    C{writev} all of C{parts}, C{_MAX_PARTS} buffers a call (a recording's
+    batch of small records may hold more than IOV_MAX); after a short write
+    (rare on a regular file) the rest, whose failure raises.
+    """
+    while len(parts) > _MAX_PARTS:
+        head, parts = parts[:_MAX_PARTS], parts[_MAX_PARTS:]
+        head_size = sum(map(len, head))
+        _writev_all(fd, head, head_size)
+        size -= head_size
     done = os.writev(fd, parts)
     if done < size:
         rest = memoryview(b"".join(parts))[done:]

@@ -236,8 +236,11 @@ def recording_store(config: Config, reactor: Any, pool: Any, metrics: Any, paren
     from vaporproxy.filewriter import DiskWriter
     from vaporproxy.recordings.store import RecordingStore, list_directory
 
+    from vaporproxy.recordings.heap import keep_freed_heap
+
     recording = config.recording
     os.makedirs(recording.dir, mode=0o700, exist_ok=True)
+    keep_freed_heap()  # the writer frees records a batch at a time (issue 10)
     writer = DiskWriter(reactor)
     writer.setServiceParent(parent)
     store = RecordingStore(
