@@ -13,7 +13,6 @@ allows.
 from __future__ import annotations
 
 from collections import OrderedDict
-from fnmatch import fnmatchcase
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred
@@ -22,6 +21,7 @@ from twisted.logger import Logger
 from vaporproxy.config import ApiKey, AuthConfig
 from vaporproxy.console.events import ACCESS_REVOKED, SHARE_REVOKED
 from vaporproxy.errors import ConsoleError, ErrorCode
+from vaporproxy.http.console_info import key_allows
 from vaporproxy.http.principal import key_id_of
 from vaporproxy.http.shares import creator_allows
 from vaporproxy.interfaces import SHARE_KEY_PREFIX, Grant, Redemption
@@ -85,10 +85,7 @@ class Revocation:
         key = self._keys.get(key_id)
         if key is None:
             return False
-        names = [name for name in (grant.vm_uuid, grant.vm_name, grant.vm_ref) if name]
-        if "*" in key.vms and names:  # (every VM: no fnmatch needed)
-            return True
-        return any(fnmatchcase(name, pattern) for pattern in key.vms for name in names)
+        return key_allows(key, grant.vm_uuid, grant.vm_name, grant.vm_ref)
 
 
 class RevokingTokenStore:
