@@ -1620,7 +1620,8 @@ class AutobahnDebugArgumentsTests(SynchronousTestCase):
         mine = [getattr(c[0], "__name__", "") for c in calls if c and getattr(c[0], "__self__", None) is conn.server]
         self.assertNotIn("_connectionMade", mine)
         self.assertNotIn("_connectionLost", mine)
-        self.assertIn("processHandshake", mine)  # the patch does see the server's calls
+        self.assertIn("sendData", mine)  # the patch does see the server's calls
+        self.assertNotIn("processHandshake", mine)  # (the ordinary request takes the fast check)
 
     def test_noDebugFormattingOnConnectionLost(self) -> None:
         """When debug is off, the adapter's connectionLost debug lines (hltype()) are skipped and the WebSocket still learns of the loss."""

@@ -23,10 +23,11 @@ from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import FrameHeader, TrafficStats, WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from vaporproxy.relay.fastwrite import direct_writer, send_now
+from vaporproxy.ws.autobahn_compat.handshake import fast_handshake, open_websocket
+from vaporproxy.ws.autobahn_compat.timer import ReactorTimer
 from vaporproxy.ws.per_connection import PerConnection
 
 __all__ = [
@@ -74,6 +75,20 @@ RELIES_ON = (
     ("autobahn.websocket.protocol", "TrafficStats"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "SEND_STATE_GROUND"),
     ("autobahn.websocket.utf8validator", "Utf8Validator"),
+    # The opening handshake's common case (L{fast_handshake}).
+    ("autobahn.websocket.protocol", "_url_to_origin"),
+    ("autobahn.websocket.protocol", "_is_same_origin"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_parseExtensionsHeader"),
+    ("autobahn.websocket.protocol.WebSocketServerProtocol", "processHandshake"),
+    ("autobahn.websocket.protocol.WebSocketServerProtocol", "failHandshake"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_WS_MAGIC"),
+    ("autobahn.twisted.websocket.WebSocketAdapterProtocol", "_onOpen"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_sendAutoPing"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "consumeData"),
+    ("instance", "_wskey"),
+    ("instance", "http_request_params"),
+    ("instance", "websocket_protocols"),
+    ("instance", "websocket_extensions"),
     ("instance", "_batched_timer"),
     ("instance", "_transport_details"),
     ("instance", "send_queue"),
@@ -89,37 +104,13 @@ RELIES_ON = (
 
 #: Attributes vaporproxy sets for an Autobahn method to read (the control
 #: frame handed to C{processControlFrame}).
-READ_BY = (("autobahn.websocket.protocol.WebSocketProtocol.processControlFrame", "control_frame_data"),)
-
-
-class ReactorTimer:
-    """
-    Autobahn's batched timer interface (C{factory._batched_timer}) over an
-    injected reactor, so that Autobahn's own timeouts (opening and closing
-    handshakes, auto-ping) run on the reactor we were given instead of
-    txaio's global one (DESIGN.md rule 1; correctness, not speed).
-    """
-
-    def __init__(self, reactor: IReactorTime):
-        self._reactor = reactor
-
-    def call_later(self, delay: float, fun: Callable, *args: Any, **kwargs: Any) -> "_Call":
-        return _Call(self._reactor.callLater(delay, fun, *args, **kwargs))
-
-
-class _Call:
-    """
-    A delayed call whose C{cancel} may be called after it ran.
-    """
-
-    __slots__ = ("_call",)
-
-    def __init__(self, call: IDelayedCall):
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
+READ_BY = (
+    ("autobahn.websocket.protocol.WebSocketProtocol.processControlFrame", "control_frame_data"),
+    # What L{fast_handshake} sets in place of Autobahn's processHandshake.
+    ("autobahn.websocket.protocol.WebSocketServerProtocol.succeedHandshake", "_wskey"),
+    ("autobahn.websocket.protocol.WebSocketServerProtocol.succeedHandshake", "websocket_protocols"),
+    ("autobahn.websocket.protocol.WebSocketServerProtocol.succeedHandshake", "websocket_extensions"),
+)
 
 
 def _queued(protocol: Any) -> bool:
@@ -307,6 +298,17 @@ class FastServerProtocol(WebSocketServerProtocol):
             self.log.error(_maybe_tls_reason(reason.value))
         self._connectionLost(reason)
 
+    def processHandshake(self) -> None:
+        """
+        Autobahn's check of the opening handshake request, done by
+        L{fast_handshake} for an ordinary request (the same state, the
+        same answer) and by Autobahn's own method otherwise (every refusal
+        is Autobahn's).  Without it, MEASURE instructions per set-up
+        instead of MEASURE (bench/setupcost.py, 2026-12-06).
+        """
+        if autobahn_debug() or not fast_handshake(self):
+            super().processHandshake()
+
     def succeedHandshake(self, res: Any) -> None:
         """
         Autobahn's C{succeedHandshake} (the 101 answer, then C{onOpen}) with
@@ -318,7 +320,8 @@ class FastServerProtocol(WebSocketServerProtocol):
         else:
             self._cork = []
             try:
-                super().succeedHandshake(res)
+                if not open_websocket(self, res):
+                    super().succeedHandshake(res)
             finally:
                 self.uncork()
         if self.state == STATE_OPEN:
