@@ -71,7 +71,7 @@ class AutobahnContractTests(SynchronousTestCase):
         self.assertEqual(
             missing,
             [],
-            "the installed Autobahn lacks names vaporproxy/ws/autobahn_compat.py relies on: "
+            "the installed Autobahn lacks names vaporproxy/ws/autobahn_compat/ relies on: "
             + ", ".join(missing)
             + "; pin Autobahn to the tested range (requirements.txt) or update the compat module",
         )
@@ -88,14 +88,14 @@ class AutobahnContractTests(SynchronousTestCase):
         self.assertEqual(
             missing,
             [],
-            "the installed Autobahn's WebSocket protocol lacks attributes vaporproxy/ws/autobahn_compat.py relies on: "
+            "the installed Autobahn's WebSocket protocol lacks attributes vaporproxy/ws/autobahn_compat/ relies on: "
             + ", ".join(missing),
         )
 
     def test_readByStillRead(self) -> None:
         """When Autobahn is upgraded, the methods that read attributes vaporproxy sets for them still read those names."""
         stale = [f"{where} no longer reads {name}" for where, name in READ_BY if name not in inspect.getsource(_resolve(where))]
-        self.assertEqual(stale, [], "vaporproxy/ws/autobahn_compat.py relies on: " + "; ".join(stale))
+        self.assertEqual(stale, [], "vaporproxy/ws/autobahn_compat/ relies on: " + "; ".join(stale))
 
     def test_everyPrivateImportListed(self) -> None:
         """When the compat module imports a private Autobahn function, it is listed in RELIES_ON (so the contract covers it)."""
@@ -227,7 +227,7 @@ class InitialStateTests(SynchronousTestCase):
                 same = type(mine) is type(value)  # a connection's own object (future, stats, queue)
             if not same:
                 differ.append(f"{name}: Autobahn {value!r}, ours {mine!r}")
-        self.assertEqual(differ, [], "vaporproxy/ws/autobahn_compat.py FastServerProtocol's initial state")
+        self.assertEqual(differ, [], "vaporproxy/ws/autobahn_compat/ FastServerProtocol's initial state")
 
     def test_fewAttributesOfItsOwn(self) -> None:
         """When a connection opens, it holds few attributes of its own: Autobahn's options, constant state and handshake text are not copied onto it."""
