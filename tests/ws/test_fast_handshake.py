@@ -137,7 +137,6 @@ class SameAsAutobahnTests(SynchronousTestCase):
             taken.append(result)
             return result
 
-        self.patch(fast, "fast_handshake", spy)
         import vaporproxy.ws.autobahn_compat as compat
 
         self.patch(compat, "fast_handshake", spy)

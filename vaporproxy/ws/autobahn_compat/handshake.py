@@ -10,7 +10,7 @@ lines even when debug logging is off: with C{parseHttpHeader} about 0.25 M
 instructions of a console's 2.85 M set-up (bench/setupcost.py with
 py-spy, 2026-12-06).  L{fast_handshake} checks an ordinary request (a
 GET to an origin-form path, HTTP/1.1, one Host, the usual upgrade
-headers, a well-formed key) with two C-level regular expressions and
+headers, a well-formed key) with C-level regular expressions and
 sets the same state Autobahn sets; for anything else it changes nothing
 and answers False, and Autobahn's own method runs, so every refusal
 (and its wording) is Autobahn's.  C{tests/ws/test_fast_handshake.py}
@@ -136,7 +136,7 @@ def fast_handshake(protocol: Any) -> bool:
     protocol.http_headers = headers
     protocol.http_request_uri = uri
     protocol.http_request_path = path
-    protocol.http_request_params = _params(query)
+    protocol.http_request_params = params = _params(query)
     protocol.http_request_host = host
     protocol.websocket_version = version
     protocol.websocket_protocols = protocols
@@ -145,7 +145,7 @@ def fast_handshake(protocol: Any) -> bool:
     protocol.data = data[end + 4 :]
     protocol._wskey = key
     request = ConnectionRequest(
-        protocol.peer, headers, host, path, protocol.http_request_params, version, origin, protocols, extensions
+        protocol.peer, headers, host, path, params, version, origin, protocols, extensions
     )
     _connect(protocol, request)
     return True
@@ -172,7 +172,7 @@ def _host(headers: Dict[str, str], counts: Dict[str, int], external_port: Any) -
     if ":" in host and not host.endswith("]"):
         name, port = host.rsplit(":", 1)
         try:
-            number = int(str(port.strip()))
+            number = int(port.strip())
         except ValueError:
             return None
         if external_port and number != external_port:
