@@ -316,16 +316,17 @@ class FastServerProtocol(WebSocketServerProtocol):
         Autobahn's C{succeedHandshake} (the 101 answer, then C{onOpen}) with
         the bytes for the client corked until it returns: on plain TCP the
         101 and the guard's greeting leave in one write instead of two.
-        The usual answer is built by L{open_websocket} on any transport.
+        There the usual answer is built by L{open_websocket}.
         """
-        debug = autobahn_debug()
-        if not (self._ws_direct is None or _queued(self) or self.logOctets or debug):
+        if self._ws_direct is None or _queued(self) or self.logOctets or autobahn_debug():
+            super().succeedHandshake(res)
+        else:
             self._cork = []
-        try:
-            if debug or not open_websocket(self, res):
-                super().succeedHandshake(res)
-        finally:
-            self.uncork()
+            try:
+                if not open_websocket(self, res):
+                    super().succeedHandshake(res)
+            finally:
+                self.uncork()
         if self.state == STATE_OPEN:
             # Only the opening handshake reads what it parsed: an open
             # console does not keep the request's text (about 2 KB).
