@@ -40,7 +40,7 @@ TRANSPORTS = (
 
 #: The shared ground floor (DESIGN.md): any room may import it.
 GROUND_FLOOR = frozenset({
-    "config", "errors", "interfaces", "logs", "metrics", "testing", "timestamps", "filewriter", "static_dirs", "tls",
+    "config", "errors", "interfaces", "logs", "metrics", "testing", "timestamps", "filewriter", "static_dirs", "tls", "timers",
 })  # fmt: skip
 
 #: DESIGN.md's "may import" column: the rooms (besides the ground floor and

@@ -222,7 +222,7 @@ class KeepAliveTests(SynchronousTestCase):
         connection.server.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
         clock.advance(TIMEOUT - 1)
         connection.protocol.dataReceived(b"GET / HTTP/1.1\r\n")
-        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertEqual(guard.timers.pending(), 1)
         clock.advance(TIMEOUT - 0.5)
         self.assertFalse(connection.aborted)
         clock.advance(0.5)

@@ -131,7 +131,7 @@ class SwitchDecisionTests(SynchronousTestCase):
         self.assertEqual(self.received(), [("ws", "data", request)])
         self.assertEqual(self.ws.addresses, [PEER])
         self.assertEqual(transport.protocol.name, "ws")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.factory.timers.pending(), 0)
 
     def test_otherRequestsToHTTP(self) -> None:
         """
@@ -216,7 +216,7 @@ class SwitchDecisionTests(SynchronousTestCase):
         switch, transport = self.connect()
         switch.dataReceived(b"GET")
         switch.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.factory.timers.pending(), 0)
         self.assertEqual(self.log, [])
 
     def test_lostAfterDecidingForwarded(self) -> None:

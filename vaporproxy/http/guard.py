@@ -35,6 +35,8 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from vaporproxy.timers import timers_for
+
 log = Logger(namespace="vaporproxy.guard")
 
 #: Seconds between two log lines about shed connections.
@@ -79,7 +81,7 @@ class GuardedProtocol(ProtocolWrapper):
     def _arm(self) -> None:
         self._disarm()
         factory: GuardFactory = self.factory  # type: ignore[assignment]
-        self._timer = factory.clock.callLater(factory.request_timeout, self._expired)
+        self._timer = factory.timers.callLater(factory.request_timeout, self._expired)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -213,6 +215,7 @@ class GuardFactory(WrappingFactory):
                  max_pending: int = 512, max_pending_per_client: int = 128):  # fmt: skip
         super().__init__(wrapped)
         self.clock = clock
+        self.timers = timers_for(clock)
         self.set_limits(request_timeout, max_pending, max_pending_per_client)
         #: Pending connections, oldest first (values unused).
         self._pending: "OrderedDict[GuardedProtocol, None]" = OrderedDict()

@@ -22,6 +22,7 @@ from twisted.web.static import File
 
 from vaporproxy.errors import ConsoleError, ErrorCode, error_body
 from vaporproxy.logs import QuickLogger
+from vaporproxy.timers import timers_for
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -255,6 +256,14 @@ class ConsoleSite(Site):
     def __init__(self, resource: IResource, *args: Any, **kwargs: Any):
         kwargs.setdefault("logFormatter", redacting_log_formatter)
         super().__init__(resource, *args, **kwargs)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            # twisted.web's idle and abort timeouts on the shared timers
+            # (one reactor timer for all: L{vaporproxy.timers}).
+            protocol.callLater = timers_for(self.reactor).callLater
+        return protocol
 
     def log(self, request: IRequest) -> None:
         """

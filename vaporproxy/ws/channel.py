@@ -136,7 +136,7 @@ class ConsoleWebSocketProtocol(Effects, SetupPath, RelayPath, GuardSink, StagePa
         self.autobahn_connection_made()
         self._keep_handshake()
         if console.connection_timeout > 0:
-            self._connect_timer = self._reactor.callLater(console.connection_timeout, self._connection_timed_out)
+            self._connect_timer = factory.timers.callLater(console.connection_timeout, self._connection_timed_out)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.autobahn_connection_lost(reason)  # onClose: the session ends

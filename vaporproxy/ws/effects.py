@@ -211,7 +211,7 @@ class Effects:
     # -- timers --------------------------------------------------------------
 
     def _start_idle_timer(self, output: ev.StartIdleTimer) -> None:
-        self._idle_timer = self._reactor.callLater(output.delay, self._idle_fired)
+        self._idle_timer = self.factory.timers.callLater(output.delay, self._idle_fired)
 
     def _idle_fired(self) -> None:
         """The idle timer fired: how long has the console been silent?"""

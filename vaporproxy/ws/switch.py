@@ -36,6 +36,8 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProt
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper
 
+from vaporproxy.timers import timers_for
+
 __all__ = ["CONSOLE_WS_REQUEST_LINE", "MAX_REQUEST_LINE", "REQUEST_LINE_TIMEOUT", "SwitchFactory"]
 
 #: The request line of a console WebSocket, as the switch hands it to the
@@ -97,7 +99,7 @@ class _Switch(Protocol):
 
     def connectionMade(self) -> None:
         factory = self._factory
-        self._timer = factory.clock.callLater(factory.timeout, self._timed_out)
+        self._timer = factory.timers.callLater(factory.timeout, self._timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         buffered = self._buffer
@@ -194,6 +196,7 @@ class SwitchFactory(Factory):
         self.http_factory = http_factory
         self.ws_factory = ws_factory
         self.clock = clock
+        self.timers = timers_for(clock)
         self.ws_request_line = ws_request_line
         self.max_line = max_line
         self.timeout = timeout

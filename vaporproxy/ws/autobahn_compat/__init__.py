@@ -457,6 +457,7 @@ class FastServerFactory(WebSocketServerFactory):
         # Autobahn schedules its own timeouts through txaio's global loop;
         # run them on the injected reactor instead (DESIGN.md rule 1).
         self._batched_timer = ReactorTimer(reactor)
+        self.timers = self._batched_timer.timers
 
     def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
         super().setProtocolOptions(*args, **kwargs)

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from vaporproxy.timers import timers_for
+
 __all__ = ["ReactorTimer"]
 
 
@@ -22,9 +24,12 @@ class ReactorTimer:
 
     def __init__(self, reactor: IReactorTime):
         self._reactor = reactor
+        #: The reactor's shared timers (L{vaporproxy.timers}): Autobahn arms
+        #: two per console and cancels them.
+        self.timers = timers_for(reactor)
 
     def call_later(self, delay: float, fun: Callable, *args: Any, **kwargs: Any) -> "_Call":
-        return _Call(self._reactor.callLater(delay, fun, *args, **kwargs))
+        return _Call(self.timers.callLater(delay, fun, *args, **kwargs))
 
 
 class _Call:
