@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.logger import Logger
-
 from vaporproxy.errors import ConsoleError
 from vaporproxy.interfaces import Grant, Outcome
+from vaporproxy.logs import QuickLogger
 from vaporproxy.stores.tokens import token_log_id
 
 __all__ = ["build_outcome", "record_outcome"]
 
-# The bridge's namespace, kept: log filters and dashboards select on it.
-log = Logger(namespace="vaporproxy.bridge")
+# The bridge's namespace, kept: log filters and dashboards select on it
+# (a QuickLogger: the closed line is logged for every console).
+log = QuickLogger(namespace="vaporproxy.bridge")
 
 
 def build_outcome(
