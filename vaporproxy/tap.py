@@ -116,6 +116,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from vaporproxy.metrics import Metrics
     from vaporproxy.http.api import ConsoleAPI
     from vaporproxy.relay.planner import StagePlanner
+    from vaporproxy.ws.autobahn_compat.event_loop import quicken
 
     config: Config = options["parsed"]
     environ = options.environ
@@ -124,6 +125,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     log_startup(config)
     if config.server.workers > 1 and not options["worker_fds"]:
         return supervisor(root, options, reactor)
+    quicken(reactor)  # (the reactor a console runs on: its events dispatched directly)
 
     pool, locator = libvirt_locator(config, reactor, root)
     token_store, limiter, redis = token_backend(config, reactor)

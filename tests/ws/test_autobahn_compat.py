@@ -71,7 +71,7 @@ class AutobahnContractTests(SynchronousTestCase):
         self.assertEqual(
             missing,
             [],
-            "the installed Autobahn lacks names vaporproxy/ws/autobahn_compat/ relies on: "
+            "the installed Autobahn (or Twisted) lacks names vaporproxy/ws/autobahn_compat/ relies on: "
             + ", ".join(missing)
             + "; pin Autobahn to the tested range (requirements.txt) or update the compat module",
         )

@@ -1,5 +1,7 @@
 """
-Every private Autobahn name vaporproxy uses, in one room (DESIGN.md rule 6).
+Every private Autobahn name vaporproxy uses, in one room (DESIGN.md rule 6),
+and the Twisted internals outside the transports (the reactor's event
+dispatch, L{vaporproxy.ws.autobahn_compat.event_loop}).
 
 The console WebSocket is an Autobahn server protocol with a few of its
 internals replaced or read for speed (issue #3).  They all live here, each
@@ -85,6 +87,10 @@ RELIES_ON = (
     ("autobahn.twisted.websocket.WebSocketAdapterProtocol", "_onOpen"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "_sendAutoPing"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "consumeData"),
+    # The epoll reactor's dispatch (L{event_loop}; its instance attributes
+    # C{_poller} and C{_selectables} and the copied loop's shape are checked
+    # by tests/ws/test_event_loop.py).
+    ("twisted.internet.epollreactor.EPollReactor", "_doReadOrWrite"),
     ("instance", "_wskey"),
     ("instance", "http_request_params"),
     ("instance", "websocket_protocols"),
