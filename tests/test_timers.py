@@ -85,9 +85,10 @@ class TimersTests(SynchronousTestCase):
         calls = [self.timers.callLater(1, self.note, "a") for _ in range(3)]
         for call in calls:
             call.cancel()
-        # The clock timer fires once at the old deadline, finds nothing, and is not armed again.
+        # As with the clock's own calls: nothing pending, no clock timer.
+        self.assertEqual((self.clock.getDelayedCalls(), self.timers.pending()), ([], 0))
         self.clock.advance(1)
-        self.assertEqual((self.ran, self.clock.getDelayedCalls(), self.timers.pending()), ([], [], 0))
+        self.assertEqual(self.ran, [])
 
     def test_calledOnce(self) -> None:
         call = self.timers.callLater(1, self.note, "a")
@@ -163,3 +164,18 @@ class TimersTests(SynchronousTestCase):
         self.assertEqual(self.timers.pending(), 10)
         self.clock.advance(300)
         self.assertEqual(self.ran, ["live"] * 10)
+
+    def test_wakeCancelledFromOutside(self) -> None:
+        """
+        When the clock timer is cancelled by someone else (trial cleaning
+        up a test's leftover calls), the calls it stood for are cancelled,
+        and later calls still run.
+        """
+        leftover = self.timers.callLater(5, self.note, "leftover")
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+        self.timers.callLater(1, self.note, "later")
+        self.assertFalse(leftover.active())
+        self.clock.advance(10)
+        self.assertEqual(self.ran, ["later"])
+        self.assertEqual(self.timers.pending(), 0)

@@ -131,18 +131,44 @@ class Timers:
         return len(self._heap) - self._skipped
 
     def _push(self, call: Timer) -> None:
+        wake = self._wake
+        if wake is not None and not wake.active():
+            self._wake_lost()
         self._sequence += 1
         entry = call._entry = (call.time, self._sequence, call)
         heapq.heappush(self._heap, entry)
         if not self._running and (self._wake is None or call.time < self._wake_at):
             self._arm()
 
+    def _wake_lost(self) -> None:
+        """
+        The reactor timer was cancelled by someone else (trial, cleaning up
+        a test's leftover calls): the calls it stood for are cancelled too,
+        as their own delayed calls would have been.
+        """
+        for entry in self._heap:
+            call = entry[2]
+            if call._entry is entry:
+                call._entry = None
+                call.cancelled = True
+                call.func, call.args, call.kw = None, (), {}
+        self._heap = []
+        self._skipped = 0
+        self._wake = None
+
     def _drop(self, call: Timer) -> None:
         if call._entry is None:
             return  # taken off the heap already (due this round)
         call._entry = None
         self._skipped += 1
-        if self._skipped > len(self._heap) - self._skipped + _REBUILD_SLACK:
+        if self._skipped == len(self._heap):
+            # Nothing pending: no reactor timer either (as with callLater).
+            self._heap.clear()
+            self._skipped = 0
+            wake, self._wake = self._wake, None
+            if wake is not None and wake.active():
+                wake.cancel()
+        elif self._skipped > len(self._heap) - self._skipped + _REBUILD_SLACK:
             self._heap = [entry for entry in self._heap if entry[2]._entry is entry]
             heapq.heapify(self._heap)
             self._skipped = 0
@@ -153,18 +179,15 @@ class Timers:
         while heap and heap[0][2]._entry is not heap[0]:
             heapq.heappop(heap)
             self._skipped -= 1
-        wake = self._wake
+        wake, self._wake = self._wake, None
+        if wake is not None and wake.active():
+            if heap and heap[0][0] >= self._wake_at:
+                self._wake = wake
+                return  # it wakes in time (and arms again then)
+            wake.cancel()
         if not heap:
-            if wake is not None:
-                self._wake = None
-                wake.cancel()
             return
         when = heap[0][0]
-        if wake is not None:
-            if when >= self._wake_at:
-                return  # it wakes in time (and arms again then)
-            self._wake = None
-            wake.cancel()
         self._wake_at = when
         self._wake = self._clock.callLater(max(0.0, when - self.seconds()), self._fire)
 
