@@ -14,11 +14,13 @@ C{cancel} is bookkeeping the reactor repeats when it pops or compacts: about
 L{Timers} keeps its own heap of C{(deadline, sequence, call)} tuples
 (compared in C) and one reactor timer, armed at the earliest live deadline.
 A cancelled or moved call leaves its entry behind, skipped when it comes to
-the head; when the skipped entries outnumber the live ones the heap is
-rebuilt, so its size stays bounded by twice the live timers.  Calls run in
-deadline order (equal deadlines in the order they were set), each at most
-once, from the reactor's timer (never from inside C{callLater}); an error in
-one is logged and the others still run.
+the head; when the skipped entries outnumber the live ones (by 256) the
+heap is rebuilt, so its size stays bounded by about twice the live timers;
+with nothing pending no reactor timer is armed, and a reactor timer
+cancelled by someone else (trial's clean-up) cancels the calls it stood
+for.  Calls run in deadline order (equal deadlines in the order they were
+set), each at most once, from the reactor's timer (never from inside
+C{callLater}); an error in one is logged and the others still run.
 """
 
 from __future__ import annotations

@@ -7,14 +7,14 @@ Twisted's C{doPoll} hands every ready descriptor to C{log.callWithLogger},
 which asks the descriptor for its C{logPrefix()}, copies the legacy log
 context and pushes it for the call: about 16 k instructions per event
 (callgrind, Twisted 26.10), against 1 k for the call itself, and a console
-set-up is about a dozen events: with it, 2.67-2.71 M instructions per
-set-up, without it 2.46 M (-8 %, bench/setupcost.py, 6 Dec).  L{quicken} replaces the reactor's
-C{doPoll} with the same loop calling C{_doReadOrWrite} directly, and keeps
-what the context was for: a legacy C{log.msg}/C{log.err} made while a
-descriptor's event runs still carries that descriptor's C{logPrefix()} as
-its C{system}, now computed only when such a line is written
-(L{_DispatchLogContext}); an exception escaping the dispatch is logged
-with it, as C{callWithLogger} does.
+set-up is about a dozen events: with Twisted's loop 2.67-2.71 M instructions per
+set-up, with this one 2.46 M (-8 %, bench/setupcost.py, 6 Dec).  L{quicken}
+replaces the reactor's C{doPoll} with the same loop calling
+C{_doReadOrWrite} directly, and keeps what the context was for: a legacy
+C{log.msg}/C{log.err} made while a descriptor's event runs still carries
+that descriptor's C{logPrefix()} as its C{system}, now computed only when
+such a line is written (L{_DispatchLogContext}); an exception escaping the
+dispatch is logged with it, as C{callWithLogger} does.
 """
 
 from __future__ import annotations
