@@ -256,13 +256,14 @@ class ConsoleSite(Site):
     def __init__(self, resource: IResource, *args: Any, **kwargs: Any):
         kwargs.setdefault("logFormatter", redacting_log_formatter)
         super().__init__(resource, *args, **kwargs)
+        # twisted.web's idle and abort timeouts on the shared timers (one
+        # reactor timer for all: L{vaporproxy.timers}), looked up once.
+        self._call_later = timers_for(self.reactor).callLater
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)
         if protocol is not None:
-            # twisted.web's idle and abort timeouts on the shared timers
-            # (one reactor timer for all: L{vaporproxy.timers}).
-            protocol.callLater = timers_for(self.reactor).callLater
+            protocol.callLater = self._call_later
         return protocol
 
     def log(self, request: IRequest) -> None:

@@ -23,7 +23,6 @@ class ReactorTimer:
     """
 
     def __init__(self, reactor: IReactorTime):
-        self._reactor = reactor
         #: The reactor's shared timers (L{vaporproxy.timers}): Autobahn arms
         #: two per console and cancels them.
         self.timers = timers_for(reactor)
